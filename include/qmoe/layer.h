@@ -1,0 +1,72 @@
+// qmoe/layer.h — a prepacked, immutable QMoE layer and the float64 reference.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "qmoe/config.h"
+#include "qmoe/tensor.h"
+#include "qmoe/weights.h"
+
+namespace qmoe {
+
+/// Where a Layer runs.
+enum class Backend { cpu };
+
+/// How a Layer is built.
+struct LayerOptions {
+  Backend backend = Backend::cpu;
+  /// Threads used by forward(); 0 = all hardware threads.
+  int threads = 0;
+  /// ONNX Runtime's meaning: 0 or 1 = float32 activations and accumulation
+  /// (weights dequantized in registers). Other levels are refused for now.
+  int accuracy_level = 0;
+};
+
+/// A QMoE layer. Construction validates the raw weights and prepacks them into
+/// the backend's own layout, expert by expert; it keeps no reference to (and no
+/// copy of) the raw weights, which the caller may free afterwards.
+/// A Layer is immutable: forward() is const and may run from many threads at once.
+class Layer {
+ public:
+  Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options = {});
+  ~Layer();
+  Layer(Layer&&) noexcept;
+  Layer& operator=(Layer&&) noexcept;
+  Layer(const Layer&) = delete;
+  Layer& operator=(const Layer&) = delete;
+
+  /// out = QMoE(input, router_probs). input: [T, H] or [B, S, H] (float32,
+  /// float16 or bfloat16); router_probs: [T, E] logits of the same dtype; out:
+  /// same shape and dtype as input. T = 0 is allowed. Throws qmoe::Error on any
+  /// contract violation, before touching `out`.
+  void forward(const TensorView& input, const TensorView& router_probs, const MutableTensorView& out) const;
+  /// As above; experts are chosen by router_probs and mixed by router_weights [T, E].
+  void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+               const MutableTensorView& out) const;
+
+  const MoeAttributes& attributes() const noexcept;
+  const MoeShape& shape() const noexcept;
+  /// Bytes held by the prepacked weights (all experts, scales and biases included).
+  std::size_t packed_bytes() const noexcept;
+  /// Threads forward() uses.
+  int threads() const noexcept;
+  /// A short description of the kernels chosen, e.g. "cpu/scalar nr=16".
+  const char* kernel_name() const noexcept;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+/// The oracle: a plain float64 forward straight from the raw weights
+/// (dequantize, route, FC1, activation, FC2, mix), following the operator
+/// contract literally. Returns [T, H] float64 values, T = input rows.
+/// router_weights may be an absent view. Validates like Layer and forward().
+std::vector<double> reference_forward(const ExpertWeights& weights, const MoeAttributes& attrs,
+                                      const TensorView& input, const TensorView& router_probs,
+                                      const TensorView& router_weights = {});
+
+}  // namespace qmoe

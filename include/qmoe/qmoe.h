@@ -1,0 +1,8 @@
+// qmoe/qmoe.h — everything public.
+#pragma once
+#include "qmoe/config.h"
+#include "qmoe/error.h"
+#include "qmoe/layer.h"
+#include "qmoe/quantize.h"
+#include "qmoe/tensor.h"
+#include "qmoe/weights.h"

@@ -1,0 +1,51 @@
+#include "core/check.h"
+#include "core/validate.h"
+#include "cpu/moe.h"
+#include "qmoe/layer.h"
+
+namespace qmoe {
+
+struct Layer::Impl {
+  MoeAttributes attrs;
+  MoeShape shape;
+  std::unique_ptr<cpu::CpuMoe> cpu;
+};
+
+Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+  using detail::require;
+  require(options.threads >= 0, "threads: expected >= 0 (0 = all hardware threads), got ", options.threads);
+  require(options.accuracy_level >= 0 && options.accuracy_level <= 4,
+          "accuracy_level: expected 0..4 (ONNX Runtime's meaning), got ", options.accuracy_level);
+  require(options.accuracy_level <= 1, "accuracy_level: ", options.accuracy_level,
+          " (reduced-precision activations) is not supported by this version; use 0 or 1 (float32)");
+  impl_->attrs = attrs;
+  impl_->shape = validate(weights, attrs);
+  switch (options.backend) {
+    case Backend::cpu: impl_->cpu = std::make_unique<cpu::CpuMoe>(weights, attrs, impl_->shape, options.threads); break;
+  }
+}
+
+Layer::~Layer() = default;
+Layer::Layer(Layer&&) noexcept = default;
+Layer& Layer::operator=(Layer&&) noexcept = default;
+
+void Layer::forward(const TensorView& input, const TensorView& router_probs, const MutableTensorView& out) const {
+  forward(input, router_probs, TensorView{}, out);
+}
+
+void Layer::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+                    const MutableTensorView& out) const {
+  detail::require(impl_ != nullptr, "Layer: used after being moved from");
+  const std::int64_t t = detail::validate_call(impl_->shape, input, router_probs, router_weights, &out);
+  if (t == 0) return;
+  impl_->cpu->forward(input, router_probs, router_weights, out, t);
+}
+
+const MoeAttributes& Layer::attributes() const noexcept { return impl_->attrs; }
+const MoeShape& Layer::shape() const noexcept { return impl_->shape; }
+std::size_t Layer::packed_bytes() const noexcept { return impl_->cpu->packed_bytes(); }
+int Layer::threads() const noexcept { return impl_->cpu->threads(); }
+const char* Layer::kernel_name() const noexcept { return impl_->cpu->name().c_str(); }
+
+}  // namespace qmoe

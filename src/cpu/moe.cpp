@@ -1,0 +1,225 @@
+// The CPU MoE driver: route -> plan -> FC1 (+bias, activation) -> FC2 (+bias,
+// routing weight, scatter-add).
+//
+// Work is cut into (expert x row-tile) items handed out dynamically, so one
+// decode token that touches only k experts still spreads over every thread.
+// Determinism: every output element is produced by exactly one item, and an
+// FC2 item adds the experts of a token in ascending expert order, so the bits
+// of the result do not depend on the thread count or on scheduling.
+#include "cpu/moe.h"
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "core/activation.h"
+#include "core/check.h"
+#include "core/routing.h"
+#include "cpu/pack.h"
+#include "quant/raw.h"
+
+namespace qmoe::cpu {
+
+namespace {
+
+constexpr std::int64_t kActivationBudget = std::int64_t{64} << 20;  // bytes of FC1 output per token chunk
+
+int resolve_threads(int threads) {
+  if (threads > 0) return threads;
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw ? static_cast<int>(hw) : 1;
+}
+
+}  // namespace
+
+CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads)
+    : attrs_(a), shape_(s), kc_(&kernel_config()), gated_(a.activation == Activation::swiglu) {
+  using detail::RawMatrix;
+  const int bits = a.expert_weight_bits, bs = a.block_size;
+  const std::int64_t h = s.hidden, in = s.inter, e_count = s.num_experts;
+  const RawMatrix fc1(w.fc1_weights, w.fc1_scales, w.fc1_zero_points, bits, bs, s.fc1_rows, h);
+  const RawMatrix fc2(w.fc2_weights, w.fc2_scales, w.fc2_zero_points, bits, bs, h, in);
+  RawMatrix fc3;
+  if (gated_ && a.swiglu_fusion == 0) fc3 = RawMatrix(w.fc3_weights, w.fc3_scales, w.fc3_zero_points, bits, bs, in, h);
+
+  // Packed FC1 row p: for swiglu, gate i at 2i and up i at 2i+1 whatever the fusion.
+  auto fc1_source = [&](std::int64_t p) -> RowSource {
+    if (!gated_) return {&fc1, p};
+    const std::int64_t i = p / 2;
+    const bool up = p % 2 == 1;
+    switch (a.swiglu_fusion) {
+      case 1: return {&fc1, p};
+      case 2: return {&fc1, up ? in + i : i};
+      default: return up ? RowSource{&fc3, i} : RowSource{&fc1, i};
+    }
+  };
+  const int nr = kc_->nr;
+  const PackGeometry g1{nr, bits, gated_ ? 2 * in : in, h, bs ? bs : h};
+  const PackGeometry g2{nr, bits, h, in, bs ? bs : in};
+  fc1_ = PackedMatrix(g1, kc_->isa, e_count);
+  fc2_ = PackedMatrix(g2, kc_->isa, e_count);
+  pool_ = std::make_unique<ThreadPool>(resolve_threads(threads));
+  // Stream expert by expert (in parallel over experts): nothing but the packed
+  // form is kept, so the caller can release the raw weights right after.
+  pool_->parallel_for(e_count, [&](std::int64_t e, int) {
+    pack_expert(g1, e, fc1_source, fc1_.expert(e));
+    pack_expert(g2, e, [&](std::int64_t p) { return RowSource{&fc2, p}; }, fc2_.expert(e));
+  });
+
+  // Biases in packed row order (FC3's bias becomes the "up" rows' bias).
+  const std::int64_t pad1 = g1.tiles() * nr, pad2 = g2.tiles() * nr;
+  bias1_.assign(static_cast<std::size_t>(e_count * pad1), 0.f);
+  bias2_.assign(static_cast<std::size_t>(e_count * pad2), 0.f);
+  for (std::int64_t e = 0; e < e_count; ++e) {
+    for (std::int64_t p = 0; p < g1.rows; ++p) {
+      const RowSource src = fc1_source(p);
+      const TensorView& b = src.src == &fc3 ? w.fc3_bias : w.fc1_bias;
+      if (b.present()) bias1_[e * pad1 + p] = detail::load_float(b.data, b.dtype, e * src.src->rows + src.row);
+    }
+    if (w.fc2_bias.present())
+      for (std::int64_t p = 0; p < h; ++p) bias2_[e * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
+  }
+  name_ = std::string("cpu/") + kc_->name + " nr=" + std::to_string(nr);
+}
+
+std::size_t CpuMoe::packed_bytes() const {
+  return fc1_.bytes() + fc2_.bytes() + (bias1_.size() + bias2_.size()) * sizeof(float);
+}
+
+void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+                     const MutableTensorView& out, std::int64_t t) const {
+  const std::int64_t h = shape_.hidden;
+  // float32 views of the inputs (converted at the edge when float16/bfloat16).
+  std::vector<float> xbuf, lbuf, mbuf, obuf;
+  auto as_f32 = [](const TensorView& v, std::vector<float>& buf) -> const float* {
+    if (v.dtype == DType::f32) return static_cast<const float*>(v.data);
+    buf.resize(static_cast<std::size_t>(v.numel()));
+    detail::to_f32(v.data, v.dtype, v.numel(), buf.data());
+    return buf.data();
+  };
+  const float* x = as_f32(input, xbuf);
+  const float* logits = as_f32(router_probs, lbuf);
+  const float* mix = router_weights.present() ? as_f32(router_weights, mbuf) : nullptr;
+  float* o = out.dtype == DType::f32 ? static_cast<float*>(out.data) : (obuf.resize(static_cast<std::size_t>(t * h)), obuf.data());
+  std::fill(o, o + t * h, 0.f);
+  // Tokens in chunks so the FC1 activations stay within a fixed budget.
+  const std::int64_t per_token = attrs_.k * shape_.inter * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t chunk = std::max<std::int64_t>(1, kActivationBudget / per_token);
+  for (std::int64_t t0 = 0; t0 < t; t0 += chunk) {
+    const std::int64_t t1 = std::min(t, t0 + chunk);
+    run_chunk(x, logits, mix, t0, t1, o);
+  }
+  if (out.dtype != DType::f32) detail::from_f32(o, t * h, out.dtype, out.data);
+}
+
+void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
+                       float* out) const {
+  const std::int64_t h = shape_.hidden, in = shape_.inter, e_count = shape_.num_experts;
+  const int k = attrs_.k;
+  const std::int64_t nt = t1 - t0, nrows = nt * k;
+
+  // Route, then plan: the (token, slot) rows of each expert, contiguous and in token order.
+  std::vector<int> chosen(static_cast<std::size_t>(nrows));
+  std::vector<double> wts(static_cast<std::size_t>(nrows));
+  for (std::int64_t i = 0; i < nt; ++i)
+    detail::route_token(logits + (t0 + i) * e_count, mix ? mix + (t0 + i) * e_count : nullptr,
+                        static_cast<int>(e_count), k, attrs_.normalize_routing_weights != 0, &chosen[i * k], &wts[i * k]);
+  std::vector<std::int64_t> count(static_cast<std::size_t>(e_count), 0), offset(static_cast<std::size_t>(e_count + 1), 0);
+  for (int e : chosen) ++count[e];
+  for (std::int64_t e = 0; e < e_count; ++e) offset[e + 1] = offset[e] + count[e];
+  std::vector<std::int64_t> row_token(static_cast<std::size_t>(nrows));
+  std::vector<float> row_weight(static_cast<std::size_t>(nrows));
+  {
+    std::vector<std::int64_t> fill(offset.begin(), offset.end() - 1);
+    for (std::int64_t i = 0; i < nt; ++i)
+      for (int j = 0; j < k; ++j) {
+        const std::int64_t pos = fill[chosen[i * k + j]]++;
+        row_token[pos] = t0 + i;
+        row_weight[pos] = static_cast<float>(wts[i * k + j]);
+      }
+  }
+  std::vector<int> active;
+  std::int64_t max_count = 0;
+  for (std::int64_t e = 0; e < e_count; ++e)
+    if (count[e]) active.push_back(static_cast<int>(e)), max_count = std::max(max_count, count[e]);
+
+  // Gather the tokens of each expert into contiguous rows.
+  std::vector<float> xg(static_cast<std::size_t>(nrows * h));
+  for (std::int64_t r = 0; r < nrows; ++r) std::memcpy(&xg[r * h], x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
+
+  const int nthreads = pool_->size();
+  const int nr = kc_->nr;
+  const PackGeometry& g1 = fc1_.geometry();
+  const PackGeometry& g2 = fc2_.geometry();
+  const GemmTileFn gemm = attrs_.expert_weight_bits == 4 ? kc_->gemm_q4 : kc_->gemm_q8;
+  std::vector<std::vector<float>> scratch(static_cast<std::size_t>(nthreads));
+  auto thread_scratch = [&](int tid) -> float* {
+    auto& s = scratch[tid];
+    if (s.empty()) s.resize(static_cast<std::size_t>(kc_->scratch_floats + max_count * nr));
+    return s.data();
+  };
+
+  // FC1 + bias + activation -> act[row][0..I).
+  std::vector<float> act(static_cast<std::size_t>(nrows * in));
+  const std::int64_t tiles1 = g1.tiles(), pad1 = tiles1 * nr;
+  const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
+  const std::int64_t per1 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles1 / target_items);
+  const std::int64_t groups1 = (tiles1 + per1 - 1) / per1;
+  const Activation kind = attrs_.activation;
+  const float alpha = attrs_.activation_alpha, beta = attrs_.activation_beta, limit = attrs_.swiglu_limit;
+  pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
+    const int e = active[item / groups1];
+    const std::int64_t tile_end = std::min(tiles1, (item % groups1 + 1) * per1);
+    const std::int64_t rows = count[e];
+    float* scr = thread_scratch(tid);
+    float* y = scr + kc_->scratch_floats;
+    const float* xe = &xg[offset[e] * h];
+    const float* b1 = &bias1_[e * pad1];
+    for (std::int64_t tile = (item % groups1) * per1; tile < tile_end; ++tile) {
+      gemm(g1, fc1_.tile(e, tile), xe, h, rows, y, nr, scr);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        float* dst = &act[(offset[e] + r) * in];
+        const float* yr = y + r * nr;
+        if (gated_) {
+          for (int q = 0; q < nr / 2; ++q) {
+            const std::int64_t i = tile * (nr / 2) + q;
+            if (i >= in) break;
+            dst[i] = detail::swiglu<float>(yr[2 * q] + b1[2 * i], yr[2 * q + 1] + b1[2 * i + 1], alpha, beta, limit);
+          }
+        } else {
+          for (int q = 0; q < nr; ++q) {
+            const std::int64_t i = tile * nr + q;
+            if (i >= in) break;
+            dst[i] = detail::activate<float>(kind, yr[q] + b1[i]);
+          }
+        }
+      }
+    }
+  });
+
+  // FC2 + bias, times the routing weight, added into out. An item owns a range
+  // of output columns for all tokens and walks the experts in ascending order.
+  const std::int64_t tiles2 = g2.tiles(), pad2 = tiles2 * nr;
+  const std::int64_t per2 = std::max<std::int64_t>(1, tiles2 / target_items);
+  const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
+  pool_->parallel_for(groups2, [&](std::int64_t item, int tid) {
+    float* scr = thread_scratch(tid);
+    float* y = scr + kc_->scratch_floats;
+    const std::int64_t tile_end = std::min(tiles2, (item + 1) * per2);
+    for (std::int64_t tile = item * per2; tile < tile_end; ++tile) {
+      const std::int64_t c0 = tile * nr, cn = std::min<std::int64_t>(nr, h - c0);
+      for (int e : active) {
+        const float* b2 = &bias2_[e * pad2 + c0];
+        gemm(g2, fc2_.tile(e, tile), &act[offset[e] * in], in, count[e], y, nr, scr);
+        for (std::int64_t r = 0; r < count[e]; ++r) {
+          const std::int64_t pos = offset[e] + r;
+          float* dst = out + row_token[pos] * h + c0;
+          const float wgt = row_weight[pos];
+          for (std::int64_t q = 0; q < cn; ++q) dst[q] += wgt * (y[r * nr + q] + b2[q]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace qmoe::cpu

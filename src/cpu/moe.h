@@ -1,0 +1,43 @@
+// Internal: the CPU backend of a Layer.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/packed.h"
+#include "cpu/thread_pool.h"
+#include "qmoe/layer.h"
+
+namespace qmoe::cpu {
+
+class CpuMoe {
+ public:
+  CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads);
+
+  void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+               const MutableTensorView& out, std::int64_t tokens) const;
+
+  std::size_t packed_bytes() const;
+  int threads() const { return pool_->size(); }
+  const std::string& name() const { return name_; }
+  const PackedMatrix& fc1() const { return fc1_; }
+  const PackedMatrix& fc2() const { return fc2_; }
+
+ private:
+  struct Plan;
+  void run_chunk(const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
+                 float* out) const;
+
+  MoeAttributes attrs_;
+  MoeShape shape_;
+  const KernelConfig* kc_;
+  bool gated_;  // swiglu: FC1 tiles hold interleaved gate/up rows
+  PackedMatrix fc1_, fc2_;
+  std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles
+  std::unique_ptr<ThreadPool> pool_;
+  std::string name_;
+};
+
+}  // namespace qmoe::cpu

@@ -1,0 +1,91 @@
+#include "cpu/pack.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/check.h"
+
+namespace qmoe::cpu {
+
+void PackedMatrix::Free::operator()(std::uint8_t* p) const noexcept { std::free(p); }
+
+PackedMatrix::PackedMatrix(const PackGeometry& g, Isa isa, std::int64_t experts) : geom_(g) {
+  size_ = kHeaderBytes + static_cast<std::size_t>(experts * g.expert_bytes());
+  const std::size_t alloc = (size_ + 63) / 64 * 64;
+  data_.reset(static_cast<std::uint8_t*>(std::aligned_alloc(64, alloc)));
+  if (!data_) detail::fail("prepack: out of memory allocating ", alloc, " bytes of packed weights");
+  std::memset(data_.get(), 0, kHeaderBytes);
+  write_tag(data_.get(), g, isa, experts);
+}
+
+void write_tag(std::uint8_t* dst, const PackGeometry& g, Isa isa, std::int64_t experts) {
+  PackTag t{};
+  std::memcpy(t.magic, PackTag::kMagic, sizeof t.magic);
+  t.version = PackTag::kVersion;
+  t.backend = PackTag::kBackendCpu;
+  t.isa = isa;
+  t.nr = static_cast<std::uint32_t>(g.nr);
+  t.bits = static_cast<std::uint32_t>(g.bits);
+  t.block_len = static_cast<std::uint32_t>(g.block_len);
+  t.experts = experts;
+  t.rows = g.rows;
+  t.cols = g.cols;
+  t.expert_stride = static_cast<std::uint64_t>(g.expert_bytes());
+  std::memcpy(dst, &t, sizeof t);
+}
+
+void check_tag(const std::uint8_t* bytes, std::size_t size, const char* what, Isa isa, int nr, int bits,
+               std::int64_t block_len, std::int64_t experts, std::int64_t rows, std::int64_t cols) {
+  using detail::fail;
+  if (bytes == nullptr || size < sizeof(PackTag)) fail(what, ": packed data too short for a tag (", size, " bytes)");
+  PackTag t;
+  std::memcpy(&t, bytes, sizeof t);
+  if (std::memcmp(t.magic, PackTag::kMagic, sizeof t.magic) != 0)
+    fail(what, ": not qmoe packed data (bad magic); refusing to read it as weights");
+  if (t.version != PackTag::kVersion)
+    fail(what, ": packed format version ", t.version, ", this build reads version ", PackTag::kVersion);
+  if (t.backend != PackTag::kBackendCpu) fail(what, ": packed for backend ", t.backend, ", expected the CPU backend");
+  if (t.isa != isa) fail(what, ": packed for ISA ", isa_name(t.isa), ", expected ", isa_name(isa));
+  if (static_cast<int>(t.nr) != nr || static_cast<int>(t.bits) != bits ||
+      static_cast<std::int64_t>(t.block_len) != block_len)
+    fail(what, ": packed with tile ", t.nr, " rows, ", t.bits, " bits, block ", t.block_len, "; expected ", nr,
+         " rows, ", bits, " bits, block ", block_len);
+  if (t.experts != experts || t.rows != rows || t.cols != cols)
+    fail(what, ": packed shape [", t.experts, ", ", t.rows, ", ", t.cols, "], expected [", experts, ", ", rows, ", ",
+         cols, "]");
+  PackGeometry g{nr, bits, rows, cols, block_len};
+  if (t.expert_stride != static_cast<std::uint64_t>(g.expert_bytes()) ||
+      size < PackedMatrix::kHeaderBytes + static_cast<std::size_t>(experts * g.expert_bytes()))
+    fail(what, ": packed data is truncated or its expert stride is wrong (", size, " bytes)");
+}
+
+void raw_row_codes(const detail::RawMatrix& m, std::int64_t e, std::int64_t row, std::uint8_t* out) {
+  const std::int64_t row_bytes = m.cols * m.bits / 8;
+  const std::uint8_t* src = m.weights + (e * m.rows + row) * row_bytes;
+  if (m.bits == 8) {
+    std::memcpy(out, src, static_cast<std::size_t>(m.cols));
+    return;
+  }
+  for (std::int64_t i = 0; i < row_bytes; ++i) {
+    out[2 * i] = src[i] & 0x0f;
+    out[2 * i + 1] = src[i] >> 4;
+  }
+}
+
+void pack_block(const PackGeometry& g, const std::uint8_t* const* row_codes, const int* zeros, const float* scales,
+                std::int64_t col0, std::uint8_t* dst) {
+  const int nr = g.nr;
+  std::memcpy(dst, scales, static_cast<std::size_t>(nr) * 4);
+  for (int r = 0; r < nr; ++r) dst[nr * 4 + r] = static_cast<std::uint8_t>(zeros[r]);
+  std::uint8_t* codes = dst + nr * 5;
+  if (g.bits == 8) {
+    for (std::int64_t c = 0; c < g.block_len; ++c)
+      for (int r = 0; r < nr; ++r) codes[c * nr + r] = row_codes[r][col0 + c];
+  } else {
+    for (std::int64_t c2 = 0; c2 < g.block_len / 2; ++c2)
+      for (int r = 0; r < nr; ++r)
+        codes[c2 * nr + r] = static_cast<std::uint8_t>(row_codes[r][col0 + 2 * c2] | (row_codes[r][col0 + 2 * c2 + 1] << 4));
+  }
+}
+
+}  // namespace qmoe::cpu

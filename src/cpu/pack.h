@@ -1,0 +1,65 @@
+// Internal: raw ONNX Runtime layout -> CPU packed layout (see packed.h).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/packed.h"
+#include "quant/raw.h"
+
+namespace qmoe::cpu {
+
+/// Where packed row p of a matrix comes from: row `row` of raw matrix `src`
+/// (null = padding). FC1 of swiglu interleaves gate and up rows this way, so a
+/// tile always holds matching gate/up pairs whatever swiglu_fusion was.
+struct RowSource {
+  const detail::RawMatrix* src = nullptr;
+  std::int64_t row = 0;
+};
+
+/// Packs rows [0, g.rows) of expert e into `dst` (g.expert_bytes() bytes).
+/// `source(p)` maps packed row p to its raw row.
+template <typename SourceFn>
+void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst);
+
+/// Writes the tag of a packed matrix.
+void write_tag(std::uint8_t* dst, const PackGeometry& g, Isa isa, std::int64_t experts);
+
+/// Decodes the codes of one raw row into out[0..cols).
+void raw_row_codes(const detail::RawMatrix& m, std::int64_t e, std::int64_t row, std::uint8_t* out);
+
+/// Packs one tile-block of NR rows given their codes / zeros / scales.
+void pack_block(const PackGeometry& g, const std::uint8_t* const* row_codes, const int* zeros, const float* scales,
+                std::int64_t col0, std::uint8_t* dst);
+
+template <typename SourceFn>
+void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst) {
+  const int nr = g.nr;
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(nr * g.cols));
+  std::vector<const std::uint8_t*> rows(static_cast<std::size_t>(nr));
+  std::vector<int> zeros(static_cast<std::size_t>(nr));
+  std::vector<float> scales(static_cast<std::size_t>(nr));
+  for (std::int64_t t = 0; t < g.tiles(); ++t) {
+    RowSource src[64];
+    for (int r = 0; r < nr; ++r) {
+      const std::int64_t p = t * nr + r;
+      src[r] = p < g.rows ? source(p) : RowSource{};
+      std::uint8_t* rc = codes.data() + static_cast<std::size_t>(r) * g.cols;
+      if (src[r].src)
+        raw_row_codes(*src[r].src, e, src[r].row, rc);
+      else
+        std::fill(rc, rc + g.cols, std::uint8_t{0});
+      rows[r] = rc;
+    }
+    for (std::int64_t b = 0; b < g.blocks(); ++b) {
+      for (int r = 0; r < nr; ++r) {
+        zeros[r] = src[r].src ? src[r].src->zero(e, src[r].row, b) : 0;
+        scales[r] = src[r].src ? src[r].src->scale(e, src[r].row, b) : 0.f;
+      }
+      pack_block(g, rows.data(), zeros.data(), scales.data(), b * g.block_len, dst);
+      dst += g.block_bytes();
+    }
+  }
+}
+
+}  // namespace qmoe::cpu

@@ -1,0 +1,92 @@
+// Internal: the CPU packed weight layout and its tag.
+//
+// Why this layout: the kernels compute NR output rows at once, walking K. So
+// a tile stores, for each K-block, the NR scales, the NR zero points and then
+// the codes "column-major within the tile": the NR codes of one K position
+// are adjacent (for 4-bit, one byte holds K positions 2c and 2c+1 of a row).
+// One contiguous load then feeds a whole register tile, scales sit next to
+// the weights they scale, and a tile is one sequential stream of bytes.
+//
+//   matrix  = header | expert 0 | expert 1 | ...            (expert_stride bytes each)
+//   expert  = tile 0 | tile 1 | ... (rows padded to NR with zero scale)
+//   tile    = block 0 | block 1 | ...                       (block_len columns each)
+//   block   = float scale[NR] | uint8 zero[NR] | codes[block_len * NR * bits / 8]
+//   4-bit codes: byte[c2 * NR + r] = code(r, 2*c2) | code(r, 2*c2 + 1) << 4
+//   8-bit codes: byte[c * NR + r]  = code(r, c)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace qmoe::cpu {
+
+/// Instruction sets a packed layout can be made for.
+enum class Isa : std::uint32_t { scalar = 1 };
+const char* isa_name(Isa isa) noexcept;
+
+/// The header every packed matrix starts with.
+struct PackTag {
+  static constexpr char kMagic[8] = {'Q', 'M', 'O', 'E', 'P', 'A', 'C', 'K'};
+  static constexpr std::uint32_t kVersion = 1;
+  static constexpr std::uint32_t kBackendCpu = 1;
+
+  char magic[8];
+  std::uint32_t version;
+  std::uint32_t backend;
+  Isa isa;
+  std::uint32_t nr;         ///< rows per tile
+  std::uint32_t bits;       ///< 4 or 8
+  std::uint32_t block_len;  ///< columns per scale block (K when row-wise)
+  std::int64_t experts;
+  std::int64_t rows;        ///< logical rows (before padding to NR)
+  std::int64_t cols;        ///< K
+  std::uint64_t expert_stride;  ///< bytes per expert
+};
+
+/// Layout arithmetic shared by the packer, the kernels and the tests.
+struct PackGeometry {
+  int nr = 16, bits = 4;
+  std::int64_t rows = 0, cols = 0, block_len = 0;
+
+  std::int64_t tiles() const { return (rows + nr - 1) / nr; }
+  std::int64_t blocks() const { return cols / block_len; }
+  std::int64_t code_bytes() const { return block_len * nr * bits / 8; }
+  std::int64_t block_bytes() const { return nr * 4 + nr + code_bytes(); }
+  std::int64_t tile_bytes() const { return blocks() * block_bytes(); }
+  std::int64_t expert_bytes() const { return tiles() * tile_bytes(); }
+};
+
+/// A packed matrix: tag + expert data in one 64-byte aligned allocation.
+class PackedMatrix {
+ public:
+  PackedMatrix() = default;
+  PackedMatrix(const PackGeometry& g, Isa isa, std::int64_t experts);
+
+  const PackTag& tag() const { return *reinterpret_cast<const PackTag*>(data_.get()); }
+  const PackGeometry& geometry() const { return geom_; }
+  std::uint8_t* expert(std::int64_t e) { return data_.get() + kHeaderBytes + e * geom_.expert_bytes(); }
+  const std::uint8_t* expert(std::int64_t e) const { return data_.get() + kHeaderBytes + e * geom_.expert_bytes(); }
+  const std::uint8_t* tile(std::int64_t e, std::int64_t t) const { return expert(e) + t * geom_.tile_bytes(); }
+  std::size_t bytes() const { return size_; }
+  const std::uint8_t* raw() const { return data_.get(); }
+
+  static constexpr std::size_t kHeaderBytes = 128;  // tag padded so expert data stays 64-byte aligned
+
+ private:
+  struct Free {
+    void operator()(std::uint8_t* p) const noexcept;
+  };
+  std::unique_ptr<std::uint8_t[], Free> data_;
+  std::size_t size_ = 0;
+  PackGeometry geom_;
+};
+
+/// Checks that `bytes` (at least `size` long) start with a CPU tag that
+/// matches what the caller expects; throws qmoe::Error naming `what` otherwise.
+void check_tag(const std::uint8_t* bytes, std::size_t size, const char* what, Isa isa, int nr, int bits,
+               std::int64_t block_len, std::int64_t experts, std::int64_t rows, std::int64_t cols);
+
+static_assert(sizeof(PackTag) <= PackedMatrix::kHeaderBytes);
+
+}  // namespace qmoe::cpu

@@ -1,0 +1,42 @@
+// Shared helpers for the C++ tests.
+#pragma once
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "qmoe/qmoe.h"
+#include "synth.h"
+
+namespace qmoe::test {
+
+/// Random inputs of a layer: x [T, H] and router logits [T, E].
+struct Inputs {
+  std::vector<float> x, logits, mix;
+};
+
+inline Inputs random_inputs(std::int64_t t, std::int64_t h, std::int64_t e, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Inputs in;
+  in.x.resize(static_cast<std::size_t>(t * h));
+  in.logits.resize(static_cast<std::size_t>(t * e));
+  in.mix.resize(static_cast<std::size_t>(t * e));
+  tools::fill_normal(in.x, rng, 1.0f);
+  tools::fill_normal(in.logits, rng, 1.5f);
+  std::uniform_real_distribution<float> u(0.05f, 1.0f);
+  for (auto& m : in.mix) m = u(rng);
+  return in;
+}
+
+/// max |a - ref| / max |ref|.
+inline double rel_max_error(const std::vector<float>& a, const std::vector<double>& ref) {
+  double d = 0, m = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    d = std::max(d, std::fabs(static_cast<double>(a[i]) - ref[i]));
+    if (std::isnan(a[i])) d = INFINITY;
+    m = std::max(m, std::fabs(ref[i]));
+  }
+  return m > 0 ? d / m : d;
+}
+
+}  // namespace qmoe::test

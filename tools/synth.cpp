@@ -1,0 +1,135 @@
+#include "synth.h"
+
+#include <cmath>
+
+namespace qmoe::tools {
+
+void fill_normal(std::vector<float>& v, std::mt19937_64& rng, float stddev) {
+  std::normal_distribution<float> d(0.f, stddev);
+  for (auto& x : v) x = d(rng);
+}
+
+namespace {
+
+// Quantizes E experts of [N, K] one at a time and concatenates them.
+QuantizedWeights quantize_experts(std::int64_t e, std::int64_t n, std::int64_t k, const QuantizeOptions& q,
+                                  std::mt19937_64& rng, double& err2, double& ref2,
+                                  const std::function<void()>& per_expert) {
+  QuantizedWeights all;
+  std::vector<float> w(static_cast<std::size_t>(n * k));
+  for (std::int64_t i = 0; i < e; ++i) {
+    fill_normal(w, rng, 1.0f / std::sqrt(static_cast<float>(k)));
+    QuantizedWeights one = quantize(view_f32(w.data(), {1, n, k}), q);
+    double r2 = 0;
+    for (float v : w) r2 += static_cast<double>(v) * v;
+    err2 += one.rel_l2_error * one.rel_l2_error * r2, ref2 += r2;
+    if (i == 0) {
+      all = std::move(one);
+      all.weights.reserve(all.weights.size() * static_cast<std::size_t>(e));
+      all.scales.reserve(all.scales.size() * static_cast<std::size_t>(e));
+    } else {
+      all.weights.insert(all.weights.end(), one.weights.begin(), one.weights.end());
+      all.scales.insert(all.scales.end(), one.scales.begin(), one.scales.end());
+      all.zero_points.insert(all.zero_points.end(), one.zero_points.begin(), one.zero_points.end());
+      all.max_abs_error = std::max(all.max_abs_error, one.max_abs_error);
+    }
+    if (per_expert) per_expert();
+  }
+  all.experts = e;
+  return all;
+}
+
+}  // namespace
+
+SynthLayer synth_layer(std::int64_t experts, std::int64_t hidden, std::int64_t inter, const MoeAttributes& attrs,
+                       const SynthOptions& opt) {
+  SynthLayer s;
+  s.attrs = attrs;
+  std::mt19937_64 rng(opt.seed);
+  const bool swiglu = attrs.activation == Activation::swiglu;
+  const std::int64_t n1 = swiglu && attrs.swiglu_fusion != 0 ? 2 * inter : inter;
+  const QuantizeOptions q{attrs.expert_weight_bits, attrs.block_size, opt.symmetric};
+  double err2 = 0, ref2 = 0;
+  std::int64_t done = 0;
+  const std::int64_t total = experts * (swiglu && attrs.swiglu_fusion == 0 ? 3 : 2);
+  auto tick = [&] {
+    ++done;
+    if (opt.progress) opt.progress(done, total);
+  };
+  s.fc1 = quantize_experts(experts, n1, hidden, q, rng, err2, ref2, tick);
+  s.fc2 = quantize_experts(experts, hidden, inter, q, rng, err2, ref2, tick);
+  if (swiglu && attrs.swiglu_fusion == 0) s.fc3 = quantize_experts(experts, inter, hidden, q, rng, err2, ref2, tick);
+  s.quant_rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : 0;
+  if (opt.bias) {
+    s.b1.resize(static_cast<std::size_t>(experts * n1));
+    s.b2.resize(static_cast<std::size_t>(experts * hidden));
+    fill_normal(s.b1, rng, 0.1f);
+    fill_normal(s.b2, rng, 0.1f);
+    if (swiglu && attrs.swiglu_fusion == 0) {
+      s.b3.resize(static_cast<std::size_t>(experts * inter));
+      fill_normal(s.b3, rng, 0.1f);
+    }
+  }
+  s.shape = validate(s.views(), attrs);
+  return s;
+}
+
+ExpertWeights SynthLayer::views() const {
+  ExpertWeights w;
+  const std::int64_t e = fc1.experts;
+  w.fc1_weights = fc1.weights_view();
+  w.fc1_scales = fc1.scales_view();
+  w.fc1_zero_points = fc1.zero_points_view();
+  w.fc2_weights = fc2.weights_view();
+  w.fc2_scales = fc2.scales_view();
+  w.fc2_zero_points = fc2.zero_points_view();
+  if (!fc3.weights.empty()) {
+    w.fc3_weights = fc3.weights_view();
+    w.fc3_scales = fc3.scales_view();
+    w.fc3_zero_points = fc3.zero_points_view();
+  }
+  if (!b1.empty()) w.fc1_bias = view_f32(b1.data(), {e, fc1.rows});
+  if (!b2.empty()) w.fc2_bias = view_f32(b2.data(), {e, fc2.rows});
+  if (!b3.empty()) w.fc3_bias = view_f32(b3.data(), {e, fc3.rows});
+  return w;
+}
+
+std::size_t SynthLayer::raw_bytes() const {
+  std::size_t n = 0;
+  for (const auto* q : {&fc1, &fc2, &fc3}) n += q->weights.size() + q->scales.size() * 4 + q->zero_points.size();
+  return n + (b1.size() + b2.size() + b3.size()) * 4;
+}
+
+std::vector<ModelShape> model_shapes(int bits, int block_size) {
+  auto attrs = [&](int k, int fusion, float alpha, float beta, float limit, int block) {
+    MoeAttributes a;
+    a.k = k;
+    a.activation = Activation::swiglu;
+    a.swiglu_fusion = fusion;
+    a.activation_alpha = alpha;
+    a.activation_beta = beta;
+    a.swiglu_limit = limit;
+    a.expert_weight_bits = bits;
+    a.block_size = block_size >= 0 ? block_size : block;
+    a.normalize_routing_weights = 1;
+    return a;
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  return {
+      {"gpt-oss-20b", 2880, 2880, 32, attrs(4, 1, 1.702f, 1.0f, 7.0f, 0)},
+      {"qwen3-30b-a3b", 2048, 768, 128, attrs(8, 1, 1.0f, 0.0f, inf, 128)},
+      {"mixtral-8x7b", 4096, 14336, 8, attrs(2, 1, 1.0f, 0.0f, inf, 32)},
+      {"deepseek-v3", 7168, 2048, 256, attrs(8, 1, 1.0f, 0.0f, inf, 128)},
+  };
+}
+
+ModelShape model_shape(const std::string& name, int bits, int block_size) {
+  std::string names;
+  for (auto& m : model_shapes(bits, block_size)) {
+    if (m.name == name) return m;
+    names += (names.empty() ? "" : ", ") + m.name;
+  }
+  throw Error("model: expected one of " + names + ", got \"" + name + "\"");
+}
+
+}  // namespace qmoe::tools
