@@ -1,1 +1,39 @@
+// Activations against closed-form values.
 #include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/activation.h"
+
+namespace qmoe::detail {
+namespace {
+
+TEST(Activation, ElementWise) {
+  EXPECT_EQ(activate<double>(Activation::relu, -1.5), 0.0);
+  EXPECT_EQ(activate<double>(Activation::relu, 2.5), 2.5);
+  EXPECT_EQ(activate<double>(Activation::identity, -3.25), -3.25);
+  EXPECT_NEAR(activate<double>(Activation::silu, 1.0), 1.0 / (1.0 + std::exp(-1.0)), 1e-15);
+  EXPECT_NEAR(activate<double>(Activation::silu, -2.0), -2.0 / (1.0 + std::exp(2.0)), 1e-15);
+  // gelu, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+  EXPECT_NEAR(activate<double>(Activation::gelu, 1.0), 0.8411919906082768, 1e-12);
+  EXPECT_NEAR(activate<double>(Activation::gelu, -0.5), -0.15428599017485606, 1e-12);
+  EXPECT_NEAR(activate<float>(Activation::gelu, 1.0f), 0.841192f, 1e-6f);
+}
+
+TEST(Activation, SwigluWithGptOssConstants) {
+  const double a = 1.702, b = 1.0, lim = 7.0;
+  auto expect = [&](double g, double l) {
+    const double gg = std::min(g, lim), ll = std::max(-lim, std::min(l, lim));
+    return gg / (1 + std::exp(-a * gg)) * (ll + b);
+  };
+  EXPECT_NEAR(swiglu<double>(0.5, -0.25, a, b, lim), expect(0.5, -0.25), 1e-15);
+  EXPECT_NEAR(swiglu<double>(9.0, 8.0, a, b, lim), 7.0 / (1 + std::exp(-a * 7.0)) * 8.0, 1e-12);   // both clamped
+  EXPECT_NEAR(swiglu<double>(-9.0, -8.0, a, b, lim), -9.0 / (1 + std::exp(a * 9.0)) * -6.0, 1e-12); // gate not clamped below
+  // Plain SwiGLU: alpha 1, beta 0, no limit -> silu(g) * l.
+  const double inf = INFINITY;
+  EXPECT_NEAR(swiglu<double>(2.0, 3.0, 1.0, 0.0, inf), 2.0 / (1 + std::exp(-2.0)) * 3.0, 1e-15);
+  EXPECT_TRUE(std::isnan(swiglu<double>(NAN, 1.0, 1.0, 0.0, inf)));
+}
+
+}  // namespace
+}  // namespace qmoe::detail

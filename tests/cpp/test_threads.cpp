@@ -1,1 +1,131 @@
+// Determinism across thread counts, concurrent forward() calls, and the
+// input forms: T = 0, 3-D input, float16 and bfloat16 activations.
 #include <gtest/gtest.h>
+
+#include <cstring>
+#include <thread>
+
+#include "helpers.h"
+
+namespace qmoe::test {
+namespace {
+
+tools::SynthLayer make(MoeAttributes& a, std::int64_t e, std::int64_t h, std::int64_t in) {
+  a.k = 3;
+  a.activation = Activation::swiglu;
+  a.swiglu_fusion = 1;
+  a.activation_alpha = 1.702f, a.activation_beta = 1.f, a.swiglu_limit = 7.f;
+  a.block_size = 32;
+  a.normalize_routing_weights = 1;
+  return tools::synth_layer(e, h, in, a);
+}
+
+TEST(Threads, BitIdenticalForAnyThreadCount) {
+  MoeAttributes a;
+  const std::int64_t e = 8, h = 128, in = 96;
+  const auto s = make(a, e, h, in);
+  for (std::int64_t t : {1, 5, 40}) {
+    const auto x = random_inputs(t, h, e, 5);
+    std::vector<float> first;
+    for (int threads : {1, 2, 3, 4, 7}) {
+      const Layer layer(s.views(), a, {Backend::cpu, threads, 0});
+      std::vector<float> out(static_cast<std::size_t>(t * h));
+      for (int rep = 0; rep < 2; ++rep) {
+        layer.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), output_f32(out.data(), {t, h}));
+        if (first.empty()) first = out;
+        ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0) << "T=" << t << " threads=" << threads;
+      }
+    }
+  }
+}
+
+TEST(Threads, ConcurrentForwardOnOneLayer) {
+  MoeAttributes a;
+  const std::int64_t e = 6, h = 64, in = 64, t = 9;
+  const auto s = make(a, e, h, in);
+  const Layer layer(s.views(), a, {Backend::cpu, 2, 0});
+  const auto x = random_inputs(t, h, e, 11);
+  std::vector<float> expect(static_cast<std::size_t>(t * h));
+  layer.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), output_f32(expect.data(), {t, h}));
+  std::vector<std::thread> callers;
+  std::vector<int> ok(4, 0);
+  for (int c = 0; c < 4; ++c)
+    callers.emplace_back([&, c] {
+      std::vector<float> out(expect.size());
+      bool same = true;
+      for (int rep = 0; rep < 20; ++rep) {
+        layer.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), output_f32(out.data(), {t, h}));
+        same &= std::memcmp(out.data(), expect.data(), out.size() * 4) == 0;
+      }
+      ok[c] = same;
+    });
+  for (auto& th : callers) th.join();
+  for (int c = 0; c < 4; ++c) EXPECT_TRUE(ok[c]) << "caller " << c;
+}
+
+TEST(Inputs, ZeroTokensAndThreeDimensionalInput) {
+  MoeAttributes a;
+  const std::int64_t e = 4, h = 32, in = 32;
+  const auto s = make(a, e, h, in);
+  const Layer layer(s.views(), a, {Backend::cpu, 2, 0});
+  float dummy = 0;
+  EXPECT_NO_THROW(layer.forward(view_f32(&dummy, {0, h}), view_f32(&dummy, {0, e}), output_f32(&dummy, {0, h})));
+  EXPECT_TRUE(reference_forward(s.views(), a, view_f32(&dummy, {0, h}), view_f32(&dummy, {0, e})).empty());
+  const auto x = random_inputs(6, h, e, 2);
+  std::vector<float> out3(6 * h), out2(6 * h);
+  layer.forward(view_f32(x.x.data(), {2, 3, h}), view_f32(x.logits.data(), {6, e}), output_f32(out3.data(), {2, 3, h}));
+  layer.forward(view_f32(x.x.data(), {6, h}), view_f32(x.logits.data(), {6, e}), output_f32(out2.data(), {6, h}));
+  EXPECT_EQ(out3, out2);
+  const auto ref = reference_forward(s.views(), a, view_f32(x.x.data(), {2, 3, h}), view_f32(x.logits.data(), {6, e}));
+  EXPECT_LE(rel_max_error(out3, ref), 1e-5);
+}
+
+TEST(Inputs, HalfPrecisionActivationsAgainstReference) {
+  MoeAttributes a;
+  const std::int64_t e = 5, h = 64, in = 64, t = 13;
+  const auto s = make(a, e, h, in);
+  const Layer layer(s.views(), a, {Backend::cpu, 2, 0});
+  const auto x = random_inputs(t, h, e, 4);
+  for (DType dt : {DType::f16, DType::bf16}) {
+    auto enc = [&](const std::vector<float>& v) {
+      std::vector<std::uint16_t> r(v.size());
+      for (std::size_t i = 0; i < v.size(); ++i) r[i] = dt == DType::f16 ? f32_to_f16(v[i]) : f32_to_bf16(v[i]);
+      return r;
+    };
+    const auto xh = enc(x.x), lh = enc(x.logits), mh = enc(x.mix);
+    std::vector<std::uint16_t> oh(static_cast<std::size_t>(t * h));
+    const TensorView xv(xh.data(), dt, {t, h}), lv(lh.data(), dt, {t, e}), mv(mh.data(), dt, {t, e});
+    for (bool mix : {false, true}) {
+      layer.forward(xv, lv, mix ? mv : TensorView{}, MutableTensorView(oh.data(), dt, {t, h}));
+      std::vector<float> got(oh.size());
+      for (std::size_t i = 0; i < oh.size(); ++i) got[i] = dt == DType::f16 ? f16_to_f32(oh[i]) : bf16_to_f32(oh[i]);
+      // The reference sees the same half-precision inputs, computed in float64.
+      const auto ref = reference_forward(s.views(), a, xv, lv, mix ? mv : TensorView{});
+      EXPECT_LE(rel_max_error(got, ref), 1e-2) << dtype_name(dt) << " mix=" << mix;
+    }
+  }
+}
+
+TEST(Inputs, ScalesAndBiasesInFloat16) {
+  MoeAttributes a;
+  a.k = 2;
+  a.activation = Activation::gelu;
+  const std::int64_t e = 3, h = 32, in = 32, t = 4;
+  auto s = tools::synth_layer(e, h, in, a);
+  // Round the float32 scales/biases to float16, and build a float32 twin with the same values.
+  std::vector<std::uint16_t> s1(s.fc1.scales.size()), b2(s.b2.size());
+  for (std::size_t i = 0; i < s1.size(); ++i) s1[i] = f32_to_f16(s.fc1.scales[i]), s.fc1.scales[i] = f16_to_f32(s1[i]);
+  for (std::size_t i = 0; i < b2.size(); ++i) b2[i] = f32_to_f16(s.b2[i]), s.b2[i] = f16_to_f32(b2[i]);
+  ExpertWeights w16 = s.views();
+  w16.fc1_scales = TensorView(s1.data(), DType::f16, w16.fc1_scales.shape);
+  w16.fc2_bias = TensorView(b2.data(), DType::f16, w16.fc2_bias.shape);
+  const Layer l16(w16, a, {Backend::cpu, 1, 0}), l32(s.views(), a, {Backend::cpu, 1, 0});
+  const auto x = random_inputs(t, h, e, 8);
+  std::vector<float> o16(t * h), o32(t * h);
+  l16.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), output_f32(o16.data(), {t, h}));
+  l32.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), output_f32(o32.data(), {t, h}));
+  EXPECT_EQ(o16, o32);
+}
+
+}  // namespace
+}  // namespace qmoe::test
