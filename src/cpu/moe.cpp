@@ -22,7 +22,7 @@ namespace qmoe::cpu {
 
 namespace {
 
-constexpr std::int64_t kActivationBudget = std::int64_t{64} << 20;  // bytes of FC1 output per token chunk
+constexpr std::int64_t kActivationBudget = std::int64_t{64} << 20;  // bytes of per-chunk gathered inputs + FC1 output
 
 int resolve_threads(int threads) {
   if (threads > 0) return threads;
@@ -102,8 +102,8 @@ void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, co
   const float* mix = router_weights.present() ? as_f32(router_weights, mbuf) : nullptr;
   float* o = out.dtype == DType::f32 ? static_cast<float*>(out.data) : (obuf.resize(static_cast<std::size_t>(t * h)), obuf.data());
   std::fill(o, o + t * h, 0.f);
-  // Tokens in chunks so the FC1 activations stay within a fixed budget.
-  const std::int64_t per_token = attrs_.k * shape_.inter * static_cast<std::int64_t>(sizeof(float));
+  // Tokens in chunks so the gathered inputs and FC1 activations stay within a fixed budget.
+  const std::int64_t per_token = attrs_.k * (shape_.inter + shape_.hidden) * static_cast<std::int64_t>(sizeof(float));
   const std::int64_t chunk = std::max<std::int64_t>(1, kActivationBudget / per_token);
   for (std::int64_t t0 = 0; t0 < t; t0 += chunk) {
     const std::int64_t t1 = std::min(t, t0 + chunk);

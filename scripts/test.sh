@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds everything and runs every test: the C++ suite (GoogleTest, via ctest),
+# the same suite under AddressSanitizer + UndefinedBehaviorSanitizer, and the
+# Python suite (pytest: differential against ONNX Runtime's QMoE kernel and
+# against the float64 reference). Sets up its own venv with pinned versions.
+#   scripts/test.sh             # everything
+#   scripts/test.sh --quick     # skip the sanitizer build
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+quick=0
+for a in "$@"; do
+  case "$a" in
+    --quick) quick=1 ;;
+    *) echo "usage: scripts/test.sh [--quick]" >&2; exit 2 ;;
+  esac
+done
+ensure_venv "$ROOT/scripts/requirements-build.txt" "$ROOT/tests/python/requirements.txt"
+
+say "C++ build + tests (Release)"
+configure_build "$ROOT/build-test" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS=ON
+cmake --build "$ROOT/build-test" -j "$JOBS"
+(cd "$ROOT/build-test" && ctest --output-on-failure -j "$JOBS")
+
+if [ "$quick" = 0 ]; then
+  say "C++ tests under ASan + UBSan"
+  configure_build "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=Debug -DQMOE_SANITIZE=ON -DQMOE_BUILD_TESTS=ON \
+    -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=OFF
+  cmake --build "$ROOT/build-asan" --target qmoe_tests -j "$JOBS"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$ROOT/build-asan/tests/cpp/qmoe_tests" --gtest_brief=1
+fi
+
+say "Python package (pip install .) + pytest"
+"$PY" -m pip install -q --no-build-isolation "$ROOT"
+"$PY" -m pytest "$ROOT/tests/python" -q
