@@ -22,8 +22,6 @@ namespace qmoe::cpu {
 
 namespace {
 
-constexpr std::int64_t kActivationBudget = std::int64_t{64} << 20;  // bytes of per-chunk gathered inputs + FC1 output
-
 int resolve_threads(int threads) {
   if (threads > 0) return threads;
   const unsigned hw = std::thread::hardware_concurrency();
@@ -32,8 +30,13 @@ int resolve_threads(int threads) {
 
 }  // namespace
 
-CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads)
-    : attrs_(a), shape_(s), kc_(&kernel_config()), gated_(a.activation == Activation::swiglu) {
+CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads,
+               std::int64_t chunk_bytes)
+    : attrs_(a),
+      shape_(s),
+      kc_(&kernel_config()),
+      gated_(a.activation == Activation::swiglu),
+      chunk_bytes_(chunk_bytes) {
   using detail::RawMatrix;
   const int bits = a.expert_weight_bits, bs = a.block_size;
   const std::int64_t h = s.hidden, in = s.inter, e_count = s.num_experts;
@@ -104,7 +107,7 @@ void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, co
   std::fill(o, o + t * h, 0.f);
   // Tokens in chunks so the gathered inputs and FC1 activations stay within a fixed budget.
   const std::int64_t per_token = attrs_.k * (shape_.inter + shape_.hidden) * static_cast<std::int64_t>(sizeof(float));
-  const std::int64_t chunk = std::max<std::int64_t>(1, kActivationBudget / per_token);
+  const std::int64_t chunk = std::max<std::int64_t>(1, chunk_bytes_ / per_token);
   for (std::int64_t t0 = 0; t0 < t; t0 += chunk) {
     const std::int64_t t1 = std::min(t, t0 + chunk);
     run_chunk(x, logits, mix, t0, t1, o);

@@ -14,7 +14,12 @@ namespace qmoe::cpu {
 
 class CpuMoe {
  public:
-  CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads);
+  /// Bytes of per-chunk working memory (gathered inputs + FC1 outputs) that
+  /// bound how many tokens one pass handles.
+  static constexpr std::int64_t kDefaultChunkBytes = std::int64_t{64} << 20;
+
+  CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads,
+         std::int64_t chunk_bytes = kDefaultChunkBytes);
 
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                const MutableTensorView& out, std::int64_t tokens) const;
@@ -34,6 +39,7 @@ class CpuMoe {
   MoeShape shape_;
   const KernelConfig* kc_;
   bool gated_;  // swiglu: FC1 tiles hold interleaved gate/up rows
+  std::int64_t chunk_bytes_;
   PackedMatrix fc1_, fc2_;
   std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles
   std::unique_ptr<ThreadPool> pool_;

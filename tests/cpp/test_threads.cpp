@@ -5,6 +5,7 @@
 #include <cstring>
 #include <thread>
 
+#include "cpu/moe.h"
 #include "helpers.h"
 
 namespace qmoe::test {
@@ -61,6 +62,19 @@ TEST(Threads, ConcurrentForwardOnOneLayer) {
     });
   for (auto& th : callers) th.join();
   for (int c = 0; c < 4; ++c) EXPECT_TRUE(ok[c]) << "caller " << c;
+}
+
+TEST(Inputs, TokenChunksAgreeWithReference) {
+  // A tiny working-memory budget forces many token chunks per call.
+  MoeAttributes a;
+  const std::int64_t e = 4, h = 32, in = 64, t = 23;
+  const auto s = make(a, e, h, in);
+  const cpu::CpuMoe moe(s.views(), a, s.shape, 2, /*chunk_bytes=*/a.k * (h + in) * 4 * 5);  // 5 tokens a chunk
+  const auto x = random_inputs(t, h, e, 3);
+  std::vector<float> out(static_cast<std::size_t>(t * h), NAN);
+  const TensorView xv = view_f32(x.x.data(), {t, h}), lv = view_f32(x.logits.data(), {t, e});
+  moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {t, h}), t);
+  EXPECT_LE(rel_max_error(out, reference_forward(s.views(), a, xv, lv)), 1e-5);
 }
 
 TEST(Inputs, ZeroTokensAndThreeDimensionalInput) {
