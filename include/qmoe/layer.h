@@ -17,7 +17,7 @@ enum class Backend { cpu };
 /// How a Layer is built.
 struct LayerOptions {
   Backend backend = Backend::cpu;
-  /// Threads used by forward(); 0 = all hardware threads.
+  /// Threads used by forward(): 1..1024, or 0 = all hardware threads.
   int threads = 0;
   /// ONNX Runtime's meaning: 0 or 1 = float32 activations and accumulation
   /// (weights dequantized in registers). Other levels are refused for now.
@@ -46,18 +46,23 @@ class Layer {
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                const MutableTensorView& out) const;
 
-  const MoeAttributes& attributes() const noexcept;
-  const MoeShape& shape() const noexcept;
+  // Accessors; like forward(), they throw qmoe::Error on a moved-from Layer.
+
+  /// The attributes the Layer was built with.
+  const MoeAttributes& attributes() const;
+  /// Sizes derived from the weights.
+  const MoeShape& shape() const;
   /// Bytes held by the prepacked weights (all experts, scales and biases included).
-  std::size_t packed_bytes() const noexcept;
+  std::size_t packed_bytes() const;
   /// Threads forward() uses.
-  int threads() const noexcept;
+  int threads() const;
   /// A short description of the kernels chosen, e.g. "cpu/scalar nr=16".
-  const char* kernel_name() const noexcept;
+  const char* kernel_name() const;
 
   struct Impl;
 
  private:
+  const Impl& impl() const;
   std::unique_ptr<Impl> impl_;
 };
 

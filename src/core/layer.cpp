@@ -5,6 +5,10 @@
 
 namespace qmoe {
 
+namespace {
+constexpr int kMaxThreads = 1024;
+}
+
 struct Layer::Impl {
   MoeAttributes attrs;
   MoeShape shape;
@@ -14,7 +18,8 @@ struct Layer::Impl {
 Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options)
     : impl_(std::make_unique<Impl>()) {
   using detail::require;
-  require(options.threads >= 0, "threads: expected >= 0 (0 = all hardware threads), got ", options.threads);
+  require(options.threads >= 0 && options.threads <= kMaxThreads, "threads: expected 0..", kMaxThreads,
+          " (0 = all hardware threads), got ", options.threads);
   require(options.accuracy_level >= 0 && options.accuracy_level <= 4,
           "accuracy_level: expected 0..4 (ONNX Runtime's meaning), got ", options.accuracy_level);
   require(options.accuracy_level <= 1, "accuracy_level: ", options.accuracy_level,
@@ -34,18 +39,23 @@ void Layer::forward(const TensorView& input, const TensorView& router_probs, con
   forward(input, router_probs, TensorView{}, out);
 }
 
-void Layer::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
-                    const MutableTensorView& out) const {
+const Layer::Impl& Layer::impl() const {
   detail::require(impl_ != nullptr, "Layer: used after being moved from");
-  const std::int64_t t = detail::validate_call(impl_->shape, input, router_probs, router_weights, &out);
-  if (t == 0) return;
-  impl_->cpu->forward(input, router_probs, router_weights, out, t);
+  return *impl_;
 }
 
-const MoeAttributes& Layer::attributes() const noexcept { return impl_->attrs; }
-const MoeShape& Layer::shape() const noexcept { return impl_->shape; }
-std::size_t Layer::packed_bytes() const noexcept { return impl_->cpu->packed_bytes(); }
-int Layer::threads() const noexcept { return impl_->cpu->threads(); }
-const char* Layer::kernel_name() const noexcept { return impl_->cpu->name().c_str(); }
+void Layer::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+                    const MutableTensorView& out) const {
+  const Impl& im = impl();
+  const std::int64_t t = detail::validate_call(im.shape, input, router_probs, router_weights, &out);
+  if (t == 0) return;
+  im.cpu->forward(input, router_probs, router_weights, out, t);
+}
+
+const MoeAttributes& Layer::attributes() const { return impl().attrs; }
+const MoeShape& Layer::shape() const { return impl().shape; }
+std::size_t Layer::packed_bytes() const { return impl().cpu->packed_bytes(); }
+int Layer::threads() const { return impl().cpu->threads(); }
+const char* Layer::kernel_name() const { return impl().cpu->name().c_str(); }
 
 }  // namespace qmoe

@@ -32,11 +32,16 @@ void route_token(const float* logits, const float* mix, int num_experts, int k, 
       has_nan |= std::isnan(logits[e]);
       mx = std::max(mx, static_cast<double>(logits[e]));
     }
+    // exp(l - max): with a +inf logit, inf - inf would be NaN; the limit is an
+    // even split over the +inf logits (and 0 elsewhere), which is what we use.
+    const bool inf_max = std::isinf(mx) && mx > 0;
+    auto numer = [&](int e) {
+      const double l = logits[e];
+      return inf_max ? (l == mx ? 1.0 : 0.0) : std::exp(l - mx);
+    };
     double z = 0;
-    for (int e = 0; e < num_experts; ++e) z += std::exp(static_cast<double>(logits[e]) - mx);
-    for (int j = 0; j < k; ++j)
-      weights[j] = has_nan ? std::numeric_limits<double>::quiet_NaN()
-                           : std::exp(static_cast<double>(logits[order[j]]) - mx) / z;
+    for (int e = 0; e < num_experts; ++e) z += numer(e);
+    for (int j = 0; j < k; ++j) weights[j] = has_nan ? std::numeric_limits<double>::quiet_NaN() : numer(order[j]) / z;
   }
   for (int j = 0; j < k; ++j) {
     experts[j] = order[j];

@@ -2,6 +2,7 @@
 #include "core/validate.h"
 
 #include <cmath>
+#include <utility>
 
 #include "core/check.h"
 
@@ -70,6 +71,12 @@ void check_weights(const TensorView& w, const char* name, std::int64_t e, std::i
   require_shape(w, name, {e, n, k * bits / 8});
 }
 
+// A view with data but no dimensions is a 0-d (scalar) tensor, not an absent one.
+void refuse_scalar(const TensorView& t, const char* name) {
+  require(t.present() || t.data == nullptr, name,
+          ": got a 0-d (scalar) tensor; expected a tensor of rank >= 2 (or no tensor for an optional input)");
+}
+
 }  // namespace
 
 }  // namespace qmoe::detail
@@ -79,6 +86,13 @@ namespace qmoe {
 MoeShape validate(const ExpertWeights& w, const MoeAttributes& a) {
   using namespace detail;
   validate_attributes(a);
+  const std::pair<const TensorView*, const char*> all[] = {
+      {&w.fc1_weights, "fc1_experts_weights"}, {&w.fc1_scales, "fc1_scales"}, {&w.fc1_bias, "fc1_experts_bias"},
+      {&w.fc2_weights, "fc2_experts_weights"}, {&w.fc2_scales, "fc2_scales"}, {&w.fc2_bias, "fc2_experts_bias"},
+      {&w.fc3_weights, "fc3_experts_weights"}, {&w.fc3_scales, "fc3_scales"}, {&w.fc3_bias, "fc3_experts_bias"},
+      {&w.fc1_zero_points, "fc1_zero_points"},  {&w.fc2_zero_points, "fc2_zero_points"},
+      {&w.fc3_zero_points, "fc3_zero_points"}};
+  for (const auto& [t, name] : all) refuse_scalar(*t, name);
   const int bits = a.expert_weight_bits;
   const std::int64_t pack = 8 / bits;
   // fc1 and fc2 give the sizes; everything else must agree with them.
@@ -139,6 +153,9 @@ namespace detail {
 
 std::int64_t validate_call(const MoeShape& s, const TensorView& input, const TensorView& router_probs,
                            const TensorView& router_weights, const MutableTensorView* out) {
+  refuse_scalar(input, "input");
+  refuse_scalar(router_probs, "router_probs");
+  refuse_scalar(router_weights, "router_weights");
   require(input.present(), "input: required, but absent");
   require_float(input, "input");
   require(input.rank() == 2 || input.rank() == 3, "input: expected rank 2 [T, H] or 3 [B, S, H], got shape ",

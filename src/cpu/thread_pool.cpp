@@ -1,9 +1,23 @@
 #include "cpu/thread_pool.h"
 
+#include <system_error>
+
+#include "core/check.h"
+
 namespace qmoe::cpu {
 
 ThreadPool::ThreadPool(int threads) : threads_(threads < 1 ? 1 : threads) {
-  for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { worker(i); });
+  try {
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { worker(i); });
+  } catch (const std::system_error& e) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    detail::fail("threads: could not start ", threads_, " threads (", e.what(), ")");
+  }
 }
 
 ThreadPool::~ThreadPool() {
@@ -48,11 +62,11 @@ void ThreadPool::worker(int index) {
 
 void ThreadPool::parallel_for(std::int64_t n, const std::function<void(std::int64_t, int)>& fn) {
   if (n <= 0) return;
-  std::lock_guard<std::mutex> job(job_mutex_);
-  if (threads_ == 1 || n == 1) {
+  if (threads_ == 1 || n == 1) {  // no workers involved: concurrent callers need not wait for each other
     for (std::int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
+  std::lock_guard<std::mutex> job(job_mutex_);
   {
     std::lock_guard<std::mutex> lk(m_);
     fn_ = &fn;

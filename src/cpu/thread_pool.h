@@ -13,8 +13,8 @@ namespace qmoe::cpu {
 
 /// `threads - 1` workers plus the calling thread run each job. Items are handed
 /// out one at a time from an atomic counter (dynamic scheduling), so uneven
-/// items still keep every thread busy. Jobs from different callers are
-/// serialized by a mutex; a job must not submit another job to the same pool
+/// items still keep every thread busy. Jobs from different callers that need
+/// the workers are serialized by a mutex (single-item jobs run on the caller); a job must not submit another job to the same pool
 /// (nothing in qmoe does), which rules out nested-parallelism deadlock.
 class ThreadPool {
  public:

@@ -71,5 +71,18 @@ TEST(Routing, NaNLogitRanksLastAndPoisonsWeights) {
   EXPECT_TRUE(std::isnan(w[0]));  // never a silent answer from a NaN router
 }
 
+TEST(Routing, InfiniteLogitsTakeTheWholeWeight) {
+  const float lg[4] = {INFINITY, 1.f, INFINITY, -INFINITY};
+  int ex[3];
+  double w[3];
+  route_token(lg, nullptr, 4, 3, false, ex, w);
+  EXPECT_EQ(ex[0], 0);
+  EXPECT_EQ(ex[1], 2);
+  EXPECT_EQ(ex[2], 1);
+  EXPECT_EQ(w[0], 0.5);
+  EXPECT_EQ(w[1], 0.5);
+  EXPECT_EQ(w[2], 0.0);
+}
+
 }  // namespace
 }  // namespace qmoe::detail

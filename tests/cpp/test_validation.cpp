@@ -69,6 +69,7 @@ TEST(Validation, WeightsAndAttributes) {
   bad_w([&](ExpertWeights& w) { w.fc3_weights = good.fc2_weights; }, {"fc3_experts_weights", "must be absent"});
   bad_w([](ExpertWeights& w) { w.fc1_weights.shape[0] = E + 1; }, {"fc2_experts_weights", "[5, 64, 16]"});  // E disagrees
   bad_w([](ExpertWeights& w) { w.fc2_weights.data = nullptr; }, {"fc2_experts_weights", "null"});
+  bad_w([](ExpertWeights& w) { w.fc2_bias.shape = {}; }, {"fc2_experts_bias", "0-d"});  // a scalar is not "absent"
   bad_a([](MoeAttributes& a) { a.k = E + 1; }, {"k", "1..num_experts"});
   bad_a([](MoeAttributes& a) { a.k = 0; }, {"k", ">= 1"});
   bad_a([](MoeAttributes& a) { a.expert_weight_bits = 2; }, {"expert_weight_bits", "4 or 8"});
@@ -82,11 +83,12 @@ TEST(Validation, WeightsAndAttributes) {
   bad_a([](MoeAttributes& a) { a.activation_alpha = NAN; }, {"activation_alpha", "finite"});
   bad_a([](MoeAttributes& a) { a.activation = Activation::relu; }, {"swiglu_fusion", "unless activation_type is swiglu"});
   expect_error([&] { build(good, f.a, {Backend::cpu, -1, 0}); }, {"threads"});
+  expect_error([&] { build(good, f.a, {Backend::cpu, 100000, 0}); }, {"threads", "0..1024"});
   expect_error([&] { build(good, f.a, {Backend::cpu, 1, 4}); }, {"accuracy_level", "not supported"});
   expect_error([&] { build(good, f.a, {Backend::cpu, 1, 7}); }, {"accuracy_level", "0..4"});
   expect_error([] { parse_activation("swish"); }, {"activation_type", "swish"});
-  cases += 4;
-  EXPECT_GE(cases, 29);
+  cases += 5;
+  EXPECT_GE(cases, 31);
 }
 
 TEST(Validation, RelayeredActivationNeedsMatchingFc1Rows) {
@@ -137,11 +139,20 @@ TEST(Validation, ForwardInputs) {
   expect_error([&] { layer.forward(x, lg, MutableTensorView(half.data(), DType::f16, {T, H})); }, {"output", "float16"});
   expect_error([&] { layer.forward(x, lg, output_f32(nullptr, {T, H})); }, {"output", "null"});
   expect_error([&] { layer.forward(TensorView(nullptr, DType::f32, {T, H}), lg, o); }, {"input", "null"});
+  expect_error([&] { layer.forward(x, lg, TensorView(in.mix.data(), DType::f32, {}), o); }, {"router_weights", "0-d"});
   // A refused call leaves the output untouched.
   std::vector<float> keep(out.size(), 42.f);
   expect_error([&] { layer.forward(x, view_f32(in.logits.data(), {T, E - 1}), output_f32(keep.data(), {T, H})); },
                {"router_probs"});
   for (float v : keep) ASSERT_EQ(v, 42.f);
+}
+
+TEST(Validation, MovedFromLayerRefusesUse) {
+  Fixture f;
+  Layer a(f.s.views(), f.a, {Backend::cpu, 1, 0});
+  Layer b = std::move(a);
+  EXPECT_EQ(b.shape().hidden, H);
+  expect_error([&] { (void)a.shape(); }, {"moved"});  // NOLINT(bugprone-use-after-move): that is the test
 }
 
 TEST(Validation, ReferenceValidatesLikeTheLayer) {

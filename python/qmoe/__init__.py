@@ -1,0 +1,314 @@
+"""qmoe: quantized Mixture-of-Experts layers that compute exactly what ONNX
+Runtime's ``com.microsoft::QMoE`` operator defines.
+
+Entry points (NumPy arrays in and out; ONNX Runtime's input and attribute
+names as keyword arguments):
+
+* :func:`qmoe` -- one call: build a layer and run it.
+* :class:`Layer` -- prepack the weights once, call many times.
+* :func:`reference` -- the float64 reference forward (the oracle).
+* :func:`quantize` -- float ``[E, N, K]`` matrices to the raw QMoE layout.
+
+Dtypes: activations (``input``, ``router_probs``, ``router_weights``) may be
+float32, float16 or bfloat16 (``ml_dtypes.bfloat16``) and must all have the
+same dtype; the output has the input's dtype and shape (``[T, H]`` or
+``[B, S, H]``). Scales and biases may be float32, float16 or bfloat16; weights
+and zero points are uint8. Nothing is converted to float32 on the Python side:
+the C++ library converts at the edges. Non-contiguous arrays are made
+contiguous. A wrong dtype raises ``TypeError`` naming the argument; every
+other contract violation raises ``ValueError`` with the library's message,
+which names the tensor or attribute and the expected and actual values.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__version__ = "0.1.0"
+__all__ = ["qmoe", "Layer", "reference", "quantize", "QuantizedWeights", "__version__"]
+
+_F32, _F16, _BF16, _U8 = _core.DTYPE_F32, _core.DTYPE_F16, _core.DTYPE_BF16, _core.DTYPE_U8
+_FLOAT_TAGS = {"float32": _F32, "float16": _F16, "bfloat16": _BF16}
+
+# ONNX Runtime's QMoE inputs 2..13, in order.
+_WEIGHT_NAMES = (
+    "fc1_experts_weights", "fc1_scales", "fc1_experts_bias",
+    "fc2_experts_weights", "fc2_scales", "fc2_experts_bias",
+    "fc3_experts_weights", "fc3_scales", "fc3_experts_bias",
+    "fc1_zero_points", "fc2_zero_points", "fc3_zero_points",
+)
+_UINT8_NAMES = frozenset(
+    ["fc1_experts_weights", "fc2_experts_weights", "fc3_experts_weights",
+     "fc1_zero_points", "fc2_zero_points", "fc3_zero_points"])
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim == 0:
+        # An empty shape means "absent" to the C++ API: never let a scalar slip through.
+        raise ValueError(f"{name}: expected an array with at least one dimension, got a scalar")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return np.ascontiguousarray(a)
+
+
+def _float_arg(x: Any, name: str) -> Tuple[np.ndarray, int]:
+    """(contiguous array, dtype tag); 2-byte floats travel as their uint16 bytes."""
+    dt = np.asarray(x).dtype
+    tag = _FLOAT_TAGS.get(dt.name)
+    if tag is None or dt.itemsize != (4 if tag == _F32 else 2):
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {dt}")
+    a = _as_array(x, name)
+    if tag != _F32:
+        a = a.view(np.uint16)
+    return a, tag
+
+
+def _uint8_arg(x: Any, name: str) -> Tuple[np.ndarray, int]:
+    dt = np.asarray(x).dtype
+    if dt != np.uint8:
+        raise TypeError(f"{name}: expected dtype uint8, got {dt}")
+    return _as_array(x, name), _U8
+
+
+def _weights(values: Dict[str, Any]) -> Dict[str, Tuple[np.ndarray, int]]:
+    out = {}
+    for name in _WEIGHT_NAMES:
+        v = values.get(name)
+        if v is None:
+            continue
+        out[name] = _uint8_arg(v, name) if name in _UINT8_NAMES else _float_arg(v, name)
+    return out
+
+
+def _int_attr(v: Any, name: str) -> int:
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {v!r}") from None
+    if not -2 ** 31 <= i < 2 ** 31:
+        raise ValueError(f"{name}: {i} is out of range for a 32-bit integer attribute")
+    return i
+
+
+def _float_attr(v: Any, name: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {v!r}") from None
+
+
+def _attributes(k, activation_type, normalize_routing_weights, use_sparse_mixer, expert_weight_bits,
+                block_size, swiglu_fusion, swiglu_limit, activation_alpha, activation_beta):
+    a = _core.Attributes()
+    if not isinstance(activation_type, str):
+        raise TypeError(f"activation_type: expected a string, got {activation_type!r}")
+    a.activation_type = activation_type  # ValueError for unknown names
+    a.k = _int_attr(k, "k")
+    a.normalize_routing_weights = _int_attr(normalize_routing_weights, "normalize_routing_weights")
+    a.use_sparse_mixer = _int_attr(use_sparse_mixer, "use_sparse_mixer")
+    a.expert_weight_bits = _int_attr(expert_weight_bits, "expert_weight_bits")
+    a.block_size = _int_attr(block_size, "block_size")
+    a.swiglu_fusion = _int_attr(swiglu_fusion, "swiglu_fusion")
+    a.swiglu_limit = _float_attr(swiglu_limit, "swiglu_limit")
+    a.activation_alpha = _float_attr(activation_alpha, "activation_alpha")
+    a.activation_beta = _float_attr(activation_beta, "activation_beta")
+    return a
+
+
+def _call_args(input, router_probs, router_weights):
+    x = _float_arg(input, "input")
+    lg = _float_arg(router_probs, "router_probs")
+    rw = None if router_weights is None else _float_arg(router_weights, "router_weights")
+    return x, lg, rw
+
+
+class Layer:
+    """A prepacked, immutable QMoE layer.
+
+    The arguments are ONNX Runtime's QMoE inputs 2..13 (the weights) and its
+    attributes, with the same names and defaults::
+
+        layer = qmoe.Layer(fc1_experts_weights=w1, fc1_scales=s1,
+                           fc2_experts_weights=w2, fc2_scales=s2,
+                           k=4, activation_type="swiglu", swiglu_fusion=1, ...)
+        y = layer(x, router_logits)
+
+    Construction validates the raw weights and prepacks them (with the GIL
+    released); the layer keeps no reference to the arrays passed in, so they
+    can be freed right after. ``threads=None`` uses all hardware threads.
+    ``accuracy_level`` follows ONNX Runtime (0 and 1 = float32 compute; other
+    levels are refused). Calling the layer is thread-safe.
+    """
+
+    def __init__(self, fc1_experts_weights=None, fc1_scales=None, fc1_experts_bias=None,
+                 fc2_experts_weights=None, fc2_scales=None, fc2_experts_bias=None,
+                 fc3_experts_weights=None, fc3_scales=None, fc3_experts_bias=None,
+                 fc1_zero_points=None, fc2_zero_points=None, fc3_zero_points=None,
+                 *, k=1, activation_type="relu", normalize_routing_weights=0, use_sparse_mixer=0,
+                 expert_weight_bits=4, block_size=0, swiglu_fusion=0, swiglu_limit=float("inf"),
+                 activation_alpha=1.0, activation_beta=0.0, accuracy_level=0, threads=None):
+        weights = _weights(dict(
+            fc1_experts_weights=fc1_experts_weights, fc1_scales=fc1_scales, fc1_experts_bias=fc1_experts_bias,
+            fc2_experts_weights=fc2_experts_weights, fc2_scales=fc2_scales, fc2_experts_bias=fc2_experts_bias,
+            fc3_experts_weights=fc3_experts_weights, fc3_scales=fc3_scales, fc3_experts_bias=fc3_experts_bias,
+            fc1_zero_points=fc1_zero_points, fc2_zero_points=fc2_zero_points, fc3_zero_points=fc3_zero_points))
+        attrs = _attributes(k, activation_type, normalize_routing_weights, use_sparse_mixer, expert_weight_bits,
+                            block_size, swiglu_fusion, swiglu_limit, activation_alpha, activation_beta)
+        nthreads = 0 if threads is None else _int_attr(threads, "threads")
+        self._layer = _core.Layer(weights, attrs, nthreads, _int_attr(accuracy_level, "accuracy_level"))
+
+    def __call__(self, input, router_probs, router_weights=None):
+        """QMoE(input, router_probs): ``input`` [T, H] or [B, S, H], ``router_probs``
+        [T, E] router logits, optional ``router_weights`` [T, E] (experts are
+        chosen by router_probs and mixed by router_weights). Returns an array of
+        the input's dtype and shape. T = 0 gives an empty output."""
+        x, lg, rw = _call_args(input, router_probs, router_weights)
+        out = np.empty(x[0].shape, dtype=np.asarray(input).dtype.newbyteorder("="))
+        out_buf = out if x[1] == _F32 else out.view(np.uint16)
+        self._layer.forward(x, lg, rw, (out_buf, x[1]))
+        return out
+
+    forward = __call__
+
+    @property
+    def num_experts(self) -> int:
+        """E."""
+        return self._layer.num_experts
+
+    @property
+    def hidden_size(self) -> int:
+        """H."""
+        return self._layer.hidden_size
+
+    @property
+    def inter_size(self) -> int:
+        """I (per expert; FC1 has 2I rows for fused swiglu)."""
+        return self._layer.inter_size
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the prepacked weights (scales and biases included)."""
+        return self._layer.packed_bytes
+
+    @property
+    def threads(self) -> int:
+        """Threads a call uses."""
+        return self._layer.threads
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernels chosen, e.g. ``"cpu/scalar nr=16"``."""
+        return self._layer.kernel_name
+
+    @property
+    def attributes(self) -> Dict[str, Any]:
+        """The layer's attributes, by ONNX Runtime name."""
+        a = self._layer.attributes
+        return {n: getattr(a, n) for n in (
+            "k", "activation_type", "normalize_routing_weights", "use_sparse_mixer", "expert_weight_bits",
+            "block_size", "swiglu_fusion", "swiglu_limit", "activation_alpha", "activation_beta")}
+
+    def __repr__(self) -> str:
+        return (f"qmoe.Layer(num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"inter_size={self.inter_size}, {self._layer.attributes!r}, threads={self.threads}, "
+                f"kernel={self.kernel_name!r}, packed_bytes={self.packed_bytes})")
+
+
+def qmoe(input, router_probs, fc1_experts_weights, fc1_scales, fc1_experts_bias=None,
+         fc2_experts_weights=None, fc2_scales=None, fc2_experts_bias=None,
+         fc3_experts_weights=None, fc3_scales=None, fc3_experts_bias=None,
+         fc1_zero_points=None, fc2_zero_points=None, fc3_zero_points=None,
+         router_weights=None, *, k=1, activation_type="relu", normalize_routing_weights=0,
+         use_sparse_mixer=0, expert_weight_bits=4, block_size=0, swiglu_fusion=0,
+         swiglu_limit=float("inf"), activation_alpha=1.0, activation_beta=0.0,
+         accuracy_level=0, threads=None):
+    """The QMoE operator in one call, with ONNX Runtime's input order, names
+    and attribute defaults. Equivalent to ``Layer(...)(input, router_probs,
+    router_weights)``; build a :class:`Layer` to reuse the prepacked weights."""
+    layer = Layer(fc1_experts_weights, fc1_scales, fc1_experts_bias, fc2_experts_weights, fc2_scales,
+                  fc2_experts_bias, fc3_experts_weights, fc3_scales, fc3_experts_bias,
+                  fc1_zero_points, fc2_zero_points, fc3_zero_points,
+                  k=k, activation_type=activation_type, normalize_routing_weights=normalize_routing_weights,
+                  use_sparse_mixer=use_sparse_mixer, expert_weight_bits=expert_weight_bits,
+                  block_size=block_size, swiglu_fusion=swiglu_fusion, swiglu_limit=swiglu_limit,
+                  activation_alpha=activation_alpha, activation_beta=activation_beta,
+                  accuracy_level=accuracy_level, threads=threads)
+    return layer(input, router_probs, router_weights)
+
+
+def reference(input, router_probs, fc1_experts_weights, fc1_scales, fc1_experts_bias=None,
+              fc2_experts_weights=None, fc2_scales=None, fc2_experts_bias=None,
+              fc3_experts_weights=None, fc3_scales=None, fc3_experts_bias=None,
+              fc1_zero_points=None, fc2_zero_points=None, fc3_zero_points=None,
+              router_weights=None, *, k=1, activation_type="relu", normalize_routing_weights=0,
+              use_sparse_mixer=0, expert_weight_bits=4, block_size=0, swiglu_fusion=0,
+              swiglu_limit=float("inf"), activation_alpha=1.0, activation_beta=0.0):
+    """The float64 reference forward (the oracle every backend is checked
+    against): same arguments as :func:`qmoe`; returns float64 with the input's
+    shape. It dequantizes the raw weights and follows the operator contract
+    literally, so it is slow."""
+    weights = _weights(dict(
+        fc1_experts_weights=fc1_experts_weights, fc1_scales=fc1_scales, fc1_experts_bias=fc1_experts_bias,
+        fc2_experts_weights=fc2_experts_weights, fc2_scales=fc2_scales, fc2_experts_bias=fc2_experts_bias,
+        fc3_experts_weights=fc3_experts_weights, fc3_scales=fc3_scales, fc3_experts_bias=fc3_experts_bias,
+        fc1_zero_points=fc1_zero_points, fc2_zero_points=fc2_zero_points, fc3_zero_points=fc3_zero_points))
+    attrs = _attributes(k, activation_type, normalize_routing_weights, use_sparse_mixer, expert_weight_bits,
+                        block_size, swiglu_fusion, swiglu_limit, activation_alpha, activation_beta)
+    x, lg, rw = _call_args(input, router_probs, router_weights)
+    y = _core.reference(weights, attrs, x, lg, rw)
+    return y.reshape(x[0].shape)
+
+
+_QuantizedBase = collections.namedtuple("QuantizedWeights", ["weights", "scales", "zero_points"])
+
+
+class QuantizedWeights(_QuantizedBase):
+    """The result of :func:`quantize`: a 3-tuple ``(weights, scales,
+    zero_points)`` that unpacks as such, plus two attributes reporting the
+    quantization error of the dequantized weights against the input:
+
+    * ``max_abs_error``: max |dequantized - original|
+    * ``rel_l2_error``: ||dequantized - original|| / ||original||
+    """
+
+    # No __slots__: instances carry the two error attributes in a __dict__.
+    def __new__(cls, weights, scales, zero_points, max_abs_error=0.0, rel_l2_error=0.0):
+        self = super().__new__(cls, weights, scales, zero_points)
+        self.max_abs_error = float(max_abs_error)
+        self.rel_l2_error = float(rel_l2_error)
+        return self
+
+    def __repr__(self) -> str:
+        zp = None if self.zero_points is None else self.zero_points.shape
+        return (f"QuantizedWeights(weights={self.weights.shape}, scales={self.scales.shape}, zero_points={zp}, "
+                f"max_abs_error={self.max_abs_error:.3g}, rel_l2_error={self.rel_l2_error:.3g})")
+
+
+def quantize(w, bits=4, block_size=0, symmetric=True) -> QuantizedWeights:
+    """Quantizes float32/float16/bfloat16 ``w`` [E, N, K] (N outputs, K inputs)
+    into ONNX Runtime's raw QMoE layout.
+
+    Returns a :class:`QuantizedWeights` that unpacks as ``(weights, scales,
+    zero_points)``: weights uint8 [E, N, K*bits/8] (4-bit: even element in the
+    low nibble), scales float32 [E, N] (``block_size=0``, one scale per row)
+    or [E, N, K/block_size], zero_points ``None`` when ``symmetric`` (implicit
+    zero point 2^(bits-1)) else uint8 [E, ceil(N/pack)] (row-wise, packed
+    across rows) or [E, N, ceil(blocks/pack)]. The quantization error is on
+    the result's ``max_abs_error`` and ``rel_l2_error`` attributes.
+
+    Symmetric: scale = absmax / (2^(bits-1) - 1). Asymmetric: scale =
+    (max - min) / (2^bits - 1) over a range that always includes 0.
+    """
+    arr = _float_arg(w, "w")
+    if not isinstance(symmetric, (bool, np.bool_)):
+        raise TypeError(f"symmetric: expected a bool, got {symmetric!r}")
+    weights, scales, zp, max_abs, rel_l2 = _core.quantize(
+        arr, _int_attr(bits, "bits"), _int_attr(block_size, "block_size"), bool(symmetric))
+    return QuantizedWeights(weights, scales, zp, max_abs, rel_l2)

@@ -1,0 +1,154 @@
+// qmoe._core: the nanobind bindings of the C++ library.
+//
+// This layer is deliberately thin: NumPy dtype policy, defaults and keyword
+// names live in python/qmoe/__init__.py; here we only turn (array, dtype tag)
+// pairs into views, release the GIL around the real work, and translate
+// qmoe::Error into ValueError (the C++ message names the offending tensor).
+//
+// Lifetime rules (why the code is shaped this way):
+//  * nanobind's ndarray handles touch Python reference counts when they are
+//    destroyed, so they are created and destroyed with the GIL held; only the
+//    C++ work in between runs with the GIL released.
+//  * qmoe::Layer prepacks in its constructor and keeps no pointer into the raw
+//    weights, so the bound Layer holds no reference to the NumPy arrays passed
+//    to __init__: they are released as soon as construction returns.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+
+#include "convert.h"
+#include "qmoe/qmoe.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using qmoe_py::InArray;
+using qmoe_py::TaggedIn;
+using qmoe_py::TaggedOut;
+
+namespace {
+
+qmoe::LayerOptions layer_options(int threads, int accuracy_level) {
+  qmoe::LayerOptions o;
+  o.threads = threads;
+  o.accuracy_level = accuracy_level;
+  return o;
+}
+
+void layer_init(qmoe::Layer* self, const std::map<std::string, TaggedIn>& weights, const qmoe::MoeAttributes& attrs,
+                int threads, int accuracy_level) {
+  qmoe_py::WeightArgs args{weights};  // holds the arrays (GIL held) until this returns
+  const qmoe::ExpertWeights views = args.views();
+  const qmoe::LayerOptions opts = layer_options(threads, accuracy_level);
+  nb::gil_scoped_release release;
+  new (self) qmoe::Layer(views, attrs, opts);
+}
+
+void layer_forward(const qmoe::Layer& layer, const TaggedIn& input, const TaggedIn& router_probs,
+                   const std::optional<TaggedIn>& router_weights, const TaggedOut& out) {
+  const qmoe::TensorView x = qmoe_py::to_view(input, "input");
+  const qmoe::TensorView lg = qmoe_py::to_view(router_probs, "router_probs");
+  const qmoe::TensorView mix = qmoe_py::to_view(router_weights, "router_weights");
+  const qmoe::MutableTensorView o = qmoe_py::to_mutable_view(out, "output");
+  nb::gil_scoped_release release;
+  layer.forward(x, lg, mix, o);
+}
+
+nb::ndarray<nb::numpy, double> reference(const std::map<std::string, TaggedIn>& weights,
+                                         const qmoe::MoeAttributes& attrs, const TaggedIn& input,
+                                         const TaggedIn& router_probs, const std::optional<TaggedIn>& router_weights) {
+  qmoe_py::WeightArgs args{weights};
+  const qmoe::ExpertWeights views = args.views();
+  const qmoe::TensorView x = qmoe_py::to_view(input, "input");
+  const qmoe::TensorView lg = qmoe_py::to_view(router_probs, "router_probs");
+  const qmoe::TensorView mix = qmoe_py::to_view(router_weights, "router_weights");
+  std::vector<double> y;
+  {
+    nb::gil_scoped_release release;
+    y = qmoe::reference_forward(views, attrs, x, lg, mix);
+  }
+  const std::size_t h = x.shape.back();
+  const std::size_t t = h ? y.size() / h : 0;
+  return qmoe_py::to_numpy(std::move(y), {t, h});
+}
+
+nb::tuple quantize(const TaggedIn& w, int bits, int block_size, bool symmetric) {
+  const qmoe::TensorView v = qmoe_py::to_view(w, "w");
+  qmoe::QuantizeOptions o;
+  o.bits = bits;
+  o.block_size = block_size;
+  o.symmetric = symmetric;
+  qmoe::QuantizedWeights q;
+  {
+    nb::gil_scoped_release release;
+    q = qmoe::quantize(v, o);
+  }
+  auto dims = [](const qmoe::TensorView& t) {
+    std::vector<std::size_t> d;
+    for (auto x : t.shape) d.push_back(static_cast<std::size_t>(x));
+    return d;
+  };
+  const auto wshape = dims(q.weights_view()), sshape = dims(q.scales_view()), zshape = dims(q.zero_points_view());
+  const bool has_zp = !q.zero_points.empty();
+  nb::object weights = nb::cast(qmoe_py::to_numpy(std::move(q.weights), wshape));
+  nb::object scales = nb::cast(qmoe_py::to_numpy(std::move(q.scales), sshape));
+  nb::object zp = has_zp ? nb::cast(qmoe_py::to_numpy(std::move(q.zero_points), zshape)) : nb::none();
+  return nb::make_tuple(weights, scales, zp, q.max_abs_error, q.rel_l2_error);
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "qmoe C++ bindings (use the qmoe package, not this module directly)";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const qmoe::Error& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  // dtype tags (qmoe::DType values) used by the Python layer.
+  m.attr("DTYPE_F32") = static_cast<int>(qmoe::DType::f32);
+  m.attr("DTYPE_F16") = static_cast<int>(qmoe::DType::f16);
+  m.attr("DTYPE_BF16") = static_cast<int>(qmoe::DType::bf16);
+  m.attr("DTYPE_U8") = static_cast<int>(qmoe::DType::u8);
+
+  nb::class_<qmoe::MoeAttributes>(m, "Attributes", "QMoE attributes, with ONNX Runtime's names.")
+      .def(nb::init<>())
+      .def_rw("k", &qmoe::MoeAttributes::k)
+      .def_prop_rw(
+          "activation_type", [](const qmoe::MoeAttributes& a) { return std::string(qmoe::activation_name(a.activation)); },
+          [](qmoe::MoeAttributes& a, const std::string& s) { a.activation = qmoe::parse_activation(s); })
+      .def_rw("normalize_routing_weights", &qmoe::MoeAttributes::normalize_routing_weights)
+      .def_rw("use_sparse_mixer", &qmoe::MoeAttributes::use_sparse_mixer)
+      .def_rw("expert_weight_bits", &qmoe::MoeAttributes::expert_weight_bits)
+      .def_rw("block_size", &qmoe::MoeAttributes::block_size)
+      .def_rw("swiglu_fusion", &qmoe::MoeAttributes::swiglu_fusion)
+      .def_rw("swiglu_limit", &qmoe::MoeAttributes::swiglu_limit)
+      .def_rw("activation_alpha", &qmoe::MoeAttributes::activation_alpha)
+      .def_rw("activation_beta", &qmoe::MoeAttributes::activation_beta)
+      .def("__repr__", [](const qmoe::MoeAttributes& a) { return "Attributes(" + qmoe::describe(a) + ")"; });
+
+  nb::class_<qmoe::Layer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
+      .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a,
+           "Validates and prepacks the raw weights (GIL released); keeps no reference to them.")
+      .def("forward", &layer_forward, "input"_a, "router_probs"_a, "router_weights"_a.none(), "out"_a,
+           "Writes QMoE(input, router_probs[, router_weights]) into out (GIL released).")
+      .def_prop_ro("attributes", [](const qmoe::Layer& l) { return l.attributes(); })
+      .def_prop_ro("num_experts", [](const qmoe::Layer& l) { return l.shape().num_experts; })
+      .def_prop_ro("hidden_size", [](const qmoe::Layer& l) { return l.shape().hidden; })
+      .def_prop_ro("inter_size", [](const qmoe::Layer& l) { return l.shape().inter; })
+      .def_prop_ro("fc1_rows", [](const qmoe::Layer& l) { return l.shape().fc1_rows; })
+      .def_prop_ro("packed_bytes", &qmoe::Layer::packed_bytes)
+      .def_prop_ro("threads", &qmoe::Layer::threads)
+      .def_prop_ro("kernel_name", [](const qmoe::Layer& l) { return std::string(l.kernel_name()); });
+
+  m.def("reference", &reference, "weights"_a, "attrs"_a, "input"_a, "router_probs"_a, "router_weights"_a.none(),
+        "The float64 reference forward; returns [T, H] float64.");
+  m.def("quantize", &quantize, "w"_a, "bits"_a, "block_size"_a, "symmetric"_a,
+        "Quantizes float [E, N, K]; returns (weights, scales, zero_points|None, max_abs_error, rel_l2_error).");
+}
