@@ -9,17 +9,18 @@
 namespace qmoe::detail {
 
 void validate_attributes(const MoeAttributes& a) {
-  require(a.expert_weight_bits == 4 || a.expert_weight_bits == 8,
-          "expert_weight_bits: expected 4 or 8, got ", a.expert_weight_bits);
+  require(a.expert_weight_bits == 4 || a.expert_weight_bits == 8, "expert_weight_bits: expected 4 or 8, got ",
+          a.expert_weight_bits);
   require(a.block_size == 0 || (a.block_size >= 16 && (a.block_size & (a.block_size - 1)) == 0),
           "block_size: expected 0 (row-wise) or a power of two >= 16, got ", a.block_size);
   require(a.k >= 1, "k: expected >= 1, got ", a.k);
   require(a.normalize_routing_weights == 0 || a.normalize_routing_weights == 1,
           "normalize_routing_weights: expected 0 or 1, got ", a.normalize_routing_weights);
-  require(a.use_sparse_mixer == 0 || a.use_sparse_mixer == 1,
-          "use_sparse_mixer: expected 0 or 1, got ", a.use_sparse_mixer);
-  require(a.use_sparse_mixer == 0, "use_sparse_mixer: 1 is not supported by qmoe (only 0); refusing rather than "
-                                   "computing a different routing");
+  require(a.use_sparse_mixer == 0 || a.use_sparse_mixer == 1, "use_sparse_mixer: expected 0 or 1, got ",
+          a.use_sparse_mixer);
+  require(a.use_sparse_mixer == 0,
+          "use_sparse_mixer: 1 is not supported by qmoe (only 0); refusing rather than "
+          "computing a different routing");
   require(a.swiglu_fusion >= 0 && a.swiglu_fusion <= 2, "swiglu_fusion: expected 0, 1 or 2, got ", a.swiglu_fusion);
   require(!std::isnan(a.swiglu_limit) && a.swiglu_limit > 0, "swiglu_limit: expected a positive value, got ",
           a.swiglu_limit);
@@ -45,8 +46,8 @@ void check_scales(const TensorView& s, const char* name, std::int64_t e, std::in
 }
 
 // Zero points, packed like weights along their last axis.
-void check_zero_points(const TensorView& z, const char* name, std::int64_t e, std::int64_t n, std::int64_t k,
-                       int bits, int block) {
+void check_zero_points(const TensorView& z, const char* name, std::int64_t e, std::int64_t n, std::int64_t k, int bits,
+                       int block) {
   if (!z.present()) return;
   require_dtype(z, name, DType::u8);
   require_data(z, name);
@@ -87,42 +88,42 @@ MoeShape validate(const ExpertWeights& w, const MoeAttributes& a) {
   using namespace detail;
   validate_attributes(a);
   const std::pair<const TensorView*, const char*> all[] = {
-      {&w.fc1_weights, "fc1_experts_weights"}, {&w.fc1_scales, "fc1_scales"}, {&w.fc1_bias, "fc1_experts_bias"},
-      {&w.fc2_weights, "fc2_experts_weights"}, {&w.fc2_scales, "fc2_scales"}, {&w.fc2_bias, "fc2_experts_bias"},
-      {&w.fc3_weights, "fc3_experts_weights"}, {&w.fc3_scales, "fc3_scales"}, {&w.fc3_bias, "fc3_experts_bias"},
-      {&w.fc1_zero_points, "fc1_zero_points"},  {&w.fc2_zero_points, "fc2_zero_points"},
-      {&w.fc3_zero_points, "fc3_zero_points"}};
+      {&w.fc1_weights, "fc1_experts_weights"}, {&w.fc1_scales, "fc1_scales"},
+      {&w.fc1_bias, "fc1_experts_bias"},       {&w.fc2_weights, "fc2_experts_weights"},
+      {&w.fc2_scales, "fc2_scales"},           {&w.fc2_bias, "fc2_experts_bias"},
+      {&w.fc3_weights, "fc3_experts_weights"}, {&w.fc3_scales, "fc3_scales"},
+      {&w.fc3_bias, "fc3_experts_bias"},       {&w.fc1_zero_points, "fc1_zero_points"},
+      {&w.fc2_zero_points, "fc2_zero_points"}, {&w.fc3_zero_points, "fc3_zero_points"}};
   for (const auto& [t, name] : all) refuse_scalar(*t, name);
   const int bits = a.expert_weight_bits;
   const std::int64_t pack = 8 / bits;
   // fc1 and fc2 give the sizes; everything else must agree with them.
   require(w.fc1_weights.present(), "fc1_experts_weights: required, but absent");
   require(w.fc2_weights.present(), "fc2_experts_weights: required, but absent");
-  require(w.fc1_weights.rank() == 3, "fc1_experts_weights: expected rank 3 [E, N1, H/", pack, "], got shape ",
-          shape_str(w.fc1_weights.shape));
-  require(w.fc2_weights.rank() == 3, "fc2_experts_weights: expected rank 3 [E, H, I/", pack, "], got shape ",
-          shape_str(w.fc2_weights.shape));
+  if (!(w.fc1_weights.rank() == 3))
+    fail("fc1_experts_weights: expected rank 3 [E, N1, H/", pack, "], got shape ", shape_str(w.fc1_weights.shape));
+  if (!(w.fc2_weights.rank() == 3))
+    fail("fc2_experts_weights: expected rank 3 [E, H, I/", pack, "], got shape ", shape_str(w.fc2_weights.shape));
   MoeShape s;
   s.num_experts = w.fc1_weights.shape[0];
   s.hidden = w.fc2_weights.shape[1];
   s.inter = w.fc2_weights.shape[2] * pack;
-  require(s.num_experts >= 1, "fc1_experts_weights: expected at least one expert, got shape ",
-          shape_str(w.fc1_weights.shape));
-  require(s.hidden >= 1 && s.inter >= 1, "fc2_experts_weights: expected non-empty [E, H, I/", pack, "], got shape ",
-          shape_str(w.fc2_weights.shape));
+  if (!(s.num_experts >= 1))
+    fail("fc1_experts_weights: expected at least one expert, got shape ", shape_str(w.fc1_weights.shape));
+  if (!(s.hidden >= 1 && s.inter >= 1))
+    fail("fc2_experts_weights: expected non-empty [E, H, I/", pack, "], got shape ", shape_str(w.fc2_weights.shape));
   const bool swiglu = a.activation == Activation::swiglu;
   const bool fused = swiglu && a.swiglu_fusion != 0;
   s.fc1_rows = fused ? 2 * s.inter : s.inter;
   require(a.k <= s.num_experts, "k: expected 1..num_experts (", s.num_experts, "), got ", a.k);
   if (!swiglu)
-    require(a.swiglu_fusion == 0, "swiglu_fusion: must be 0 unless activation_type is swiglu, got ",
-            a.swiglu_fusion);
+    require(a.swiglu_fusion == 0, "swiglu_fusion: must be 0 unless activation_type is swiglu, got ", a.swiglu_fusion);
   if (a.block_size) {
     require(s.hidden % a.block_size == 0, "block_size: ", a.block_size, " does not divide hidden_size ", s.hidden);
     require(s.inter % a.block_size == 0, "block_size: ", a.block_size, " does not divide inter_size ", s.inter);
   }
-  require(s.hidden % pack == 0, "fc2_experts_weights: hidden_size ", s.hidden, " must be a multiple of ", pack,
-          " for ", bits, "-bit weights");
+  require(s.hidden % pack == 0, "fc2_experts_weights: hidden_size ", s.hidden, " must be a multiple of ", pack, " for ",
+          bits, "-bit weights");
   check_weights(w.fc1_weights, "fc1_experts_weights", s.num_experts, s.fc1_rows, s.hidden, bits);
   check_weights(w.fc2_weights, "fc2_experts_weights", s.num_experts, s.hidden, s.inter, bits);
   check_scales(w.fc1_scales, "fc1_scales", s.num_experts, s.fc1_rows, s.hidden, a.block_size);
@@ -133,8 +134,9 @@ MoeShape validate(const ExpertWeights& w, const MoeAttributes& a) {
   check_zero_points(w.fc2_zero_points, "fc2_zero_points", s.num_experts, s.hidden, s.inter, bits, a.block_size);
   const bool need_fc3 = swiglu && a.swiglu_fusion == 0;
   if (need_fc3) {
-    require(w.fc3_weights.present(), "fc3_experts_weights: required for activation_type swiglu with swiglu_fusion 0 "
-                                     "(the up projection), but absent");
+    require(w.fc3_weights.present(),
+            "fc3_experts_weights: required for activation_type swiglu with swiglu_fusion 0 "
+            "(the up projection), but absent");
     check_weights(w.fc3_weights, "fc3_experts_weights", s.num_experts, s.inter, s.hidden, bits);
     check_scales(w.fc3_scales, "fc3_scales", s.num_experts, s.inter, s.hidden, a.block_size);
     check_bias(w.fc3_bias, "fc3_experts_bias", s.num_experts, s.inter);
@@ -158,11 +160,11 @@ std::int64_t validate_call(const MoeShape& s, const TensorView& input, const Ten
   refuse_scalar(router_weights, "router_weights");
   require(input.present(), "input: required, but absent");
   require_float(input, "input");
-  require(input.rank() == 2 || input.rank() == 3, "input: expected rank 2 [T, H] or 3 [B, S, H], got shape ",
-          shape_str(input.shape));
+  if (!(input.rank() == 2 || input.rank() == 3))
+    fail("input: expected rank 2 [T, H] or 3 [B, S, H], got shape ", shape_str(input.shape));
   require_data(input, "input");
-  require(input.shape.back() == s.hidden, "input: expected last dimension hidden_size ", s.hidden, ", got shape ",
-          shape_str(input.shape));
+  if (!(input.shape.back() == s.hidden))
+    fail("input: expected last dimension hidden_size ", s.hidden, ", got shape ", shape_str(input.shape));
   const std::int64_t t = input.numel() / s.hidden;
   require(router_probs.present(), "router_probs: required, but absent");
   require(router_probs.dtype == input.dtype, "router_probs: expected dtype ", dtype_name(input.dtype),
@@ -178,8 +180,8 @@ std::int64_t validate_call(const MoeShape& s, const TensorView& input, const Ten
   if (out) {
     require(out->dtype == input.dtype, "output: expected dtype ", dtype_name(input.dtype), " (same as input), got ",
             dtype_name(out->dtype));
-    require(out->shape == input.shape, "output: expected shape ", shape_str(input.shape), " (same as input), got ",
-            shape_str(out->shape));
+    if (!(out->shape == input.shape))
+      fail("output: expected shape ", shape_str(input.shape), " (same as input), got ", shape_str(out->shape));
     require(t == 0 || out->data != nullptr, "output: data pointer is null");
   }
   return t;

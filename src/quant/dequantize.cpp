@@ -61,8 +61,8 @@ std::vector<double> dequantize(const TensorView& weights, const TensorView& scal
                                int bits, int block_size, std::int64_t cols) {
   using namespace detail;
   require(bits == 4 || bits == 8, "bits: expected 4 or 8, got ", bits);
-  require(weights.present() && weights.rank() == 3, "weights: expected rank 3 [E, N, K/pack], got shape ",
-          shape_str(weights.shape));
+  if (!(weights.present() && weights.rank() == 3))
+    fail("weights: expected rank 3 [E, N, K/pack], got shape ", shape_str(weights.shape));
   require_dtype(weights, "weights", DType::u8);
   require_data(weights, "weights");
   const std::int64_t e = weights.shape[0], n = weights.shape[1];

@@ -1,9 +1,10 @@
 // The quantizer: float expert matrices -> raw ONNX Runtime layout.
+#include "qmoe/quantize.h"
+
 #include <algorithm>
 #include <cmath>
 
 #include "core/check.h"
-#include "qmoe/quantize.h"
 #include "quant/raw.h"
 
 namespace qmoe {
@@ -42,12 +43,12 @@ void put(std::uint8_t* row, std::int64_t index, int bits, int v) {
 QuantizedWeights quantize(const TensorView& w, const QuantizeOptions& o) {
   using namespace detail;
   require(o.bits == 4 || o.bits == 8, "bits: expected 4 or 8, got ", o.bits);
-  require(w.present() && w.rank() == 3, "w: expected rank 3 [E, N, K], got shape ", shape_str(w.shape));
+  if (!(w.present() && w.rank() == 3)) fail("w: expected rank 3 [E, N, K], got shape ", shape_str(w.shape));
   require_float(w, "w");
   require_data(w, "w");
   const std::int64_t e = w.shape[0], n = w.shape[1], k = w.shape[2];
   const std::int64_t pack = 8 / o.bits;
-  require(e >= 1 && n >= 1 && k >= 1, "w: expected non-empty [E, N, K], got shape ", shape_str(w.shape));
+  if (!(e >= 1 && n >= 1 && k >= 1)) fail("w: expected non-empty [E, N, K], got shape ", shape_str(w.shape));
   require(k % pack == 0, "w: K = ", k, " must be a multiple of ", pack, " for ", o.bits, "-bit weights");
   require(o.block_size == 0 || (o.block_size >= 16 && (o.block_size & (o.block_size - 1)) == 0),
           "block_size: expected 0 (row-wise) or a power of two >= 16, got ", o.block_size);
@@ -90,8 +91,8 @@ QuantizedWeights quantize(const TensorView& w, const QuantizeOptions& o) {
         const float inv = scale > 0 ? 1.f / scale : 0.f;
         for (std::int64_t c = 0; c < bl; ++c) {
           const float v = vals[static_cast<std::size_t>(c)];
-          const int qv = static_cast<int>(std::clamp(std::nearbyint(v * inv) + static_cast<float>(zp), 0.f,
-                                                     static_cast<float>(levels)));
+          const int qv = static_cast<int>(
+              std::clamp(std::nearbyint(v * inv) + static_cast<float>(zp), 0.f, static_cast<float>(levels)));
           put(wrow, b * bl + c, o.bits, qv);
           const double d = static_cast<double>(scale) * (qv - zp) - v;
           err2 += d * d, ref2 += static_cast<double>(v) * v, errmax = std::max(errmax, std::fabs(d));

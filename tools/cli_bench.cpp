@@ -1,0 +1,368 @@
+// `qmoe bench` (alias `qmoe demo`): synthesizes a quantized MoE layer of a
+// reference shape, prepacks it, frees the raw weights, and measures forward()
+// latency, throughput, weight bandwidth and error against the float64 reference.
+//
+// Order of work, chosen so the memory figures are honest:
+//   1. synthesize the raw (ONNX Runtime layout) weights, expert by expert;
+//   2. draw every input, and compute the float64 reference on the sample
+//      tokens of every T while the raw weights are alive (the reference reads
+//      them; its temporaries are freed before step 3);
+//   3. RSS before Layer creation -> create the Layer -> RSS -> free the raw
+//      weights -> RSS. Nothing else is allocated in between, so the first
+//      difference is what the Layer holds and the second is what freeing the
+//      raw weights gives back.
+//   4. time forward() per T on the Layer alone.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "cli_commands.h"
+#include "cli_util.h"
+#include "synth.h"
+
+namespace qmoe::cli {
+
+namespace {
+
+constexpr const char* kBenchHelp = R"(usage: qmoe bench [options]      (alias: qmoe demo)
+
+Synthesizes a quantized MoE layer of a reference shape (Gaussian weights,
+quantized expert by expert), prepacks it into a qmoe Layer, frees the raw
+weights and times Layer::forward for each token count.
+
+options:
+  --model NAME       gpt-oss-20b (default), qwen3-30b-a3b, mixtral-8x7b, deepseek-v3
+  --bits N           4 (default) or 8
+  --block N          quantization block size: 0 = one scale per row; else a power
+                     of two >= 16 dividing H and I (default: the model's; row-wise
+                     for gpt-oss-20b)
+  --zero-points      asymmetric quantization with zero points (default: symmetric)
+  --threads N        forward() threads (default: all hardware threads)
+  --tokens LIST      token counts T, comma-separated (default 1,16,512)
+  --ref-tokens N     tokens per T checked against the float64 reference (default 4;
+                     0 = skip the check)
+  --seed S           random seed (default 1)
+  --min-time SEC     time each T for at least SEC seconds and 5 runs (default 1)
+  --max-time SEC     but stop timing a T after SEC seconds (default 10)
+  --no-bandwidth     skip measuring the machine's DRAM read bandwidth (the ceiling
+                     for "weight GB/s" at small T; takes about a second)
+  --json FILE        also write the results as JSON to FILE
+  --help             this text
+
+Inputs are N(0,1); router logits are N(0,1.5^2). "weight GB/s" counts the bytes
+of the raw quantized weights (codes, scales, zero points, biases) of the distinct
+experts that the call's routing touches, divided by the median time; "BW%" is
+that against the measured DRAM read bandwidth. GFLOP/s counts 2 flops per
+weight per routed (token, expert) pair.
+)";
+
+struct Sample {
+  std::int64_t tokens;             // T
+  std::vector<float> x, logits;    // [T, H], [T, E]
+  std::vector<std::int64_t> rows;  // rows checked against the reference
+  std::int64_t ref_offset = 0;     // first row of this T in the reference batch
+  std::int64_t touched = 0;        // distinct experts routed to
+};
+
+struct Timing {
+  std::int64_t runs = 0;
+  double median_s = 0, min_s = 0, warmup_s = 0;
+  double max_rel = NAN, rel_l2 = NAN;
+};
+
+// Distinct experts in the top-k of the tokens' logits (ties: lower index).
+std::int64_t touched_experts(const std::vector<float>& logits, std::int64_t t, std::int64_t e, int k) {
+  std::vector<char> used(static_cast<std::size_t>(e), 0);
+  std::vector<int> idx(static_cast<std::size_t>(e));
+  for (std::int64_t i = 0; i < t; ++i) {
+    const float* l = &logits[static_cast<std::size_t>(i * e)];
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    for (int j = 0; j < k; ++j) used[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = 1;
+  }
+  return std::count(used.begin(), used.end(), 1);
+}
+
+// N(0, stddev) values, never exactly zero.
+void fill_nonzero(std::vector<float>& v, std::mt19937_64& rng, float stddev) {
+  tools::fill_normal(v, rng, stddev);
+  for (auto& x : v)
+    if (x == 0.f) x = 1e-3f;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+int run_bench(const std::vector<std::string>& argv) {
+  const Args args("bench", argv,
+                  {{"--help", false}, {"--model", true}, {"--bits", true}, {"--block", true}, {"--zero-points", false},
+                   {"--threads", true}, {"--tokens", true}, {"--ref-tokens", true}, {"--seed", true},
+                   {"--min-time", true}, {"--max-time", true}, {"--no-bandwidth", false}, {"--json", true}});
+  if (args.flag("--help")) {
+    std::fputs(kBenchHelp, stdout);
+    return 0;
+  }
+  // ---- arguments (every check before any work)
+  const std::string model = args.value("--model").value_or("gpt-oss-20b");
+  std::string names;
+  bool known = false;
+  for (const auto& m : tools::model_shapes(4, -1)) {
+    known |= m.name == model;
+    names += (names.empty() ? "" : ", ") + m.name;
+  }
+  if (!known) throw args.error("--model: expected one of " + names + ", got '" + model + "'");
+  const int bits = static_cast<int>(args.integer("--bits", 4, 0, 64));
+  if (bits != 4 && bits != 8) throw args.error("--bits: expected 4 or 8, got " + std::to_string(bits));
+  const int block_arg = static_cast<int>(args.integer("--block", -1, 0, 1 << 20));
+  const tools::ModelShape m = tools::model_shape(model, bits, block_arg);
+  const int block = m.attrs.block_size;
+  if (block != 0) {
+    if (block < 16 || (block & (block - 1)) != 0)
+      throw args.error("--block: expected 0 or a power of two >= 16, got " + std::to_string(block));
+    if (m.hidden % block != 0 || m.inter % block != 0)
+      throw args.error(fmt("--block: %d must divide both H = %lld and I = %lld of %s", block,
+                           static_cast<long long>(m.hidden), static_cast<long long>(m.inter), model.c_str()));
+  }
+  const bool zero_points = args.flag("--zero-points");
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const int threads = static_cast<int>(args.integer("--threads", hw, 1, 4096));
+  const std::vector<std::int64_t> token_counts = args.integer_list("--tokens", {1, 16, 512}, 1, 1 << 20);
+  const std::int64_t ref_tokens = args.integer("--ref-tokens", 4, 0, 4096);
+  const auto seed = static_cast<std::uint64_t>(args.integer("--seed", 1, 0, INT64_MAX));
+  const double min_time = args.real("--min-time", 1.0), max_time = args.real("--max-time", 10.0);
+  const bool skip_ceiling = args.flag("--no-bandwidth");
+  const std::optional<std::string> json_path = args.value("--json");
+  if (json_path && json_path->empty()) throw args.error("--json: expected a file name");
+  std::ofstream json_file;
+  if (json_path) {  // open now: a path that cannot be written fails before minutes of work
+    json_file.open(*json_path);
+    if (!json_file) throw args.error("--json: cannot write '" + *json_path + "'");
+  }
+  constexpr std::int64_t kMinRuns = 5;
+
+  const std::int64_t h = m.hidden, in = m.inter, e = m.experts;
+  const int k = m.attrs.k;
+  std::printf("qmoe bench: %s  H=%lld I=%lld E=%lld k=%d  %d-bit %s%s, float32\n", model.c_str(),
+              static_cast<long long>(h), static_cast<long long>(in), static_cast<long long>(e), k, bits,
+              block ? fmt("block %d", block).c_str() : "row-wise", zero_points ? " with zero points" : " symmetric");
+  std::printf("  attributes: %s\n", describe(m.attrs).c_str());
+  const double load0 = load_average();
+  std::printf("  machine: %u hardware threads, load average %.2f%s\n", hw, load0,
+              load0 > 0.5 ? " (other processes are running: timings may be noisy)" : "");
+  const double bandwidth = skip_ceiling ? 0.0 : read_bandwidth(threads);
+  if (bandwidth > 0) std::printf("  measured DRAM read bandwidth (%d threads): %.1f GB/s\n", threads, bandwidth / 1e9);
+  std::fflush(stdout);
+
+  // ---- 1. raw weights
+  tools::SynthOptions so;
+  so.symmetric = !zero_points;
+  so.seed = seed;
+  tools::SynthLayer raw;
+  {
+    Progress p(fmt("synthesizing + quantizing %lld experts", static_cast<long long>(e)));
+    so.progress = [&](std::int64_t d, std::int64_t t) { p.update(d, t); };
+    raw = tools::synth_layer(e, h, in, m.attrs, so);
+    p.finish(fmt("weight quantization rel. L2 error %.3g", raw.quant_rel_l2));
+  }
+  const std::size_t raw_bytes = raw.raw_bytes();
+  // Multiply-adds per routed (token, expert) pair: FC1 (+ FC3) and FC2.
+  const bool separate_up = m.attrs.activation == Activation::swiglu && m.attrs.swiglu_fusion == 0;
+  const double macs_per_row = static_cast<double>(raw.shape.fc1_rows * h + h * in + (separate_up ? in * h : 0));
+  const double bytes_per_expert = static_cast<double>(raw_bytes) / static_cast<double>(e);
+
+  // ---- 2. inputs and the float64 reference on sample rows
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 12345);
+  std::vector<Sample> samples;
+  std::vector<float> ref_x, ref_l;
+  for (std::int64_t t : token_counts) {
+    Sample s;
+    s.tokens = t;
+    s.x.resize(static_cast<std::size_t>(t * h));
+    s.logits.resize(static_cast<std::size_t>(t * e));
+    fill_nonzero(s.x, rng, 1.0f);
+    fill_nonzero(s.logits, rng, 1.5f);
+    s.touched = touched_experts(s.logits, t, e, k);
+    const std::int64_t n = std::min(ref_tokens, t);
+    for (std::int64_t j = 0; j < n; ++j) s.rows.push_back(n == 1 ? 0 : j * (t - 1) / (n - 1));  // spread over T
+    s.ref_offset = static_cast<std::int64_t>(ref_x.size()) / h;
+    for (std::int64_t r : s.rows) {
+      ref_x.insert(ref_x.end(), s.x.begin() + r * h, s.x.begin() + (r + 1) * h);
+      ref_l.insert(ref_l.end(), s.logits.begin() + r * e, s.logits.begin() + (r + 1) * e);
+    }
+    samples.push_back(std::move(s));
+  }
+  std::vector<double> ref;
+  const std::int64_t ref_rows = static_cast<std::int64_t>(ref_x.size()) / h;
+  if (ref_rows > 0) {
+    Progress p(fmt("float64 reference on %lld sample tokens", static_cast<long long>(ref_rows)), true);
+    ref = reference_forward(raw.views(), m.attrs, view_f32(ref_x.data(), {ref_rows, h}),
+                            view_f32(ref_l.data(), {ref_rows, e}));
+    p.finish();
+  }
+
+  // ---- 3. Layer creation and memory
+  release_free_memory();
+  const std::size_t rss_before = rss_bytes();
+  double pack_s = 0;
+  std::optional<Layer> layer;
+  {
+    Progress p("prepacking into a qmoe Layer", true);
+    LayerOptions lo;
+    lo.threads = threads;
+    layer.emplace(raw.views(), m.attrs, lo);
+    pack_s = p.elapsed();
+    p.finish();
+  }
+  const std::size_t rss_after_layer = rss_bytes();
+  raw = tools::SynthLayer{};  // frees every raw buffer; the Layer must not need them
+  release_free_memory();
+  const std::size_t rss_after_free = rss_bytes();
+  const std::size_t packed = layer->packed_bytes();
+  const double growth = static_cast<double>(rss_after_layer) - static_cast<double>(rss_before);
+  const double drop = static_cast<double>(rss_after_layer) - static_cast<double>(rss_after_free);
+  const bool no_copy = drop >= 0.9 * static_cast<double>(raw_bytes);
+
+  std::printf("  kernel: %s   threads: %d   prepack: %.2f s\n", layer->kernel_name(), layer->threads(), pack_s);
+  std::printf("memory:\n");
+  std::printf("  raw quantized weights          %11s  (ORT layout: codes, scales, zero points, biases)\n",
+              human_bytes(static_cast<double>(raw_bytes)).c_str());
+  std::printf("  packed weights (Layer)         %11s  (%.3f x raw)\n", human_bytes(static_cast<double>(packed)).c_str(),
+              static_cast<double>(packed) / static_cast<double>(raw_bytes));
+  std::printf("  RSS before Layer creation      %11s  (raw weights alive)\n",
+              human_bytes(static_cast<double>(rss_before)).c_str());
+  std::printf("  RSS after Layer creation       %11s  (%s = %.2f x packed size)\n",
+              human_bytes(static_cast<double>(rss_after_layer)).c_str(), human_delta(growth).c_str(),
+              growth / static_cast<double>(packed));
+  std::printf("  RSS after freeing raw weights  %11s  (%s = %.2f x raw size: %s)\n",
+              human_bytes(static_cast<double>(rss_after_free)).c_str(), human_delta(-drop).c_str(),
+              drop / static_cast<double>(raw_bytes),
+              no_copy ? "no copy of the raw weights kept" : "WARNING: less memory returned than the raw weights");
+  std::fflush(stdout);
+
+  // ---- 4. timing
+  std::vector<Timing> timings;
+  for (const Sample& s : samples) {
+    const std::int64_t t = s.tokens;
+    std::vector<float> out(static_cast<std::size_t>(t * h));
+    const TensorView xv = view_f32(s.x.data(), {t, h}), lv = view_f32(s.logits.data(), {t, e});
+    const MutableTensorView ov = output_f32(out.data(), {t, h});
+    Timing tm;
+    Progress p(fmt("timing T=%lld", static_cast<long long>(t)), true);
+    double t0 = now_s();
+    layer->forward(xv, lv, ov);  // warm-up (also the output checked below)
+    tm.warmup_s = now_s() - t0;
+    // Error against the reference on the sample rows.
+    if (!s.rows.empty()) {
+      double max_d = 0, max_r = 0, d2 = 0, r2 = 0;
+      for (std::size_t j = 0; j < s.rows.size(); ++j)
+        for (std::int64_t c = 0; c < h; ++c) {
+          const double q = out[static_cast<std::size_t>(s.rows[j] * h + c)];
+          const double r = ref[static_cast<std::size_t>((s.ref_offset + static_cast<std::int64_t>(j)) * h + c)];
+          max_d = std::max(max_d, std::fabs(q - r)), max_r = std::max(max_r, std::fabs(r));
+          d2 += (q - r) * (q - r), r2 += r * r;
+        }
+      tm.max_rel = max_d / max_r;
+      tm.rel_l2 = std::sqrt(d2 / r2);
+    }
+    std::vector<double> times;
+    t0 = now_s();
+    while (true) {
+      const double a = now_s();
+      layer->forward(xv, lv, ov);
+      times.push_back(now_s() - a);
+      const double el = now_s() - t0;
+      if ((static_cast<std::int64_t>(times.size()) >= kMinRuns && el >= min_time) || el >= max_time) break;
+    }
+    tm.runs = static_cast<std::int64_t>(times.size());
+    tm.median_s = median(times);
+    tm.min_s = *std::min_element(times.begin(), times.end());
+    p.finish(fmt("%lld runs, median %.3f ms", static_cast<long long>(tm.runs), 1e3 * tm.median_s));
+    timings.push_back(tm);
+  }
+
+  // ---- 5. results
+  std::printf("\n%6s %5s %11s %11s %10s %9s %12s %5s %9s %16s %9s\n", "T", "runs", "median ms", "min ms", "tokens/s",
+              "experts", "weight GB/s", "BW%", "GFLOP/s", "max|d|/max|ref|", "rel L2");
+  for (std::size_t i = 0; i < samples.size(); ++i) {
+    const Sample& s = samples[i];
+    const Timing& tm = timings[i];
+    const double gbs = bytes_per_expert * static_cast<double>(s.touched) / tm.median_s / 1e9;
+    const double gflops = 2 * macs_per_row * static_cast<double>(s.tokens * k) / tm.median_s / 1e9;
+    std::printf("%6lld %5lld %11.3f %11.3f %10.1f %4lld/%-4lld %12.2f %5s %9.1f %16s %9s\n",
+                static_cast<long long>(s.tokens), static_cast<long long>(tm.runs), 1e3 * tm.median_s, 1e3 * tm.min_s,
+                static_cast<double>(s.tokens) / tm.median_s, static_cast<long long>(s.touched),
+                static_cast<long long>(e), gbs, bandwidth > 0 ? fmt("%.0f", 100 * gbs * 1e9 / bandwidth).c_str() : "-",
+                gflops, std::isnan(tm.max_rel) ? "-" : fmt("%.2e", tm.max_rel).c_str(),
+                std::isnan(tm.rel_l2) ? "-" : fmt("%.2e", tm.rel_l2).c_str());
+  }
+  if (ref_tokens > 0)
+    std::printf("(error: qmoe float32 vs the float64 reference on up to %lld sampled token(s) per T)\n",
+                static_cast<long long>(ref_tokens));
+  else
+    std::printf("(no reference check: --ref-tokens 0)\n");
+
+  if (json_path) {
+    Json j;
+    j.begin_object();
+    j.field("tool", "qmoe bench").field("version", QMOE_CLI_VERSION).field("model", model);
+    j.begin_object("shape").field("hidden", h).field("inter", in).field("experts", e).field("k", k).end_object();
+    j.field("attributes", describe(m.attrs)).field("bits", bits).field("block_size", block);
+    j.field("zero_points", zero_points).field("dtype", "float32").field("seed", static_cast<std::int64_t>(seed));
+    j.begin_object("machine")
+        .field("hardware_threads", static_cast<std::int64_t>(hw))
+        .field("load_average_start", load0)
+        .field("load_average_end", load_average())
+        .field("read_bandwidth_gbps", bandwidth / 1e9)
+        .end_object();
+    j.field("kernel", layer->kernel_name()).field("threads", layer->threads()).field("prepack_s", pack_s);
+    j.begin_object("memory")
+        .field("raw_bytes", raw_bytes)
+        .field("packed_bytes", packed)
+        .field("rss_before_layer", rss_before)
+        .field("rss_after_layer", rss_after_layer)
+        .field("rss_after_free_raw", rss_after_free)
+        .field("rss_growth_over_packed", growth / static_cast<double>(packed))
+        .field("rss_drop_over_raw", drop / static_cast<double>(raw_bytes))
+        .field("no_copy_of_raw_kept", no_copy)
+        .end_object();
+    j.begin_array("results");
+    for (std::size_t i = 0; i < samples.size(); ++i) {
+      const Sample& s = samples[i];
+      const Timing& tm = timings[i];
+      const double touched_bytes = bytes_per_expert * static_cast<double>(s.touched);
+      j.begin_object()
+          .field("tokens", s.tokens)
+          .field("runs", tm.runs)
+          .field("warmup_ms", 1e3 * tm.warmup_s)
+          .field("median_ms", 1e3 * tm.median_s)
+          .field("min_ms", 1e3 * tm.min_s)
+          .field("tokens_per_s", static_cast<double>(s.tokens) / tm.median_s)
+          .field("experts_touched", s.touched)
+          .field("weight_bytes_touched", touched_bytes)
+          .field("weight_gbps", touched_bytes / tm.median_s / 1e9)
+          .field("gflops", 2 * macs_per_row * static_cast<double>(s.tokens * k) / tm.median_s / 1e9)
+          .field("ref_tokens", static_cast<std::int64_t>(s.rows.size()))
+          .field("max_abs_err_over_max_ref", tm.max_rel)
+          .field("rel_l2_err", tm.rel_l2)
+          .end_object();
+    }
+    j.end_array().end_object();
+    json_file << j.str();
+    json_file.close();
+    if (!json_file) throw Error("--json: could not write '" + *json_path + "'");
+    std::printf("wrote %s\n", json_path->c_str());
+  }
+  return 0;
+}
+
+}  // namespace qmoe::cli

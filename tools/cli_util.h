@@ -1,0 +1,129 @@
+// Small helpers of the `qmoe` command-line tool: argument parsing, process
+// memory, a progress line on stderr, timing and a tiny JSON writer.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace qmoe::cli {
+
+/// A bad command line: the tool prints the message and exits with code 2.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// One option of a subcommand: "--name" and whether it takes a value.
+struct OptionSpec {
+  std::string name;
+  bool takes_value;
+};
+
+/// Parses `--name value`, `--name=value` and `--flag` against a fixed list of
+/// options. Anything else (unknown option, positional argument, missing or
+/// repeated value) is a UsageError naming the subcommand.
+class Args {
+ public:
+  Args(std::string command, const std::vector<std::string>& argv, const std::vector<OptionSpec>& spec);
+
+  bool flag(const std::string& name) const { return values_.count(name) != 0; }
+  std::optional<std::string> value(const std::string& name) const;
+
+  /// Integer option in [lo, hi]; `fallback` when absent.
+  std::int64_t integer(const std::string& name, std::int64_t fallback, std::int64_t lo, std::int64_t hi) const;
+  /// Non-negative real option; `fallback` when absent.
+  double real(const std::string& name, double fallback) const;
+  /// Comma-separated list of integers in [lo, hi]; `fallback` when absent.
+  std::vector<std::int64_t> integer_list(const std::string& name, std::vector<std::int64_t> fallback, std::int64_t lo,
+                                         std::int64_t hi) const;
+
+  /// A UsageError "qmoe <command>: <what> (see qmoe <command> --help)".
+  UsageError error(const std::string& what) const;
+
+ private:
+  std::string command_;
+  std::map<std::string, std::string> values_;
+};
+
+/// Parses a whole decimal integer; nullopt when the text is not one.
+std::optional<std::int64_t> parse_int(const std::string& s);
+
+/// Resident set size of this process (VmRSS of /proc/self/status), bytes; 0 if unknown.
+std::size_t rss_bytes();
+/// Returns freed heap memory to the system (glibc malloc_trim), so that RSS
+/// measurements see frees of small and medium allocations too.
+void release_free_memory();
+
+/// The 1-minute load average (/proc/loadavg); negative if unknown. Other
+/// processes competing for the cores make timings noisy; the tool says so.
+double load_average();
+
+/// Measured DRAM read bandwidth in bytes/s with `threads` threads: the best
+/// of a few passes summing a buffer of `bytes` (far larger than the caches).
+/// The ceiling that "weight GB/s" at small T is to be compared with.
+double read_bandwidth(int threads, std::size_t bytes = std::size_t{512} << 20);
+
+/// Seconds on a monotonic clock.
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// "1.23 GiB", "456.7 MiB", "12.0 KiB".
+std::string human_bytes(double bytes);
+/// Signed variant: "+1.23 GiB" / "-456.7 MiB".
+std::string human_delta(double bytes);
+/// printf-style formatting into a std::string.
+std::string fmt(const char* format, ...) __attribute__((format(printf, 1, 2)));
+
+/// A status line on stderr. On a terminal it redraws in place (a bar with
+/// percentage, elapsed time and estimate); otherwise it prints a line at most
+/// once a second. Nothing is drawn for work that finishes within a second,
+/// except the final "done" line of begin()/end() pairs.
+class Progress {
+ public:
+  /// With `announce`, the label is shown at once (for work without steps).
+  explicit Progress(std::string label, bool announce = false);
+  /// done of total units finished.
+  void update(std::int64_t done, std::int64_t total);
+  /// Ends the line: "<label> ... done in 3.2 s" (plus `detail`).
+  void finish(const std::string& detail = "");
+  double elapsed() const { return now_s() - start_; }
+
+ private:
+  std::string label_;
+  double start_, last_draw_ = 0;
+  bool tty_, drawn_ = false;
+};
+
+/// A minimal JSON writer: objects and arrays, with commas handled.
+class Json {
+ public:
+  Json& begin_object(const std::string& key = "");
+  Json& end_object();
+  Json& begin_array(const std::string& key = "");
+  Json& end_array();
+  Json& field(const std::string& key, const std::string& v);
+  Json& field(const std::string& key, const char* v) { return field(key, std::string(v)); }
+  Json& field(const std::string& key, double v);  // non-finite -> null
+  Json& field(const std::string& key, std::int64_t v);
+  Json& field(const std::string& key, int v) { return field(key, static_cast<std::int64_t>(v)); }
+  Json& field(const std::string& key, std::size_t v) { return field(key, static_cast<std::int64_t>(v)); }
+  Json& field(const std::string& key, bool v);
+  std::string str() const { return out_.str() + "\n"; }
+
+ private:
+  void prefix(const std::string& key);
+  static std::string quote(const std::string& s);
+  std::ostringstream out_;
+  std::vector<bool> first_{true};
+  int depth_ = 0;
+};
+
+}  // namespace qmoe::cli
