@@ -10,6 +10,8 @@ namespace qmoe::cpu {
 const char* isa_name(Isa isa) noexcept {
   switch (isa) {
     case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
   }
   return "?";
 }
@@ -17,26 +19,59 @@ const char* isa_name(Isa isa) noexcept {
 
 namespace {
 
-constexpr KernelConfig kScalar{Isa::scalar, "scalar", 16, gemm_f32_q4_4x16__scalar, gemm_f32_q8_4x16__scalar,
-                              256 * 16 /* one chunk of 256 columns x 16 rows */};
+constexpr std::int64_t kScratch = 256 * 16;  // one dequantized chunk: 256 columns x 16 rows
+
+constexpr KernelConfig kAvx512{Isa::avx512, "avx512", 16, gemm_f32_q4_4x16__avx512, gemm_f32_q8_4x16__avx512, kScratch};
+constexpr KernelConfig kAvx2{Isa::avx2, "avx2", 16, gemm_f32_q4_2x16__avx2, gemm_f32_q8_2x16__avx2, kScratch};
+constexpr KernelConfig kScalar{Isa::scalar, "scalar", 16, gemm_f32_q4_2x16__scalar, gemm_f32_q8_2x16__scalar, kScratch};
 
 // Tables in order of preference; the first the CPU supports wins.
-constexpr const KernelConfig* kTables[] = {&kScalar};
+constexpr const KernelConfig* kTables[] = {&kAvx512, &kAvx2, &kScalar};
+
+bool cpu_supports(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::scalar: return true;
+    // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
+    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == Isa::scalar;
+#endif
+}
 
 const KernelConfig& choose() {
   const char* forced = std::getenv("QMOE_CPU_ISA");
   if (forced && *forced) {
-    for (const KernelConfig* k : kTables)
-      if (std::string(forced) == k->name) return *k;
     std::string names;
-    for (const KernelConfig* k : kTables) names += std::string(names.empty() ? "" : ", ") + k->name;
-    detail::fail("QMOE_CPU_ISA: expected one of the paths this build and CPU support (", names, "), got \"", forced,
-                 "\"");
+    for (const KernelConfig* k : kTables) {
+      if (std::string(forced) == k->name) {
+        if (!cpu_supports(k->isa))
+          detail::fail("QMOE_CPU_ISA: \"", forced, "\" is not supported by this CPU");
+        return *k;
+      }
+      names += std::string(names.empty() ? "" : ", ") + k->name;
+    }
+    detail::fail("QMOE_CPU_ISA: expected one of ", names, ", got \"", forced, "\"");
   }
-  return *kTables[0];
+  for (const KernelConfig* k : kTables)
+    if (cpu_supports(k->isa)) return *k;
+  return kScalar;
 }
 
 }  // namespace
+
+std::vector<const KernelConfig*> supported_kernel_configs() {
+  std::vector<const KernelConfig*> out;
+  for (const KernelConfig* k : kTables)
+    if (cpu_supports(k->isa)) out.push_back(k);
+  return out;
+}
 
 const KernelConfig& kernel_config() {
   static const KernelConfig& chosen = choose();

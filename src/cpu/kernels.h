@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "cpu/packed.h"
 
@@ -24,14 +25,24 @@ struct KernelConfig {
   std::int64_t scratch_floats;  ///< scratch a GemmTileFn call needs
 };
 
-/// The table for this CPU, chosen once; QMOE_CPU_ISA=scalar forces a path
-/// (an unknown or unavailable name is an Error).
+/// The table for this process, chosen once: the best the CPU supports, or the
+/// one named by QMOE_CPU_ISA (scalar, avx2, avx512); a name that is unknown or
+/// that this CPU cannot run is an Error.
 const KernelConfig& kernel_config();
 
+/// Every table this CPU can run, best first (the test suite runs them all).
+std::vector<const KernelConfig*> supported_kernel_configs();
+
 // Kernels (one ISA per translation unit; the file name is the function name).
-void gemm_f32_q4_4x16__scalar(const PackGeometry&, const std::uint8_t*, const float*, std::int64_t, std::int64_t,
-                              float*, std::int64_t, float*);
-void gemm_f32_q8_4x16__scalar(const PackGeometry&, const std::uint8_t*, const float*, std::int64_t, std::int64_t,
-                              float*, std::int64_t, float*);
+#define QMOE_GEMM_TILE_FN(name)                                                                                    \
+  void name(const PackGeometry&, const std::uint8_t*, const float*, std::int64_t, std::int64_t, float*, std::int64_t, \
+            float*)
+QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__scalar);
+QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__scalar);
+QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__avx2);
+QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__avx2);
+QMOE_GEMM_TILE_FN(gemm_f32_q4_4x16__avx512);
+QMOE_GEMM_TILE_FN(gemm_f32_q8_4x16__avx512);
+#undef QMOE_GEMM_TILE_FN
 
 }  // namespace qmoe::cpu

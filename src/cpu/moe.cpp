@@ -31,10 +31,10 @@ int resolve_threads(int threads) {
 }  // namespace
 
 CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads,
-               std::int64_t chunk_bytes)
+               std::int64_t chunk_bytes, const KernelConfig* kernels)
     : attrs_(a),
       shape_(s),
-      kc_(&kernel_config()),
+      kc_(kernels ? kernels : &kernel_config()),
       gated_(a.activation == Activation::swiglu),
       chunk_bytes_(chunk_bytes) {
   using detail::RawMatrix;

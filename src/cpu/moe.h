@@ -18,8 +18,9 @@ class CpuMoe {
   /// bound how many tokens one pass handles.
   static constexpr std::int64_t kDefaultChunkBytes = std::int64_t{64} << 20;
 
+  /// `kernels` = null: the process-wide table (kernel_config()).
   CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads,
-         std::int64_t chunk_bytes = kDefaultChunkBytes);
+         std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr);
 
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                const MutableTensorView& out, std::int64_t tokens) const;

@@ -3,6 +3,8 @@
 
 #include <tuple>
 
+#include "cpu/kernels.h"
+#include "cpu/moe.h"
 #include "helpers.h"
 
 namespace qmoe::test {
@@ -36,14 +38,21 @@ double run_case(const Case& c, std::int64_t h, std::int64_t in, std::int64_t e, 
   so.bias = c.bias;
   so.seed = 7 + static_cast<std::uint64_t>(c.t);
   const auto s = tools::synth_layer(e, h, in, a, so);
-  const Layer layer(s.views(), a, {Backend::cpu, 2, 0});
   const Inputs x = random_inputs(c.t, h, e, 99);
-  std::vector<float> out(static_cast<std::size_t>(c.t * h), NAN);
   const TensorView xv = view_f32(x.x.data(), {c.t, h}), lv = view_f32(x.logits.data(), {c.t, e});
   const TensorView mv = with_router_weights ? view_f32(x.mix.data(), {c.t, e}) : TensorView{};
-  layer.forward(xv, lv, mv, output_f32(out.data(), {c.t, h}));
   const auto ref = reference_forward(s.views(), a, xv, lv, mv);
-  return rel_max_error(out, ref);
+  // Every kernel table this CPU can run (what QMOE_CPU_ISA could select).
+  double worst = 0;
+  for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
+    const cpu::CpuMoe moe(s.views(), a, s.shape, 2, cpu::CpuMoe::kDefaultChunkBytes, kc);
+    std::vector<float> out(static_cast<std::size_t>(c.t * h), NAN);
+    moe.forward(xv, lv, mv, output_f32(out.data(), {c.t, h}), c.t);
+    const double err = rel_max_error(out, ref);
+    EXPECT_LE(err, 1e-5) << kc->name;
+    worst = std::max(worst, err);
+  }
+  return worst;
 }
 
 TEST(Parity, ContractSweepAgainstFloat64Reference) {
@@ -63,11 +72,13 @@ TEST(Parity, ContractSweepAgainstFloat64Reference) {
 
 TEST(Parity, TokenCountsAroundTheKernelRegimes) {
   // 1..4 tokens per expert use the decode path; >= 8 the dequantize-and-reuse path.
-  for (std::int64_t t : {0, 1, 3, 4, 5, 7, 8, 9, 31, 64}) {
-    const Case c{4, 0, true, true, Activation::swiglu, 1, 2, t};
-    if (t == 0) continue;
-    EXPECT_LE(run_case(c, 64, 40, 4), 1e-5) << name_of(c);
-  }
+  // Tokens per expert around every table's decode block (2 or 4) and reuse threshold (4 or 8),
+  // and around the prefill register blocks (2, 6, 12 tokens), with both bit widths.
+  for (int bits : {4, 8})
+    for (std::int64_t t : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 25, 31, 64}) {
+      const Case c{bits, 0, true, true, Activation::swiglu, 1, 2, t};
+      EXPECT_LE(run_case(c, 64, 40, 4), 1e-5) << name_of(c);
+    }
 }
 
 TEST(Parity, RouterWeightsMixWhileRouterProbsChoose) {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <thread>
 
+#include "cpu/kernels.h"
 #include "cpu/moe.h"
 #include "helpers.h"
 
@@ -27,14 +28,18 @@ TEST(Threads, BitIdenticalForAnyThreadCount) {
   const auto s = make(a, e, h, in);
   for (std::int64_t t : {1, 5, 40}) {
     const auto x = random_inputs(t, h, e, 5);
-    std::vector<float> first;
-    for (int threads : {1, 2, 3, 4, 7}) {
-      const Layer layer(s.views(), a, {Backend::cpu, threads, 0});
-      std::vector<float> out(static_cast<std::size_t>(t * h));
-      for (int rep = 0; rep < 2; ++rep) {
-        layer.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), output_f32(out.data(), {t, h}));
-        if (first.empty()) first = out;
-        ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0) << "T=" << t << " threads=" << threads;
+    for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
+      std::vector<float> first;
+      for (int threads : {1, 2, 3, 4, 7}) {
+        const cpu::CpuMoe moe(s.views(), a, s.shape, threads, cpu::CpuMoe::kDefaultChunkBytes, kc);
+        std::vector<float> out(static_cast<std::size_t>(t * h));
+        for (int rep = 0; rep < 2; ++rep) {
+          moe.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), TensorView{},
+                      output_f32(out.data(), {t, h}), t);
+          if (first.empty()) first = out;
+          ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
+              << kc->name << " T=" << t << " threads=" << threads;
+        }
       }
     }
   }

@@ -1,0 +1,12 @@
+// float32 activations x 4-bit weights, tiles of 16 rows, 2 tokens per decode. Portable C++ (vector extensions).
+#include "cpu/kernels/gemm_driver.h"
+#include "cpu/kernels/ops_scalar.h"
+
+namespace qmoe::cpu {
+
+void gemm_f32_q4_2x16__scalar(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx,
+                              std::int64_t ntok, float* y, std::int64_t ldy, float* scratch) {
+  driver::gemm<OpsScalar, 4>(g, tile, x, ldx, ntok, y, ldy, scratch);
+}
+
+}  // namespace qmoe::cpu
