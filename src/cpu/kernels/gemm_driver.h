@@ -185,6 +185,17 @@ void reuse(const PackGeometry& g, const std::uint8_t* tile, const float* x, std:
   }
 }
 
+template <class Ops, int BITS, int M>
+void direct_tail(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, std::int64_t ntok,
+                 float* y, std::int64_t ldy) {
+  if constexpr (M > 1) {
+    if (ntok == M) return direct<Ops, BITS, M>(g, tile, x, ldx, y, ldy);
+    return direct_tail<Ops, BITS, M - 1>(g, tile, x, ldx, ntok, y, ldy);
+  } else {
+    direct<Ops, BITS, 1>(g, tile, x, ldx, y, ldy);
+  }
+}
+
 template <class Ops, int BITS>
 void gemm(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, std::int64_t ntok,
           float* y, std::int64_t ldy, float* scratch) {
@@ -195,7 +206,8 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::
   }
   std::int64_t t = 0;
   for (; t + MD <= ntok; t += MD) direct<Ops, BITS, MD>(g, tile, x + t * ldx, ldx, y + t * ldy, ldy);
-  for (; t < ntok; ++t) direct<Ops, BITS, 1>(g, tile, x + t * ldx, ldx, y + t * ldy, ldy);
+  // The remainder in one pass too: every token of the expert shares one decode of the tile.
+  if (t < ntok) direct_tail<Ops, BITS, MD - 1>(g, tile, x + t * ldx, ldx, ntok - t, y + t * ldy, ldy);
 }
 
 }  // namespace qmoe::cpu::driver
