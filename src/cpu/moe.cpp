@@ -146,14 +146,17 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   for (std::int64_t e = 0; e < e_count; ++e)
     if (count[e]) active.push_back(static_cast<int>(e)), max_count = std::max(max_count, count[e]);
 
-  // Gather the tokens of each expert into contiguous rows.
-  std::vector<float> xg(static_cast<std::size_t>(nrows * h));
-  for (std::int64_t r = 0; r < nrows; ++r) std::memcpy(&xg[r * h], x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
-
   const int nthreads = pool_->size();
   const int nr = kc_->nr;
   const PackGeometry& g1 = fc1_.geometry();
   const PackGeometry& g2 = fc2_.geometry();
+  // Kernels read whole code groups: activation rows are zero-padded to the packed width.
+  const std::int64_t hp = g1.padded_cols(), ip = g2.padded_cols();
+
+  // Gather the tokens of each expert into contiguous rows.
+  std::vector<float> xg(static_cast<std::size_t>(nrows * hp), 0.f);
+  for (std::int64_t r = 0; r < nrows; ++r)
+    std::memcpy(&xg[r * hp], x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
   const GemmTileFn gemm = attrs_.expert_weight_bits == 4 ? kc_->gemm_q4 : kc_->gemm_q8;
   std::vector<std::vector<float>> scratch(static_cast<std::size_t>(nthreads));
   auto thread_scratch = [&](int tid) -> float* {
@@ -163,7 +166,7 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   };
 
   // FC1 + bias + activation -> act[row][0..I).
-  std::vector<float> act(static_cast<std::size_t>(nrows * in));
+  std::vector<float> act(static_cast<std::size_t>(nrows * ip), 0.f);
   const std::int64_t tiles1 = g1.tiles(), pad1 = tiles1 * nr;
   const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
   const std::int64_t per1 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles1 / target_items);
@@ -176,12 +179,12 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
     const std::int64_t rows = count[e];
     float* scr = thread_scratch(tid);
     float* y = scr + kc_->scratch_floats;
-    const float* xe = &xg[offset[e] * h];
+    const float* xe = &xg[offset[e] * hp];
     const float* b1 = &bias1_[e * pad1];
     for (std::int64_t tile = (item % groups1) * per1; tile < tile_end; ++tile) {
-      gemm(g1, fc1_.tile(e, tile), xe, h, rows, y, nr, scr);
+      gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
       for (std::int64_t r = 0; r < rows; ++r) {
-        float* dst = &act[(offset[e] + r) * in];
+        float* dst = &act[(offset[e] + r) * ip];
         const float* yr = y + r * nr;
         if (gated_) {
           for (int q = 0; q < nr / 2; ++q) {
@@ -213,7 +216,7 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
       const std::int64_t c0 = tile * nr, cn = std::min<std::int64_t>(nr, h - c0);
       for (int e : active) {
         const float* b2 = &bias2_[e * pad2 + c0];
-        gemm(g2, fc2_.tile(e, tile), &act[offset[e] * in], in, count[e], y, nr, scr);
+        gemm(g2, fc2_.tile(e, tile), &act[offset[e] * ip], ip, count[e], y, nr, scr);
         for (std::int64_t r = 0; r < count[e]; ++r) {
           const std::int64_t pos = offset[e] + r;
           float* dst = out + row_token[pos] * h + c0;

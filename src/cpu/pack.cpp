@@ -78,14 +78,21 @@ void pack_block(const PackGeometry& g, const std::uint8_t* const* row_codes, con
   std::memcpy(dst, scales, static_cast<std::size_t>(nr) * 4);
   for (int r = 0; r < nr; ++r) dst[nr * 4 + r] = static_cast<std::uint8_t>(zeros[r]);
   std::uint8_t* codes = dst + nr * 5;
-  if (g.bits == 8) {
-    for (std::int64_t c = 0; c < g.block_len; ++c)
-      for (int r = 0; r < nr; ++r) codes[c * nr + r] = row_codes[r][col0 + c];
-  } else {
-    for (std::int64_t c2 = 0; c2 < g.block_len / 2; ++c2)
-      for (int r = 0; r < nr; ++r)
-        codes[c2 * nr + r] = static_cast<std::uint8_t>(row_codes[r][col0 + 2 * c2] | (row_codes[r][col0 + 2 * c2 + 1] << 4));
-  }
+  const std::int64_t gc = g.group_cols(), groups = g.padded_block() / gc;
+  for (std::int64_t grp = 0; grp < groups; ++grp)
+    for (int r = 0; r < nr; ++r) {
+      // Code of column c of this block for row r; padding columns repeat the zero point.
+      auto code = [&](std::int64_t c) { return c < g.block_len ? row_codes[r][col0 + c] : zeros[r]; };
+      std::uint8_t* lane = codes + (grp * nr + r) * 4;
+      for (int i = 0; i < 4; ++i) {
+        if (g.bits == 8) {
+          lane[i] = static_cast<std::uint8_t>(code(grp * 4 + i));
+        } else {
+          const std::int64_t c = grp * 8 + 2 * i;
+          lane[i] = static_cast<std::uint8_t>(code(c) | (code(c + 1) << 4));
+        }
+      }
+    }
 }
 
 }  // namespace qmoe::cpu

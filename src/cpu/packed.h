@@ -1,18 +1,25 @@
 // Internal: the CPU packed weight layout and its tag.
 //
-// Why this layout: the kernels compute NR output rows at once, walking K. So
-// a tile stores, for each K-block, the NR scales, the NR zero points and then
-// the codes "column-major within the tile": the NR codes of one K position
-// are adjacent (for 4-bit, one byte holds K positions 2c and 2c+1 of a row).
-// One contiguous load then feeds a whole register tile, scales sit next to
-// the weights they scale, and a tile is one sequential stream of bytes.
+// Why this layout: the kernels compute NR = 16 output rows at once, walking K.
+// A tile stores, for each K-block, the 16 scales, the 16 zero points and then
+// the codes in "row lanes": for each group of 4 code bytes along K, the 16
+// rows' 4 bytes sit next to each other, so one 64-byte load (one zmm, two ymm)
+// puts row r's next 8 (4-bit) or 4 (8-bit) codes in 32-bit lane r. A column is
+// then extracted with a shift and a mask per lane (no byte shuffles), and the
+// same lanes feed int8 dot-product instructions directly (4 bytes per lane).
+// Scales sit next to the weights they scale; a tile is one sequential stream.
 //
 //   matrix  = header | expert 0 | expert 1 | ...            (expert_stride bytes each)
 //   expert  = tile 0 | tile 1 | ... (rows padded to NR with zero scale)
 //   tile    = block 0 | block 1 | ...                       (block_len columns each)
-//   block   = float scale[NR] | uint8 zero[NR] | codes[block_len * NR * bits / 8]
-//   4-bit codes: byte[c2 * NR + r] = code(r, 2*c2) | code(r, 2*c2 + 1) << 4
-//   8-bit codes: byte[c * NR + r]  = code(r, c)
+//   block   = float scale[16] | uint8 zero[16] | codes[groups][16 rows][4 bytes]
+//   codes of group g, row r, byte i = byte 4g + i of the row's raw ONNX Runtime
+//     bytes within the block: 4-bit: column 8g + 2i in the low nibble, 8g + 2i + 1
+//     in the high nibble; 8-bit: column 4g + i.
+//   A block whose length is not a multiple of the group (8 columns at 4 bits,
+//   4 at 8 bits; only row-wise K can be) is padded with codes equal to the
+//   row's zero point: exactly zero weights. Callers pad activations with zeros
+//   to padded_cols() columns.
 #pragma once
 
 #include <cstddef>
@@ -28,7 +35,7 @@ const char* isa_name(Isa isa) noexcept;
 /// The header every packed matrix starts with.
 struct PackTag {
   static constexpr char kMagic[8] = {'Q', 'M', 'O', 'E', 'P', 'A', 'C', 'K'};
-  static constexpr std::uint32_t kVersion = 1;
+  static constexpr std::uint32_t kVersion = 2;
   static constexpr std::uint32_t kBackendCpu = 1;
 
   char magic[8];
@@ -51,7 +58,13 @@ struct PackGeometry {
 
   std::int64_t tiles() const { return (rows + nr - 1) / nr; }
   std::int64_t blocks() const { return cols / block_len; }
-  std::int64_t code_bytes() const { return block_len * nr * bits / 8; }
+  /// Columns per 4-byte group: 8 at 4 bits, 4 at 8 bits.
+  std::int64_t group_cols() const { return 32 / bits; }
+  /// block_len rounded up to whole groups.
+  std::int64_t padded_block() const { return (block_len + group_cols() - 1) / group_cols() * group_cols(); }
+  /// Columns the kernels read from each activation row (zero-padded by the caller).
+  std::int64_t padded_cols() const { return blocks() * padded_block(); }
+  std::int64_t code_bytes() const { return padded_block() * nr * bits / 8; }
   std::int64_t block_bytes() const { return nr * 4 + nr + code_bytes(); }
   std::int64_t tile_bytes() const { return blocks() * block_bytes(); }
   std::int64_t expert_bytes() const { return tiles() * tile_bytes(); }

@@ -13,12 +13,14 @@
 namespace qmoe::test {
 namespace {
 
-// Value of packed element (e, p, c) from the bytes alone.
+// Value of packed element (e, p, c) from the bytes alone, following packed.h's description.
 double unpack(const std::uint8_t* bytes, std::int64_t e, std::int64_t p, std::int64_t c) {
   cpu::PackTag tag;
   std::memcpy(&tag, bytes, sizeof tag);
   const std::int64_t nr = tag.nr, bl = tag.block_len, blocks = tag.cols / bl;
-  const std::int64_t block_bytes = nr * 4 + nr + bl * nr * tag.bits / 8;
+  const std::int64_t group = 32 / tag.bits;  // columns per 4-byte lane
+  const std::int64_t padded = (bl + group - 1) / group * group;
+  const std::int64_t block_bytes = nr * 4 + nr + padded * nr * tag.bits / 8;
   const std::int64_t tile_bytes = blocks * block_bytes;
   const std::uint8_t* blk = bytes + 128 + e * static_cast<std::int64_t>(tag.expert_stride) + (p / nr) * tile_bytes +
                             (c / bl) * block_bytes;
@@ -26,12 +28,10 @@ double unpack(const std::uint8_t* bytes, std::int64_t e, std::int64_t p, std::in
   float scale;
   std::memcpy(&scale, blk + 4 * r, 4);
   const int zero = blk[4 * nr + r];
-  const std::uint8_t* codes = blk + 5 * nr;
-  int code;
-  if (tag.bits == 8)
-    code = codes[cc * nr + r];
-  else
-    code = (codes[(cc / 2) * nr + r] >> (4 * (cc % 2))) & 0xf;
+  // Lane r of group cc / group: a little-endian 32-bit word, code j at bits [bits*j, bits*(j+1)).
+  const std::uint8_t* lane = blk + 5 * nr + ((cc / group) * nr + r) * 4;
+  const std::uint32_t word = lane[0] | (lane[1] << 8) | (lane[2] << 16) | (static_cast<std::uint32_t>(lane[3]) << 24);
+  const int code = (word >> (tag.bits * (cc % group))) & ((1u << tag.bits) - 1);
   return static_cast<double>(scale) * (code - zero);
 }
 
@@ -109,7 +109,7 @@ TEST(PackTag, RefusesForeignCorruptAndTruncatedData) {
   bad[0] ^= 0xff;
   expect_error(bad, "magic");
   bad = good;
-  bad[8] = 99;  // version
+  bad[8] = 1;  // version 1 (the earlier column-major layout) must be refused
   expect_error(bad, "version");
   bad = good;
   bad[12] = 7;  // backend

@@ -100,6 +100,13 @@ TEST(Parity, OddIntermediateSizeAndTinyShapes) {
   EXPECT_LE(run_case(c, 2, 3, 3), 1e-5);
   const Case d{8, 0, true, false, Activation::relu, 0, 1, 3};
   EXPECT_LE(run_case(d, 18, 17, 2), 1e-5);
+  // Row-wise K not a multiple of the 8-column code group: packed with zero-weight padding.
+  for (std::int64_t t : {1, 3, 9}) {
+    const Case p{4, 0, false, true, Activation::gelu, 0, 2, t};
+    EXPECT_LE(run_case(p, 10, 6, 3), 1e-5);
+    const Case q{8, 0, false, true, Activation::swiglu, 0, 2, t};
+    EXPECT_LE(run_case(q, 7, 5, 3), 1e-5);
+  }
 }
 
 }  // namespace

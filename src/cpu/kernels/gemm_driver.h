@@ -3,13 +3,15 @@
 // its own Ops and its own compiler flags, so the loop structure is shared and
 // only the instructions differ.
 //
-// A tile is NR = 16 rows (see packed.h). Two regimes, chosen by the number of
-// tokens routed to the expert:
-//  * few tokens (decode): codes are decoded in registers and used at once for
-//    up to Ops::kDirectTokens tokens; the integer offset (code - zero) is
-//    multiplied into per-block partial sums and the row scale is applied once
-//    per block. Separate partial sums for even and odd columns keep two FMA
-//    chains per vector in flight.
+// A tile is NR = 16 rows in "row lanes" (see packed.h): one 64-byte group holds
+// the next 8 (4-bit) or 4 (8-bit) codes of every row, row r in 32-bit lane r.
+// Two regimes, chosen by the number of tokens routed to the expert:
+//  * few tokens (decode): each column is extracted in registers (shift, mask,
+//    and the float "magic number" trick: (code | 0x4B000000) as float is
+//    2^23 + code, minus 2^23 + zero gives code - zero exactly, with no
+//    int->float conversion) and used at once for up to Ops::kDirectTokens
+//    tokens; the row scale is applied once per block. Even and odd columns
+//    accumulate separately, keeping two FMA chains per vector in flight.
 //  * many tokens (prefill): a chunk of the tile is dequantized once into
 //    scratch (scale * (code - zero), as float weights) and reused for every
 //    token, Ops::kReuseTokens tokens per register block, so decoding costs
@@ -18,9 +20,10 @@
 // Ops must provide (NV vectors V cover the 16 rows of one column):
 //   V zero(); V splat(float); V load(const float*); void store(float*, V);
 //   V fma(V a, V b, V c) = a * b + c; V add(V, V); V mul(V, V);
-//   Z zeros(const uint8_t* z16)            -- the 16 zero points of a block
-//   void decode4(const uint8_t* q16, Z, V* even, V* odd)   -- float(code - zero), 4-bit
-//   void decode8(const uint8_t* q16, Z, V* w)              -- float(code - zero), 8-bit
+//   Z zeros(const uint8_t* z16)               -- a block's 16 zero points
+//   Q group(const uint8_t* p64)               -- one 64-byte group of codes
+//   template <int BITS, int J> void column(const Q&, const Z&, V* w)
+//                                             -- float(code - zero) of column J of the group
 //
 // ODR caution: this header is compiled with different -m flags per ISA, so it
 // must not emit any non-template inline function or std:: template that the
@@ -30,13 +33,26 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "cpu/kernels.h"
 
 namespace qmoe::cpu::driver {
 
 constexpr int NR = 16;
-constexpr std::int64_t kChunk = 256;  // columns dequantized at once in the prefill regime
+constexpr std::int64_t kChunk = 256;  // columns dequantized at once in the prefill regime (a multiple of 8)
+
+// Layout arithmetic of packed.h, from PackGeometry's data members only.
+template <int BITS>
+constexpr std::int64_t kGroupCols = 32 / BITS;
+template <int BITS>
+inline std::int64_t padded_block(const PackGeometry& g) {
+  return (g.block_len + kGroupCols<BITS> - 1) / kGroupCols<BITS> * kGroupCols<BITS>;
+}
+template <int BITS>
+inline std::int64_t block_bytes(const PackGeometry& g) {
+  return NR * 5 + padded_block<BITS>(g) * NR * BITS / 8;
+}
 
 template <class Ops>
 struct Block {
@@ -45,19 +61,9 @@ struct Block {
   const std::uint8_t* codes;
 };
 
-// Layout arithmetic of packed.h, from PackGeometry's data members only.
-template <class Ops>
-inline std::int64_t block_bytes(const PackGeometry& g) {
-  return NR * 5 + g.block_len * NR * g.bits / 8;
-}
-template <class Ops>
-inline std::int64_t blocks(const PackGeometry& g) {
-  return g.cols / g.block_len;
-}
-
-template <class Ops>
+template <class Ops, int BITS>
 inline Block<Ops> block_at(const PackGeometry& g, const std::uint8_t* tile, std::int64_t b) {
-  const std::uint8_t* p = tile + b * block_bytes<Ops>(g);
+  const std::uint8_t* p = tile + b * block_bytes<BITS>(g);
   Block<Ops> v;
   const float* s = reinterpret_cast<const float*>(p);  // 16-byte aligned: blocks are multiples of 16 bytes
   for (int j = 0; j < Ops::NV; ++j) v.scale[j] = Ops::load(s + j * (NR / Ops::NV));
@@ -66,54 +72,44 @@ inline Block<Ops> block_at(const PackGeometry& g, const std::uint8_t* tile, std:
   return v;
 }
 
+// Calls f(std::integral_constant<int, J>) for J = 0 .. N-1, unrolled.
+template <int N, class F>
+inline void unroll(F&& f) {
+  [&]<int... J>(std::integer_sequence<int, J...>) { (f(std::integral_constant<int, J>{}), ...); }
+  (std::make_integer_sequence<int, N>{});
+}
+
 template <class Ops, int BITS, int M>
 void direct(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, float* y,
             std::int64_t ldy) {
   using V = typename Ops::V;
   constexpr int NV = Ops::NV;
+  constexpr int G = static_cast<int>(kGroupCols<BITS>);
   V acc[M][NV];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NV; ++j) acc[m][j] = Ops::zero();
-  const std::int64_t bl = g.block_len;
-  for (std::int64_t b = 0; b < blocks<Ops>(g); ++b) {
-    const Block<Ops> v = block_at<Ops>(g, tile, b);
-    V even[M][NV], odd[M][NV];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < NV; ++j) even[m][j] = Ops::zero(), odd[m][j] = Ops::zero();
-    const float* xb = x + b * bl;
-    if constexpr (BITS == 4) {
-      for (std::int64_t c2 = 0; c2 < bl / 2; ++c2) {
-        V w0[NV], w1[NV];
-        Ops::decode4(v.codes + c2 * NR, v.zero, w0, w1);
+  const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
+  for (std::int64_t b = 0; b < nb; ++b) {
+    const Block<Ops> v = block_at<Ops, BITS>(g, tile, b);
+    V part[2][M][NV];
+    for (int p = 0; p < 2; ++p)
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < NV; ++j) part[p][m][j] = Ops::zero();
+    for (std::int64_t grp = 0; grp < pb / G; ++grp) {
+      const typename Ops::Q q = Ops::group(v.codes + grp * 64);
+      const float* xg = x + b * pb + grp * G;
+      unroll<G>([&](auto J) {
+        V w[NV];
+        Ops::template column<BITS, J>(q, v.zero, w);
         for (int m = 0; m < M; ++m) {
-          const V x0 = Ops::splat(xb[m * ldx + 2 * c2]), x1 = Ops::splat(xb[m * ldx + 2 * c2 + 1]);
-          for (int j = 0; j < NV; ++j) even[m][j] = Ops::fma(w0[j], x0, even[m][j]);
-          for (int j = 0; j < NV; ++j) odd[m][j] = Ops::fma(w1[j], x1, odd[m][j]);
+          const V xv = Ops::splat(xg[m * ldx + J]);
+          for (int j = 0; j < NV; ++j) part[J % 2][m][j] = Ops::fma(w[j], xv, part[J % 2][m][j]);
         }
-      }
-    } else {
-      std::int64_t c = 0;
-      for (; c + 2 <= bl; c += 2) {
-        V w0[NV], w1[NV];
-        Ops::decode8(v.codes + c * NR, v.zero, w0);
-        Ops::decode8(v.codes + (c + 1) * NR, v.zero, w1);
-        for (int m = 0; m < M; ++m) {
-          const V x0 = Ops::splat(xb[m * ldx + c]), x1 = Ops::splat(xb[m * ldx + c + 1]);
-          for (int j = 0; j < NV; ++j) even[m][j] = Ops::fma(w0[j], x0, even[m][j]);
-          for (int j = 0; j < NV; ++j) odd[m][j] = Ops::fma(w1[j], x1, odd[m][j]);
-        }
-      }
-      for (; c < bl; ++c) {  // odd row-wise K at 8 bits
-        V w0[NV];
-        Ops::decode8(v.codes + c * NR, v.zero, w0);
-        for (int m = 0; m < M; ++m) {
-          const V x0 = Ops::splat(xb[m * ldx + c]);
-          for (int j = 0; j < NV; ++j) even[m][j] = Ops::fma(w0[j], x0, even[m][j]);
-        }
-      }
+      });
     }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < NV; ++j) acc[m][j] = Ops::fma(v.scale[j], Ops::add(even[m][j], odd[m][j]), acc[m][j]);
+      for (int j = 0; j < NV; ++j)
+        acc[m][j] = Ops::fma(v.scale[j], Ops::add(part[0][m][j], part[1][m][j]), acc[m][j]);
   }
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
@@ -139,6 +135,7 @@ void chunk_tokens(const float* w, std::int64_t n, const float* x, std::int64_t l
     for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
 }
 
+// Runs the M-token variant for exactly ntok (< Mmax) tokens, picked at compile time.
 template <class Ops, int M>
 void chunk_tail(const float* w, std::int64_t n, const float* x, std::int64_t ldx, std::int64_t ntok, float* y,
                 std::int64_t ldy) {
@@ -155,29 +152,24 @@ void reuse(const PackGeometry& g, const std::uint8_t* tile, const float* x, std:
            float* y, std::int64_t ldy, float* w) {
   using V = typename Ops::V;
   constexpr int NV = Ops::NV, MT = Ops::kReuseTokens;
+  constexpr int G = static_cast<int>(kGroupCols<BITS>);
   for (std::int64_t t = 0; t < ntok; ++t)
     for (int r = 0; r < NR; ++r) y[t * ldy + r] = 0.f;
-  const std::int64_t bl = g.block_len;
-  for (std::int64_t b = 0; b < blocks<Ops>(g); ++b) {
-    const Block<Ops> v = block_at<Ops>(g, tile, b);
-    for (std::int64_t c0 = 0; c0 < bl; c0 += kChunk) {
-      const std::int64_t n = bl - c0 < kChunk ? bl - c0 : kChunk;
-      if constexpr (BITS == 4) {
-        for (std::int64_t c2 = c0 / 2; c2 < (c0 + n) / 2; ++c2) {
-          V w0[NV], w1[NV];
-          Ops::decode4(v.codes + c2 * NR, v.zero, w0, w1);
-          float* dst = w + (2 * c2 - c0) * NR;
-          for (int j = 0; j < NV; ++j) Ops::store(dst + j * (NR / NV), Ops::mul(v.scale[j], w0[j]));
-          for (int j = 0; j < NV; ++j) Ops::store(dst + NR + j * (NR / NV), Ops::mul(v.scale[j], w1[j]));
-        }
-      } else {
-        for (std::int64_t c = c0; c < c0 + n; ++c) {
-          V w0[NV];
-          Ops::decode8(v.codes + c * NR, v.zero, w0);
-          for (int j = 0; j < NV; ++j) Ops::store(w + (c - c0) * NR + j * (NR / NV), Ops::mul(v.scale[j], w0[j]));
-        }
+  const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
+  for (std::int64_t b = 0; b < nb; ++b) {
+    const Block<Ops> v = block_at<Ops, BITS>(g, tile, b);
+    for (std::int64_t c0 = 0; c0 < pb; c0 += kChunk) {
+      const std::int64_t n = pb - c0 < kChunk ? pb - c0 : kChunk;  // a multiple of G
+      for (std::int64_t grp = c0 / G; grp < (c0 + n) / G; ++grp) {
+        const typename Ops::Q q = Ops::group(v.codes + grp * 64);
+        float* dst = w + (grp * G - c0) * NR;
+        unroll<G>([&](auto J) {
+          V wj[NV];
+          Ops::template column<BITS, J>(q, v.zero, wj);
+          for (int j = 0; j < NV; ++j) Ops::store(dst + J * NR + j * (NR / NV), Ops::mul(v.scale[j], wj[j]));
+        });
       }
-      const float* xc = x + b * bl + c0;
+      const float* xc = x + b * pb + c0;
       std::int64_t t = 0;
       for (; t + MT <= ntok; t += MT) chunk_tokens<Ops, MT>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy);
       if (t < ntok) chunk_tail<Ops, MT - 1>(w, n, xc + t * ldx, ldx, ntok - t, y + t * ldy, ldy);

@@ -10,8 +10,10 @@ namespace qmoe::cpu {
 struct OpsAvx2 {
   typedef __m256 V;
   struct Z {
-    __m128i b;   // 16 zero points as bytes (4-bit: subtracted as int8)
-    __m256i h;   // the same as int16 (8-bit codes minus zero need 9 bits)
+    __m256 z[2];  // 2^23 + zero point, rows 0-7 and 8-15
+  };
+  struct Q {
+    __m256i q[2];
   };
   static constexpr int NV = 2;             // 2 x 8 floats = the 16 rows of a column
   static constexpr int kDirectTokens = 2;  // 2 tokens x (even, odd) x 2 vectors = 8 accumulators
@@ -28,24 +30,21 @@ struct OpsAvx2 {
 
   static Z zeros(const std::uint8_t* z16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(z16));
-    return {b, _mm256_cvtepu8_epi16(b)};
+    const __m256i magic = _mm256_set1_epi32(0x4B000000);
+    return {{_mm256_castsi256_ps(_mm256_or_si256(_mm256_cvtepu8_epi32(b), magic)),
+             _mm256_castsi256_ps(_mm256_or_si256(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), magic))}};
   }
-  // int8 lanes (code - zero in [-15, 15]) -> 2 x 8 floats.
-  static void widen_i8(__m128i d, V* out) {
-    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(d));
-    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(d, 8)));
+  static Q group(const std::uint8_t* p64) {
+    return {{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p64)),
+             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p64 + 32))}};
   }
-  static void decode4(const std::uint8_t* q16, const Z& z, V* even, V* odd) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q16));
-    const __m128i m = _mm_set1_epi8(0x0f);
-    widen_i8(_mm_sub_epi8(_mm_and_si128(q, m), z.b), even);
-    widen_i8(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m), z.b), odd);
-  }
-  static void decode8(const std::uint8_t* q16, const Z& z, V* w) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q16));
-    const __m256i d = _mm256_sub_epi16(_mm256_cvtepu8_epi16(q), z.h);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(d)));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(d, 1)));
+  template <int BITS, int J>
+  static void column(const Q& q, const Z& z, V* w) {
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1), magic = _mm256_set1_epi32(0x4B000000);
+    for (int j = 0; j < 2; ++j) {
+      const __m256i c = _mm256_and_si256(_mm256_srli_epi32(q.q[j], BITS * J), mask);
+      w[j] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(c, magic)), z.z[j]);
+    }
   }
 };
 

@@ -10,8 +10,10 @@ namespace qmoe::cpu {
 struct OpsAvx512 {
   typedef __m512 V;
   struct Z {
-    __m128i b;   // 16 zero points as bytes (4-bit: subtracted as int8)
-    __m512i d;   // as int32 (8-bit)
+    __m512 z;  // 2^23 + zero point, per row
+  };
+  struct Q {
+    __m512i q;
   };
   static constexpr int NV = 1;              // one zmm = the 16 rows of a column
   static constexpr int kDirectTokens = 4;   // 4 tokens x (even, odd) = 8 independent FMA chains
@@ -28,17 +30,15 @@ struct OpsAvx512 {
 
   static Z zeros(const std::uint8_t* z16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(z16));
-    return {b, _mm512_cvtepu8_epi32(b)};
+    return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(0x4B000000)))};
   }
-  static void decode4(const std::uint8_t* q16, const Z& z, V* even, V* odd) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q16));
-    const __m128i m = _mm_set1_epi8(0x0f);
-    even[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(q, m), z.b)));
-    odd[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m), z.b)));
-  }
-  static void decode8(const std::uint8_t* q16, const Z& z, V* w) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q16));
-    w[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q), z.d));
+  static Q group(const std::uint8_t* p64) { return {_mm512_loadu_si512(p64)}; }
+  template <int BITS, int J>
+  static void column(const Q& q, const Z& z, V* w) {
+    // (lane >> shift) & mask | 2^23 in one ternary-logic op: imm 0xEA = (A & B) | C.
+    const __m512i c = _mm512_ternarylogic_epi32(_mm512_srli_epi32(q.q, BITS * J), _mm512_set1_epi32((1 << BITS) - 1),
+                                                _mm512_set1_epi32(0x4B000000), 0xEA);
+    w[0] = _mm512_sub_ps(_mm512_castsi512_ps(c), z.z);
   }
 };
 
