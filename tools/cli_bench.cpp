@@ -42,6 +42,8 @@ options:
                      for gpt-oss-20b)
   --zero-points      asymmetric quantization with zero points (default: symmetric)
   --threads N        forward() threads (default: all hardware threads)
+  --accuracy-level N 0 (default) or 1: float32 activations; 4: int8 activations
+                     (ONNX Runtime's meaning; 2 and 3 run as float32)
   --tokens LIST      token counts T, comma-separated (default 1,16,512)
   --ref-tokens N     tokens per T checked against the float64 reference (default 4;
                      0 = skip the check)
@@ -106,7 +108,7 @@ double median(std::vector<double> v) {
 int run_bench(const std::vector<std::string>& argv) {
   const Args args("bench", argv,
                   {{"--help", false}, {"--model", true}, {"--bits", true}, {"--block", true}, {"--zero-points", false},
-                   {"--threads", true}, {"--tokens", true}, {"--ref-tokens", true}, {"--seed", true},
+                   {"--threads", true}, {"--accuracy-level", true}, {"--tokens", true}, {"--ref-tokens", true}, {"--seed", true},
                    {"--min-time", true}, {"--max-time", true}, {"--no-bandwidth", false}, {"--json", true}});
   if (args.flag("--help")) {
     std::fputs(kBenchHelp, stdout);
@@ -136,6 +138,7 @@ int run_bench(const std::vector<std::string>& argv) {
   const bool zero_points = args.flag("--zero-points");
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   const int threads = static_cast<int>(args.integer("--threads", hw, 1, 4096));
+  const int accuracy_level = static_cast<int>(args.integer("--accuracy-level", 0, 0, 4));
   const std::vector<std::int64_t> token_counts = args.integer_list("--tokens", {1, 16, 512}, 1, 1 << 20);
   const std::int64_t ref_tokens = args.integer("--ref-tokens", 4, 0, 4096);
   const auto seed = static_cast<std::uint64_t>(args.integer("--seed", 1, 0, INT64_MAX));
@@ -219,6 +222,7 @@ int run_bench(const std::vector<std::string>& argv) {
     Progress p("prepacking into a qmoe Layer", true);
     LayerOptions lo;
     lo.threads = threads;
+    lo.accuracy_level = accuracy_level;
     layer.emplace(raw.views(), m.attrs, lo);
     pack_s = p.elapsed();
     p.finish();
@@ -325,6 +329,7 @@ int run_bench(const std::vector<std::string>& argv) {
         .field("read_bandwidth_gbps", bandwidth / 1e9)
         .end_object();
     j.field("kernel", layer->kernel_name()).field("threads", layer->threads()).field("prepack_s", pack_s);
+    j.field("accuracy_level", static_cast<std::int64_t>(accuracy_level));
     j.begin_object("memory")
         .field("raw_bytes", raw_bytes)
         .field("packed_bytes", packed)

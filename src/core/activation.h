@@ -12,7 +12,7 @@ namespace qmoe::detail {
 template <typename T>
 inline T activate(Activation a, T h) {
   switch (a) {
-    case Activation::relu: return h > T(0) ? h : T(0);
+    case Activation::relu: return h < T(0) ? T(0) : h;  // NaN stays NaN: never a silent 0
     case Activation::gelu: {
       const T c = T(0.7978845608028654);  // sqrt(2/pi)
       return T(0.5) * h * (T(1) + std::tanh(c * (h + T(0.044715) * h * h * h)));

@@ -22,12 +22,11 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
           " (0 = all hardware threads), got ", options.threads);
   require(options.accuracy_level >= 0 && options.accuracy_level <= 4,
           "accuracy_level: expected 0..4 (ONNX Runtime's meaning), got ", options.accuracy_level);
-  require(options.accuracy_level <= 1, "accuracy_level: ", options.accuracy_level,
-          " (reduced-precision activations) is not supported by this version; use 0 or 1 (float32)");
   impl_->attrs = attrs;
   impl_->shape = validate(weights, attrs);
   switch (options.backend) {
-    case Backend::cpu: impl_->cpu = std::make_unique<cpu::CpuMoe>(weights, attrs, impl_->shape, options.threads); break;
+    case Backend::cpu: impl_->cpu = std::make_unique<cpu::CpuMoe>(weights, attrs, impl_->shape, options.threads, options.accuracy_level);
+      break;
   }
 }
 

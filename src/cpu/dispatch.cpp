@@ -9,35 +9,72 @@ namespace qmoe::cpu {
 
 const char* isa_name(Isa isa) noexcept {
   switch (isa) {
-    case Isa::scalar: return "scalar";
-    case Isa::avx2: return "avx2";
-    case Isa::avx512: return "avx512";
+    case Isa::scalar:
+      return "scalar";
+    case Isa::avx2:
+      return "avx2";
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx512vnni:
+      return "avx512vnni";
   }
   return "?";
 }
-
 
 namespace {
 
 constexpr std::int64_t kScratch = 256 * 16;  // one dequantized chunk: 256 columns x 16 rows
 
-constexpr KernelConfig kAvx512{Isa::avx512, "avx512", 16, gemm_f32_q4_4x16__avx512, gemm_f32_q8_4x16__avx512, kScratch};
-constexpr KernelConfig kAvx2{Isa::avx2, "avx2", 16, gemm_f32_q4_2x16__avx2, gemm_f32_q8_2x16__avx2, kScratch};
-constexpr KernelConfig kScalar{Isa::scalar, "scalar", 16, gemm_f32_q4_2x16__scalar, gemm_f32_q8_2x16__scalar, kScratch};
+constexpr KernelConfig kAvx512Vnni{Isa::avx512vnni,
+                                   "avx512vnni",
+                                   16,
+                                   gemm_f32_q4_4x16__avx512,
+                                   gemm_f32_q8_4x16__avx512,
+                                   kScratch,
+                                   gemm_qd8_q4_8x16__avx512vnni,
+                                   gemm_qd8_q8_8x16__avx512vnni};
+constexpr KernelConfig kAvx512{Isa::avx512,
+                               "avx512",
+                               16,
+                               gemm_f32_q4_4x16__avx512,
+                               gemm_f32_q8_4x16__avx512,
+                               kScratch,
+                               gemm_qd8_q4_4x16__scalar,
+                               gemm_qd8_q8_4x16__scalar};
+constexpr KernelConfig kAvx2{Isa::avx2,
+                             "avx2",
+                             16,
+                             gemm_f32_q4_2x16__avx2,
+                             gemm_f32_q8_2x16__avx2,
+                             kScratch,
+                             gemm_qd8_q4_4x16__scalar,
+                             gemm_qd8_q8_4x16__scalar};
+constexpr KernelConfig kScalar{Isa::scalar,
+                               "scalar",
+                               16,
+                               gemm_f32_q4_2x16__scalar,
+                               gemm_f32_q8_2x16__scalar,
+                               kScratch,
+                               gemm_qd8_q4_4x16__scalar,
+                               gemm_qd8_q8_4x16__scalar};
 
 // Tables in order of preference; the first the CPU supports wins.
-constexpr const KernelConfig* kTables[] = {&kAvx512, &kAvx2, &kScalar};
+constexpr const KernelConfig* kTables[] = {&kAvx512Vnni, &kAvx512, &kAvx2, &kScalar};
 
 bool cpu_supports(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   switch (isa) {
-    case Isa::scalar: return true;
+    case Isa::scalar:
+      return true;
     // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
-    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::avx512vnni:
+      return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vnni");
   }
   return false;
 #else
@@ -51,8 +88,7 @@ const KernelConfig& choose() {
     std::string names;
     for (const KernelConfig* k : kTables) {
       if (std::string(forced) == k->name) {
-        if (!cpu_supports(k->isa))
-          detail::fail("QMOE_CPU_ISA: \"", forced, "\" is not supported by this CPU");
+        if (!cpu_supports(k->isa)) detail::fail("QMOE_CPU_ISA: \"", forced, "\" is not supported by this CPU");
         return *k;
       }
       names += std::string(names.empty() ? "" : ", ") + k->name;

@@ -16,6 +16,13 @@ namespace qmoe::cpu {
 using GemmTileFn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx,
                             std::int64_t ntok, float* y, std::int64_t ldy, float* scratch);
 
+struct QuantRows;
+
+/// The int8-activation (accuracy_level 4) variant: y[t * ldy + r] = sum_c W[r][c] * xhat[t][c]
+/// where xhat is the dequantized int8 activation rows (quant_act.h).
+using GemmTileI8Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t ntok,
+                              float* y, std::int64_t ldy);
+
 struct KernelConfig {
   Isa isa;
   const char* name;      ///< e.g. "scalar"
@@ -23,10 +30,12 @@ struct KernelConfig {
   GemmTileFn gemm_q4;    ///< 4-bit tiles
   GemmTileFn gemm_q8;    ///< 8-bit tiles
   std::int64_t scratch_floats;  ///< scratch a GemmTileFn call needs
+  GemmTileI8Fn igemm_q4;        ///< 4-bit tiles, int8 activations
+  GemmTileI8Fn igemm_q8;        ///< 8-bit tiles, int8 activations
 };
 
 /// The table for this process, chosen once: the best the CPU supports, or the
-/// one named by QMOE_CPU_ISA (scalar, avx2, avx512); a name that is unknown or
+/// one named by QMOE_CPU_ISA (scalar, avx2, avx512, avx512vnni); a name that is unknown or
 /// that this CPU cannot run is an Error.
 const KernelConfig& kernel_config();
 
@@ -44,5 +53,12 @@ QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__avx2);
 QMOE_GEMM_TILE_FN(gemm_f32_q4_4x16__avx512);
 QMOE_GEMM_TILE_FN(gemm_f32_q8_4x16__avx512);
 #undef QMOE_GEMM_TILE_FN
+#define QMOE_IGEMM_TILE_FN(name) \
+  void name(const PackGeometry&, const std::uint8_t*, const QuantRows&, std::int64_t, float*, std::int64_t)
+QMOE_IGEMM_TILE_FN(gemm_qd8_q4_4x16__scalar);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q8_4x16__scalar);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q4_8x16__avx512vnni);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q8_8x16__avx512vnni);
+#undef QMOE_IGEMM_TILE_FN
 
 }  // namespace qmoe::cpu

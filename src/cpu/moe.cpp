@@ -16,6 +16,7 @@
 #include "core/check.h"
 #include "core/routing.h"
 #include "cpu/pack.h"
+#include "cpu/quant_act.h"
 #include "quant/raw.h"
 
 namespace qmoe::cpu {
@@ -30,12 +31,13 @@ int resolve_threads(int threads) {
 
 }  // namespace
 
-CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads,
+CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level,
                std::int64_t chunk_bytes, const KernelConfig* kernels)
     : attrs_(a),
       shape_(s),
       kc_(kernels ? kernels : &kernel_config()),
       gated_(a.activation == Activation::swiglu),
+      int8_(accuracy_level == 4),
       chunk_bytes_(chunk_bytes) {
   using detail::RawMatrix;
   const int bits = a.expert_weight_bits, bs = a.block_size;
@@ -82,7 +84,7 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
     if (w.fc2_bias.present())
       for (std::int64_t p = 0; p < h; ++p) bias2_[e * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
   }
-  name_ = std::string("cpu/") + kc_->name + " nr=" + std::to_string(nr);
+  name_ = std::string("cpu/") + kc_->name + " nr=" + std::to_string(nr) + (int8_ ? " int8-activations" : "");
 }
 
 std::size_t CpuMoe::packed_bytes() const {
@@ -157,7 +159,21 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   std::vector<float> xg(static_cast<std::size_t>(nrows * hp), 0.f);
   for (std::int64_t r = 0; r < nrows; ++r)
     std::memcpy(&xg[r * hp], x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
-  const GemmTileFn gemm = attrs_.expert_weight_bits == 4 ? kc_->gemm_q4 : kc_->gemm_q8;
+  const bool q4 = attrs_.expert_weight_bits == 4;
+  const GemmTileFn gemm = q4 ? kc_->gemm_q4 : kc_->gemm_q8;
+  const GemmTileI8Fn igemm = q4 ? kc_->igemm_q4 : kc_->igemm_q8;
+  // accuracy_level 4: activation rows quantized to int8 once per call, in parallel over rows.
+  QuantRowsBuffer qbuf;
+  auto quantize_all = [&](const float* rows, std::int64_t ld, const PackGeometry& g) {
+    resize_for(qbuf, nrows, g);
+    const std::int64_t per = 16, items = (nrows + per - 1) / per;
+    pool_->parallel_for(items, [&](std::int64_t i, int) {
+      quantize_rows(rows, ld, i * per, std::min(nrows, (i + 1) * per), g, qbuf);
+    });
+  };
+  auto rows_of = [&](const QuantRows& q, std::int64_t first) {
+    return QuantRows{q.q + first * q.ldq, q.scale + first * q.lds, q.zsum + first * q.ldz, q.ldq, q.lds, q.ldz};
+  };
   std::vector<std::vector<float>> scratch(static_cast<std::size_t>(nthreads));
   auto thread_scratch = [&](int tid) -> float* {
     auto& s = scratch[tid];
@@ -172,6 +188,8 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   const std::int64_t per1 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles1 / target_items);
   const std::int64_t groups1 = (tiles1 + per1 - 1) / per1;
   const Activation kind = attrs_.activation;
+  QuantRows q1;
+  if (int8_) quantize_all(xg.data(), hp, g1), q1 = qbuf.view(g1);
   const float alpha = attrs_.activation_alpha, beta = attrs_.activation_beta, limit = attrs_.swiglu_limit;
   pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
     const int e = active[item / groups1];
@@ -182,7 +200,10 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
     const float* xe = &xg[offset[e] * hp];
     const float* b1 = &bias1_[e * pad1];
     for (std::int64_t tile = (item % groups1) * per1; tile < tile_end; ++tile) {
-      gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
+      if (int8_)
+        igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, nr);
+      else
+        gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
       for (std::int64_t r = 0; r < rows; ++r) {
         float* dst = &act[(offset[e] + r) * ip];
         const float* yr = y + r * nr;
@@ -207,6 +228,8 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   // of output columns for all tokens and walks the experts in ascending order.
   const std::int64_t tiles2 = g2.tiles(), pad2 = tiles2 * nr;
   const std::int64_t per2 = std::max<std::int64_t>(1, tiles2 / target_items);
+  QuantRows q2;
+  if (int8_) quantize_all(act.data(), ip, g2), q2 = qbuf.view(g2);
   const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
   pool_->parallel_for(groups2, [&](std::int64_t item, int tid) {
     float* scr = thread_scratch(tid);
@@ -216,7 +239,10 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
       const std::int64_t c0 = tile * nr, cn = std::min<std::int64_t>(nr, h - c0);
       for (int e : active) {
         const float* b2 = &bias2_[e * pad2 + c0];
-        gemm(g2, fc2_.tile(e, tile), &act[offset[e] * ip], ip, count[e], y, nr, scr);
+        if (int8_)
+          igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), count[e], y, nr);
+        else
+          gemm(g2, fc2_.tile(e, tile), &act[offset[e] * ip], ip, count[e], y, nr, scr);
         for (std::int64_t r = 0; r < count[e]; ++r) {
           const std::int64_t pos = offset[e] + r;
           float* dst = out + row_token[pos] * h + c0;

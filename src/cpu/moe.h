@@ -18,8 +18,9 @@ class CpuMoe {
   /// bound how many tokens one pass handles.
   static constexpr std::int64_t kDefaultChunkBytes = std::int64_t{64} << 20;
 
+  /// accuracy_level 4: int8 activations (quant_act.h); anything else: float32.
   /// `kernels` = null: the process-wide table (kernel_config()).
-  CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads,
+  CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level = 0,
          std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr);
 
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
@@ -40,6 +41,7 @@ class CpuMoe {
   MoeShape shape_;
   const KernelConfig* kc_;
   bool gated_;  // swiglu: FC1 tiles hold interleaved gate/up rows
+  bool int8_;   // accuracy_level 4
   std::int64_t chunk_bytes_;
   PackedMatrix fc1_, fc2_;
   std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles

@@ -45,7 +45,7 @@ double run_case(const Case& c, std::int64_t h, std::int64_t in, std::int64_t e, 
   // Every kernel table this CPU can run (what QMOE_CPU_ISA could select).
   double worst = 0;
   for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-    const cpu::CpuMoe moe(s.views(), a, s.shape, 2, cpu::CpuMoe::kDefaultChunkBytes, kc);
+    const cpu::CpuMoe moe(s.views(), a, s.shape, 2, 0, cpu::CpuMoe::kDefaultChunkBytes, kc);
     std::vector<float> out(static_cast<std::size_t>(c.t * h), NAN);
     moe.forward(xv, lv, mv, output_f32(out.data(), {c.t, h}), c.t);
     const double err = rel_max_error(out, ref);

@@ -28,17 +28,18 @@ TEST(Threads, BitIdenticalForAnyThreadCount) {
   const auto s = make(a, e, h, in);
   for (std::int64_t t : {1, 5, 40}) {
     const auto x = random_inputs(t, h, e, 5);
+    for (int level : {0, 4})
     for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
       std::vector<float> first;
       for (int threads : {1, 2, 3, 4, 7}) {
-        const cpu::CpuMoe moe(s.views(), a, s.shape, threads, cpu::CpuMoe::kDefaultChunkBytes, kc);
+        const cpu::CpuMoe moe(s.views(), a, s.shape, threads, level, cpu::CpuMoe::kDefaultChunkBytes, kc);
         std::vector<float> out(static_cast<std::size_t>(t * h));
         for (int rep = 0; rep < 2; ++rep) {
           moe.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), TensorView{},
                       output_f32(out.data(), {t, h}), t);
           if (first.empty()) first = out;
           ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
-              << kc->name << " T=" << t << " threads=" << threads;
+              << kc->name << " level=" << level << " T=" << t << " threads=" << threads;
         }
       }
     }
@@ -74,7 +75,7 @@ TEST(Inputs, TokenChunksAgreeWithReference) {
   MoeAttributes a;
   const std::int64_t e = 4, h = 32, in = 64, t = 23;
   const auto s = make(a, e, h, in);
-  const cpu::CpuMoe moe(s.views(), a, s.shape, 2, /*chunk_bytes=*/a.k * (h + in) * 4 * 5);  // 5 tokens a chunk
+  const cpu::CpuMoe moe(s.views(), a, s.shape, 2, 0, /*chunk_bytes=*/a.k * (h + in) * 4 * 5);  // 5 tokens a chunk
   const auto x = random_inputs(t, h, e, 3);
   std::vector<float> out(static_cast<std::size_t>(t * h), NAN);
   const TensorView xv = view_f32(x.x.data(), {t, h}), lv = view_f32(x.logits.data(), {t, e});
