@@ -148,7 +148,7 @@ CASES = {
     "normalize_routing_weights 2": dict(attrs={"normalize_routing_weights": 2},
                                         match=r"^normalize_routing_weights: expected 0 or 1, got 2"),
     # --- layer options (qmoe.qmoe and qmoe.Layer only)
-    "accuracy_level 4": dict(opts={"accuracy_level": 4}, match=r"^accuracy_level: 4 .*not supported"),
+    "accuracy_level -1": dict(opts={"accuracy_level": -1}, match=r"^accuracy_level: expected 0..4"),
     "accuracy_level 7": dict(opts={"accuracy_level": 7}, match=r"^accuracy_level: expected 0..4"),
     "threads negative": dict(opts={"threads": -1}, match=r"^threads: expected 0\.\.1024"),
 }

@@ -284,3 +284,29 @@ def test_non_contiguous_and_byte_order():
     np.testing.assert_array_equal(qmoe.qmoe(xf, lg_strided, **w_nc, **attrs), want)
     np.testing.assert_array_equal(qmoe.qmoe(x.astype(">f4"), lg.astype(">f4"), **w_be, **attrs), want)
     check(None, w_nc, attrs, deq, xf, lg_strided, label="non-contiguous")
+
+
+# --------------------------------------------------------------------------
+# accuracy_level 4: int8 activations
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,block,zp", [(4, 0, False), (4, 32, True), (8, 0, True), (8, 128, False)])
+@pytest.mark.parametrize("act,fusion", [("swiglu", 1), ("swiglu", 0), ("gelu", 0)])
+def test_accuracy_level_4(bits, block, zp, act, fusion):
+    """int8 activations: relative L2 error against the float64 reference <= 1.5e-2 per
+    case (small layers scatter), and clearly not the float32 result."""
+    rng = np.random.default_rng(bits * 100 + block + fusion)
+    E, H, I, T = 6, 256, 128, 33
+    weights, attrs, deq = make_layer(rng, E=E, H=H, I=I, bits=bits, block=block, zero_points=zp, bias=True,
+                                     activation_type=act, swiglu_fusion=fusion,
+                                     **(GPT_OSS_SWIGLU if act == "swiglu" else {}))
+    attrs.update(k=2, normalize_routing_weights=1)
+    x, lg = inputs(rng, T, H, E)
+    ref = qmoe.reference(x, lg, **weights, **attrs)
+    y4 = qmoe.Layer(**weights, **attrs, accuracy_level=4, threads=2)(x, lg)
+    y0 = qmoe.Layer(**weights, **attrs, accuracy_level=0, threads=2)(x, lg)
+    err4 = float(np.linalg.norm(y4 - ref) / np.linalg.norm(ref))
+    err0 = float(np.linalg.norm(y0 - ref) / np.linalg.norm(ref))
+    record("vs qmoe.reference accuracy_level 4 (rel L2)", err4)
+    assert err4 <= 1.5e-2
+    assert err0 <= 1e-5 < err4
