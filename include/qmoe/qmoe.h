@@ -4,5 +4,6 @@
 #include "qmoe/error.h"
 #include "qmoe/layer.h"
 #include "qmoe/quantize.h"
+#include "qmoe/sysinfo.h"
 #include "qmoe/tensor.h"
 #include "qmoe/weights.h"

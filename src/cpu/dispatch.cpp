@@ -25,38 +25,44 @@ namespace {
 
 constexpr std::int64_t kScratch = 256 * 16;  // one dequantized chunk: 256 columns x 16 rows
 
-constexpr KernelConfig kAvx512Vnni{Isa::avx512vnni,
-                                   "avx512vnni",
-                                   16,
-                                   gemm_f32_q4_4x16__avx512,
-                                   gemm_f32_q8_4x16__avx512,
-                                   kScratch,
-                                   gemm_qd8_q4_8x16__avx512vnni,
-                                   gemm_qd8_q8_8x16__avx512vnni};
-constexpr KernelConfig kAvx512{Isa::avx512,
-                               "avx512",
-                               16,
-                               gemm_f32_q4_4x16__avx512,
-                               gemm_f32_q8_4x16__avx512,
-                               kScratch,
-                               gemm_qd8_q4_4x16__scalar,
-                               gemm_qd8_q8_4x16__scalar};
-constexpr KernelConfig kAvx2{Isa::avx2,
-                             "avx2",
-                             16,
-                             gemm_f32_q4_2x16__avx2,
-                             gemm_f32_q8_2x16__avx2,
-                             kScratch,
-                             gemm_qd8_q4_4x16__scalar,
-                             gemm_qd8_q8_4x16__scalar};
-constexpr KernelConfig kScalar{Isa::scalar,
-                               "scalar",
-                               16,
-                               gemm_f32_q4_2x16__scalar,
-                               gemm_f32_q8_2x16__scalar,
-                               kScratch,
-                               gemm_qd8_q4_4x16__scalar,
-                               gemm_qd8_q8_4x16__scalar};
+// Each table binds kernels, tile height and scratch together (designated
+// initializers: a missing field is a compile-time warning, never a null call).
+constexpr KernelConfig kAvx512Vnni{.isa = Isa::avx512vnni,
+                                   .name = "avx512vnni",
+                                   .nr = 16,
+                                   .gemm_q4 = gemm_f32_q4_4x16__avx512,
+                                   .gemm_q8 = gemm_f32_q8_4x16__avx512,
+                                   .scratch_floats = kScratch,
+                                   .igemm_q4 = gemm_qd8_q4_8x16__avx512vnni,
+                                   .igemm_q8 = gemm_qd8_q8_8x16__avx512vnni,
+                                   .peak_fma = peak_f32_fma__avx512};
+constexpr KernelConfig kAvx512{.isa = Isa::avx512,
+                               .name = "avx512",
+                               .nr = 16,
+                               .gemm_q4 = gemm_f32_q4_4x16__avx512,
+                               .gemm_q8 = gemm_f32_q8_4x16__avx512,
+                               .scratch_floats = kScratch,
+                               .igemm_q4 = gemm_qd8_q4_4x16__scalar,
+                               .igemm_q8 = gemm_qd8_q8_4x16__scalar,
+                               .peak_fma = peak_f32_fma__avx512};
+constexpr KernelConfig kAvx2{.isa = Isa::avx2,
+                             .name = "avx2",
+                             .nr = 16,
+                             .gemm_q4 = gemm_f32_q4_2x16__avx2,
+                             .gemm_q8 = gemm_f32_q8_2x16__avx2,
+                             .scratch_floats = kScratch,
+                             .igemm_q4 = gemm_qd8_q4_4x16__scalar,
+                             .igemm_q8 = gemm_qd8_q8_4x16__scalar,
+                             .peak_fma = peak_f32_fma__avx2};
+constexpr KernelConfig kScalar{.isa = Isa::scalar,
+                               .name = "scalar",
+                               .nr = 16,
+                               .gemm_q4 = gemm_f32_q4_2x16__scalar,
+                               .gemm_q8 = gemm_f32_q8_2x16__scalar,
+                               .scratch_floats = kScratch,
+                               .igemm_q4 = gemm_qd8_q4_4x16__scalar,
+                               .igemm_q8 = gemm_qd8_q8_4x16__scalar,
+                               .peak_fma = peak_f32_fma__scalar};
 
 // Tables in order of preference; the first the CPU supports wins.
 constexpr const KernelConfig* kTables[] = {&kAvx512Vnni, &kAvx512, &kAvx2, &kScalar};

@@ -32,6 +32,8 @@ struct KernelConfig {
   std::int64_t scratch_floats;  ///< scratch a GemmTileFn call needs
   GemmTileI8Fn igemm_q4;        ///< 4-bit tiles, int8 activations
   GemmTileI8Fn igemm_q8;        ///< 8-bit tiles, int8 activations
+  /// Runs `iterations` rounds of independent FMA chains; returns the flops done (the ceiling probe).
+  double (*peak_fma)(std::int64_t iterations, float seed);
 };
 
 /// The table for this process, chosen once: the best the CPU supports, or the
@@ -60,5 +62,8 @@ QMOE_IGEMM_TILE_FN(gemm_qd8_q8_4x16__scalar);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q4_8x16__avx512vnni);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q8_8x16__avx512vnni);
 #undef QMOE_IGEMM_TILE_FN
+double peak_f32_fma__scalar(std::int64_t, float);
+double peak_f32_fma__avx2(std::int64_t, float);
+double peak_f32_fma__avx512(std::int64_t, float);
 
 }  // namespace qmoe::cpu
