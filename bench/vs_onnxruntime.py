@@ -1,35 +1,50 @@
 #!/usr/bin/env python3
-"""qmoe against ONNX Runtime's com.microsoft::QMoE (CPU EP), same weights, one run.
+"""qmoe against ONNX Runtime's com.microsoft::QMoE (CPU EP): same weights, same inputs, one run.
 
-Both sides get the same raw quantized weights (ONNX Runtime's layout, made with
-qmoe.quantize) and the same inputs; the script times the median latency of one
-call per token count T for each, and compares the outputs.
+For each model shape both sides get the same raw quantized weights (ONNX
+Runtime's layout, made with qmoe.quantize) and the same rotating input sets;
+the script measures the machine's ceilings (read bandwidth, float32 FMA peak)
+with the same thread count, times one call per token count T for ONNX Runtime
+and for qmoe at each accuracy level, checks the outputs against each other and
+against the float64 reference, and prints one table per model (plus JSON and a
+plot on request).
 
-    python bench/vs_onnxruntime.py                       # gpt-oss-20b, 4-bit row-wise, 2 threads
-    python bench/vs_onnxruntime.py --threads 2 --tokens 1,16,512 --json out.json
-    python bench/vs_onnxruntime.py --model qwen3-30b-a3b --bits 4 --block 128
-    python bench/vs_onnxruntime.py --selfcheck           # tiny shapes vs a numpy float64 reference
+    python bench/vs_onnxruntime.py                                # gpt-oss-20b, T = 1,16,512,4096, 2 threads
+    python bench/vs_onnxruntime.py --models gpt-oss-20b,qwen3-30b-a3b --tokens 1,16 --json out.json --plot out.png
+    python bench/vs_onnxruntime.py --models mixtral-8x7b --tokens 1 --no-ort
+    python bench/vs_onnxruntime.py --selfcheck                    # tiny shapes: ORT and qmoe vs numpy float64
 
-The ORT model is a one-node graph whose expert weights are initializers, so
-ONNX Runtime can prepack them at session creation (its fastest CPU path), with
-normalize_routing_weights=1 (ORT's CPU kernel always renormalizes; with the
-flag set both define the same function) and weights_prepacked=0 (raw
-[E, N, K/pack] layout, the format qmoe.quantize produces).
+Why rotating inputs: a decode call (T = 1) reads only k experts, which can fit
+in the last-level cache; timing one input over and over then measures the
+cache, not DRAM (and in a real model the other layers evict this one between
+two calls). So for each T the script draws R input sets whose experts together
+exceed 4x the last-level cache (consecutive sets avoid each other's experts
+where possible; R <= 64) and cycles through them call by call, the same
+sequence for ONNX Runtime and for qmoe.
 
-Needs: numpy, onnx, onnxruntime (tested with 1.32.0) and the qmoe package.
-Without qmoe installed the script still runs the ONNX Runtime half (weights
-then come from a numpy copy of the same symmetric quantizer), to test the setup.
+The ORT model is a one-node graph whose expert weights are initializers stored
+as external data (the weight file the script writes; so models over protobuf's
+2 GiB limit work too), with normalize_routing_weights=1 (ORT's CPU kernel
+always renormalizes; with the flag set both define the same function),
+weights_prepacked=0 (the raw [E, N, K/pack] layout) and ORT's default
+accuracy_level. qmoe reads the same file through numpy memory maps.
+
+Needs numpy, onnx, onnxruntime (1.32.0 tested), the qmoe package, and
+matplotlib for --plot (bench/plot_bench.py; skipped with a note if missing).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -46,6 +61,95 @@ MODELS = {
     "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2, alpha=1.0, beta=0.0, limit=math.inf, block=32, bias=False),
     "deepseek-v3": dict(H=7168, I=2048, E=256, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),
 }
+MAX_SETS = 64               # input sets per T, at most
+MAX_SET_BYTES = 512 << 20   # inputs of one T, at most
+# ORT's session grows the process by about this many times the raw weight bytes
+# (measured: +1661 MiB for gpt-oss-20b's 382 MiB with ORT 1.32, 4-bit row-wise).
+ORT_MEMORY_FACTOR = 4.5
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- machine
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def llc_bytes():
+    """(bytes, reported): the level-3 cache of cpu0 from sysfs, else 64 MiB assumed."""
+    for i in range(16):
+        d = f"/sys/devices/system/cpu/cpu0/cache/index{i}/"
+        try:
+            with open(d + "level") as f:
+                if f.read().strip() != "3":
+                    continue
+            with open(d + "size") as f:
+                s = f.read().strip()
+        except OSError:
+            if i >= 4:
+                break
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+        digits = s[:-1] if s[-1:] in "KMG" else s
+        if digits.isdigit():
+            return int(digits) * mult, True
+    return 64 << 20, False
+
+
+def meminfo(key):
+    """A /proc/meminfo entry in bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss():
+    """(anonymous, file-backed) resident bytes of this process (Linux; zeros if unknown).
+    The weights are memory-mapped from a file, so only the anonymous part is what a
+    session or a Layer holds of its own."""
+    out = {"RssAnon": 0, "RssFile": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k = line.split(":", 1)[0]
+                if k in out:
+                    out[k] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out["RssAnon"], out["RssFile"]
+
+
+def load_average():
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def machine_info():
+    llc, reported = llc_bytes()
+    return dict(cpu_model=cpu_model(), logical_cpus=os.cpu_count(), llc_bytes=llc, llc_reported=reported,
+                mem_total_bytes=meminfo("MemTotal"), platform=platform.platform(), python=platform.python_version())
+
+
+def measure_ceilings(threads):
+    """The machine's read bandwidth (1 GiB buffer) and float32 FMA peak with `threads` threads."""
+    if qmoe is None or not hasattr(qmoe, "measure_read_bandwidth"):
+        return dict(threads=threads, read_bandwidth=None, fma_peak=None, kernel_isa=None)
+    return dict(threads=threads, read_bandwidth=qmoe.measure_read_bandwidth(threads, 1 << 30),
+                fma_peak=qmoe.measure_peak_flops(threads, 0.3), kernel_isa=qmoe.cpu_kernel_isa())
 
 
 # --------------------------------------------------------------------------- weights
@@ -72,79 +176,102 @@ def quantize(w, bits, block_size):
     return quantize_np(w, bits, block_size)
 
 
-def synth_matrix(rng, e, n, k, bits, block_size, progress):
-    """[E, N, K] Gaussian weights (std 1/sqrt(K)) quantized one expert at a time."""
-    wq = sc = None
-    for i in range(e):
-        w = rng.standard_normal((1, n, k), dtype=np.float32)
-        w *= np.float32(1.0 / math.sqrt(k))
-        q, s, zp = quantize(w, bits, block_size)
-        assert zp is None, "symmetric quantization returns no zero points"
-        q, s = np.asarray(q), np.asarray(s, dtype=np.float32)
-        if wq is None:
-            wq = np.empty((e,) + q.shape[1:], np.uint8)
-            sc = np.empty((e,) + s.shape[1:], np.float32)
-        wq[i], sc[i] = q[0], s[0]
-        progress()
-    return wq, sc
+# ONNX Runtime's input names of the arrays the script makes, in input order.
+WEIGHT_INPUTS = [("w1", "fc1_experts_weights"), ("s1", "fc1_scales"), ("b1", "fc1_experts_bias"),
+                 ("w2", "fc2_experts_weights"), ("s2", "fc2_scales"), ("b2", "fc2_experts_bias")]
 
 
-def synth_weights(cfg, bits, block_size, seed, bias=True):
+def weight_layout(cfg, bits, block):
+    """{short name: (shape, dtype)} of the raw QMoE inputs (swiglu fusion 1: FC1 has 2I rows)."""
     H, I, E = cfg["H"], cfg["I"], cfg["E"]
+    pack = 8 // bits
+    lay = dict(w1=((E, 2 * I, H // pack), np.uint8),
+               s1=((E, 2 * I) if block == 0 else (E, 2 * I, H // block), np.float32),
+               w2=((E, H, I // pack), np.uint8),
+               s2=((E, H) if block == 0 else (E, H, I // block), np.float32))
+    if cfg["bias"]:
+        lay["b1"] = ((E, 2 * I), np.float32)
+        lay["b2"] = ((E, H), np.float32)
+    return lay
+
+
+def synth_weights(cfg, bits, block, seed, path):
+    """Writes Gaussian weights (std 1/sqrt(fan_in)), quantized one expert at a time,
+    into one file (64 KiB-aligned arrays: ONNX external data) and returns
+    ({name: read-only memmap}, {name: (offset, nbytes)}). The float32 weights of
+    the whole layer never exist at once, and the quantized ones live in the page
+    cache, not in this process's anonymous memory."""
+    lay = weight_layout(cfg, bits, block)
+    offsets, pos = {}, 0
+    for name, (shape, dt) in lay.items():
+        nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+        offsets[name] = (pos, nbytes)
+        pos = (pos + nbytes + 65535) // 65536 * 65536
+    mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(pos,))
+    views = {n: mm[o:o + b].view(lay[n][1]).reshape(lay[n][0]) for n, (o, b) in offsets.items()}
     rng = np.random.default_rng(seed)
-    total, done, t0 = 2 * E, [0], time.perf_counter()
-
-    def progress():
-        done[0] += 1
-        if sys.stderr.isatty():
+    H, I, E = cfg["H"], cfg["I"], cfg["E"]
+    total, done, t0, last = 2 * E, 0, time.perf_counter(), 0.0
+    for wname, sname, n, k in (("w1", "s1", 2 * I, H), ("w2", "s2", H, I)):
+        for e in range(E):
+            w = rng.standard_normal((1, n, k), dtype=np.float32)
+            w *= np.float32(1.0 / math.sqrt(k))
+            q, s, zp = quantize(w, bits, block)
+            assert zp is None, "symmetric quantization returns no zero points"
+            del w
+            views[wname][e] = np.asarray(q)[0]
+            views[sname][e] = np.asarray(s, dtype=np.float32)[0]
+            done += 1
             el = time.perf_counter() - t0
-            print(f"\rquantizing experts {done[0]}/{total}  {el:.1f} s", end="", file=sys.stderr, flush=True)
-
-    w1, s1 = synth_matrix(rng, E, 2 * I, H, bits, block_size, progress)  # swiglu fusion 1: gate/up interleaved
-    w2, s2 = synth_matrix(rng, E, H, I, bits, block_size, progress)
-    b1 = (0.1 * rng.standard_normal((E, 2 * I))).astype(np.float32) if bias else None
-    b2 = (0.1 * rng.standard_normal((E, H))).astype(np.float32) if bias else None
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    return dict(w1=w1, s1=s1, b1=b1, w2=w2, s2=s2, b2=b2)
-
-
-def rss_bytes():
-    """VmRSS of this process (Linux), bytes; 0 if unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+            if el - last >= 5 or done == total:
+                last = el
+                log(f"  quantized {done}/{total} expert matrices, {el:.0f} s")
+    if cfg["bias"]:
+        views["b1"][...] = 0.1 * rng.standard_normal(lay["b1"][0])
+        views["b2"][...] = 0.1 * rng.standard_normal(lay["b2"][0])
+    mm.flush()
+    del views, mm
+    ro = np.memmap(path, dtype=np.uint8, mode="r")
+    W = {n: ro[o:o + b].view(lay[n][1]).reshape(lay[n][0]) for n, (o, b) in offsets.items()}
+    return W, offsets
 
 
-def weight_bytes_per_expert(W):
-    n = sum(W[k].nbytes for k in ("w1", "s1", "w2", "s2"))
-    n += sum(W[k].nbytes for k in ("b1", "b2") if W[k] is not None)
-    return n / W["w1"].shape[0]
+def qmoe_kwargs(W, cfg, bits, block):
+    """qmoe's keyword arguments (ONNX Runtime's names) for the weights W."""
+    kw = {ort_name: W.get(short) for short, ort_name in WEIGHT_INPUTS}
+    kw.update(k=cfg["k"], activation_type="swiglu", normalize_routing_weights=1, expert_weight_bits=bits,
+              block_size=block, swiglu_fusion=1, swiglu_limit=float(cfg["limit"]),
+              activation_alpha=float(cfg["alpha"]), activation_beta=float(cfg["beta"]))
+    return kw
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
 
-def ort_session(W, cfg, bits, block_size, threads):
+def ort_model_file(W, offsets, cfg, bits, block, weight_path):
+    """Writes the one-node QMoE model next to the weight file (external data) and returns its path."""
     import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     H, E = cfg["H"], cfg["E"]
-    names = ["fc1_experts_weights", "fc1_scales", "fc1_experts_bias", "fc2_experts_weights", "fc2_scales",
-             "fc2_experts_bias"]
-    arrays = [W["w1"], W["s1"], W["b1"], W["w2"], W["s2"], W["b2"]]
-    inits = [numpy_helper.from_array(a, n) for n, a in zip(names, arrays) if a is not None]
-    inputs = ["input", "router_probs"] + [n if a is not None else "" for n, a in zip(names, arrays)]
+    inits, inputs = [], ["input", "router_probs"]
+    for short, name in WEIGHT_INPUTS:
+        if short not in W:
+            inputs.append("")
+            continue
+        a = W[short]
+        t = TensorProto(name=name, data_type=TensorProto.UINT8 if a.dtype == np.uint8 else TensorProto.FLOAT,
+                        dims=list(a.shape), data_location=TensorProto.EXTERNAL)
+        off, nbytes = offsets[short]
+        for key, value in (("location", os.path.basename(weight_path)), ("offset", str(off)), ("length", str(nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        inits.append(t)
+        inputs.append(name)
     attrs = dict(k=cfg["k"], activation_type="swiglu", normalize_routing_weights=1, use_sparse_mixer=0,
                  expert_weight_bits=bits, swiglu_fusion=1, activation_alpha=float(cfg["alpha"]),
                  activation_beta=float(cfg["beta"]), weights_prepacked=0)
-    if block_size:
-        attrs["block_size"] = block_size
+    if block:
+        attrs["block_size"] = block
     if math.isfinite(cfg["limit"]):
         attrs["swiglu_limit"] = float(cfg["limit"])
     node = helper.make_node("QMoE", inputs, ["output"], domain="com.microsoft", **attrs)
@@ -156,31 +283,323 @@ def ort_session(W, cfg, bits, block_size, threads):
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10)
-    blob = model.SerializeToString()
-    del model, graph, inits
+    path = os.path.join(os.path.dirname(weight_path), "qmoe_bench.onnx")
+    onnx.save_model(model, path)
+    return path
+
+
+def ort_session(model_path, threads):
+    import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-    del blob
-    gc.collect()
-    return sess
+    return ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
 
 
-# --------------------------------------------------------------------------- qmoe
+# --------------------------------------------------------------------------- inputs
 
-def qmoe_layer(W, cfg, bits, block_size, threads):
-    return qmoe.Layer(
-        fc1_experts_weights=W["w1"], fc1_scales=W["s1"], fc1_experts_bias=W["b1"],
-        fc2_experts_weights=W["w2"], fc2_scales=W["s2"], fc2_experts_bias=W["b2"],
-        k=cfg["k"], activation_type="swiglu", normalize_routing_weights=1, expert_weight_bits=bits,
-        block_size=block_size, swiglu_fusion=1, swiglu_limit=float(cfg["limit"]),
-        activation_alpha=float(cfg["alpha"]), activation_beta=float(cfg["beta"]), threads=threads)
+def route_mask(logits, k):
+    """[E] bool: the experts in the top-k of some token (ties: lower index first)."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    used = np.zeros(logits.shape[1], bool)
+    used[order.ravel()] = True
+    return used
 
 
-# --------------------------------------------------------------------------- reference (selfcheck)
+def draw_set(rng, T, H, E, k):
+    x = rng.standard_normal((T, H), dtype=np.float32)
+    lg = (1.5 * rng.standard_normal((T, E))).astype(np.float32)
+    x[x == 0], lg[lg == 0] = 1e-3, 1e-3  # never exact zeros
+    return dict(x=x, logits=lg, used=route_mask(lg, k))
+
+
+def rotating_sets(rng, T, cfg, bytes_per_expert, target):
+    """The input sets of one T (see the module docstring: why rotate). Sets are
+    drawn until the experts they touch together exceed `target` bytes, or cover
+    every expert, or number MAX_SETS; each is the best of up to 32 draws at
+    sharing no expert with the set before it (the last one also with the first,
+    since the cycle wraps)."""
+    H, E, k = cfg["H"], cfg["E"], cfg["k"]
+    max_sets = max(1, min(MAX_SETS, MAX_SET_BYTES // (4 * T * (H + E))))
+
+    def draw(avoid):
+        best, best_ov = None, None
+        for _ in range(32):
+            c = draw_set(rng, T, H, E, k)
+            ov = sum(int((c["used"] & a["used"]).sum()) for a in avoid)
+            if best is None or ov < best_ov:
+                best, best_ov = c, ov
+            if not avoid or best_ov == 0 or c["used"].all():
+                break
+        return best
+
+    sets, union = [], np.zeros(E, bool)
+    while True:
+        s = draw(sets[-1:])
+        sets.append(s)
+        union |= s["used"]
+        if union.sum() * bytes_per_expert >= target or union.all() or len(sets) >= max_sets:
+            break
+    if len(sets) > 2:
+        def ov(c):
+            return int((c["used"] & sets[-2]["used"]).sum() + (c["used"] & sets[0]["used"]).sum())
+        last = draw([sets[-2], sets[0]])
+        if ov(last) < ov(sets[-1]):
+            sets[-1] = last
+    return sets
+
+
+# --------------------------------------------------------------------------- timing and errors
+
+def time_rotating(call, nsets, min_runs, min_time, max_time):
+    """Warm-up: each set once (the outputs are returned). Then calls cycling through
+    the sets until >= min_runs calls and >= min_time seconds, or max_time seconds.
+    Returns (outputs per set, first-call seconds, [(set, seconds)] of the timed calls)."""
+    outs, warm = [], None
+    for r in range(nsets):
+        a = time.perf_counter()
+        outs.append(np.asarray(call(r)))
+        if warm is None:
+            warm = time.perf_counter() - a
+    calls, t0, i = [], time.perf_counter(), 0
+    while True:
+        r = i % nsets
+        a = time.perf_counter()
+        call(r)
+        calls.append((r, time.perf_counter() - a))
+        i += 1
+        el = time.perf_counter() - t0
+        if (len(calls) >= min_runs and el >= min_time) or el >= max_time:
+            break
+    return outs, warm, calls
+
+
+def summarize(calls, sets, T, cfg, bytes_per_expert, flops_per_call, ceilings):
+    times = [dt for _, dt in calls]
+    med = statistics.median(times)
+    gbps = statistics.median(int(sets[r]["used"].sum()) * bytes_per_expert / dt / 1e9 for r, dt in calls)
+    gflops = flops_per_call / med / 1e9
+    bw, peak = ceilings.get("read_bandwidth"), ceilings.get("fma_peak")
+    return dict(ms=1e3 * med, min_ms=1e3 * min(times), runs=len(times), tokens_per_s=T / med, weight_gbps=gbps,
+                bandwidth_fraction=gbps * 1e9 / bw if bw else None, gflops=gflops,
+                peak_fraction=gflops * 1e9 / peak if peak else None)
+
+
+def rel_max(a, b):
+    """max|a - b| / max|b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def errors_vs(outs, ref_outs):
+    """max over all sets of |a - b| divided by max |b|."""
+    num = max(float(np.abs(np.asarray(a, np.float64) - b).max()) for a, b in zip(outs, ref_outs))
+    den = max(float(np.abs(b).max()) for b in ref_outs)
+    return num / max(den, 1e-300)
+
+
+def errors_vs_reference(outs, rows, ref):
+    """(max|y - ref| / max|ref|, rel L2) on the sample rows [(set, row)]."""
+    if ref is None or not rows:
+        return None, None
+    y = np.stack([np.asarray(outs[s][r], np.float64) for s, r in rows])
+    d = y - ref
+    return (float(np.abs(d).max() / max(np.abs(ref).max(), 1e-300)),
+            float(np.linalg.norm(d) / max(np.linalg.norm(ref), 1e-300)))
+
+
+# --------------------------------------------------------------------------- one model
+
+def run_model(name, a, ceilings, llc):
+    """Synthesizes one model's weights, times ORT and qmoe (each level) on the same
+    rotating inputs, and returns the model's results (a JSON-able dict)."""
+    cfg = dict(MODELS[name])
+    block = a.block if a.block is not None else cfg["block"]
+    H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
+    res = dict(model=name, shape=dict(hidden=H, inter=I, experts=E, k=k), bits=a.bits, block_size=block,
+               attributes=dict(activation_type="swiglu", swiglu_fusion=1, activation_alpha=cfg["alpha"],
+                               activation_beta=cfg["beta"], swiglu_limit=cfg["limit"] if math.isfinite(cfg["limit"])
+                               else None, normalize_routing_weights=1, biases=cfg["bias"]),
+               dtype="float32", threads=a.threads, ceilings=ceilings, load_average_start=load_average())
+    layout = f"block {block}" if block else "row-wise"
+    log(f"{name}: H={H} I={I} E={E} k={k}, {a.bits}-bit {layout}: synthesizing the weights")
+    workdir = tempfile.mkdtemp(prefix=f"qmoe-bench-{name}-", dir=a.workdir)
+    try:
+        weight_path = os.path.join(workdir, "weights.bin")
+        t0 = time.perf_counter()
+        W, offsets = synth_weights(cfg, a.bits, block, a.seed, weight_path)
+        raw = sum(v.nbytes for v in W.values())
+        per_expert = raw / E
+        flops_tok = 2.0 * (2 * I * H + H * I) * k  # per token: k experts, FC1 (2I x H) and FC2 (H x I)
+        res.update(raw_weight_bytes=raw, weight_bytes_per_expert=per_expert, synth_s=time.perf_counter() - t0)
+        log(f"  {raw / 2**20:.1f} MiB raw quantized weights ({res['synth_s']:.0f} s)")
+
+        # Inputs: rotating sets per T; sample rows for the float64 reference.
+        rng = np.random.default_rng(a.seed + 1000)
+        target = 4 * llc
+        rows_out, ref = [], {}
+        for T in a.tokens:
+            sets = rotating_sets(rng, T, cfg, per_expert, target)
+            n = min(a.ref_tokens, T * len(sets))
+            rows = [(j % len(sets), 0 if n == 1 else j * (T - 1) // (n - 1)) for j in range(n)]
+            touched = [int(s["used"].sum()) for s in sets]
+            union = np.any([s["used"] for s in sets], axis=0)
+            rows_out.append(dict(tokens=T, input_sets=len(sets), experts_touched_mean=float(np.mean(touched)),
+                                 experts_touched_all_sets=int(union.sum()),
+                                 weight_bytes_per_call_mean=float(np.mean(touched)) * per_expert,
+                                 flops_per_call=flops_tok * T, ref_rows=rows, sides={}, _sets=sets))
+            if rows and qmoe is not None:
+                x = np.stack([sets[s]["x"][r] for s, r in rows])
+                lg = np.stack([sets[s]["logits"][r] for s, r in rows])
+                ref[T] = qmoe.reference(x, lg, **qmoe_kwargs(W, cfg, a.bits, block))
+        log(f"  input sets per T (rotation over > {target / 2**20:.0f} MiB of experts): "
+            + ", ".join(f"T={r['tokens']}: {r['input_sets']}" for r in rows_out))
+
+        def run_side(label, call_for, skip_T=None):
+            """Times one side over every T; returns the outputs per T (None when skipped)."""
+            outs_by_T = {}
+            for r in rows_out:
+                T, sets = r["tokens"], r["_sets"]
+                if skip_T is not None and skip_T(T):
+                    r["sides"][label] = dict(skipped=skip_T(T))
+                    continue
+                call = call_for(sets)
+                log(f"  timing {label} T={T} ({len(sets)} input sets)")
+                outs, warm, calls = time_rotating(call, len(sets), a.min_runs, a.min_time, a.max_time)
+                s = summarize(calls, sets, T, cfg, per_expert, r["flops_per_call"], ceilings)
+                s["warmup_ms"] = 1e3 * warm
+                s["max_err_vs_ref"], s["rel_l2_vs_ref"] = errors_vs_reference(outs, r["ref_rows"], ref.get(T))
+                r["sides"][label] = s
+                outs_by_T[T] = outs
+            return outs_by_T
+
+        # ---- ONNX Runtime
+        ort_outs = {}
+        est, avail = ORT_MEMORY_FACTOR * raw, meminfo("MemAvailable")
+        if a.no_ort:
+            res["ort"] = dict(skipped="--no-ort")
+        elif avail and est + (1 << 30) > avail:
+            res["ort"] = dict(skipped=f"session would need ~{est / 2**30:.1f} GiB ({ORT_MEMORY_FACTOR}x the raw "
+                                      f"weights), {avail / 2**30:.1f} GiB available")
+        else:
+            import onnxruntime as ort
+            model_path = ort_model_file(W, offsets, cfg, a.bits, block, weight_path)
+            gc.collect()
+            r0 = rss()
+            t0 = time.perf_counter()
+            sess = ort_session(model_path, a.threads)
+            load_s = time.perf_counter() - t0
+            r1 = rss()
+            res["ort"] = dict(version=ort.__version__, session_s=load_s, rss_anon_growth=r1[0] - r0[0],
+                              rss_file_growth=r1[1] - r0[1])
+            log(f"  ORT session: {load_s:.1f} s, RSS +{(r1[0] - r0[0]) / 2**20:.0f} MiB anonymous, "
+                f"+{(r1[1] - r0[1]) / 2**20:.0f} MiB file-backed")
+
+            def ort_call(sets):
+                return lambda i: sess.run(None, {"input": sets[i]["x"], "router_probs": sets[i]["logits"]})[0]
+
+            skip = None
+            if a.skip_ort_above:
+                skip = lambda T: f"T > {a.skip_ort_above} (--skip-ort-above)" if T > a.skip_ort_above else None  # noqa: E731
+            ort_outs = run_side("ort", ort_call, skip)
+            del sess
+            gc.collect()
+        if "skipped" in res["ort"]:
+            log(f"  ORT skipped: {res['ort']['skipped']}")
+
+        # ---- qmoe, one Layer per accuracy level (built, timed, freed in turn)
+        res["qmoe"] = {}
+        if qmoe is not None:
+            for lvl in a.accuracy_levels:
+                gc.collect()
+                r0 = rss()
+                t0 = time.perf_counter()
+                layer = qmoe.Layer(**qmoe_kwargs(W, cfg, a.bits, block), accuracy_level=lvl, threads=a.threads)
+                load_s = time.perf_counter() - t0
+                r1 = rss()
+                res["qmoe"][str(lvl)] = dict(layer_s=load_s, rss_anon_growth=r1[0] - r0[0],
+                                             packed_bytes=layer.packed_bytes, kernel=layer.kernel_name)
+                log(f"  qmoe Layer (accuracy_level {lvl}): {load_s:.2f} s, RSS +{(r1[0] - r0[0]) / 2**20:.0f} MiB "
+                    f"anonymous, {layer.kernel_name}")
+
+                def q_call(sets, layer=layer):
+                    return lambda i: layer(sets[i]["x"], sets[i]["logits"])
+
+                label = f"qmoe{lvl}"
+                outs = run_side(label, q_call)
+                for r in rows_out:
+                    s, T = r["sides"][label], r["tokens"]
+                    s["max_err_vs_ort"] = errors_vs(outs[T], ort_outs[T]) if T in ort_outs else None
+                    o = r["sides"].get("ort", {})
+                    s["speedup_vs_ort"] = o["ms"] / s["ms"] if "ms" in o else None
+                del layer, outs
+        for r in rows_out:
+            del r["_sets"]
+        res["results"] = rows_out
+        res["load_average_end"] = load_average()
+        return res
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- output
+
+def fmt_pct(frac):
+    return "-" if frac is None else f"{100 * frac:.0f}%"
+
+
+def fmt_e(v):
+    return "-" if v is None else f"{v:.1e}"
+
+
+def print_table(res, ceilings, levels):
+    H, I, E, k = (res["shape"][n] for n in ("hidden", "inter", "experts", "k"))
+    layout = f"block {res['block_size']}" if res["block_size"] else "row-wise"
+    bw, peak = ceilings.get("read_bandwidth"), ceilings.get("fma_peak")
+    print(f"\n{res['model']}: H={H} I={I} E={E} k={k}, {res['bits']}-bit {layout} symmetric, float32, "
+          f"{res['raw_weight_bytes'] / 2**20:.1f} MiB raw weights; {ceilings['threads']} thread(s)")
+    if bw:
+        print(f"ceilings ({ceilings['threads']} threads): read bandwidth {bw / 1e9:.1f} GB/s, "
+              f"float32 FMA peak {peak / 1e9:.1f} GFLOP/s ({ceilings['kernel_isa']})")
+    o = res.get("ort", {})
+    if "skipped" in o:
+        print(f"ONNX Runtime: skipped ({o['skipped']})")
+    else:
+        print(f"ONNX Runtime {o['version']}: session {o['session_s']:.1f} s, RSS +{o['rss_anon_growth'] / 2**20:.0f} MiB")
+    for lvl, q in res["qmoe"].items():
+        print(f"qmoe accuracy_level {lvl}: Layer {q['layer_s']:.2f} s, RSS +{q['rss_anon_growth'] / 2**20:.0f} MiB "
+              f"(packed {q['packed_bytes'] / 2**20:.1f} MiB), {q['kernel']}")
+    hdr = (f"{'T':>5} {'sets':>4} {'experts':>9}  {'side':<8} {'ms':>10} {'speed-up':>8} {'tok/s':>9} "
+           f"{'GB/s':>7} {'BW%':>4} {'GFLOP/s':>8} {'peak%':>5} {'|q-ort|/|ort|':>13} {'relL2 vs f64':>12}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in res["results"]:
+        first = True
+        for label in ["ort"] + [f"qmoe{lvl}" for lvl in levels]:
+            s = r["sides"].get(label)
+            if s is None:
+                continue
+            lead = (f"{r['tokens']:>5} {r['input_sets']:>4} {r['experts_touched_mean']:>5.1f}/{E:<3}" if first
+                    else " " * 20)
+            first = False
+            side = "ORT" if label == "ort" else f"qmoe L{label[4:]}"
+            if "skipped" in s:
+                print(f"{lead}  {side:<8} {'skipped':>10}")
+                continue
+            sp = s.get("speedup_vs_ort")
+            print(f"{lead}  {side:<8} {s['ms']:>10.2f} {('%.1fx' % sp) if sp else '-':>8} {s['tokens_per_s']:>9.1f} "
+                  f"{s['weight_gbps']:>7.2f} {fmt_pct(s['bandwidth_fraction']):>4} {s['gflops']:>8.1f} "
+                  f"{fmt_pct(s['peak_fraction']):>5} {fmt_e(s.get('max_err_vs_ort')):>13} "
+                  f"{fmt_e(s['rel_l2_vs_ref']):>12}")
+    print("(ms: median per call over rotating input sets; GB/s: a call's touched expert bytes / its time, median;"
+          "\n BW%, peak%: of the measured ceilings; |q-ort|/|ort|: max|qmoe - ORT| / max|ORT| over the sets;"
+          "\n relL2 vs f64: on sampled tokens against qmoe.reference)")
+
+
+# --------------------------------------------------------------------------- selfcheck
 
 def dequantize_np(wq, s, bits, block_size, k):
     if bits == 4:
@@ -196,7 +615,7 @@ def dequantize_np(wq, s, bits, block_size, k):
 
 
 def reference_np(W, cfg, bits, block_size, x, logits):
-    """float64 forward of DESIGN §1 (swiglu fusion 1, normalized routing)."""
+    """float64 forward of DESIGN §1 (swiglu fusion 1, normalized routing), written apart from qmoe."""
     H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
     x, logits = x.astype(np.float64), logits.astype(np.float64)
     out = np.zeros_like(x)
@@ -208,198 +627,165 @@ def reference_np(W, cfg, bits, block_size, x, logits):
         for e, wt in zip(order, wts):
             w1 = dequantize_np(W["w1"][e:e + 1], W["s1"][e:e + 1], bits, block_size, H)[0]
             w2 = dequantize_np(W["w2"][e:e + 1], W["s2"][e:e + 1], bits, block_size, I)[0]
-            h = w1 @ x[t] + (W["b1"][e] if W["b1"] is not None else 0)
+            h = w1 @ x[t] + (W["b1"][e] if "b1" in W else 0)
             g, l = np.minimum(h[0::2], cfg["limit"]), np.clip(h[1::2], -cfg["limit"], cfg["limit"])
-            a = g / (1 + np.exp(-cfg["alpha"] * g)) * (l + cfg["beta"])
-            out[t] += wt * (w2 @ a + (W["b2"][e] if W["b2"] is not None else 0))
+            act = g / (1 + np.exp(-cfg["alpha"] * g)) * (l + cfg["beta"])
+            out[t] += wt * (w2 @ act + (W["b2"][e] if "b2" in W else 0))
     return out
 
 
-# --------------------------------------------------------------------------- timing
-
-def touched_experts(logits, k):
-    """Distinct experts in the top-k of each token (ties: lower index first)."""
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return len(np.unique(order))
-
-
-def time_fn(fn, min_runs, min_time, max_time):
-    fn()  # warm-up
-    times, t0 = [], time.perf_counter()
-    while True:
-        a = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - a)
-        el = time.perf_counter() - t0
-        if (len(times) >= min_runs and el >= min_time) or el >= max_time:
-            break
-    return statistics.median(times), len(times)
-
-
-def rel_max(a, b):
-    """max|a - b| / max|b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
-
-
 def selfcheck(threads):
-    """Tiny shapes: ORT and qmoe against the numpy float64 reference."""
+    """Tiny shapes: ORT and qmoe (levels 0 and 4) against the numpy float64 reference."""
     ok = True
-    for bits in (4, 8):
-        for block in (0, 32):
-            cfg = dict(H=64, I=96, E=6, k=2, alpha=1.702, beta=1.0, limit=7.0, block=block, bias=True)
-            if block == 0:
-                cfg["I"] = 48
-            W = synth_weights(cfg, bits, block, seed=7)
-            rng = np.random.default_rng(3)
-            x = rng.standard_normal((5, cfg["H"]), dtype=np.float32)
-            lg = (1.5 * rng.standard_normal((5, cfg["E"]))).astype(np.float32)
-            ref = reference_np(W, cfg, bits, block, x, lg)
-            y_ort = ort_session(W, cfg, bits, block, threads).run(None, {"input": x, "router_probs": lg})[0]
-            # ORT has no float32 kernel for block-wise 8-bit experts: it quantizes the
-            # activations to int8 there, so only a loose agreement is expected.
-            ort_tol = 3e-2 if (bits == 8 and block) else 1e-4
-            line = f"selfcheck bits={bits} block={block}: ort vs ref {rel_max(y_ort, ref):.2e} (tol {ort_tol:g})"
-            ok &= rel_max(y_ort, ref) < ort_tol
-            if qmoe is not None:
-                y_q = np.asarray(qmoe_layer(W, cfg, bits, block, threads)(x, lg))
-                line += f", qmoe vs ref {rel_max(y_q, ref):.2e}"
-                ok &= rel_max(y_q, ref) < 1e-4
-            print(line)
+    with tempfile.TemporaryDirectory(prefix="qmoe-selfcheck-") as d:
+        for bits in (4, 8):
+            for block in (0, 32):
+                cfg = dict(H=64, I=96 if block else 48, E=6, k=2, alpha=1.702, beta=1.0, limit=7.0, block=block,
+                           bias=True)
+                path = os.path.join(d, f"w{bits}_{block}.bin")
+                W, offsets = synth_weights(cfg, bits, block, 7, path)
+                rng = np.random.default_rng(3)
+                x = rng.standard_normal((5, cfg["H"]), dtype=np.float32)
+                lg = (1.5 * rng.standard_normal((5, cfg["E"]))).astype(np.float32)
+                ref = reference_np(W, cfg, bits, block, x, lg)
+                sess = ort_session(ort_model_file(W, offsets, cfg, bits, block, path), threads)
+                y_ort = sess.run(None, {"input": x, "router_probs": lg})[0]
+                # ORT has no float32 kernel for block-wise 8-bit experts: it quantizes the
+                # activations to int8 there, so only a loose agreement is expected.
+                ort_tol = 3e-2 if (bits == 8 and block) else 1e-4
+                line = f"selfcheck bits={bits} block={block}: ort vs ref {rel_max(y_ort, ref):.2e} (tol {ort_tol:g})"
+                ok &= rel_max(y_ort, ref) < ort_tol
+                if qmoe is not None:
+                    for lvl, tol in ((0, 1e-4), (4, 5e-2)):
+                        layer = qmoe.Layer(**qmoe_kwargs(W, cfg, bits, block), accuracy_level=lvl, threads=threads)
+                        err = rel_max(layer(x, lg), ref)
+                        line += f", qmoe L{lvl} vs ref {err:.2e} (tol {tol:g})"
+                        ok &= err < tol
+                    ok &= rel_max(qmoe.reference(x, lg, **qmoe_kwargs(W, cfg, bits, block)), ref) < 1e-12
+                print(line)
+                del sess, W
     print("selfcheck:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
 
 # --------------------------------------------------------------------------- main
 
+def int_list(text, what):
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), default="gpt-oss-20b")
+    ap.add_argument("--models", default="gpt-oss-20b",
+                    help=f"comma-separated shapes: {', '.join(MODELS)} (default gpt-oss-20b)")
+    ap.add_argument("--model", dest="models", help=argparse.SUPPRESS)  # the old spelling
+    ap.add_argument("--tokens", default="1,16,512,4096", help="token counts T, comma-separated (default 1,16,512,4096)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="ORT intra_op_num_threads, qmoe threads and the ceilings' threads (default 2)")
+    ap.add_argument("--accuracy-levels", default="0,4",
+                    help="qmoe accuracy levels to time, comma-separated (default 0,4); ORT runs with its default")
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--block", type=int, default=None,
-                    help="0 = one scale per row; else a power of two >= 16 (default: the model's)")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra_op_num_threads and qmoe threads (default 2)")
-    ap.add_argument("--tokens", default="1,16,512", help="comma-separated token counts (default 1,16,512)")
+                    help="0 = one scale per row; else a power of two >= 16 (default: each model's: gpt-oss-20b "
+                         "row-wise, the others 128 or 32)")
+    ap.add_argument("--skip-ort-above", type=int, default=0, metavar="T",
+                    help="do not time ONNX Runtime for token counts above T (it can take minutes at T=4096); "
+                         "0 = never skip (default)")
+    ap.add_argument("--no-ort", action="store_true", help="time qmoe only")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ref-tokens", type=int, default=4, help="tokens per T checked against float64 (default 4)")
     ap.add_argument("--min-runs", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per T and side, at least (default 1)")
-    ap.add_argument("--max-time", type=float, default=10.0, help="seconds per T and side, at most (default 10)")
-    ap.add_argument("--no-qmoe", action="store_true", help="time ONNX Runtime only")
+    ap.add_argument("--max-time", type=float, default=10.0,
+                    help="seconds per T and side, at most, after the warm-up pass (default 10)")
+    ap.add_argument("--workdir", default=None, help="where the weight files go (default: the temp directory)")
+    ap.add_argument("--json", metavar="FILE", help="write everything as JSON")
+    ap.add_argument("--plot", metavar="FILE.png", help="plot time, GB/s and GFLOP/s vs T (needs matplotlib)")
     ap.add_argument("--selfcheck", action="store_true", help="tiny shapes vs a numpy float64 reference, then exit")
-    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     a = ap.parse_args(argv)
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    for m in a.models:
+        if m not in MODELS:
+            ap.error(f"--models: unknown model {m!r}; expected some of {', '.join(MODELS)}")
     try:
-        a.tokens = [int(t) for t in a.tokens.split(",")]
-    except ValueError:
-        ap.error(f"--tokens: expected comma-separated integers, got {a.tokens!r}")
-    if any(t < 1 for t in a.tokens):
+        a.tokens = int_list(a.tokens, "--tokens")
+        a.accuracy_levels = int_list(a.accuracy_levels, "--accuracy-levels")
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
+    if not a.tokens or any(t < 1 for t in a.tokens):
         ap.error("--tokens: every T must be >= 1")
+    if any(lv not in (0, 1, 2, 3, 4) for lv in a.accuracy_levels):
+        ap.error("--accuracy-levels: expected values in 0..4")
     if a.threads < 1:
         ap.error("--threads: expected >= 1")
-    cfg = MODELS[a.model]
-    if a.block is None:
-        a.block = cfg["block"]
-    if a.block and (a.block < 16 or a.block & (a.block - 1) or cfg["H"] % a.block or cfg["I"] % a.block):
-        ap.error(f"--block: expected 0 or a power of two >= 16 dividing H={cfg['H']} and I={cfg['I']}")
+    if a.skip_ort_above < 0:
+        ap.error("--skip-ort-above: expected >= 0")
+    for m in a.models:
+        cfg = MODELS[m]
+        b = cfg["block"] if a.block is None else a.block
+        if b and (b < 16 or b & (b - 1) or cfg["H"] % b or cfg["I"] % b):
+            ap.error(f"--block: expected 0 or a power of two >= 16 dividing H={cfg['H']} and I={cfg['I']} of {m}")
+    for path in (a.json, a.plot):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     return a
 
 
 def main(argv=None):
+    a = parse_args(argv)
     import onnxruntime as ort
 
-    a = parse_args(argv)
     if a.selfcheck:
         return selfcheck(a.threads)
-    run_qmoe = qmoe is not None and not a.no_qmoe
     if qmoe is None:
         print("note: the qmoe package is not installed; timing ONNX Runtime only "
-              "(weights from the numpy copy of the quantizer)", file=sys.stderr)
-    cfg = dict(MODELS[a.model])
-    H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
-    layout = f"block {a.block}" if a.block else "row-wise"
-    print(f"{a.model}: H={H} I={I} E={E} k={k} swiglu(fusion 1, alpha {cfg['alpha']}, beta {cfg['beta']}, "
-          f"limit {cfg['limit']}){', biases' if cfg['bias'] else ''}; {a.bits}-bit {layout} symmetric, float32; "
-          f"{a.threads} thread(s)")
-    print(f"onnxruntime {ort.__version__}" + (f", qmoe {getattr(qmoe, '__version__', '?')}" if run_qmoe else ""))
-
-    t0 = time.perf_counter()
-    W = synth_weights(cfg, a.bits, a.block, a.seed, bias=cfg["bias"])
-    per_expert = weight_bytes_per_expert(W)
-    print(f"weights: {per_expert * E / 2**20:.1f} MiB raw quantized ({time.perf_counter() - t0:.1f} s to synthesize)")
-
-    # Memory: RSS growth of each side's load (the raw arrays W stay alive meanwhile).
-    rss0 = rss_bytes()
-    t0 = time.perf_counter()
-    sess = ort_session(W, cfg, a.bits, a.block, a.threads)
-    t_ort_load = time.perf_counter() - t0
-    rss1 = rss_bytes()
-    layer, t_q_load, rss2 = None, 0.0, rss1
-    if run_qmoe:
-        t0 = time.perf_counter()
-        layer = qmoe_layer(W, cfg, a.bits, a.block, a.threads)
-        t_q_load = time.perf_counter() - t0
-        rss2 = rss_bytes()
-    mib = 2.0 ** 20
-    print(f"load: ORT session {t_ort_load:.2f} s, RSS {(rss1 - rss0) / mib:+.0f} MiB"
-          + (f"; qmoe Layer {t_q_load:.2f} s, RSS {(rss2 - rss1) / mib:+.0f} MiB" if run_qmoe else "")
-          + f" (raw weights {per_expert * E / mib:.0f} MiB)")
-    del W
-    gc.collect()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    if load > 0.5:
-        print(f"note: load average {load:.2f}: other processes compete for the cores, timings may be noisy")
-
-    rng = np.random.default_rng(a.seed + 1000)
-    rows = []
-    for T in a.tokens:
-        x = rng.standard_normal((T, H), dtype=np.float32)
-        lg = (1.5 * rng.standard_normal((T, E))).astype(np.float32)
-        x[x == 0], lg[lg == 0] = 1e-3, 1e-3  # never exact zeros
-        touched = touched_experts(lg, k)
-        feeds = {"input": x, "router_probs": lg}
-        y_ort = sess.run(None, feeds)[0]
-        t_ort, n_ort = time_fn(lambda: sess.run(None, feeds), a.min_runs, a.min_time, a.max_time)
-        row = dict(tokens=T, experts_touched=touched, weight_bytes_touched=per_expert * touched,
-                   ort_ms=1e3 * t_ort, ort_runs=n_ort, ort_tokens_per_s=T / t_ort,
-                   ort_weight_gbps=per_expert * touched / t_ort / 1e9)
-        if run_qmoe:
-            y_q = np.asarray(layer(x, lg))
-            t_q, n_q = time_fn(lambda: layer(x, lg), a.min_runs, a.min_time, a.max_time)
-            row.update(qmoe_ms=1e3 * t_q, qmoe_runs=n_q, qmoe_tokens_per_s=T / t_q,
-                       qmoe_weight_gbps=per_expert * touched / t_q / 1e9, speedup=t_ort / t_q,
-                       max_abs_diff_over_max_ort=rel_max(y_q, y_ort))
-        rows.append(row)
-        print(f"  T={T}: ORT {1e3 * t_ort:.2f} ms ({n_ort} runs)"
-              + (f", qmoe {row['qmoe_ms']:.2f} ms ({row['qmoe_runs']} runs)" if run_qmoe else ""), flush=True)
-
-    print()
-    if run_qmoe:
-        print(f"{'T':>6} {'ORT ms':>10} {'qmoe ms':>10} {'speed-up':>9} {'ORT tok/s':>11} {'qmoe tok/s':>11} "
-              f"{'experts':>8} {'qmoe GB/s':>10} {'max|q-ort|/max|ort|':>20}")
-        for r in rows:
-            print(f"{r['tokens']:>6} {r['ort_ms']:>10.2f} {r['qmoe_ms']:>10.2f} {r['speedup']:>8.2f}x "
-                  f"{r['ort_tokens_per_s']:>11.1f} {r['qmoe_tokens_per_s']:>11.1f} "
-                  f"{r['experts_touched']:>4}/{E:<3} {r['qmoe_weight_gbps']:>10.2f} "
-                  f"{r['max_abs_diff_over_max_ort']:>20.2e}")
-    else:
-        print(f"{'T':>6} {'ORT ms':>10} {'ORT tok/s':>11} {'experts':>8} {'ORT GB/s':>10}")
-        for r in rows:
-            print(f"{r['tokens']:>6} {r['ort_ms']:>10.2f} {r['ort_tokens_per_s']:>11.1f} "
-                  f"{r['experts_touched']:>4}/{E:<3} {r['ort_weight_gbps']:>10.2f}")
-    print("(GB/s: raw quantized bytes of the distinct experts a call touches / median time)")
-
+              "(weights from the numpy copy of the quantizer, no ceilings, no float64 check)", file=sys.stderr)
+    machine = machine_info()
+    llc = machine["llc_bytes"]
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"qmoe vs ONNX Runtime QMoE (CPU), {date}")
+    print(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, "
+          f"LLC {llc / 2**20:.0f} MiB{'' if machine['llc_reported'] else ' (not reported: assumed)'}, "
+          f"{machine['mem_total_bytes'] / 2**30:.1f} GiB RAM, load average {load_average():.2f}")
+    print(f"onnxruntime {ort.__version__}, qmoe {getattr(qmoe, '__version__', '-')}, numpy {np.__version__}")
+    log(f"measuring the ceilings with {a.threads} thread(s)")
+    ceilings = measure_ceilings(a.threads)
+    if ceilings["read_bandwidth"]:
+        print(f"ceilings ({a.threads} threads): read bandwidth {ceilings['read_bandwidth'] / 1e9:.1f} GB/s "
+              f"(1 GiB buffer), float32 FMA peak {ceilings['fma_peak'] / 1e9:.1f} GFLOP/s ({ceilings['kernel_isa']})")
+    sys.stdout.flush()
+    out = dict(tool="bench/vs_onnxruntime.py", date=date, machine=machine, ceilings=ceilings, threads=a.threads,
+               versions=dict(onnxruntime=ort.__version__, qmoe=getattr(qmoe, "__version__", None),
+                             numpy=np.__version__, python=platform.python_version()),
+               args={k: v for k, v in vars(a).items()}, rotation=dict(target_bytes=4 * llc, max_sets=MAX_SETS),
+               load_average_start=load_average(), models=[])
+    for m in a.models:
+        res = run_model(m, a, ceilings, llc)
+        out["models"].append(res)
+        print_table(res, ceilings, a.accuracy_levels)
+        sys.stdout.flush()
+        out["load_average_end"] = load_average()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=2, allow_nan=False, default=str)
+    if out["load_average_end"] > 0.5:
+        print(f"note: load average {out['load_average_end']:.2f}: other processes competed for the cores; "
+              "timings may be noisy")
     if a.json:
-        out = dict(model=a.model, shape=dict(hidden=H, inter=I, experts=E, k=k), bits=a.bits, block_size=a.block,
-                   dtype="float32", threads=a.threads, seed=a.seed, onnxruntime=ort.__version__,
-                   qmoe=getattr(qmoe, "__version__", None) if run_qmoe else None,
-                   machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
-                   load_average=load, weight_bytes_per_expert=per_expert, ort_session_s=t_ort_load,
-                   qmoe_layer_s=t_q_load, ort_session_rss_growth=rss1 - rss0, qmoe_layer_rss_growth=rss2 - rss1,
-                   results=rows)
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
         print(f"wrote {a.json}")
+    if a.plot:
+        try:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import plot_bench
+            plot_bench.plot(out, a.plot)
+            print(f"wrote {a.plot}")
+        except ImportError as e:
+            print(f"note: no plot ({e}); pip install matplotlib, then: python bench/plot_bench.py "
+                  f"{a.json or 'FILE.json'} {a.plot}")
     return 0
 
 

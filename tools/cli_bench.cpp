@@ -11,7 +11,9 @@
 //      weights -> RSS. Nothing else is allocated in between, so the first
 //      difference is what the Layer holds and the second is what freeing the
 //      raw weights gives back.
-//   4. time forward() per T on the Layer alone.
+//   4. time forward() per T on the Layer alone, cycling through R input sets
+//      with different routing so that a decode call reads its experts from
+//      DRAM, not from the cache the previous call left warm (see rotate()).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -50,35 +52,54 @@ options:
   --seed S           random seed (default 1)
   --min-time SEC     time each T for at least SEC seconds and 5 runs (default 1)
   --max-time SEC     but stop timing a T after SEC seconds (default 10)
-  --no-bandwidth     skip measuring the machine's DRAM read bandwidth (the ceiling
-                     for "weight GB/s" at small T; takes about a second)
+  --no-ceilings      skip measuring the machine's ceilings (read bandwidth of a
+                     1 GiB buffer and float32 FMA peak, with the same threads;
+                     a few seconds). Alias: --no-bandwidth
   --json FILE        also write the results as JSON to FILE
   --help             this text
 
-Inputs are N(0,1); router logits are N(0,1.5^2). "weight GB/s" counts the bytes
-of the raw quantized weights (codes, scales, zero points, biases) of the distinct
-experts that the call's routing touches, divided by the median time; "BW%" is
-that against the measured DRAM read bandwidth. GFLOP/s counts 2 flops per
-weight per routed (token, expert) pair.
+Inputs are N(0,1); router logits are N(0,1.5^2). For each T the tool draws R
+input sets with different routing and cycles through them call by call, R large
+enough that the experts the R sets touch together exceed 4x the last-level cache
+(consecutive sets avoid each other's experts where possible; R <= 64), so that
+small-T timings measure reads from DRAM, not from the cache.
+
+Columns: "sets" is R; "experts" the mean number of distinct experts one call
+touches. "weight GB/s" counts the bytes of the raw quantized weights (codes,
+scales, zero points, biases) of the distinct experts a call touches, divided by
+that call's time (median over the calls); "BW%" is that against the measured
+read bandwidth. GFLOP/s counts 2 flops per weight per routed (token, expert)
+pair over the median time; "peak%" is that against the measured FMA peak.
 )";
+
+// One input set of a T: the inputs and which experts their routing touches.
+struct InputSet {
+  std::vector<float> x, logits;  // [T, H], [T, E]
+  std::vector<char> used;        // [E]: 1 when some token routes to the expert
+  std::int64_t touched = 0;      // distinct experts routed to
+};
 
 struct Sample {
   std::int64_t tokens;             // T
-  std::vector<float> x, logits;    // [T, H], [T, E]
-  std::vector<std::int64_t> rows;  // rows checked against the reference
+  std::vector<InputSet> sets;      // R sets, used in turn call by call
+  double touched_mean = 0;         // mean distinct experts per call (over the sets)
+  double union_experts = 0;        // distinct experts of all sets together
+  std::vector<std::pair<std::size_t, std::int64_t>> rows;  // (set, row) checked against the reference
   std::int64_t ref_offset = 0;     // first row of this T in the reference batch
-  std::int64_t touched = 0;        // distinct experts routed to
 };
 
 struct Timing {
   std::int64_t runs = 0;
   double median_s = 0, min_s = 0, warmup_s = 0;
+  double median_gbps = 0;  // median over the calls of (that call's touched bytes / its time)
   double max_rel = NAN, rel_l2 = NAN;
 };
 
-// Distinct experts in the top-k of the tokens' logits (ties: lower index).
-std::int64_t touched_experts(const std::vector<float>& logits, std::int64_t t, std::int64_t e, int k) {
-  std::vector<char> used(static_cast<std::size_t>(e), 0);
+// Marks the experts in the top-k of each token's logits (ties: lower index);
+// returns how many distinct experts that is.
+std::int64_t route_mask(const std::vector<float>& logits, std::int64_t t, std::int64_t e, int k,
+                        std::vector<char>& used) {
+  used.assign(static_cast<std::size_t>(e), 0);
   std::vector<int> idx(static_cast<std::size_t>(e));
   for (std::int64_t i = 0; i < t; ++i) {
     const float* l = &logits[static_cast<std::size_t>(i * e)];
@@ -88,6 +109,12 @@ std::int64_t touched_experts(const std::vector<float>& logits, std::int64_t t, s
     for (int j = 0; j < k; ++j) used[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = 1;
   }
   return std::count(used.begin(), used.end(), 1);
+}
+
+std::int64_t overlap(const std::vector<char>& a, const std::vector<char>& b) {
+  std::int64_t n = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) n += a[i] & b[i];
+  return n;
 }
 
 // N(0, stddev) values, never exactly zero.
@@ -103,13 +130,74 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// Draws the input sets of one T. Why: a decode call (T = 1) touches k experts,
+// often less than the last-level cache, so timing one input over and over
+// measures cache bandwidth, and in a real model the other layers run between
+// two calls of this one and evict it. So the sets are drawn until the experts
+// they touch together exceed `target` bytes (4x the LLC), or cover every expert,
+// or number `max_sets`, and each set is the one of up to 32 draws that shares
+// the fewest experts with the set before it (and the last also with the first,
+// since the cycle wraps): consecutive calls read different experts.
+void rotate(Sample& s, std::int64_t h, std::int64_t e, int k, double bytes_per_expert, double target,
+            std::size_t max_sets, std::mt19937_64& rng) {
+  const std::int64_t t = s.tokens;
+  const double set_bytes = 4.0 * static_cast<double>(t * (h + e));
+  // Inputs of one T stay below 512 MiB however small the target makes R.
+  max_sets = std::max<std::size_t>(1, std::min(max_sets, static_cast<std::size_t>((512.0 * (1 << 20)) / set_bytes)));
+  std::vector<char> all(static_cast<std::size_t>(e), 0);
+  auto draw = [&](const std::vector<const InputSet*>& avoid) {
+    InputSet best;
+    std::int64_t best_overlap = INT64_MAX;
+    for (int attempt = 0; attempt < 32 && best_overlap > 0; ++attempt) {
+      InputSet c;
+      c.x.resize(static_cast<std::size_t>(t * h));
+      c.logits.resize(static_cast<std::size_t>(t * e));
+      fill_nonzero(c.x, rng, 1.0f);
+      fill_nonzero(c.logits, rng, 1.5f);
+      c.touched = route_mask(c.logits, t, e, k, c.used);
+      std::int64_t ov = 0;
+      for (const InputSet* a : avoid) ov += overlap(c.used, a->used);
+      const bool last = avoid.empty() || c.touched == e;  // nothing to avoid, or nothing can be avoided
+      if (ov < best_overlap) best_overlap = ov, best = std::move(c);
+      if (last) break;
+    }
+    return best;
+  };
+  while (true) {
+    std::vector<const InputSet*> avoid;
+    if (!s.sets.empty()) avoid.push_back(&s.sets.back());
+    InputSet next = draw(avoid);
+    for (std::size_t i = 0; i < all.size(); ++i) all[i] |= next.used[i];
+    s.sets.push_back(std::move(next));
+    const std::int64_t u = std::count(all.begin(), all.end(), 1);
+    if (static_cast<double>(u) * bytes_per_expert >= target || u == e || s.sets.size() >= max_sets) break;
+  }
+  if (s.sets.size() > 2) {  // the cycle wraps: redraw the last set avoiding the first one as well
+    const std::vector<const InputSet*> avoid{&s.sets[s.sets.size() - 2], &s.sets.front()};
+    InputSet last = draw(avoid);
+    const std::int64_t old_ov = overlap(s.sets.back().used, s.sets[s.sets.size() - 2].used) +
+                          overlap(s.sets.back().used, s.sets.front().used);
+    const std::int64_t new_ov = overlap(last.used, s.sets[s.sets.size() - 2].used) + overlap(last.used, s.sets.front().used);
+    if (new_ov < old_ov) s.sets.back() = std::move(last);
+  }
+  std::fill(all.begin(), all.end(), 0);
+  double sum = 0;
+  for (const InputSet& x : s.sets) {
+    sum += static_cast<double>(x.touched);
+    for (std::size_t i = 0; i < all.size(); ++i) all[i] |= x.used[i];
+  }
+  s.touched_mean = sum / static_cast<double>(s.sets.size());
+  s.union_experts = static_cast<double>(std::count(all.begin(), all.end(), 1));
+}
+
 }  // namespace
 
 int run_bench(const std::vector<std::string>& argv) {
   const Args args("bench", argv,
                   {{"--help", false}, {"--model", true}, {"--bits", true}, {"--block", true}, {"--zero-points", false},
                    {"--threads", true}, {"--accuracy-level", true}, {"--tokens", true}, {"--ref-tokens", true}, {"--seed", true},
-                   {"--min-time", true}, {"--max-time", true}, {"--no-bandwidth", false}, {"--json", true}});
+                   {"--min-time", true}, {"--max-time", true}, {"--no-ceilings", false}, {"--no-bandwidth", false},
+                   {"--json", true}});
   if (args.flag("--help")) {
     std::fputs(kBenchHelp, stdout);
     return 0;
@@ -143,7 +231,7 @@ int run_bench(const std::vector<std::string>& argv) {
   const std::int64_t ref_tokens = args.integer("--ref-tokens", 4, 0, 4096);
   const auto seed = static_cast<std::uint64_t>(args.integer("--seed", 1, 0, INT64_MAX));
   const double min_time = args.real("--min-time", 1.0), max_time = args.real("--max-time", 10.0);
-  const bool skip_ceiling = args.flag("--no-bandwidth");
+  const bool skip_ceilings = args.flag("--no-ceilings") || args.flag("--no-bandwidth");
   const std::optional<std::string> json_path = args.value("--json");
   if (json_path && json_path->empty()) throw args.error("--json: expected a file name");
   std::ofstream json_file;
@@ -162,8 +250,27 @@ int run_bench(const std::vector<std::string>& argv) {
   const double load0 = load_average();
   std::printf("  machine: %u hardware threads, load average %.2f%s\n", hw, load0,
               load0 > 0.5 ? " (other processes are running: timings may be noisy)" : "");
-  const double bandwidth = skip_ceiling ? 0.0 : read_bandwidth(threads);
-  if (bandwidth > 0) std::printf("  measured DRAM read bandwidth (%d threads): %.1f GB/s\n", threads, bandwidth / 1e9);
+  const std::string cpu = cpu_model();
+  if (!cpu.empty()) std::printf("  cpu: %s; kernels: %s\n", cpu.c_str(), cpu_kernel_isa());
+  // The ceilings, measured with the threads forward() uses: the read bandwidth
+  // bounds "weight GB/s" at small T, the FMA peak bounds GFLOP/s at large T.
+  double bandwidth = 0, peak = 0;
+  if (!skip_ceilings) {
+    std::fflush(stdout);  // the header first, then the progress line on stderr
+    Progress p("measuring the read bandwidth and the FMA peak", true);
+    bandwidth = measure_read_bandwidth(threads);
+    peak = measure_peak_flops(threads);
+    p.finish();
+    std::printf("  ceilings (%d threads): read bandwidth %.1f GB/s (1 GiB buffer), float32 FMA peak %.1f GFLOP/s (%s)\n",
+                threads, bandwidth / 1e9, peak / 1e9, cpu_kernel_isa());
+  }
+  const std::size_t llc_sys = llc_bytes();
+  const std::size_t llc = llc_sys ? llc_sys : std::size_t{64} << 20;
+  const double rotate_target = 4.0 * static_cast<double>(llc);
+  constexpr std::size_t kMaxSets = 64;
+  std::printf("  last-level cache: %s%s; input sets per T rotate over > %s of experts (4x LLC, R <= %zu)\n",
+              human_bytes(static_cast<double>(llc)).c_str(), llc_sys ? "" : " (not reported: assumed)",
+              human_bytes(rotate_target).c_str(), kMaxSets);
   std::fflush(stdout);
 
   // ---- 1. raw weights
@@ -183,24 +290,26 @@ int run_bench(const std::vector<std::string>& argv) {
   const double macs_per_row = static_cast<double>(raw.shape.fc1_rows * h + h * in + (separate_up ? in * h : 0));
   const double bytes_per_expert = static_cast<double>(raw_bytes) / static_cast<double>(e);
 
-  // ---- 2. inputs and the float64 reference on sample rows
+  // ---- 2. inputs (R rotating sets per T) and the float64 reference on sample rows
   std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 12345);
   std::vector<Sample> samples;
   std::vector<float> ref_x, ref_l;
   for (std::int64_t t : token_counts) {
     Sample s;
     s.tokens = t;
-    s.x.resize(static_cast<std::size_t>(t * h));
-    s.logits.resize(static_cast<std::size_t>(t * e));
-    fill_nonzero(s.x, rng, 1.0f);
-    fill_nonzero(s.logits, rng, 1.5f);
-    s.touched = touched_experts(s.logits, t, e, k);
-    const std::int64_t n = std::min(ref_tokens, t);
-    for (std::int64_t j = 0; j < n; ++j) s.rows.push_back(n == 1 ? 0 : j * (t - 1) / (n - 1));  // spread over T
+    rotate(s, h, e, k, bytes_per_expert, rotate_target, kMaxSets, rng);
+    // Sample rows spread over T, and over the sets in turn.
+    const std::int64_t n = std::min(ref_tokens, t * static_cast<std::int64_t>(s.sets.size()));
+    for (std::int64_t j = 0; j < n; ++j) {
+      const std::size_t set = static_cast<std::size_t>(j) % s.sets.size();
+      const std::int64_t row = n == 1 ? 0 : (j * (t - 1) / (n - 1));
+      s.rows.emplace_back(set, row);
+    }
     s.ref_offset = static_cast<std::int64_t>(ref_x.size()) / h;
-    for (std::int64_t r : s.rows) {
-      ref_x.insert(ref_x.end(), s.x.begin() + r * h, s.x.begin() + (r + 1) * h);
-      ref_l.insert(ref_l.end(), s.logits.begin() + r * e, s.logits.begin() + (r + 1) * e);
+    for (const auto& [set, r] : s.rows) {
+      const InputSet& is = s.sets[set];
+      ref_x.insert(ref_x.end(), is.x.begin() + r * h, is.x.begin() + (r + 1) * h);
+      ref_l.insert(ref_l.end(), is.logits.begin() + r * e, is.logits.begin() + (r + 1) * e);
     }
     samples.push_back(std::move(s));
   }
@@ -253,67 +362,87 @@ int run_bench(const std::vector<std::string>& argv) {
               no_copy ? "no copy of the raw weights kept" : "WARNING: less memory returned than the raw weights");
   std::fflush(stdout);
 
-  // ---- 4. timing
+  // ---- 4. timing, call by call through the input sets
   std::vector<Timing> timings;
   for (const Sample& s : samples) {
     const std::int64_t t = s.tokens;
+    const std::size_t nsets = s.sets.size();
     std::vector<float> out(static_cast<std::size_t>(t * h));
-    const TensorView xv = view_f32(s.x.data(), {t, h}), lv = view_f32(s.logits.data(), {t, e});
     const MutableTensorView ov = output_f32(out.data(), {t, h});
+    auto call = [&](std::size_t set) {
+      const InputSet& is = s.sets[set];
+      layer->forward(view_f32(is.x.data(), {t, h}), view_f32(is.logits.data(), {t, e}), ov);
+    };
     Timing tm;
-    Progress p(fmt("timing T=%lld", static_cast<long long>(t)), true);
-    double t0 = now_s();
-    layer->forward(xv, lv, ov);  // warm-up (also the output checked below)
-    tm.warmup_s = now_s() - t0;
-    // Error against the reference on the sample rows.
-    if (!s.rows.empty()) {
-      double max_d = 0, max_r = 0, d2 = 0, r2 = 0;
-      for (std::size_t j = 0; j < s.rows.size(); ++j)
+    Progress p(fmt("timing T=%lld (%zu input sets)", static_cast<long long>(t), nsets), true);
+    // Warm-up: each set once; its output is checked against the reference on the sample rows.
+    double max_d = 0, max_r = 0, d2 = 0, r2 = 0;
+    for (std::size_t set = 0; set < nsets; ++set) {
+      const double t0 = now_s();
+      call(set);
+      if (set == 0) tm.warmup_s = now_s() - t0;
+      for (std::size_t j = 0; j < s.rows.size(); ++j) {
+        if (s.rows[j].first != set) continue;
         for (std::int64_t c = 0; c < h; ++c) {
-          const double q = out[static_cast<std::size_t>(s.rows[j] * h + c)];
+          const double q = out[static_cast<std::size_t>(s.rows[j].second * h + c)];
           const double r = ref[static_cast<std::size_t>((s.ref_offset + static_cast<std::int64_t>(j)) * h + c)];
           max_d = std::max(max_d, std::fabs(q - r)), max_r = std::max(max_r, std::fabs(r));
           d2 += (q - r) * (q - r), r2 += r * r;
         }
-      tm.max_rel = max_d / max_r;
-      tm.rel_l2 = std::sqrt(d2 / r2);
+      }
     }
-    std::vector<double> times;
-    t0 = now_s();
-    while (true) {
+    if (!s.rows.empty()) tm.max_rel = max_d / max_r, tm.rel_l2 = std::sqrt(d2 / r2);
+    std::vector<double> times, gbps;
+    const double t0 = now_s();
+    for (std::size_t i = 0;; ++i) {
+      const std::size_t set = i % nsets;
       const double a = now_s();
-      layer->forward(xv, lv, ov);
-      times.push_back(now_s() - a);
+      call(set);
+      const double dt = now_s() - a;
+      times.push_back(dt);
+      gbps.push_back(bytes_per_expert * static_cast<double>(s.sets[set].touched) / dt / 1e9);
       const double el = now_s() - t0;
       if ((static_cast<std::int64_t>(times.size()) >= kMinRuns && el >= min_time) || el >= max_time) break;
     }
     tm.runs = static_cast<std::int64_t>(times.size());
     tm.median_s = median(times);
     tm.min_s = *std::min_element(times.begin(), times.end());
+    tm.median_gbps = median(gbps);
     p.finish(fmt("%lld runs, median %.3f ms", static_cast<long long>(tm.runs), 1e3 * tm.median_s));
     timings.push_back(tm);
   }
 
   // ---- 5. results
-  std::printf("\n%6s %5s %11s %11s %10s %9s %12s %5s %9s %16s %9s\n", "T", "runs", "median ms", "min ms", "tokens/s",
-              "experts", "weight GB/s", "BW%", "GFLOP/s", "max|d|/max|ref|", "rel L2");
+  auto gflops_of = [&](const Sample& s, const Timing& tm) {
+    return 2 * macs_per_row * static_cast<double>(s.tokens * k) / tm.median_s / 1e9;
+  };
+  auto pct = [](double v, double ceiling) { return ceiling > 0 ? fmt("%.0f", 100 * v / ceiling) : std::string("-"); };
+  if (bandwidth > 0)
+    std::printf("\nceilings: read bandwidth %.1f GB/s, FMA peak %.1f GFLOP/s (%d threads)\n", bandwidth / 1e9,
+                peak / 1e9, threads);
+  std::printf("\n%6s %4s %5s %10s %10s %10s %11s %12s %4s %9s %5s %16s %9s\n", "T", "sets", "runs", "median ms",
+              "min ms", "tokens/s", "experts", "weight GB/s", "BW%", "GFLOP/s", "peak%", "max|d|/max|ref|", "rel L2");
   for (std::size_t i = 0; i < samples.size(); ++i) {
     const Sample& s = samples[i];
     const Timing& tm = timings[i];
-    const double gbs = bytes_per_expert * static_cast<double>(s.touched) / tm.median_s / 1e9;
-    const double gflops = 2 * macs_per_row * static_cast<double>(s.tokens * k) / tm.median_s / 1e9;
-    std::printf("%6lld %5lld %11.3f %11.3f %10.1f %4lld/%-4lld %12.2f %5s %9.1f %16s %9s\n",
-                static_cast<long long>(s.tokens), static_cast<long long>(tm.runs), 1e3 * tm.median_s, 1e3 * tm.min_s,
-                static_cast<double>(s.tokens) / tm.median_s, static_cast<long long>(s.touched),
-                static_cast<long long>(e), gbs, bandwidth > 0 ? fmt("%.0f", 100 * gbs * 1e9 / bandwidth).c_str() : "-",
-                gflops, std::isnan(tm.max_rel) ? "-" : fmt("%.2e", tm.max_rel).c_str(),
+    const double gflops = gflops_of(s, tm);
+    std::printf("%6lld %4zu %5lld %10.3f %10.3f %10.1f %6.1f/%-4lld %12.2f %4s %9.1f %5s %16s %9s\n",
+                static_cast<long long>(s.tokens), s.sets.size(), static_cast<long long>(tm.runs), 1e3 * tm.median_s,
+                1e3 * tm.min_s, static_cast<double>(s.tokens) / tm.median_s, s.touched_mean,
+                static_cast<long long>(e), tm.median_gbps, pct(tm.median_gbps * 1e9, bandwidth).c_str(), gflops,
+                pct(gflops * 1e9, peak).c_str(), std::isnan(tm.max_rel) ? "-" : fmt("%.2e", tm.max_rel).c_str(),
                 std::isnan(tm.rel_l2) ? "-" : fmt("%.2e", tm.rel_l2).c_str());
   }
+  std::printf("(sets: input sets cycled call by call; experts: distinct experts per call, mean over the sets; weight\n"
+              " GB/s: a call's touched expert bytes / its time, median over the calls)\n");
   if (ref_tokens > 0)
     std::printf("(error: qmoe float32 vs the float64 reference on up to %lld sampled token(s) per T)\n",
                 static_cast<long long>(ref_tokens));
   else
     std::printf("(no reference check: --ref-tokens 0)\n");
+  const double load1 = load_average();
+  if (load1 > 0.5)
+    std::printf("note: load average %.2f at the end: other processes competed for the cores\n", load1);
 
   if (json_path) {
     Json j;
@@ -325,9 +454,16 @@ int run_bench(const std::vector<std::string>& argv) {
     j.begin_object("machine")
         .field("hardware_threads", static_cast<std::int64_t>(hw))
         .field("load_average_start", load0)
-        .field("load_average_end", load_average())
+        .field("load_average_end", load1)
+        .field("cpu_model", cpu)
+        .field("cpu_kernel_isa", cpu_kernel_isa())
+        .field("llc_bytes", llc)
+        .field("llc_reported", llc_sys != 0)
         .field("read_bandwidth_gbps", bandwidth / 1e9)
+        .field("fma_peak_gflops", peak / 1e9)
+        .field("ceilings_threads", threads)
         .end_object();
+    j.field("rotation_target_bytes", rotate_target);
     j.field("kernel", layer->kernel_name()).field("threads", layer->threads()).field("prepack_s", pack_s);
     j.field("accuracy_level", static_cast<std::int64_t>(accuracy_level));
     j.begin_object("memory")
@@ -344,18 +480,23 @@ int run_bench(const std::vector<std::string>& argv) {
     for (std::size_t i = 0; i < samples.size(); ++i) {
       const Sample& s = samples[i];
       const Timing& tm = timings[i];
-      const double touched_bytes = bytes_per_expert * static_cast<double>(s.touched);
+      const double touched_bytes = bytes_per_expert * s.touched_mean;
+      const double gflops = gflops_of(s, tm);
       j.begin_object()
           .field("tokens", s.tokens)
+          .field("input_sets", s.sets.size())
           .field("runs", tm.runs)
           .field("warmup_ms", 1e3 * tm.warmup_s)
           .field("median_ms", 1e3 * tm.median_s)
           .field("min_ms", 1e3 * tm.min_s)
           .field("tokens_per_s", static_cast<double>(s.tokens) / tm.median_s)
-          .field("experts_touched", s.touched)
-          .field("weight_bytes_touched", touched_bytes)
-          .field("weight_gbps", touched_bytes / tm.median_s / 1e9)
-          .field("gflops", 2 * macs_per_row * static_cast<double>(s.tokens * k) / tm.median_s / 1e9)
+          .field("experts_touched_mean", s.touched_mean)
+          .field("experts_touched_all_sets", s.union_experts)
+          .field("weight_bytes_per_call_mean", touched_bytes)
+          .field("weight_gbps", tm.median_gbps)
+          .field("bandwidth_fraction", bandwidth > 0 ? tm.median_gbps * 1e9 / bandwidth : NAN)
+          .field("gflops", gflops)
+          .field("peak_fraction", peak > 0 ? gflops * 1e9 / peak : NAN)
           .field("ref_tokens", static_cast<std::int64_t>(s.rows.size()))
           .field("max_abs_err_over_max_ref", tm.max_rel)
           .field("rel_l2_err", tm.rel_l2)

@@ -8,7 +8,6 @@
 #include <cstdarg>
 #include <cstdio>
 #include <fstream>
-#include <thread>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -122,32 +121,43 @@ double load_average() {
   return l;
 }
 
-double read_bandwidth(int threads, std::size_t bytes) {
-  const std::size_t n = bytes / sizeof(std::uint64_t);
-  std::vector<std::uint64_t> buf(n);
-  for (std::size_t i = 0; i < n; i += 512) buf[i] = i;  // touch every page
-  std::vector<std::uint64_t> sink(static_cast<std::size_t>(threads) * 8);
-  double best = 0;
-  for (int pass = 0; pass < 4; ++pass) {
-    std::vector<std::thread> pool;
-    const double t0 = now_s();
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        const std::size_t a = n * static_cast<std::size_t>(t) / static_cast<std::size_t>(threads);
-        const std::size_t b = n * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(threads);
-        std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // integer sums vectorize without reassociation flags
-        std::size_t i = a;
-        for (; i + 4 <= b; i += 4) s0 += buf[i], s1 += buf[i + 1], s2 += buf[i + 2], s3 += buf[i + 3];
-        for (; i < b; ++i) s0 += buf[i];
-        sink[static_cast<std::size_t>(t) * 8] = s0 + s1 + s2 + s3;
-      });
-    for (auto& th : pool) th.join();
-    const double dt = now_s() - t0;
-    if (pass > 0) best = std::max(best, static_cast<double>(n * sizeof(std::uint64_t)) / dt);  // pass 0 warms up
+std::size_t llc_bytes() {
+  // index3 is the L3 on the usual x86 layout, but search by level: the order is the kernel's.
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream lf(dir + "level");
+    int level = 0;
+    if (!(lf >> level)) {
+      if (i >= 4) break;
+      continue;
+    }
+    if (level != 3) continue;
+    std::ifstream sf(dir + "size");
+    std::string text;
+    if (!(sf >> text)) return 0;
+    std::size_t pos = 0;
+    while (pos < text.size() && text[pos] >= '0' && text[pos] <= '9') ++pos;
+    const auto n = parse_int(text.substr(0, pos));
+    if (!n || *n <= 0) return 0;
+    const std::string unit = text.substr(pos);
+    const std::size_t mult = unit == "K" ? 1024 : unit == "M" ? std::size_t{1} << 20 : unit == "G" ? std::size_t{1} << 30 : 1;
+    return static_cast<std::size_t>(*n) * mult;
   }
-  volatile std::uint64_t keep = sink[0];
-  (void)keep;
-  return best;
+  return 0;
+}
+
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.compare(0, 10, "model name") == 0) {
+      const std::size_t colon = line.find(':');
+      if (colon == std::string::npos) break;
+      std::size_t a = line.find_first_not_of(" \t", colon + 1);
+      return a == std::string::npos ? std::string() : line.substr(a);
+    }
+  }
+  return {};
 }
 
 void release_free_memory() {

@@ -65,10 +65,13 @@ void release_free_memory();
 /// processes competing for the cores make timings noisy; the tool says so.
 double load_average();
 
-/// Measured DRAM read bandwidth in bytes/s with `threads` threads: the best
-/// of a few passes summing a buffer of `bytes` (far larger than the caches).
-/// The ceiling that "weight GB/s" at small T is to be compared with.
-double read_bandwidth(int threads, std::size_t bytes = std::size_t{512} << 20);
+/// The last-level (L3) cache size in bytes as Linux reports it for cpu0
+/// (/sys/devices/system/cpu/cpu0/cache/index*/size of the level-3 entry);
+/// 0 when the system does not say.
+std::size_t llc_bytes();
+
+/// The CPU's model name (/proc/cpuinfo "model name"); empty if unknown.
+std::string cpu_model();
 
 /// Seconds on a monotonic clock.
 inline double now_s() {

@@ -8,6 +8,9 @@ names as keyword arguments):
 * :class:`Layer` -- prepack the weights once, call many times.
 * :func:`reference` -- the float64 reference forward (the oracle).
 * :func:`quantize` -- float ``[E, N, K]`` matrices to the raw QMoE layout.
+* :func:`measure_read_bandwidth`, :func:`measure_peak_flops`,
+  :func:`cpu_kernel_isa` -- the machine's measured ceilings, to report
+  performance against.
 
 Dtypes: activations (``input``, ``router_probs``, ``router_weights``) may be
 float32, float16 or bfloat16 (``ml_dtypes.bfloat16``) and must all have the
@@ -31,7 +34,8 @@ import numpy as np
 from . import _core
 
 __version__ = "0.1.0"
-__all__ = ["qmoe", "Layer", "reference", "quantize", "QuantizedWeights", "__version__"]
+__all__ = ["qmoe", "Layer", "reference", "quantize", "QuantizedWeights", "measure_read_bandwidth",
+           "measure_peak_flops", "cpu_kernel_isa", "__version__"]
 
 _F32, _F16, _BF16, _U8 = _core.DTYPE_F32, _core.DTYPE_F16, _core.DTYPE_BF16, _core.DTYPE_U8
 _FLOAT_TAGS = {"float32": _F32, "float16": _F16, "bfloat16": _BF16}
@@ -314,3 +318,35 @@ def quantize(w, bits=4, block_size=0, symmetric=True) -> QuantizedWeights:
     weights, scales, zp, max_abs, rel_l2 = _core.quantize(
         arr, _int_attr(bits, "bits"), _int_attr(block_size, "block_size"), bool(symmetric))
     return QuantizedWeights(weights, scales, zp, max_abs, rel_l2)
+
+
+# --------------------------------------------------------------------------- machine ceilings
+
+def measure_read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
+    """The machine's read bandwidth in bytes/s: ``threads`` threads each sum
+    their share of a buffer of ``nbytes`` bytes (choose it far larger than the
+    last-level cache; at least 1 MiB); the best of three timed passes after a
+    warm-up pass. The ceiling for a layer's "weight GB/s" at small T. Takes
+    about a second for 1 GiB and allocates the buffer for that time. Runs
+    without the GIL. ``threads`` < 1 raises ``ValueError``."""
+    t = _int_attr(threads, "threads")
+    n = operator.index(nbytes)
+    if n < 1 << 20:
+        raise ValueError(f"nbytes: expected at least 1 MiB (1048576), got {n}")
+    return float(_core.measure_read_bandwidth(t, n))
+
+
+def measure_peak_flops(threads: int, seconds: float = 0.3) -> float:
+    """The machine's float32 multiply-add rate in flop/s (2 per FMA):
+    ``threads`` threads run independent FMA chains with the instruction set of
+    the CPU kernels this process uses (see :func:`cpu_kernel_isa`;
+    ``QMOE_CPU_ISA`` applies) for about ``seconds``. The ceiling for a layer's
+    GFLOP/s at large T. Runs without the GIL. ``threads`` < 1 or ``seconds``
+    not in (0, 3600] raises ``ValueError``."""
+    return float(_core.measure_peak_flops(_int_attr(threads, "threads"), _float_attr(seconds, "seconds")))
+
+
+def cpu_kernel_isa() -> str:
+    """The CPU kernel table :class:`Layer` uses in this process, e.g.
+    ``"avx512vnni"``, ``"avx2"`` or ``"scalar"``."""
+    return _core.cpu_kernel_isa()

@@ -98,6 +98,19 @@ nb::tuple quantize(const TaggedIn& w, int bits, int block_size, bool symmetric) 
   return nb::make_tuple(weights, scales, zp, q.max_abs_error, q.rel_l2_error);
 }
 
+// The machine's measured ceilings (qmoe/sysinfo.h): long-running, so without the GIL.
+double read_bandwidth(int threads, std::size_t nbytes) {
+  nb::gil_scoped_release release;
+  return qmoe::measure_read_bandwidth(threads, nbytes);
+}
+
+double peak_flops(int threads, double seconds) {
+  if (!(seconds > 0 && seconds <= 3600))  // also refuses NaN
+    throw qmoe::Error("seconds: expected a number in (0, 3600], got " + std::to_string(seconds));
+  nb::gil_scoped_release release;
+  return qmoe::measure_peak_flops(threads, seconds);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -151,4 +164,10 @@ NB_MODULE(_core, m) {
         "The float64 reference forward; returns [T, H] float64.");
   m.def("quantize", &quantize, "w"_a, "bits"_a, "block_size"_a, "symmetric"_a,
         "Quantizes float [E, N, K]; returns (weights, scales, zero_points|None, max_abs_error, rel_l2_error).");
+  m.def("measure_read_bandwidth", &read_bandwidth, "threads"_a, "nbytes"_a,
+        "Read bandwidth in bytes/s of `threads` threads summing a buffer of `nbytes` (GIL released).");
+  m.def("measure_peak_flops", &peak_flops, "threads"_a, "seconds"_a,
+        "float32 FMA rate in flop/s of `threads` threads with the CPU kernels' ISA (GIL released).");
+  m.def("cpu_kernel_isa", [] { return std::string(qmoe::cpu_kernel_isa()); },
+        "The CPU kernel table Layer uses in this process, e.g. 'avx512vnni'.");
 }

@@ -1,5 +1,12 @@
 // Chooses the CPU kernel table once per process.
 #include <cstdlib>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <string>
 
 #include "core/check.h"
@@ -17,6 +24,8 @@ const char* isa_name(Isa isa) noexcept {
       return "avx512";
     case Isa::avx512vnni:
       return "avx512vnni";
+    case Isa::amx:
+      return "amx";
   }
   return "?";
 }
@@ -27,6 +36,18 @@ constexpr std::int64_t kScratch = 256 * 16;  // one dequantized chunk: 256 colum
 
 // Each table binds kernels, tile height and scratch together (designated
 // initializers: a missing field is a compile-time warning, never a null call).
+constexpr KernelConfig kAmx{.isa = Isa::amx,
+                            .name = "amx",
+                            .nr = 16,
+                            .gemm_q4 = gemm_f32_q4_4x16__avx512,
+                            .gemm_q8 = gemm_f32_q8_4x16__avx512,
+                            .scratch_floats = kScratch,
+                            .igemm_q4 = gemm_qd8_q4_8x16__avx512vnni,
+                            .igemm_q8 = gemm_qd8_q8_8x16__avx512vnni,
+                            .peak_fma = peak_f32_fma__avx512,
+                            .bgemm_q4 = gemm_bf16_q4_16x16__amx,
+                            .bgemm_q8 = gemm_bf16_q8_16x16__amx,
+                            .to_bf16 = convert_f32_bf16__amx};
 constexpr KernelConfig kAvx512Vnni{.isa = Isa::avx512vnni,
                                    .name = "avx512vnni",
                                    .nr = 16,
@@ -65,7 +86,29 @@ constexpr KernelConfig kScalar{.isa = Isa::scalar,
                                .peak_fma = peak_f32_fma__scalar};
 
 // Tables in order of preference; the first the CPU supports wins.
-constexpr const KernelConfig* kTables[] = {&kAvx512Vnni, &kAvx512, &kAvx2, &kScalar};
+constexpr const KernelConfig* kTables[] = {&kAmx, &kAvx512Vnni, &kAvx512, &kAvx2, &kScalar};
+
+#if defined(__x86_64__)
+// AMX needs the CPU (CPUID.7.0:EDX bits 22 AMX-BF16, 24 AMX-TILE), the AVX-512
+// BF16 conversions, and the kernel's permission to use the large tile state
+// (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)), asked once per process.
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    __cpuid_count(7, 1, a, b, c, d);
+    if (!((a >> 5) & 1u)) return false;  // AVX512_BF16
+#if defined(__linux__)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+#endif
 
 bool cpu_supports(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -81,6 +124,8 @@ bool cpu_supports(Isa isa) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case Isa::avx512vnni:
       return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vnni");
+    case Isa::amx:
+      return cpu_supports(Isa::avx512vnni) && amx_usable();
   }
   return false;
 #else

@@ -23,6 +23,12 @@ struct QuantRows;
 using GemmTileI8Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t ntok,
                               float* y, std::int64_t ldy);
 
+/// The bf16-activation (accuracy_level 3, AMX) variant: x is bf16 rows of ldx
+/// elements (ldx a multiple of 32, zero-padded, 16 readable rows past ntok);
+/// scratch holds ldx * 32 bytes (the tile decoded to bf16).
+using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* x,
+                                std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch);
+
 struct KernelConfig {
   Isa isa;
   const char* name;      ///< e.g. "scalar"
@@ -34,10 +40,14 @@ struct KernelConfig {
   GemmTileI8Fn igemm_q8;        ///< 8-bit tiles, int8 activations
   /// Runs `iterations` rounds of independent FMA chains; returns the flops done (the ceiling probe).
   double (*peak_fma)(std::int64_t iterations, float seed);
+  /// AMX-BF16 tiles (null where the CPU has no AMX) and the float32 -> bf16 row conversion.
+  GemmTileBf16Fn bgemm_q4 = nullptr;
+  GemmTileBf16Fn bgemm_q8 = nullptr;
+  void (*to_bf16)(const float* src, std::uint16_t* dst, std::int64_t n) = nullptr;
 };
 
 /// The table for this process, chosen once: the best the CPU supports, or the
-/// one named by QMOE_CPU_ISA (scalar, avx2, avx512, avx512vnni); a name that is unknown or
+/// one named by QMOE_CPU_ISA (scalar, avx2, avx512, avx512vnni, amx); a name that is unknown or
 /// that this CPU cannot run is an Error.
 const KernelConfig& kernel_config();
 
@@ -62,6 +72,11 @@ QMOE_IGEMM_TILE_FN(gemm_qd8_q8_4x16__scalar);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q4_8x16__avx512vnni);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q8_8x16__avx512vnni);
 #undef QMOE_IGEMM_TILE_FN
+void gemm_bf16_q4_16x16__amx(const PackGeometry&, const std::uint8_t*, const std::uint16_t*, std::int64_t,
+                             std::int64_t, float*, std::int64_t, void*);
+void gemm_bf16_q8_16x16__amx(const PackGeometry&, const std::uint8_t*, const std::uint16_t*, std::int64_t,
+                             std::int64_t, float*, std::int64_t, void*);
+void convert_f32_bf16__amx(const float*, std::uint16_t*, std::int64_t);
 double peak_f32_fma__scalar(std::int64_t, float);
 double peak_f32_fma__avx2(std::int64_t, float);
 double peak_f32_fma__avx512(std::int64_t, float);

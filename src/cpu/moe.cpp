@@ -38,6 +38,7 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
       kc_(kernels ? kernels : &kernel_config()),
       gated_(a.activation == Activation::swiglu),
       int8_(accuracy_level == 4),
+      bf16_(accuracy_level == 3 && kc_->bgemm_q4 != nullptr),
       chunk_bytes_(chunk_bytes) {
   using detail::RawMatrix;
   const int bits = a.expert_weight_bits, bs = a.block_size;
@@ -84,7 +85,8 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
     if (w.fc2_bias.present())
       for (std::int64_t p = 0; p < h; ++p) bias2_[e * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
   }
-  name_ = std::string("cpu/") + kc_->name + " nr=" + std::to_string(nr) + (int8_ ? " int8-activations" : "");
+  name_ = std::string("cpu/") + kc_->name + " nr=" + std::to_string(nr) + (int8_ ? " int8-activations" : "") +
+          (bf16_ ? " bf16-amx" : "");
 }
 
 std::size_t CpuMoe::packed_bytes() const {
@@ -174,10 +176,28 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   auto rows_of = [&](const QuantRows& q, std::int64_t first) {
     return QuantRows{q.q + first * q.ldq, q.scale + first * q.lds, q.zsum + first * q.ldz, q.ldq, q.lds, q.ldz};
   };
+  // accuracy_level 3 with AMX: activation rows converted to bf16 once per call (rows of kp
+  // elements, kp a multiple of 32, plus 16 zero rows so whole A tiles can be read). Experts
+  // with fewer than kAmxMinTokens tokens take the float32 path: a mostly empty tile product
+  // costs more than it saves.
+  constexpr std::int64_t kAmxMinTokens = 16;
+  const GemmTileBf16Fn bgemm = q4 ? kc_->bgemm_q4 : kc_->bgemm_q8;
+  const std::int64_t kp1 = (hp + 31) / 32 * 32, kp2 = (ip + 31) / 32 * 32;
+  auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
+  std::vector<std::uint16_t> xb;
+  auto to_bf16_all = [&](const float* rows, std::int64_t ld, std::int64_t kp) {
+    xb.assign(static_cast<std::size_t>((nrows + 16) * kp), 0);
+    const std::int64_t per = 16, items = (nrows + per - 1) / per;
+    pool_->parallel_for(items, [&](std::int64_t i, int) {
+      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r)
+        kc_->to_bf16(rows + r * ld, &xb[static_cast<std::size_t>(r * kp)], ld);
+    });
+  };
+  const std::int64_t bf16_scratch = bf16_ ? std::max(kp1, kp2) * 8 : 0;  // one tile decoded to bf16, in floats
   std::vector<std::vector<float>> scratch(static_cast<std::size_t>(nthreads));
   auto thread_scratch = [&](int tid) -> float* {
     auto& s = scratch[tid];
-    if (s.empty()) s.resize(static_cast<std::size_t>(kc_->scratch_floats + max_count * nr));
+    if (s.empty()) s.resize(static_cast<std::size_t>(kc_->scratch_floats + max_count * nr + bf16_scratch));
     return s.data();
   };
 
@@ -190,6 +210,7 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   const Activation kind = attrs_.activation;
   QuantRows q1;
   if (int8_) quantize_all(xg.data(), hp, g1), q1 = qbuf.view(g1);
+  if (bf16_) to_bf16_all(xg.data(), hp, kp1);
   const float alpha = attrs_.activation_alpha, beta = attrs_.activation_beta, limit = attrs_.swiglu_limit;
   pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
     const int e = active[item / groups1];
@@ -200,7 +221,10 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
     const float* xe = &xg[offset[e] * hp];
     const float* b1 = &bias1_[e * pad1];
     for (std::int64_t tile = (item % groups1) * per1; tile < tile_end; ++tile) {
-      if (int8_)
+      if (use_bf16(e))
+        bgemm(g1, fc1_.tile(e, tile), &xb[static_cast<std::size_t>(offset[e] * kp1)], kp1, rows, y, nr,
+              y + max_count * nr);
+      else if (int8_)
         igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, nr);
       else
         gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
@@ -230,6 +254,7 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   const std::int64_t per2 = std::max<std::int64_t>(1, tiles2 / target_items);
   QuantRows q2;
   if (int8_) quantize_all(act.data(), ip, g2), q2 = qbuf.view(g2);
+  if (bf16_) to_bf16_all(act.data(), ip, kp2);
   const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
   pool_->parallel_for(groups2, [&](std::int64_t item, int tid) {
     float* scr = thread_scratch(tid);
@@ -239,7 +264,10 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
       const std::int64_t c0 = tile * nr, cn = std::min<std::int64_t>(nr, h - c0);
       for (int e : active) {
         const float* b2 = &bias2_[e * pad2 + c0];
-        if (int8_)
+        if (use_bf16(e))
+          bgemm(g2, fc2_.tile(e, tile), &xb[static_cast<std::size_t>(offset[e] * kp2)], kp2, count[e], y, nr,
+                y + max_count * nr);
+        else if (int8_)
           igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), count[e], y, nr);
         else
           gemm(g2, fc2_.tile(e, tile), &act[offset[e] * ip], ip, count[e], y, nr, scr);

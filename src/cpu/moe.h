@@ -18,7 +18,8 @@ class CpuMoe {
   /// bound how many tokens one pass handles.
   static constexpr std::int64_t kDefaultChunkBytes = std::int64_t{64} << 20;
 
-  /// accuracy_level 4: int8 activations (quant_act.h); anything else: float32.
+  /// accuracy_level 4: int8 activations (quant_act.h); 3: bf16 activations and
+  /// weights on AMX where the table has it (else float32); anything else: float32.
   /// `kernels` = null: the process-wide table (kernel_config()).
   CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level = 0,
          std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr);
@@ -42,6 +43,7 @@ class CpuMoe {
   const KernelConfig* kc_;
   bool gated_;  // swiglu: FC1 tiles hold interleaved gate/up rows
   bool int8_;   // accuracy_level 4
+  bool bf16_;   // accuracy_level 3 on a table with AMX-BF16 kernels
   std::int64_t chunk_bytes_;
   PackedMatrix fc1_, fc2_;
   std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles

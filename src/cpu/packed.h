@@ -29,7 +29,7 @@
 namespace qmoe::cpu {
 
 /// Instruction sets a packed layout can be made for.
-enum class Isa : std::uint32_t { scalar = 1, avx2 = 2, avx512 = 3, avx512vnni = 4 };
+enum class Isa : std::uint32_t { scalar = 1, avx2 = 2, avx512 = 3, avx512vnni = 4, amx = 5 };
 const char* isa_name(Isa isa) noexcept;
 
 /// The header every packed matrix starts with.

@@ -1,0 +1,133 @@
+// Internal: the AMX-BF16 prefill kernel (accuracy_level 3), included only by
+// the *__amx.cpp translation units (compiled with AMX + AVX-512 BF16 flags).
+//
+// Why this shape: AMX multiplies a 16 x 32 bf16 tile of activations (16
+// tokens) by a 32 x 16 bf16 tile of weights into a 16 x 16 float32 tile, ~16x
+// the multiply-adds of an AVX-512 FMA per cycle. The int4/int8 weights of a
+// 16-row tile are decoded ONCE per call into bf16 "B" tiles (scale * (code -
+// zero), rounded to bf16; the scale folded in, so no per-block epilogue) in
+// scratch (K/32 tiles of 1 KiB: 90 KiB at K = 2880, L2-resident), then every
+// group of up to kMaxTokenBlocks x 16 tokens streams through them with the C
+// tiles held in tile registers across all of K.
+//
+// Tile registers: 0..5 = C (one per 16-token block), 6 = A, 7 = B.
+// Activations are bf16 rows with a stride of ldx elements, zero-padded to a
+// multiple of 32 columns, with at least 16 readable rows past the last token
+// (the caller pads), so every A load is whole; only valid C rows are stored.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/kernels.h"
+#include "cpu/kernels/ops_avx512.h"
+
+namespace qmoe::cpu::amx {
+
+constexpr int NR = 16;
+constexpr int kMaxTokenBlocks = 6;
+
+struct alignas(64) TileConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+// Configures the 8 tiles once per thread (tile configuration is thread state).
+template <int Dummy>
+inline void configure() {
+  static thread_local bool done = false;
+  if (done) return;
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  done = true;
+}
+
+// Decodes the whole tile (all K, padded to kp columns) into bf16 B tiles:
+// B tile s, row kk, lane n = [W(n, 32s + 2kk), W(n, 32s + 2kk + 1)].
+template <int BITS>
+inline void decode_tile(const PackGeometry& g, const std::uint8_t* tile, std::int64_t kp, std::uint16_t* b) {
+  constexpr std::int64_t G = 32 / BITS;
+  const std::int64_t pb = (g.block_len + G - 1) / G * G, nb = g.cols / g.block_len;
+  const std::int64_t block_bytes = NR * 5 + pb * NR * BITS / 8;
+  // Pair (w_even, w_odd) of one column pair -> 32 bf16 in lane order [e0 o0 e1 o1 ...].
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  std::int64_t col = 0;  // output column (in the padded-activation numbering)
+  for (std::int64_t blk = 0; blk < nb; ++blk) {
+    const std::uint8_t* p = tile + blk * block_bytes;
+    const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+    const OpsAvx512::Z zero = OpsAvx512::zeros(p + NR * 4);
+    const std::uint8_t* codes = p + NR * 5;
+    for (std::int64_t grp = 0; grp < pb / G; ++grp) {
+      const OpsAvx512::Q q = OpsAvx512::group(codes + grp * 64);
+      __m512 w[G];
+      [&]<int... J>(std::integer_sequence<int, J...>) {
+        ((OpsAvx512::column<BITS, J>(q, zero, &w[J]), w[J] = _mm512_mul_ps(w[J], scale)), ...);
+      }(std::make_integer_sequence<int, static_cast<int>(G)>{});
+      for (int j = 0; j < G; j += 2) {
+        const __m512i pair = _mm512_permutexvar_epi16(
+            interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[j + 1], w[j])));
+        _mm512_storeu_si512(b + (col + j) * NR, pair);  // row (col + j) / 2 of the stream of B rows
+      }
+      col += G;
+    }
+  }
+  // Zero the columns past K up to the padded width (the activations there are 0 too,
+  // but 0 * garbage could be NaN).
+  for (; col < kp; col += 2) std::memset(b + col * NR, 0, 64);
+}
+
+template <int BITS>
+void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* x, std::int64_t ldx,
+          std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
+  configure<0>();
+  const std::int64_t kp = ldx;  // padded K (a multiple of 32)
+  auto* b = static_cast<std::uint16_t*>(scratch);
+  decode_tile<BITS>(g, tile, kp, b);
+  alignas(64) float ctmp[16 * 16];
+  for (std::int64_t t0 = 0; t0 < ntok; t0 += 16 * kMaxTokenBlocks) {
+    const int blocks = static_cast<int>(ntok - t0 >= 16 * kMaxTokenBlocks ? kMaxTokenBlocks : (ntok - t0 + 15) / 16);
+    // Tile register numbers must be immediates: unrolled by hand over the token blocks.
+#define QMOE_AMX_FOR_BLOCKS(OP) \
+  do {                          \
+    if (blocks > 0) OP(0);      \
+    if (blocks > 1) OP(1);      \
+    if (blocks > 2) OP(2);      \
+    if (blocks > 3) OP(3);      \
+    if (blocks > 4) OP(4);      \
+    if (blocks > 5) OP(5);      \
+  } while (0)
+#define QMOE_AMX_ZERO(i) _tile_zero(i)
+    QMOE_AMX_FOR_BLOCKS(QMOE_AMX_ZERO);
+    for (std::int64_t k = 0; k < kp; k += 32) {
+      _tile_loadd(7, b + k * NR, 64);
+#define QMOE_AMX_DOT(i)                                                        \
+  do {                                                                         \
+    _tile_loadd(6, x + (t0 + 16 * (i)) * ldx + k, static_cast<int>(ldx * 2)); \
+    _tile_dpbf16ps(i, 6, 7);                                                   \
+  } while (0)
+      QMOE_AMX_FOR_BLOCKS(QMOE_AMX_DOT);
+    }
+#define QMOE_AMX_STORE(i)                                                                 \
+  do {                                                                                    \
+    const std::int64_t tb = t0 + 16 * (i), valid = ntok - tb < 16 ? ntok - tb : 16;       \
+    if (valid == 16 && ldy == NR) {                                                       \
+      _tile_stored(i, y + tb * ldy, 64);                                                  \
+    } else {                                                                              \
+      _tile_stored(i, ctmp, 64);                                                          \
+      for (std::int64_t r = 0; r < valid; ++r) std::memcpy(y + (tb + r) * ldy, ctmp + 16 * r, 64); \
+    }                                                                                     \
+  } while (0)
+    QMOE_AMX_FOR_BLOCKS(QMOE_AMX_STORE);
+#undef QMOE_AMX_STORE
+#undef QMOE_AMX_DOT
+#undef QMOE_AMX_ZERO
+#undef QMOE_AMX_FOR_BLOCKS
+  }
+}
+
+}  // namespace qmoe::cpu::amx

@@ -1,0 +1,95 @@
+// accuracy_level 3: bf16 activations and weights on AMX (where the CPU has it;
+// elsewhere level 3 runs in float32). Against the float64 reference.
+#include <gtest/gtest.h>
+
+#include "cpu/kernels.h"
+#include "cpu/moe.h"
+#include "helpers.h"
+
+namespace qmoe::test {
+namespace {
+
+double rel_l2(const std::vector<float>& a, const std::vector<double>& ref) {
+  double d = 0, r = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) d += (a[i] - ref[i]) * (a[i] - ref[i]), r += ref[i] * ref[i];
+  return std::isnan(d) ? INFINITY : std::sqrt(d / r);
+}
+
+struct Case {
+  int bits, block;
+  bool sym;
+  Activation act;
+  int fusion, k;
+  std::int64_t h, in, e, t;
+};
+
+// Returns the error of each table that has AMX kernels (none: empty).
+std::vector<double> run(const Case& c) {
+  MoeAttributes a;
+  a.k = c.k;
+  a.activation = c.act;
+  a.swiglu_fusion = c.fusion;
+  a.expert_weight_bits = c.bits;
+  a.block_size = c.block;
+  a.normalize_routing_weights = 1;
+  if (c.act == Activation::swiglu) a.activation_alpha = 1.702f, a.activation_beta = 1.f, a.swiglu_limit = 7.f;
+  tools::SynthOptions so;
+  so.symmetric = c.sym;
+  const auto s = tools::synth_layer(c.e, c.h, c.in, a, so);
+  const auto x = random_inputs(c.t, c.h, c.e, 33);
+  const TensorView xv = view_f32(x.x.data(), {c.t, c.h}), lv = view_f32(x.logits.data(), {c.t, c.e});
+  const auto ref = reference_forward(s.views(), a, xv, lv);
+  std::vector<double> errs;
+  for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
+    if (!kc->bgemm_q4) continue;
+    for (int threads : {1, 3}) {
+      const cpu::CpuMoe moe(s.views(), a, s.shape, threads, 3, cpu::CpuMoe::kDefaultChunkBytes, kc);
+      std::vector<float> out(static_cast<std::size_t>(c.t * c.h), NAN);
+      moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {c.t, c.h}), c.t);
+      errs.push_back(rel_l2(out, ref));
+    }
+  }
+  return errs;
+}
+
+TEST(Bf16Amx, AgainstFloat64Reference) {
+  bool any = false;
+  int n = 0;
+  for (int bits : {4, 8})
+    for (int block : {0, 32, 128})
+      for (bool sym : {true, false}) {
+        const Activation act = n % 2 ? Activation::gelu : Activation::swiglu;
+        // 200 tokens, k = 2 over 6 experts: most experts get >= 16 tokens (AMX), H = 256 + 32.
+        const Case c{bits, block, sym, act, act == Activation::swiglu ? 1 + n % 2 : 0, 2, 288, 160, 6, 200};
+        for (double err : run(c)) {
+          any = true;
+          EXPECT_LE(err, 1e-2) << "bits=" << bits << " block=" << block << " sym=" << sym;
+          EXPECT_GT(err, 1e-6) << "bf16 cannot be exact";
+        }
+        ++n;
+      }
+  // Row-wise K that is not a multiple of 32 (padded A/B tiles), fc3 path, tokens not a multiple of 16.
+  for (double err : run({4, 0, false, Activation::swiglu, 0, 3, 72, 40, 4, 61})) EXPECT_LE(err, 1e-2);
+  for (double err : run({8, 0, true, Activation::relu, 0, 1, 36, 20, 2, 45})) EXPECT_LE(err, 1e-2);
+  if (!any) GTEST_SKIP() << "this CPU has no usable AMX: level 3 runs in float32 here";
+}
+
+TEST(Bf16Amx, Level3WithoutAmxIsFloat32) {
+  MoeAttributes a;
+  a.k = 2;
+  a.activation = Activation::silu;
+  const auto s = tools::synth_layer(3, 64, 32, a);
+  const auto x = random_inputs(40, 64, 3, 2);
+  const TensorView xv = view_f32(x.x.data(), {40, 64}), lv = view_f32(x.logits.data(), {40, 3});
+  const auto ref = reference_forward(s.views(), a, xv, lv);
+  for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
+    if (kc->bgemm_q4) continue;
+    const cpu::CpuMoe moe(s.views(), a, s.shape, 2, 3, cpu::CpuMoe::kDefaultChunkBytes, kc);
+    std::vector<float> out(40 * 64);
+    moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {40, 64}), 40);
+    EXPECT_LE(rel_max_error(out, ref), 1e-5) << kc->name;
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::test
