@@ -223,7 +223,7 @@ def synth_weights(cfg, bits, block, seed, path):
             views[sname][e] = np.asarray(s, dtype=np.float32)[0]
             done += 1
             el = time.perf_counter() - t0
-            if el - last >= 5 or done == total:
+            if el - last >= 5:
                 last = el
                 log(f"  quantized {done}/{total} expert matrices, {el:.0f} s")
     if cfg["bias"]:
@@ -617,6 +617,8 @@ def dequantize_np(wq, s, bits, block_size, k):
 def reference_np(W, cfg, bits, block_size, x, logits):
     """float64 forward of DESIGN §1 (swiglu fusion 1, normalized routing), written apart from qmoe."""
     H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
+    # The attributes are float32 in ONNX (1.702 is 1.70200002...), and so are they in both kernels.
+    alpha, beta, limit = (float(np.float32(cfg[n])) for n in ("alpha", "beta", "limit"))
     x, logits = x.astype(np.float64), logits.astype(np.float64)
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
@@ -628,8 +630,8 @@ def reference_np(W, cfg, bits, block_size, x, logits):
             w1 = dequantize_np(W["w1"][e:e + 1], W["s1"][e:e + 1], bits, block_size, H)[0]
             w2 = dequantize_np(W["w2"][e:e + 1], W["s2"][e:e + 1], bits, block_size, I)[0]
             h = w1 @ x[t] + (W["b1"][e] if "b1" in W else 0)
-            g, l = np.minimum(h[0::2], cfg["limit"]), np.clip(h[1::2], -cfg["limit"], cfg["limit"])
-            act = g / (1 + np.exp(-cfg["alpha"] * g)) * (l + cfg["beta"])
+            g, l = np.minimum(h[0::2], limit), np.clip(h[1::2], -limit, limit)
+            act = g / (1 + np.exp(-alpha * g)) * (l + beta)
             out[t] += wt * (w2 @ act + (W["b2"][e] if "b2" in W else 0))
     return out
 
@@ -661,7 +663,9 @@ def selfcheck(threads):
                         err = rel_max(layer(x, lg), ref)
                         line += f", qmoe L{lvl} vs ref {err:.2e} (tol {tol:g})"
                         ok &= err < tol
-                    ok &= rel_max(qmoe.reference(x, lg, **qmoe_kwargs(W, cfg, bits, block)), ref) < 1e-12
+                    err = rel_max(qmoe.reference(x, lg, **qmoe_kwargs(W, cfg, bits, block)), ref)
+                    line += f", qmoe.reference vs ref {err:.1e}"
+                    ok &= err < 1e-12
                 print(line)
                 del sess, W
     print("selfcheck:", "OK" if ok else "FAILED")
