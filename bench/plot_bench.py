@@ -46,7 +46,7 @@ def plot(data, path):
     models = [(run, m) for run in runs for m in run["models"]]
     if not models:
         raise ValueError("no models in the JSON")
-    fig, axes = plt.subplots(len(models), 3, figsize=(17, 4.6 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(17, 4.6 * len(models) + 0.7), squeeze=False)
     for row, (run, m) in enumerate(models):
         ceil = m.get("ceilings") or run["ceilings"]
         bw, peak = ceil.get("read_bandwidth"), ceil.get("fma_peak")
@@ -120,7 +120,8 @@ def plot(data, path):
             if len(tokens) == 1:
                 ax.set_xlim(tokens[0] / 2, tokens[0] * 2)
             ax.grid(True, which="major", alpha=0.3)
-        ax_t.legend(fontsize=8, loc="lower right")
+        lo, hi = ax_t.get_ylim()
+        ax_t.set_ylim(lo / 1.6, hi * 1.6)  # room for the speed-up labels
 
     run = runs[0]
     mach = run["machine"]
@@ -129,7 +130,15 @@ def plot(data, path):
     fig.suptitle(f"qmoe vs ONNX Runtime {run['versions']['onnxruntime']} QMoE on CPU, float32 activations, "
                  f"{threads} thread(s) — {mach['cpu_model']} ({mach['logical_cpus']} logical CPUs, "
                  f"{ceil.get('kernel_isa')}), {run['date'][:10]}", fontsize=12)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    handles = {}
+    for ax in axes.ravel():
+        for h, lb in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lb, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=len(handles), fontsize=10,
+               frameon=False)
+    top = 1 - 0.35 / (4.6 * len(models))
+    bottom = 0.3 / (4.6 * len(models))
+    fig.tight_layout(rect=(0, bottom, 1, top))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -49,322 +49,25 @@ import time
 
 import numpy as np
 
-try:
-    import qmoe  # the package under test
-except ImportError:  # pragma: no cover - exercised only before the package exists
-    qmoe = None
-
-# The reference shapes of DESIGN.md §3 (H, I, E, k, swiglu attributes, default block size).
-MODELS = {
-    "gpt-oss-20b": dict(H=2880, I=2880, E=32, k=4, alpha=1.702, beta=1.0, limit=7.0, block=0, bias=True),
-    "qwen3-30b-a3b": dict(H=2048, I=768, E=128, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),
-    "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2, alpha=1.0, beta=0.0, limit=math.inf, block=32, bias=False),
-    "deepseek-v3": dict(H=7168, I=2048, E=256, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),
-}
-MAX_SETS = 64               # input sets per T, at most
-MAX_SET_BYTES = 512 << 20   # inputs of one T, at most
-# ORT's session grows the process by about this many times the raw weight bytes
-# (measured: +1661 MiB for gpt-oss-20b's 382 MiB with ORT 1.32, 4-bit row-wise).
-ORT_MEMORY_FACTOR = 4.5
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- machine
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def llc_bytes():
-    """(bytes, reported): the level-3 cache of cpu0 from sysfs, else 64 MiB assumed."""
-    for i in range(16):
-        d = f"/sys/devices/system/cpu/cpu0/cache/index{i}/"
-        try:
-            with open(d + "level") as f:
-                if f.read().strip() != "3":
-                    continue
-            with open(d + "size") as f:
-                s = f.read().strip()
-        except OSError:
-            if i >= 4:
-                break
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
-        digits = s[:-1] if s[-1:] in "KMG" else s
-        if digits.isdigit():
-            return int(digits) * mult, True
-    return 64 << 20, False
-
-
-def meminfo(key):
-    """A /proc/meminfo entry in bytes (0 if unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def rss():
-    """(anonymous, file-backed) resident bytes of this process (Linux; zeros if unknown).
-    The weights are memory-mapped from a file, so only the anonymous part is what a
-    session or a Layer holds of its own."""
-    out = {"RssAnon": 0, "RssFile": 0}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                k = line.split(":", 1)[0]
-                if k in out:
-                    out[k] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return out["RssAnon"], out["RssFile"]
-
-
-def load_average():
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def machine_info():
-    llc, reported = llc_bytes()
-    return dict(cpu_model=cpu_model(), logical_cpus=os.cpu_count(), llc_bytes=llc, llc_reported=reported,
-                mem_total_bytes=meminfo("MemTotal"), platform=platform.platform(), python=platform.python_version())
-
-
-def measure_ceilings(threads):
-    """The machine's read bandwidth (1 GiB buffer) and float32 FMA peak with `threads` threads."""
-    if qmoe is None or not hasattr(qmoe, "measure_read_bandwidth"):
-        return dict(threads=threads, read_bandwidth=None, fma_peak=None, kernel_isa=None)
-    return dict(threads=threads, read_bandwidth=qmoe.measure_read_bandwidth(threads, 1 << 30),
-                fma_peak=qmoe.measure_peak_flops(threads, 0.3), kernel_isa=qmoe.cpu_kernel_isa())
-
-
-# --------------------------------------------------------------------------- weights
-
-def quantize_np(w: np.ndarray, bits: int, block_size: int):
-    """numpy copy of qmoe's symmetric quantizer (used only when qmoe is absent)."""
-    e, n, k = w.shape
-    bl = block_size or k
-    offset = 1 << (bits - 1)
-    wb = w.reshape(e, n, k // bl, bl).astype(np.float32)
-    amax = np.abs(wb).max(axis=-1, keepdims=True)
-    scale = (amax / np.float32(offset - 1)).astype(np.float32)
-    inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(wb * inv) + offset, 0, (1 << bits) - 1).astype(np.uint8).reshape(e, n, k)
-    if bits == 4:
-        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    scales = scale.reshape(e, n, k // bl)
-    return q, (scales.reshape(e, n) if block_size == 0 else scales), None
-
-
-def quantize(w, bits, block_size):
-    if qmoe is not None:
-        return qmoe.quantize(w, bits=bits, block_size=block_size, symmetric=True)
-    return quantize_np(w, bits, block_size)
-
-
-# ONNX Runtime's input names of the arrays the script makes, in input order.
-WEIGHT_INPUTS = [("w1", "fc1_experts_weights"), ("s1", "fc1_scales"), ("b1", "fc1_experts_bias"),
-                 ("w2", "fc2_experts_weights"), ("s2", "fc2_scales"), ("b2", "fc2_experts_bias")]
-
-
-def weight_layout(cfg, bits, block):
-    """{short name: (shape, dtype)} of the raw QMoE inputs (swiglu fusion 1: FC1 has 2I rows)."""
-    H, I, E = cfg["H"], cfg["I"], cfg["E"]
-    pack = 8 // bits
-    lay = dict(w1=((E, 2 * I, H // pack), np.uint8),
-               s1=((E, 2 * I) if block == 0 else (E, 2 * I, H // block), np.float32),
-               w2=((E, H, I // pack), np.uint8),
-               s2=((E, H) if block == 0 else (E, H, I // block), np.float32))
-    if cfg["bias"]:
-        lay["b1"] = ((E, 2 * I), np.float32)
-        lay["b2"] = ((E, H), np.float32)
-    return lay
-
-
-def synth_weights(cfg, bits, block, seed, path):
-    """Writes Gaussian weights (std 1/sqrt(fan_in)), quantized one expert at a time,
-    into one file (64 KiB-aligned arrays: ONNX external data) and returns
-    ({name: read-only memmap}, {name: (offset, nbytes)}). The float32 weights of
-    the whole layer never exist at once, and the quantized ones live in the page
-    cache, not in this process's anonymous memory."""
-    lay = weight_layout(cfg, bits, block)
-    offsets, pos = {}, 0
-    for name, (shape, dt) in lay.items():
-        nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
-        offsets[name] = (pos, nbytes)
-        pos = (pos + nbytes + 65535) // 65536 * 65536
-    mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(pos,))
-    views = {n: mm[o:o + b].view(lay[n][1]).reshape(lay[n][0]) for n, (o, b) in offsets.items()}
-    rng = np.random.default_rng(seed)
-    H, I, E = cfg["H"], cfg["I"], cfg["E"]
-    total, done, t0, last = 2 * E, 0, time.perf_counter(), 0.0
-    for wname, sname, n, k in (("w1", "s1", 2 * I, H), ("w2", "s2", H, I)):
-        for e in range(E):
-            w = rng.standard_normal((1, n, k), dtype=np.float32)
-            w *= np.float32(1.0 / math.sqrt(k))
-            q, s, zp = quantize(w, bits, block)
-            assert zp is None, "symmetric quantization returns no zero points"
-            del w
-            views[wname][e] = np.asarray(q)[0]
-            views[sname][e] = np.asarray(s, dtype=np.float32)[0]
-            done += 1
-            el = time.perf_counter() - t0
-            if el - last >= 5:
-                last = el
-                log(f"  quantized {done}/{total} expert matrices, {el:.0f} s")
-    if cfg["bias"]:
-        views["b1"][...] = 0.1 * rng.standard_normal(lay["b1"][0])
-        views["b2"][...] = 0.1 * rng.standard_normal(lay["b2"][0])
-    mm.flush()
-    del views, mm
-    ro = np.memmap(path, dtype=np.uint8, mode="r")
-    W = {n: ro[o:o + b].view(lay[n][1]).reshape(lay[n][0]) for n, (o, b) in offsets.items()}
-    return W, offsets
-
-
-def qmoe_kwargs(W, cfg, bits, block):
-    """qmoe's keyword arguments (ONNX Runtime's names) for the weights W."""
-    kw = {ort_name: W.get(short) for short, ort_name in WEIGHT_INPUTS}
-    kw.update(k=cfg["k"], activation_type="swiglu", normalize_routing_weights=1, expert_weight_bits=bits,
-              block_size=block, swiglu_fusion=1, swiglu_limit=float(cfg["limit"]),
-              activation_alpha=float(cfg["alpha"]), activation_beta=float(cfg["beta"]))
-    return kw
-
-
-# --------------------------------------------------------------------------- ONNX Runtime
-
-def ort_model_file(W, offsets, cfg, bits, block, weight_path):
-    """Writes the one-node QMoE model next to the weight file (external data) and returns its path."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    H, E = cfg["H"], cfg["E"]
-    inits, inputs = [], ["input", "router_probs"]
-    for short, name in WEIGHT_INPUTS:
-        if short not in W:
-            inputs.append("")
-            continue
-        a = W[short]
-        t = TensorProto(name=name, data_type=TensorProto.UINT8 if a.dtype == np.uint8 else TensorProto.FLOAT,
-                        dims=list(a.shape), data_location=TensorProto.EXTERNAL)
-        off, nbytes = offsets[short]
-        for key, value in (("location", os.path.basename(weight_path)), ("offset", str(off)), ("length", str(nbytes))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        inits.append(t)
-        inputs.append(name)
-    attrs = dict(k=cfg["k"], activation_type="swiglu", normalize_routing_weights=1, use_sparse_mixer=0,
-                 expert_weight_bits=bits, swiglu_fusion=1, activation_alpha=float(cfg["alpha"]),
-                 activation_beta=float(cfg["beta"]), weights_prepacked=0)
-    if block:
-        attrs["block_size"] = block
-    if math.isfinite(cfg["limit"]):
-        attrs["swiglu_limit"] = float(cfg["limit"])
-    node = helper.make_node("QMoE", inputs, ["output"], domain="com.microsoft", **attrs)
-    graph = helper.make_graph(
-        [node], "qmoe_bench",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["T", H]),
-         helper.make_tensor_value_info("router_probs", TensorProto.FLOAT, ["T", E])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["T", H])],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
-    path = os.path.join(os.path.dirname(weight_path), "qmoe_bench.onnx")
-    onnx.save_model(model, path)
-    return path
-
-
-def ort_session(model_path, threads):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
-
-
-# --------------------------------------------------------------------------- inputs
-
-def route_mask(logits, k):
-    """[E] bool: the experts in the top-k of some token (ties: lower index first)."""
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    used = np.zeros(logits.shape[1], bool)
-    used[order.ravel()] = True
-    return used
-
-
-def draw_set(rng, T, H, E, k):
-    x = rng.standard_normal((T, H), dtype=np.float32)
-    lg = (1.5 * rng.standard_normal((T, E))).astype(np.float32)
-    x[x == 0], lg[lg == 0] = 1e-3, 1e-3  # never exact zeros
-    return dict(x=x, logits=lg, used=route_mask(lg, k))
-
-
-def rotating_sets(rng, T, cfg, bytes_per_expert, target):
-    """The input sets of one T (see the module docstring: why rotate). Sets are
-    drawn until the experts they touch together exceed `target` bytes, or cover
-    every expert, or number MAX_SETS; each is the best of up to 32 draws at
-    sharing no expert with the set before it (the last one also with the first,
-    since the cycle wraps)."""
-    H, E, k = cfg["H"], cfg["E"], cfg["k"]
-    max_sets = max(1, min(MAX_SETS, MAX_SET_BYTES // (4 * T * (H + E))))
-
-    def draw(avoid):
-        best, best_ov = None, None
-        for _ in range(32):
-            c = draw_set(rng, T, H, E, k)
-            ov = sum(int((c["used"] & a["used"]).sum()) for a in avoid)
-            if best is None or ov < best_ov:
-                best, best_ov = c, ov
-            if not avoid or best_ov == 0 or c["used"].all():
-                break
-        return best
-
-    sets, union = [], np.zeros(E, bool)
-    while True:
-        s = draw(sets[-1:])
-        sets.append(s)
-        union |= s["used"]
-        if union.sum() * bytes_per_expert >= target or union.all() or len(sets) >= max_sets:
-            break
-    if len(sets) > 2:
-        def ov(c):
-            return int((c["used"] & sets[-2]["used"]).sum() + (c["used"] & sets[0]["used"]).sum())
-        last = draw([sets[-2], sets[0]])
-        if ov(last) < ov(sets[-1]):
-            sets[-1] = last
-    return sets
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_setup import (MAX_SETS, MODELS, ORT_MEMORY_FACTOR, cpu_competition, cpu_snapshot,  # noqa: E402
+                         load_average, log, machine_info, measure_ceilings, meminfo, ort_model_file, ort_session, qmoe, qmoe_kwargs,
+                         rotating_sets, rss, synth_weights)
 
 # --------------------------------------------------------------------------- timing and errors
 
 def time_rotating(call, nsets, min_runs, min_time, max_time):
     """Warm-up: each set once (the outputs are returned). Then calls cycling through
     the sets until >= min_runs calls and >= min_time seconds, or max_time seconds.
-    Returns (outputs per set, first-call seconds, [(set, seconds)] of the timed calls)."""
+    Returns (outputs per set, first-call seconds, [(set, seconds)] of the timed calls,
+    (cores used by other processes, cores stolen) during the timed calls)."""
     outs, warm = [], None
     for r in range(nsets):
         a = time.perf_counter()
         outs.append(np.asarray(call(r)))
         if warm is None:
             warm = time.perf_counter() - a
-    calls, t0, i = [], time.perf_counter(), 0
+    calls, t0, i, snap = [], time.perf_counter(), 0, cpu_snapshot()
     while True:
         r = i % nsets
         a = time.perf_counter()
@@ -374,7 +77,7 @@ def time_rotating(call, nsets, min_runs, min_time, max_time):
         el = time.perf_counter() - t0
         if (len(calls) >= min_runs and el >= min_time) or el >= max_time:
             break
-    return outs, warm, calls
+    return outs, warm, calls, cpu_competition(snap, cpu_snapshot())
 
 
 def summarize(calls, sets, T, cfg, bytes_per_expert, flops_per_call, ceilings):
@@ -415,7 +118,9 @@ def errors_vs_reference(outs, rows, ref):
 
 def run_model(name, a, ceilings, llc):
     """Synthesizes one model's weights, times ORT and qmoe (each level) on the same
-    rotating inputs, and returns the model's results (a JSON-able dict)."""
+    rotating inputs, and returns the model's results (a JSON-able dict). The
+    ceilings are measured again once the weights exist (the higher of that and
+    `ceilings` counts) and stored with the results."""
     cfg = dict(MODELS[name])
     block = a.block if a.block is not None else cfg["block"]
     H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
@@ -436,6 +141,7 @@ def run_model(name, a, ceilings, llc):
         flops_tok = 2.0 * (2 * I * H + H * I) * k  # per token: k experts, FC1 (2I x H) and FC2 (H x I)
         res.update(raw_weight_bytes=raw, weight_bytes_per_expert=per_expert, synth_s=time.perf_counter() - t0)
         log(f"  {raw / 2**20:.1f} MiB raw quantized weights ({res['synth_s']:.0f} s)")
+        ceilings = res["ceilings"] = measure_ceilings(a.threads, ceilings)
 
         # Inputs: rotating sets per T; sample rows for the float64 reference.
         rng = np.random.default_rng(a.seed + 1000)
@@ -468,9 +174,10 @@ def run_model(name, a, ceilings, llc):
                     continue
                 call = call_for(sets)
                 log(f"  timing {label} T={T} ({len(sets)} input sets)")
-                outs, warm, calls = time_rotating(call, len(sets), a.min_runs, a.min_time, a.max_time)
+                outs, warm, calls, (other, steal) = time_rotating(call, len(sets), a.min_runs, a.min_time,
+                                                                   a.max_time)
                 s = summarize(calls, sets, T, cfg, per_expert, r["flops_per_call"], ceilings)
-                s["warmup_ms"] = 1e3 * warm
+                s.update(warmup_ms=1e3 * warm, other_processes_cores=other, steal_cores=steal)
                 s["max_err_vs_ref"], s["rel_l2_vs_ref"] = errors_vs_reference(outs, r["ref_rows"], ref.get(T))
                 r["sides"][label] = s
                 outs_by_T[T] = outs
@@ -547,6 +254,9 @@ def run_model(name, a, ceilings, llc):
 
 # --------------------------------------------------------------------------- output
 
+BUSY_MARK = 0.2  # cores of competition during a timing above which its figure is marked
+
+
 def fmt_pct(frac):
     return "-" if frac is None else f"{100 * frac:.0f}%"
 
@@ -562,8 +272,12 @@ def print_table(res, ceilings, levels):
     print(f"\n{res['model']}: H={H} I={I} E={E} k={k}, {res['bits']}-bit {layout} symmetric, float32, "
           f"{res['raw_weight_bytes'] / 2**20:.1f} MiB raw weights; {ceilings['threads']} thread(s)")
     if bw:
+        ms = ceilings.get("measured", [])
         print(f"ceilings ({ceilings['threads']} threads): read bandwidth {bw / 1e9:.1f} GB/s, "
-              f"float32 FMA peak {peak / 1e9:.1f} GFLOP/s ({ceilings['kernel_isa']})")
+              f"float32 FMA peak {peak / 1e9:.1f} GFLOP/s ({ceilings['kernel_isa']})"
+              + (f"; the highest of {len(ms)} measurements: "
+                 + ", ".join(f"{m['read_bandwidth'] / 1e9:.1f}" for m in ms) + " GB/s; "
+                 + ", ".join(f"{m['fma_peak'] / 1e9:.0f}" for m in ms) + " GFLOP/s" if len(ms) > 1 else ""))
     o = res.get("ort", {})
     if "skipped" in o:
         print(f"ONNX Runtime: skipped ({o['skipped']})")
@@ -576,6 +290,7 @@ def print_table(res, ceilings, levels):
            f"{'GB/s':>7} {'BW%':>4} {'GFLOP/s':>8} {'peak%':>5} {'|q-ort|/|ort|':>13} {'relL2 vs f64':>12}")
     print(hdr)
     print("-" * len(hdr))
+    noisy = False
     for r in res["results"]:
         first = True
         for label in ["ort"] + [f"qmoe{lvl}" for lvl in levels]:
@@ -590,13 +305,18 @@ def print_table(res, ceilings, levels):
                 print(f"{lead}  {side:<8} {'skipped':>10}")
                 continue
             sp = s.get("speedup_vs_ort")
-            print(f"{lead}  {side:<8} {s['ms']:>10.2f} {('%.1fx' % sp) if sp else '-':>8} {s['tokens_per_s']:>9.1f} "
+            busy = s.get("other_processes_cores", 0) + s.get("steal_cores", 0) > BUSY_MARK
+            noisy |= busy
+            print(f"{lead}  {side:<8} {s['ms']:>9.2f}{'*' if busy else ' '} {('%.1fx' % sp) if sp else '-':>8} {s['tokens_per_s']:>9.1f} "
                   f"{s['weight_gbps']:>7.2f} {fmt_pct(s['bandwidth_fraction']):>4} {s['gflops']:>8.1f} "
                   f"{fmt_pct(s['peak_fraction']):>5} {fmt_e(s.get('max_err_vs_ort')):>13} "
                   f"{fmt_e(s['rel_l2_vs_ref']):>12}")
     print("(ms: median per call over rotating input sets; GB/s: a call's touched expert bytes / its time, median;"
           "\n BW%, peak%: of the measured ceilings; |q-ort|/|ort|: max|qmoe - ORT| / max|ORT| over the sets;"
           "\n relL2 vs f64: on sampled tokens against qmoe.reference)")
+    if noisy:
+        print(f"*: other processes (or the hypervisor) kept more than {BUSY_MARK} of a core busy on average "
+              "while this was timed: the figure is suspect")
 
 
 # --------------------------------------------------------------------------- selfcheck
@@ -769,6 +489,7 @@ def main(argv=None):
                load_average_start=load_average(), models=[])
     for m in a.models:
         res = run_model(m, a, ceilings, llc)
+        ceilings = res["ceilings"]
         out["models"].append(res)
         print_table(res, ceilings, a.accuracy_levels)
         sys.stdout.flush()
@@ -776,6 +497,10 @@ def main(argv=None):
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=2, allow_nan=False, default=str)
+    out["ceilings"] = ceilings
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2, allow_nan=False, default=str)
     if out["load_average_end"] > 0.5:
         print(f"note: load average {out['load_average_end']:.2f}: other processes competed for the cores; "
               "timings may be noisy")
@@ -783,7 +508,6 @@ def main(argv=None):
         print(f"wrote {a.json}")
     if a.plot:
         try:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import plot_bench
             plot_bench.plot(out, a.plot)
             print(f"wrote {a.plot}")

@@ -93,34 +93,73 @@ std::size_t CpuMoe::packed_bytes() const {
   return fc1_.bytes() + fc2_.bytes() + (bias1_.size() + bias2_.size()) * sizeof(float);
 }
 
+struct CpuMoe::Workspace {
+  std::vector<float> xbuf, lbuf, mbuf, obuf;  // float32 copies of half-precision inputs / output
+  std::vector<float> xg, act;                 // gathered FC1 inputs, FC1 outputs (FC2 inputs)
+  std::vector<std::uint16_t> xb;              // bf16 activations (AMX path)
+  QuantRowsBuffer qbuf;                       // int8 activations (accuracy_level 4)
+  std::vector<std::vector<float>> scratch;    // per thread: kernel scratch + tile outputs
+};
+
+void CpuMoe::WorkspaceDeleter::operator()(Workspace* w) const noexcept { delete w; }
+
+CpuMoe::WorkspacePtr CpuMoe::acquire() const {
+  {
+    std::lock_guard<std::mutex> lk(ws_mutex_);
+    if (!ws_free_.empty()) {
+      WorkspacePtr w = std::move(ws_free_.back());
+      ws_free_.pop_back();
+      return w;
+    }
+  }
+  return WorkspacePtr(new Workspace);
+}
+
+void CpuMoe::release(WorkspacePtr w) const {
+  std::lock_guard<std::mutex> lk(ws_mutex_);
+  ws_free_.push_back(std::move(w));
+}
+
+// Grows v to n elements; contents are unspecified (callers write what they read).
+template <class T>
+static T* grow(std::vector<T>& v, std::int64_t n) {
+  if (v.size() < static_cast<std::size_t>(n)) v.resize(static_cast<std::size_t>(n));
+  return v.data();
+}
+
 void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                      const MutableTensorView& out, std::int64_t t) const {
   const std::int64_t h = shape_.hidden;
+  struct Lease {  // returns the workspace on every exit path
+    const CpuMoe* self;
+    WorkspacePtr w;
+    ~Lease() { self->release(std::move(w)); }
+  } lease{this, acquire()};
+  Workspace& ws = *lease.w;
   // float32 views of the inputs (converted at the edge when float16/bfloat16).
-  std::vector<float> xbuf, lbuf, mbuf, obuf;
   auto as_f32 = [](const TensorView& v, std::vector<float>& buf) -> const float* {
     if (v.dtype == DType::f32) return static_cast<const float*>(v.data);
-    buf.resize(static_cast<std::size_t>(v.numel()));
-    detail::to_f32(v.data, v.dtype, v.numel(), buf.data());
-    return buf.data();
+    float* dst = grow(buf, v.numel());
+    detail::to_f32(v.data, v.dtype, v.numel(), dst);
+    return dst;
   };
-  const float* x = as_f32(input, xbuf);
-  const float* logits = as_f32(router_probs, lbuf);
-  const float* mix = router_weights.present() ? as_f32(router_weights, mbuf) : nullptr;
-  float* o = out.dtype == DType::f32 ? static_cast<float*>(out.data) : (obuf.resize(static_cast<std::size_t>(t * h)), obuf.data());
+  const float* x = as_f32(input, ws.xbuf);
+  const float* logits = as_f32(router_probs, ws.lbuf);
+  const float* mix = router_weights.present() ? as_f32(router_weights, ws.mbuf) : nullptr;
+  float* o = out.dtype == DType::f32 ? static_cast<float*>(out.data) : grow(ws.obuf, t * h);
   std::fill(o, o + t * h, 0.f);
   // Tokens in chunks so the gathered inputs and FC1 activations stay within a fixed budget.
   const std::int64_t per_token = attrs_.k * (shape_.inter + shape_.hidden) * static_cast<std::int64_t>(sizeof(float));
   const std::int64_t chunk = std::max<std::int64_t>(1, chunk_bytes_ / per_token);
   for (std::int64_t t0 = 0; t0 < t; t0 += chunk) {
     const std::int64_t t1 = std::min(t, t0 + chunk);
-    run_chunk(x, logits, mix, t0, t1, o);
+    run_chunk(ws, x, logits, mix, t0, t1, o);
   }
   if (out.dtype != DType::f32) detail::from_f32(o, t * h, out.dtype, out.data);
 }
 
-void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
-                       float* out) const {
+void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0,
+                       std::int64_t t1, float* out) const {
   const std::int64_t h = shape_.hidden, in = shape_.inter, e_count = shape_.num_experts;
   const int k = attrs_.k;
   const std::int64_t nt = t1 - t0, nrows = nt * k;
@@ -157,15 +196,25 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   // Kernels read whole code groups: activation rows are zero-padded to the packed width.
   const std::int64_t hp = g1.padded_cols(), ip = g2.padded_cols();
 
-  // Gather the tokens of each expert into contiguous rows.
-  std::vector<float> xg(static_cast<std::size_t>(nrows * hp), 0.f);
-  for (std::int64_t r = 0; r < nrows; ++r)
-    std::memcpy(&xg[r * hp], x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
+  // Gather the tokens of each expert into contiguous rows (in parallel), zeroing the padding
+  // columns of the FC1 and FC2 input rows (the kernels read whole code groups).
+  float* xg = grow(ws.xg, nrows * hp);
+  float* act = grow(ws.act, nrows * ip);
+  {
+    const std::int64_t per = 32, items = (nrows + per - 1) / per;
+    pool_->parallel_for(items, [&](std::int64_t i, int) {
+      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r) {
+        std::memcpy(xg + r * hp, x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
+        std::fill(xg + r * hp + h, xg + (r + 1) * hp, 0.f);
+        std::fill(act + r * ip + in, act + (r + 1) * ip, 0.f);
+      }
+    });
+  }
   const bool q4 = attrs_.expert_weight_bits == 4;
   const GemmTileFn gemm = q4 ? kc_->gemm_q4 : kc_->gemm_q8;
   const GemmTileI8Fn igemm = q4 ? kc_->igemm_q4 : kc_->igemm_q8;
   // accuracy_level 4: activation rows quantized to int8 once per call, in parallel over rows.
-  QuantRowsBuffer qbuf;
+  QuantRowsBuffer& qbuf = ws.qbuf;
   auto quantize_all = [&](const float* rows, std::int64_t ld, const PackGeometry& g) {
     resize_for(qbuf, nrows, g);
     const std::int64_t per = 16, items = (nrows + per - 1) / per;
@@ -184,33 +233,32 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   const GemmTileBf16Fn bgemm = q4 ? kc_->bgemm_q4 : kc_->bgemm_q8;
   const std::int64_t kp1 = (hp + 31) / 32 * 32, kp2 = (ip + 31) / 32 * 32;
   auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
-  std::vector<std::uint16_t> xb;
+  std::uint16_t* xb = nullptr;
   auto to_bf16_all = [&](const float* rows, std::int64_t ld, std::int64_t kp) {
-    xb.assign(static_cast<std::size_t>((nrows + 16) * kp), 0);
+    xb = grow(ws.xb, (nrows + 16) * kp);
+    std::fill(xb + nrows * kp, xb + (nrows + 16) * kp, std::uint16_t{0});  // rows A tiles may read past the end
     const std::int64_t per = 16, items = (nrows + per - 1) / per;
     pool_->parallel_for(items, [&](std::int64_t i, int) {
-      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r)
-        kc_->to_bf16(rows + r * ld, &xb[static_cast<std::size_t>(r * kp)], ld);
+      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r) {
+        kc_->to_bf16(rows + r * ld, xb + r * kp, ld);
+        std::fill(xb + r * kp + ld, xb + (r + 1) * kp, std::uint16_t{0});
+      }
     });
   };
   const std::int64_t bf16_scratch = bf16_ ? std::max(kp1, kp2) * 8 : 0;  // one tile decoded to bf16, in floats
-  std::vector<std::vector<float>> scratch(static_cast<std::size_t>(nthreads));
-  auto thread_scratch = [&](int tid) -> float* {
-    auto& s = scratch[tid];
-    if (s.empty()) s.resize(static_cast<std::size_t>(kc_->scratch_floats + max_count * nr + bf16_scratch));
-    return s.data();
-  };
+  if (ws.scratch.size() < static_cast<std::size_t>(nthreads)) ws.scratch.resize(static_cast<std::size_t>(nthreads));
+  const std::int64_t scratch_need = kc_->scratch_floats + max_count * nr + bf16_scratch;
+  auto thread_scratch = [&](int tid) -> float* { return grow(ws.scratch[tid], scratch_need); };
 
   // FC1 + bias + activation -> act[row][0..I).
-  std::vector<float> act(static_cast<std::size_t>(nrows * ip), 0.f);
   const std::int64_t tiles1 = g1.tiles(), pad1 = tiles1 * nr;
   const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
   const std::int64_t per1 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles1 / target_items);
   const std::int64_t groups1 = (tiles1 + per1 - 1) / per1;
   const Activation kind = attrs_.activation;
   QuantRows q1;
-  if (int8_) quantize_all(xg.data(), hp, g1), q1 = qbuf.view(g1);
-  if (bf16_) to_bf16_all(xg.data(), hp, kp1);
+  if (int8_) quantize_all(xg, hp, g1), q1 = qbuf.view(g1);
+  if (bf16_) to_bf16_all(xg, hp, kp1);
   const float alpha = attrs_.activation_alpha, beta = attrs_.activation_beta, limit = attrs_.swiglu_limit;
   pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
     const int e = active[item / groups1];
@@ -218,18 +266,18 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
     const std::int64_t rows = count[e];
     float* scr = thread_scratch(tid);
     float* y = scr + kc_->scratch_floats;
-    const float* xe = &xg[offset[e] * hp];
+    const float* xe = xg + offset[e] * hp;
     const float* b1 = &bias1_[e * pad1];
     for (std::int64_t tile = (item % groups1) * per1; tile < tile_end; ++tile) {
       if (use_bf16(e))
-        bgemm(g1, fc1_.tile(e, tile), &xb[static_cast<std::size_t>(offset[e] * kp1)], kp1, rows, y, nr,
+        bgemm(g1, fc1_.tile(e, tile), xb + offset[e] * kp1, kp1, rows, y, nr,
               y + max_count * nr);
       else if (int8_)
         igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, nr);
       else
         gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
       for (std::int64_t r = 0; r < rows; ++r) {
-        float* dst = &act[(offset[e] + r) * ip];
+        float* dst = act + (offset[e] + r) * ip;
         const float* yr = y + r * nr;
         if (gated_) {
           for (int q = 0; q < nr / 2; ++q) {
@@ -253,8 +301,8 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
   const std::int64_t tiles2 = g2.tiles(), pad2 = tiles2 * nr;
   const std::int64_t per2 = std::max<std::int64_t>(1, tiles2 / target_items);
   QuantRows q2;
-  if (int8_) quantize_all(act.data(), ip, g2), q2 = qbuf.view(g2);
-  if (bf16_) to_bf16_all(act.data(), ip, kp2);
+  if (int8_) quantize_all(act, ip, g2), q2 = qbuf.view(g2);
+  if (bf16_) to_bf16_all(act, ip, kp2);
   const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
   pool_->parallel_for(groups2, [&](std::int64_t item, int tid) {
     float* scr = thread_scratch(tid);
@@ -265,12 +313,12 @@ void CpuMoe::run_chunk(const float* x, const float* logits, const float* mix, st
       for (int e : active) {
         const float* b2 = &bias2_[e * pad2 + c0];
         if (use_bf16(e))
-          bgemm(g2, fc2_.tile(e, tile), &xb[static_cast<std::size_t>(offset[e] * kp2)], kp2, count[e], y, nr,
+          bgemm(g2, fc2_.tile(e, tile), xb + offset[e] * kp2, kp2, count[e], y, nr,
                 y + max_count * nr);
         else if (int8_)
           igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), count[e], y, nr);
         else
-          gemm(g2, fc2_.tile(e, tile), &act[offset[e] * ip], ip, count[e], y, nr, scr);
+          gemm(g2, fc2_.tile(e, tile), act + offset[e] * ip, ip, count[e], y, nr, scr);
         for (std::int64_t r = 0; r < count[e]; ++r) {
           const std::int64_t pos = offset[e] + r;
           float* dst = out + row_token[pos] * h + c0;

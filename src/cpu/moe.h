@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -34,9 +35,18 @@ class CpuMoe {
   const PackedMatrix& fc2() const { return fc2_; }
 
  private:
-  struct Plan;
-  void run_chunk(const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
-                 float* out) const;
+  // Per-call working memory, kept between calls: fresh multi-megabyte buffers
+  // every call cost page faults that dominated prefill (notably under gVisor).
+  // Concurrent calls each take their own Workspace from the free list.
+  struct Workspace;
+  struct WorkspaceDeleter {
+    void operator()(Workspace* w) const noexcept;
+  };
+  using WorkspacePtr = std::unique_ptr<Workspace, WorkspaceDeleter>;
+  WorkspacePtr acquire() const;
+  void release(WorkspacePtr w) const;
+  void run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0,
+                 std::int64_t t1, float* out) const;
 
   MoeAttributes attrs_;
   MoeShape shape_;
@@ -49,6 +59,8 @@ class CpuMoe {
   std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles
   std::unique_ptr<ThreadPool> pool_;
   std::string name_;
+  mutable std::mutex ws_mutex_;
+  mutable std::vector<WorkspacePtr> ws_free_;
 };
 
 }  // namespace qmoe::cpu
