@@ -246,6 +246,14 @@ def run_model(name, a, ceilings, llc):
         for r in rows_out:
             del r["_sets"]
         res["results"] = rows_out
+        # Once more after the timings; the fractions are against the highest measurement.
+        ceilings = res["ceilings"] = measure_ceilings(a.threads, ceilings)
+        bw, peak = ceilings.get("read_bandwidth"), ceilings.get("fma_peak")
+        for r in rows_out:
+            for s in r["sides"].values():
+                if "weight_gbps" in s and bw:
+                    s["bandwidth_fraction"] = s["weight_gbps"] * 1e9 / bw
+                    s["peak_fraction"] = s["gflops"] * 1e9 / peak
         res["load_average_end"] = load_average()
         return res
     finally:
@@ -314,6 +322,11 @@ def print_table(res, ceilings, levels):
     print("(ms: median per call over rotating input sets; GB/s: a call's touched expert bytes / its time, median;"
           "\n BW%, peak%: of the measured ceilings; |q-ort|/|ort|: max|qmoe - ORT| / max|ORT| over the sets;"
           "\n relL2 vs f64: on sampled tokens against qmoe.reference)")
+    comp = [(s.get("other_processes_cores", 0), s.get("steal_cores", 0)) for r in res["results"]
+            for s in r["sides"].values() if "ms" in s]
+    if comp:
+        print(f"(competition while timing: other processes up to {max(c[0] for c in comp):.2f} cores, "
+              f"hypervisor steal up to {max(c[1] for c in comp):.2f} cores)")
     if noisy:
         print(f"*: other processes (or the hypervisor) kept more than {BUSY_MARK} of a core busy on average "
               "while this was timed: the figure is suspect")
@@ -501,9 +514,6 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, allow_nan=False, default=str)
-    if out["load_average_end"] > 0.5:
-        print(f"note: load average {out['load_average_end']:.2f}: other processes competed for the cores; "
-              "timings may be noisy")
     if a.json:
         print(f"wrote {a.json}")
     if a.plot:

@@ -92,6 +92,7 @@ struct Timing {
   std::int64_t runs = 0;
   double median_s = 0, min_s = 0, warmup_s = 0;
   double median_gbps = 0;  // median over the calls of (that call's touched bytes / its time)
+  Competition competition;  // what other processes used while the calls were timed
   double max_rel = NAN, rel_l2 = NAN;
 };
 
@@ -249,7 +250,7 @@ int run_bench(const std::vector<std::string>& argv) {
   std::printf("  attributes: %s\n", describe(m.attrs).c_str());
   const double load0 = load_average();
   std::printf("  machine: %u hardware threads, load average %.2f%s\n", hw, load0,
-              load0 > 0.5 ? " (other processes are running: timings may be noisy)" : "");
+              load0 > 0.5 ? " (other processes have been running: timings may be noisy)" : "");
   const std::string cpu = cpu_model();
   if (!cpu.empty()) std::printf("  cpu: %s; kernels: %s\n", cpu.c_str(), cpu_kernel_isa());
   // The ceilings, measured with the threads forward() uses: the read bandwidth
@@ -393,6 +394,7 @@ int run_bench(const std::vector<std::string>& argv) {
     }
     if (!s.rows.empty()) tm.max_rel = max_d / max_r, tm.rel_l2 = std::sqrt(d2 / r2);
     std::vector<double> times, gbps;
+    const CpuSnapshot snap = cpu_snapshot();
     const double t0 = now_s();
     for (std::size_t i = 0;; ++i) {
       const std::size_t set = i % nsets;
@@ -404,6 +406,7 @@ int run_bench(const std::vector<std::string>& argv) {
       const double el = now_s() - t0;
       if ((static_cast<std::int64_t>(times.size()) >= kMinRuns && el >= min_time) || el >= max_time) break;
     }
+    tm.competition = cpu_competition(snap, cpu_snapshot());
     tm.runs = static_cast<std::int64_t>(times.size());
     tm.median_s = median(times);
     tm.min_s = *std::min_element(times.begin(), times.end());
@@ -426,9 +429,10 @@ int run_bench(const std::vector<std::string>& argv) {
     const Sample& s = samples[i];
     const Timing& tm = timings[i];
     const double gflops = gflops_of(s, tm);
-    std::printf("%6lld %4zu %5lld %10.3f %10.3f %10.1f %6.1f/%-4lld %12.2f %4s %9.1f %5s %16s %9s\n",
+    const bool busy = tm.competition.other_cores + tm.competition.steal_cores > 0.2;
+    std::printf("%6lld %4zu %5lld %9.3f%c %10.3f %10.1f %6.1f/%-4lld %12.2f %4s %9.1f %5s %16s %9s\n",
                 static_cast<long long>(s.tokens), s.sets.size(), static_cast<long long>(tm.runs), 1e3 * tm.median_s,
-                1e3 * tm.min_s, static_cast<double>(s.tokens) / tm.median_s, s.touched_mean,
+                busy ? '*' : ' ', 1e3 * tm.min_s, static_cast<double>(s.tokens) / tm.median_s, s.touched_mean,
                 static_cast<long long>(e), tm.median_gbps, pct(tm.median_gbps * 1e9, bandwidth).c_str(), gflops,
                 pct(gflops * 1e9, peak).c_str(), std::isnan(tm.max_rel) ? "-" : fmt("%.2e", tm.max_rel).c_str(),
                 std::isnan(tm.rel_l2) ? "-" : fmt("%.2e", tm.rel_l2).c_str());
@@ -441,8 +445,11 @@ int run_bench(const std::vector<std::string>& argv) {
   else
     std::printf("(no reference check: --ref-tokens 0)\n");
   const double load1 = load_average();
-  if (load1 > 0.5)
-    std::printf("note: load average %.2f at the end: other processes competed for the cores\n", load1);
+  double worst = 0;
+  for (const Timing& tm : timings) worst = std::max(worst, tm.competition.other_cores + tm.competition.steal_cores);
+  if (worst > 0.2)
+    std::printf("*: other processes (or the hypervisor) kept more than 0.2 cores busy while that T was timed "
+                "(up to %.2f): the figures are noisy\n", worst);
 
   if (json_path) {
     Json j;
@@ -497,6 +504,8 @@ int run_bench(const std::vector<std::string>& argv) {
           .field("bandwidth_fraction", bandwidth > 0 ? tm.median_gbps * 1e9 / bandwidth : NAN)
           .field("gflops", gflops)
           .field("peak_fraction", peak > 0 ? gflops * 1e9 / peak : NAN)
+          .field("other_processes_cores", tm.competition.other_cores)
+          .field("steal_cores", tm.competition.steal_cores)
           .field("ref_tokens", static_cast<std::int64_t>(s.rows.size()))
           .field("max_abs_err_over_max_ref", tm.max_rel)
           .field("rel_l2_err", tm.rel_l2)

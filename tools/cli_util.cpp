@@ -1,5 +1,6 @@
 #include "cli_util.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -119,6 +120,35 @@ double load_average() {
   double l = -1;
   if (!(f >> l)) return -1;
   return l;
+}
+
+CpuSnapshot cpu_snapshot() {
+  CpuSnapshot c;
+  c.wall = now_s();
+  const double hz = static_cast<double>(sysconf(_SC_CLK_TCK));
+  std::ifstream f("/proc/stat");
+  std::string cpu;
+  unsigned long long v[8] = {};
+  if (f >> cpu && cpu == "cpu") {
+    for (auto& x : v) f >> x;
+    c.busy = static_cast<double>(v[0] + v[1] + v[2] + v[5] + v[6]) / hz;  // user nice system irq softirq
+    c.steal = static_cast<double>(v[7]) / hz;
+  }
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);  // every thread of this process
+  c.own = static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+          1e-6 * static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  return c;
+}
+
+Competition cpu_competition(const CpuSnapshot& a, const CpuSnapshot& b) {
+  const double wall = std::max(b.wall - a.wall, 1e-9);
+  Competition c;
+  if (a.busy > 0) {
+    c.other_cores = std::max(0.0, ((b.busy - a.busy) - (b.own - a.own)) / wall);
+    c.steal_cores = (b.steal - a.steal) / wall;
+  }
+  return c;
 }
 
 std::size_t llc_bytes() {

@@ -65,6 +65,19 @@ void release_free_memory();
 /// processes competing for the cores make timings noisy; the tool says so.
 double load_average();
 
+/// CPU time of the whole machine and of this process at one moment; two of them
+/// give how much other processes competed with the timed work in between.
+struct CpuSnapshot {
+  double wall = 0, busy = 0, steal = 0, own = 0;  // seconds
+};
+CpuSnapshot cpu_snapshot();
+/// Cores that other processes kept busy, and cores the hypervisor stole, on
+/// average between two snapshots (0 where /proc/stat is unavailable).
+struct Competition {
+  double other_cores = 0, steal_cores = 0;
+};
+Competition cpu_competition(const CpuSnapshot& before, const CpuSnapshot& after);
+
 /// The last-level (L3) cache size in bytes as Linux reports it for cpu0
 /// (/sys/devices/system/cpu/cpu0/cache/index*/size of the level-3 entry);
 /// 0 when the system does not say.

@@ -9,6 +9,10 @@
 #include "cpu/moe.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <thread>
 
@@ -101,6 +105,27 @@ struct CpuMoe::Workspace {
   std::vector<std::vector<float>> scratch;    // per thread: kernel scratch + tile outputs
 };
 
+namespace {
+// QMOE_PROFILE=1 prints the time of each phase of every call to stderr (for tuning).
+struct PhaseClock {
+  bool on = [] {
+    const char* v = std::getenv("QMOE_PROFILE");
+    return v && *v == '1';
+  }();
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  std::string line;
+  void mark(const char* what) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    line += std::string(what) + " " + std::to_string(std::chrono::duration<double, std::milli>(now - t).count()) + " ms  ";
+    t = now;
+  }
+  ~PhaseClock() {
+    if (on && !line.empty()) std::fprintf(stderr, "qmoe profile: %s\n", line.c_str());
+  }
+};
+}  // namespace
+
 void CpuMoe::WorkspaceDeleter::operator()(Workspace* w) const noexcept { delete w; }
 
 CpuMoe::WorkspacePtr CpuMoe::acquire() const {
@@ -164,6 +189,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const int k = attrs_.k;
   const std::int64_t nt = t1 - t0, nrows = nt * k;
 
+  PhaseClock clock;
   // Route, then plan: the (token, slot) rows of each expert, contiguous and in token order.
   std::vector<int> chosen(static_cast<std::size_t>(nrows));
   std::vector<double> wts(static_cast<std::size_t>(nrows));
@@ -250,6 +276,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const std::int64_t scratch_need = kc_->scratch_floats + max_count * nr + bf16_scratch;
   auto thread_scratch = [&](int tid) -> float* { return grow(ws.scratch[tid], scratch_need); };
 
+  clock.mark("route+plan+gather");
   // FC1 + bias + activation -> act[row][0..I).
   const std::int64_t tiles1 = g1.tiles(), pad1 = tiles1 * nr;
   const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
@@ -260,6 +287,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   if (int8_) quantize_all(xg, hp, g1), q1 = qbuf.view(g1);
   if (bf16_) to_bf16_all(xg, hp, kp1);
   const float alpha = attrs_.activation_alpha, beta = attrs_.activation_beta, limit = attrs_.swiglu_limit;
+  clock.mark("fc1-inputs");
   pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
     const int e = active[item / groups1];
     const std::int64_t tile_end = std::min(tiles1, (item % groups1 + 1) * per1);
@@ -276,26 +304,27 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
         igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, nr);
       else
         gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
+      // Epilogue: bias + activation, written so the compiler vectorizes it (fast_exp, no calls).
+      const std::int64_t outs = gated_ ? nr / 2 : nr, first = tile * outs;
+      const int valid = static_cast<int>(std::min<std::int64_t>(outs, in - first));
       for (std::int64_t r = 0; r < rows; ++r) {
-        float* dst = act + (offset[e] + r) * ip;
+        float* dst = act + (offset[e] + r) * ip + first;
         const float* yr = y + r * nr;
+        float v[16];
         if (gated_) {
-          for (int q = 0; q < nr / 2; ++q) {
-            const std::int64_t i = tile * (nr / 2) + q;
-            if (i >= in) break;
-            dst[i] = detail::swiglu<float>(yr[2 * q] + b1[2 * i], yr[2 * q + 1] + b1[2 * i + 1], alpha, beta, limit);
-          }
+          const float* bt = b1 + 2 * first;
+          for (int q = 0; q < 8; ++q)
+            v[q] = detail::fast_swiglu(yr[2 * q] + bt[2 * q], yr[2 * q + 1] + bt[2 * q + 1], alpha, beta, limit);
         } else {
-          for (int q = 0; q < nr; ++q) {
-            const std::int64_t i = tile * nr + q;
-            if (i >= in) break;
-            dst[i] = detail::activate<float>(kind, yr[q] + b1[i]);
-          }
+          const float* bt = b1 + first;
+          for (int q = 0; q < 16; ++q) v[q] = detail::fast_activate(kind, yr[q] + bt[q]);
         }
+        std::memcpy(dst, v, static_cast<std::size_t>(valid) * 4);
       }
     }
   });
 
+  clock.mark("fc1");
   // FC2 + bias, times the routing weight, added into out. An item owns a range
   // of output columns for all tokens and walks the experts in ascending order.
   const std::int64_t tiles2 = g2.tiles(), pad2 = tiles2 * nr;
@@ -304,6 +333,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   if (int8_) quantize_all(act, ip, g2), q2 = qbuf.view(g2);
   if (bf16_) to_bf16_all(act, ip, kp2);
   const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
+  clock.mark("fc2-inputs");
   pool_->parallel_for(groups2, [&](std::int64_t item, int tid) {
     float* scr = thread_scratch(tid);
     float* y = scr + kc_->scratch_floats;
@@ -328,6 +358,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       }
     }
   });
+  clock.mark("fc2");
 }
 
 }  // namespace qmoe::cpu

@@ -35,5 +35,27 @@ TEST(Activation, SwigluWithGptOssConstants) {
   EXPECT_TRUE(std::isnan(swiglu<double>(NAN, 1.0, 1.0, 0.0, inf)));
 }
 
+TEST(Activation, FastExpAgainstLibm) {
+  double worst = 0;
+  for (float x = -87.f; x <= 88.f; x += 0.0137f) {
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::fabs(fast_exp(x) - want) / want);
+  }
+  EXPECT_LE(worst, 4e-7);
+  EXPECT_EQ(fast_exp(0.f), 1.f);
+  EXPECT_TRUE(std::isnan(fast_exp(NAN)));
+  EXPECT_GT(fast_exp(1000.f), 1e38f);   // clamped to the float range, finite
+  EXPECT_LT(fast_exp(-1000.f), 1e-37f);
+  // The epilogue forms agree with the reference formulas to float32 rounding.
+  for (float h = -9.f; h <= 9.f; h += 0.01f) {
+    for (auto a : {Activation::relu, Activation::gelu, Activation::silu, Activation::identity})
+      ASSERT_NEAR(fast_activate(a, h), activate<double>(a, h), 2e-6 * (1 + std::fabs(h))) << activation_name(a) << h;
+    ASSERT_NEAR(fast_swiglu(h, 0.5f * h, 1.702f, 1.f, 7.f), swiglu<double>(h, 0.5 * h, 1.702, 1.0, 7.0),
+                4e-6 * (1 + h * h));
+  }
+  EXPECT_TRUE(std::isnan(fast_activate(Activation::relu, NAN)));
+  EXPECT_TRUE(std::isnan(fast_swiglu(NAN, 1.f, 1.f, 0.f, INFINITY)));
+}
+
 }  // namespace
 }  // namespace qmoe::detail
