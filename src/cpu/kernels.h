@@ -25,7 +25,7 @@ using GemmTileI8Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, c
 
 /// The bf16-activation (accuracy_level 3, AMX) variant: x is bf16 rows of ldx
 /// elements (ldx a multiple of 32, zero-padded, 16 readable rows past ntok);
-/// scratch holds ldx * 32 bytes (the tile decoded to bf16).
+/// scratch holds at least 2 KiB (two bf16 B tiles).
 using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* x,
                                 std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch);
 

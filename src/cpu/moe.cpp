@@ -271,7 +271,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       }
     });
   };
-  const std::int64_t bf16_scratch = bf16_ ? std::max(kp1, kp2) * 8 : 0;  // one tile decoded to bf16, in floats
+  const std::int64_t bf16_scratch = bf16_ ? 512 + 16 : 0;  // two 1 KiB bf16 B tiles (+ slack to align), in floats
   if (ws.scratch.size() < static_cast<std::size_t>(nthreads)) ws.scratch.resize(static_cast<std::size_t>(nthreads));
   const std::int64_t scratch_need = kc_->scratch_floats + max_count * nr + bf16_scratch;
   auto thread_scratch = [&](int tid) -> float* { return grow(ws.scratch[tid], scratch_need); };

@@ -4,11 +4,11 @@
 // Why this shape: AMX multiplies a 16 x 32 bf16 tile of activations (16
 // tokens) by a 32 x 16 bf16 tile of weights into a 16 x 16 float32 tile, ~16x
 // the multiply-adds of an AVX-512 FMA per cycle. The int4/int8 weights of a
-// 16-row tile are decoded ONCE per call into bf16 "B" tiles (scale * (code -
-// zero), rounded to bf16; the scale folded in, so no per-block epilogue) in
-// scratch (K/32 tiles of 1 KiB: 90 KiB at K = 2880, L2-resident), then every
-// group of up to kMaxTokenBlocks x 16 tokens streams through them with the C
-// tiles held in tile registers across all of K.
+// 16-row tile are decoded K step by K step into bf16 "B" tiles (scale * (code -
+// zero), rounded to bf16; the scale folded in, so no per-block epilogue), each
+// used at once by up to kMaxTokenBlocks x 16 tokens whose C tiles stay in tile
+// registers across all of K. (Decoding the whole tile first and multiplying
+// after was slower: the 90 KiB of B tiles fell out of L1.)
 //
 // Tile registers: 0..5 = C (one per 16-token block), 6 = A, 7 = B.
 // Activations are bf16 rows with a stride of ldx elements, zero-padded to a
@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "cpu/kernels.h"
 #include "cpu/kernels/ops_avx512.h"
@@ -46,51 +47,74 @@ inline void configure() {
   done = true;
 }
 
-// Decodes the whole tile (all K, padded to kp columns) into bf16 B tiles:
-// B tile s, row kk, lane n = [W(n, 32s + 2kk), W(n, 32s + 2kk + 1)].
+// Decodes a weight tile into bf16 B tiles 32 columns (one K step) at a time:
+// B row kk, lane n = [W(n, k + 2kk), W(n, k + 2kk + 1)], W = scale * (code - zero)
+// rounded to bf16. Walks the blocks and 64-byte code groups of packed.h in
+// order; columns past the padded K are zero.
 template <int BITS>
-inline void decode_tile(const PackGeometry& g, const std::uint8_t* tile, std::int64_t kp, std::uint16_t* b) {
-  constexpr std::int64_t G = 32 / BITS;
-  const std::int64_t pb = (g.block_len + G - 1) / G * G, nb = g.cols / g.block_len;
-  const std::int64_t block_bytes = NR * 5 + pb * NR * BITS / 8;
-  // Pair (w_even, w_odd) of one column pair -> 32 bf16 in lane order [e0 o0 e1 o1 ...].
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  std::int64_t col = 0;  // output column (in the padded-activation numbering)
-  for (std::int64_t blk = 0; blk < nb; ++blk) {
-    const std::uint8_t* p = tile + blk * block_bytes;
-    const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
-    const OpsAvx512::Z zero = OpsAvx512::zeros(p + NR * 4);
-    const std::uint8_t* codes = p + NR * 5;
-    for (std::int64_t grp = 0; grp < pb / G; ++grp) {
-      const OpsAvx512::Q q = OpsAvx512::group(codes + grp * 64);
+class TileDecoder {
+ public:
+  static constexpr std::int64_t G = 32 / BITS;  // columns per code group
+
+  TileDecoder(const PackGeometry& g, const std::uint8_t* tile)
+      : tile_(tile),
+        pb_((g.block_len + G - 1) / G * G),
+        nb_(g.cols / g.block_len),
+        block_bytes_(NR * 5 + pb_ * NR * BITS / 8) {
+    load_block();
+  }
+
+  // Writes the next 16 B rows (32 columns) to b (1 KiB).
+  void step(std::uint16_t* b) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int c = 0; c < 32; c += static_cast<int>(G)) {
       __m512 w[G];
-      [&]<int... J>(std::integer_sequence<int, J...>) {
-        ((OpsAvx512::column<BITS, J>(q, zero, &w[J]), w[J] = _mm512_mul_ps(w[J], scale)), ...);
-      }(std::make_integer_sequence<int, static_cast<int>(G)>{});
-      for (int j = 0; j < G; j += 2) {
-        const __m512i pair = _mm512_permutexvar_epi16(
-            interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[j + 1], w[j])));
-        _mm512_storeu_si512(b + (col + j) * NR, pair);  // row (col + j) / 2 of the stream of B rows
+      if (blk_ < nb_) {
+        const OpsAvx512::Q q = OpsAvx512::group(codes_ + grp_ * 64);
+        [&]<int... J>(std::integer_sequence<int, J...>) {
+          ((OpsAvx512::column<BITS, J>(q, zero_, &w[J]), w[J] = _mm512_mul_ps(w[J], scale_)), ...);
+        }(std::make_integer_sequence<int, static_cast<int>(G)>{});
+        if (++grp_ == pb_ / G) {
+          grp_ = 0;
+          if (++blk_ < nb_) load_block();
+        }
+      } else {
+        for (auto& v : w) v = _mm512_setzero_ps();
       }
-      col += G;
+      for (int j = 0; j < static_cast<int>(G); j += 2)
+        _mm512_storeu_si512(b + (c + j) * NR, _mm512_permutexvar_epi16(
+                                                  interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[j + 1], w[j]))));
     }
   }
-  // Zero the columns past K up to the padded width (the activations there are 0 too,
-  // but 0 * garbage could be NaN).
-  for (; col < kp; col += 2) std::memset(b + col * NR, 0, 64);
-}
+
+ private:
+  void load_block() {
+    const std::uint8_t* p = tile_ + blk_ * block_bytes_;
+    scale_ = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+    zero_ = OpsAvx512::zeros(p + NR * 4);
+    codes_ = p + NR * 5;
+  }
+
+  const std::uint8_t* tile_;
+  std::int64_t pb_, nb_, block_bytes_, blk_ = 0, grp_ = 0;
+  __m512 scale_;
+  OpsAvx512::Z zero_;
+  const std::uint8_t* codes_ = nullptr;
+};
 
 template <int BITS>
 void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* x, std::int64_t ldx,
           std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
   configure<0>();
   const std::int64_t kp = ldx;  // padded K (a multiple of 32)
+  // Two 1 KiB B buffers: the next K step is decoded (vector units) while the
+  // tile unit still multiplies the previous one; both stay in L1.
   auto* b = static_cast<std::uint16_t*>(scratch);
-  decode_tile<BITS>(g, tile, kp, b);
   alignas(64) float ctmp[16 * 16];
   for (std::int64_t t0 = 0; t0 < ntok; t0 += 16 * kMaxTokenBlocks) {
     const int blocks = static_cast<int>(ntok - t0 >= 16 * kMaxTokenBlocks ? kMaxTokenBlocks : (ntok - t0 + 15) / 16);
+    TileDecoder<BITS> dec(g, tile);
     // Tile register numbers must be immediates: unrolled by hand over the token blocks.
 #define QMOE_AMX_FOR_BLOCKS(OP) \
   do {                          \
@@ -104,7 +128,9 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* 
 #define QMOE_AMX_ZERO(i) _tile_zero(i)
     QMOE_AMX_FOR_BLOCKS(QMOE_AMX_ZERO);
     for (std::int64_t k = 0; k < kp; k += 32) {
-      _tile_loadd(7, b + k * NR, 64);
+      std::uint16_t* bk = b + ((k / 32) & 1) * 512;
+      dec.step(bk);
+      _tile_loadd(7, bk, 64);
 #define QMOE_AMX_DOT(i)                                                        \
   do {                                                                         \
     _tile_loadd(6, x + (t0 + 16 * (i)) * ldx + k, static_cast<int>(ldx * 2)); \
@@ -112,15 +138,15 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* 
   } while (0)
       QMOE_AMX_FOR_BLOCKS(QMOE_AMX_DOT);
     }
-#define QMOE_AMX_STORE(i)                                                                 \
-  do {                                                                                    \
-    const std::int64_t tb = t0 + 16 * (i), valid = ntok - tb < 16 ? ntok - tb : 16;       \
-    if (valid == 16 && ldy == NR) {                                                       \
-      _tile_stored(i, y + tb * ldy, 64);                                                  \
-    } else {                                                                              \
-      _tile_stored(i, ctmp, 64);                                                          \
+#define QMOE_AMX_STORE(i)                                                                           \
+  do {                                                                                              \
+    const std::int64_t tb = t0 + 16 * (i), valid = ntok - tb < 16 ? ntok - tb : 16;                 \
+    if (valid == 16 && ldy == NR) {                                                                 \
+      _tile_stored(i, y + tb * ldy, 64);                                                            \
+    } else {                                                                                        \
+      _tile_stored(i, ctmp, 64);                                                                    \
       for (std::int64_t r = 0; r < valid; ++r) std::memcpy(y + (tb + r) * ldy, ctmp + 16 * r, 64); \
-    }                                                                                     \
+    }                                                                                               \
   } while (0)
     QMOE_AMX_FOR_BLOCKS(QMOE_AMX_STORE);
 #undef QMOE_AMX_STORE
