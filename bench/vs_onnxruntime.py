@@ -56,6 +56,8 @@ from bench_setup import (MAX_SETS, MODELS, ORT_MEMORY_FACTOR, cpu_competition, c
 
 # --------------------------------------------------------------------------- timing and errors
 
+BUSY_MARK = 0.2  # cores of competition during a timing above which it is repeated, and marked if it stays
+
 def time_rotating(call, nsets, min_runs, min_time, max_time):
     """Warm-up: each set once (the outputs are returned). Then calls cycling through
     the sets until >= min_runs calls and >= min_time seconds, or max_time seconds.
@@ -174,10 +176,20 @@ def run_model(name, a, ceilings, llc):
                     continue
                 call = call_for(sets)
                 log(f"  timing {label} T={T} ({len(sets)} input sets)")
-                outs, warm, calls, (other, steal) = time_rotating(call, len(sets), a.min_runs, a.min_time,
-                                                                   a.max_time)
+                # On a shared machine, time again (up to --retries times) while other processes
+                # or the hypervisor took more than BUSY_MARK cores; keep the quietest attempt.
+                best = None
+                for attempt in range(1 + a.retries):
+                    got = time_rotating(call, len(sets), a.min_runs, a.min_time, a.max_time)
+                    if best is None or sum(got[3]) < sum(best[3]):
+                        best = got
+                    if sum(got[3]) <= BUSY_MARK:
+                        break
+                    log(f"    other processes used {got[3][0]:.2f} cores, the hypervisor stole {got[3][1]:.2f}"
+                        + (": timing again" if attempt < a.retries else ""))
+                outs, warm, calls, (other, steal) = best
                 s = summarize(calls, sets, T, cfg, per_expert, r["flops_per_call"], ceilings)
-                s.update(warmup_ms=1e3 * warm, other_processes_cores=other, steal_cores=steal)
+                s.update(warmup_ms=1e3 * warm, other_processes_cores=other, steal_cores=steal, attempts=attempt + 1)
                 s["max_err_vs_ref"], s["rel_l2_vs_ref"] = errors_vs_reference(outs, r["ref_rows"], ref.get(T))
                 r["sides"][label] = s
                 outs_by_T[T] = outs
@@ -262,9 +274,6 @@ def run_model(name, a, ceilings, llc):
 
 # --------------------------------------------------------------------------- output
 
-BUSY_MARK = 0.2  # cores of competition during a timing above which its figure is marked
-
-
 def fmt_pct(frac):
     return "-" if frac is None else f"{100 * frac:.0f}%"
 
@@ -310,7 +319,7 @@ def print_table(res, ceilings, levels):
             first = False
             side = "ORT" if label == "ort" else f"qmoe L{label[4:]}"
             if "skipped" in s:
-                print(f"{lead}  {side:<8} {'skipped':>10}")
+                print(f"{lead}  {side:<8} {'skipped':>10}  ({s['skipped']})")
                 continue
             sp = s.get("speedup_vs_ort")
             busy = s.get("other_processes_cores", 0) + s.get("steal_cores", 0) > BUSY_MARK
@@ -434,6 +443,9 @@ def parse_args(argv):
                          "0 = never skip (default)")
     ap.add_argument("--no-ort", action="store_true", help="time qmoe only")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--retries", type=int, default=2,
+                    help="time a point again, up to this many times, while other processes or the hypervisor "
+                         f"took more than {BUSY_MARK} cores (default 2; the quietest attempt counts)")
     ap.add_argument("--ref-tokens", type=int, default=4, help="tokens per T checked against float64 (default 4)")
     ap.add_argument("--min-runs", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per T and side, at least (default 1)")
@@ -459,6 +471,8 @@ def parse_args(argv):
         ap.error("--accuracy-levels: expected values in 0..4")
     if a.threads < 1:
         ap.error("--threads: expected >= 1")
+    if a.retries < 0:
+        ap.error("--retries: expected >= 0")
     if a.skip_ort_above < 0:
         ap.error("--skip-ort-above: expected >= 0")
     for m in a.models:
