@@ -15,15 +15,16 @@ echo "== tests"; (cd build-dev && ctest --output-on-failure -j 16 2>&1 | tail -5
 ./build-dev/qmoe info | head -6
 B="./build-dev/qmoe bench --model gpt-oss-20b --ref-tokens 4 --max-time 4"
 echo "== gpt-oss-20b 16 threads, level 0 and 4"
-$B --threads 16 --tokens 1,16,512,4096 --json "$OUT/bench16_l0.json" 2>/dev/null | tail -8
-$B --threads 16 --tokens 1,16,512,4096 --accuracy-level 4 --json "$OUT/bench16_l4.json" 2>/dev/null | tail -7
+for l in 0 3 4; do
+  $B --threads 16 --tokens 1,16,512,4096 --accuracy-level $l --json "$OUT/bench16_l$l.json" 2>/dev/null | grep -v "^timing"
+done
 echo "== thread scaling (T = 1, 512; levels 0 and 4)"
 for t in 1 2 4 8 16; do
-  for l in 0 4; do echo "-- threads $t level $l"; $B --threads $t --tokens 1,512 --accuracy-level $l --no-bandwidth --ref-tokens 0 2>/dev/null | grep -E "^\s+(1|512) "; done
+  for l in 0 3 4; do echo "-- threads $t level $l"; $B --threads $t --tokens 1,512 --accuracy-level $l --no-bandwidth --ref-tokens 0 2>/dev/null | grep -E "^ +(1|512) "; done
 done
 echo "== other shapes, T = 1, 16 threads"
-for m in qwen3-30b-a3b mixtral-8x7b; do ./build-dev/qmoe bench --model $m --threads 16 --tokens 1,16 --ref-tokens 2 --max-time 3 2>/dev/null | tail -5; done
+for m in qwen3-30b-a3b mixtral-8x7b; do ./build-dev/qmoe bench --model $m --threads 16 --tokens 1,16 --ref-tokens 2 --max-time 3 2>/dev/null | grep -v "^timing"; done
 echo "== vs onnxruntime (python package)"
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 python3 -c "import qmoe, onnxruntime; print('qmoe', qmoe.__file__, 'ort', onnxruntime.__version__)"
-for t in 16 2; do python3 bench/vs_onnxruntime.py --threads $t --tokens 1,16,512 --max-time 5 --json "$OUT/vs_ort_$t.json" 2>&1 | tail -7; done
+for t in 16 2; do python3 bench/vs_onnxruntime.py --threads $t --tokens 1,16,512 --accuracy-levels 0,3,4 --max-time 5 --json "$OUT/vs_ort_$t.json" --plot "$OUT/vs_ort_$t.png" 2>&1 | grep -v "^  timing"; done

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import operator
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 

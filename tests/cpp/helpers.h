@@ -39,4 +39,41 @@ inline double rel_max_error(const std::vector<float>& a, const std::vector<doubl
   return m > 0 ? d / m : d;
 }
 
+/// ||a - ref|| / ||ref|| (infinite when a holds NaN).
+inline double rel_l2(const std::vector<float>& a, const std::vector<double>& ref) {
+  double d = 0, r = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double e = a[i] - ref[i];
+    d += e * e, r += ref[i] * ref[i];
+  }
+  return std::isnan(d) ? INFINITY : std::sqrt(d / r);
+}
+
+/// A layer configuration for the reduced-precision sweeps: weights, activation
+/// (swiglu with gpt-oss constants), k and the shape; routing normalized like ONNX Runtime.
+struct Case {
+  int bits, block;
+  bool sym;
+  Activation act;
+  int fusion, k;
+  std::int64_t h, in, e, t;
+
+  MoeAttributes attrs() const {
+    MoeAttributes a;
+    a.k = k;
+    a.activation = act;
+    a.swiglu_fusion = fusion;
+    a.expert_weight_bits = bits;
+    a.block_size = block;
+    a.normalize_routing_weights = 1;
+    if (act == Activation::swiglu) a.activation_alpha = 1.702f, a.activation_beta = 1.f, a.swiglu_limit = 7.f;
+    return a;
+  }
+  tools::SynthLayer layer() const {
+    tools::SynthOptions so;
+    so.symmetric = sym;
+    return tools::synth_layer(e, h, in, attrs(), so);
+  }
+};
+
 }  // namespace qmoe::test

@@ -9,33 +9,10 @@
 namespace qmoe::test {
 namespace {
 
-double rel_l2(const std::vector<float>& a, const std::vector<double>& ref) {
-  double d = 0, r = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) d += (a[i] - ref[i]) * (a[i] - ref[i]), r += ref[i] * ref[i];
-  return std::isnan(d) ? INFINITY : std::sqrt(d / r);
-}
-
-struct Case {
-  int bits, block;
-  bool sym;
-  Activation act;
-  int fusion, k;
-  std::int64_t h, in, e, t;
-};
-
 // Returns the error of each table that has AMX kernels (none: empty).
 std::vector<double> run(const Case& c) {
-  MoeAttributes a;
-  a.k = c.k;
-  a.activation = c.act;
-  a.swiglu_fusion = c.fusion;
-  a.expert_weight_bits = c.bits;
-  a.block_size = c.block;
-  a.normalize_routing_weights = 1;
-  if (c.act == Activation::swiglu) a.activation_alpha = 1.702f, a.activation_beta = 1.f, a.swiglu_limit = 7.f;
-  tools::SynthOptions so;
-  so.symmetric = c.sym;
-  const auto s = tools::synth_layer(c.e, c.h, c.in, a, so);
+  const MoeAttributes a = c.attrs();
+  const auto s = c.layer();
   const auto x = random_inputs(c.t, c.h, c.e, 33);
   const TensorView xv = view_f32(x.x.data(), {c.t, c.h}), lv = view_f32(x.logits.data(), {c.t, c.e});
   const auto ref = reference_forward(s.views(), a, xv, lv);
