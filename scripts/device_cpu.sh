@@ -13,10 +13,10 @@ echo "== build"
 cmake -S . -B build-dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_BENCH=OFF >/dev/null && ninja -C build-dev || exit 1
 echo "== tests"; (cd build-dev && ctest --output-on-failure -j 16 2>&1 | tail -5)
 ./build-dev/qmoe info | head -6
-B="./build-dev/qmoe bench --model gpt-oss-20b --ref-tokens 4 --max-time 4"
+B="./build-dev/qmoe bench --model gpt-oss-20b --max-time 4"
 echo "== gpt-oss-20b 16 threads, level 0 and 4"
 for l in 0 3 4; do
-  $B --threads 16 --tokens 1,16,512,4096 --accuracy-level $l --json "$OUT/bench16_l$l.json" 2>/dev/null | grep -v "^timing"
+  $B --threads 16 --tokens 1,16,512,4096 --accuracy-level $l --ref-tokens 4 --json "$OUT/bench16_l$l.json" 2>/dev/null | grep -v "^timing"
 done
 echo "== thread scaling (T = 1, 512; levels 0 and 4)"
 for t in 1 2 4 8 16; do
