@@ -31,6 +31,18 @@ struct ExpertWeights {
   TensorView fc1_zero_points, fc2_zero_points, fc3_zero_points;
 };
 
+/// Calls f(name, view) for each of the 12 tensors, with ONNX Runtime's input
+/// names ("fc1_experts_weights", "fc1_scales", ..., "fc3_zero_points"), in
+/// input order. W is ExpertWeights or const ExpertWeights.
+template <class W, class F>
+void for_each_tensor(W& w, F&& f) {
+  f("fc1_experts_weights", w.fc1_weights), f("fc1_scales", w.fc1_scales), f("fc1_experts_bias", w.fc1_bias);
+  f("fc2_experts_weights", w.fc2_weights), f("fc2_scales", w.fc2_scales), f("fc2_experts_bias", w.fc2_bias);
+  f("fc3_experts_weights", w.fc3_weights), f("fc3_scales", w.fc3_scales), f("fc3_experts_bias", w.fc3_bias);
+  f("fc1_zero_points", w.fc1_zero_points), f("fc2_zero_points", w.fc2_zero_points);
+  f("fc3_zero_points", w.fc3_zero_points);
+}
+
 /// Sizes derived from validated weights.
 struct MoeShape {
   std::int64_t num_experts = 0;  ///< E

@@ -8,11 +8,16 @@ namespace {
 
 qmoe::DType tag_to_dtype(int tag, const char* name) {
   switch (tag) {
-    case static_cast<int>(qmoe::DType::f32): return qmoe::DType::f32;
-    case static_cast<int>(qmoe::DType::f16): return qmoe::DType::f16;
-    case static_cast<int>(qmoe::DType::bf16): return qmoe::DType::bf16;
-    case static_cast<int>(qmoe::DType::u8): return qmoe::DType::u8;
-    default: throw nb::value_error((std::string(name) + ": unknown dtype tag " + std::to_string(tag)).c_str());
+    case static_cast<int>(qmoe::DType::f32):
+      return qmoe::DType::f32;
+    case static_cast<int>(qmoe::DType::f16):
+      return qmoe::DType::f16;
+    case static_cast<int>(qmoe::DType::bf16):
+      return qmoe::DType::bf16;
+    case static_cast<int>(qmoe::DType::u8):
+      return qmoe::DType::u8;
+    default:
+      throw nb::value_error((std::string(name) + ": unknown dtype tag " + std::to_string(tag)).c_str());
   }
 }
 
@@ -28,7 +33,8 @@ void check(const Arr& a, qmoe::DType dt, const char* name) {
   // The Python layer has already refused 0-d arrays (an empty shape means
   // "absent" to the C++ API); this guards direct use of the _core module.
   if (a.ndim() == 0)
-    throw nb::value_error((std::string(name) + ": expected an array with at least one dimension, got a scalar").c_str());
+    throw nb::value_error(
+        (std::string(name) + ": expected an array with at least one dimension, got a scalar").c_str());
   if (a.itemsize() != qmoe::dtype_size(dt))
     throw nb::type_error((std::string(name) + ": element size " + std::to_string(a.itemsize()) +
                           " does not match dtype " + qmoe::dtype_name(dt))
@@ -56,32 +62,18 @@ qmoe::MutableTensorView to_mutable_view(const TaggedOut& t, const char* name) {
 }
 
 qmoe::ExpertWeights WeightArgs::views() const {
-  static const char* const kNames[] = {
-      "fc1_experts_weights", "fc1_scales", "fc1_experts_bias", "fc2_experts_weights",
-      "fc2_scales",          "fc2_experts_bias", "fc3_experts_weights", "fc3_scales",
-      "fc3_experts_bias",    "fc1_zero_points",  "fc2_zero_points",     "fc3_zero_points"};
-  for (const auto& [key, value] : arrays) {
-    bool known = false;
-    for (const char* n : kNames) known |= key == n;
-    if (!known) throw nb::value_error(("unknown weight tensor name \"" + key + "\"").c_str());
-  }
-  auto get = [&](const char* n) {
-    auto it = arrays.find(n);
-    return it == arrays.end() ? qmoe::TensorView{} : to_view(it->second, n);
-  };
   qmoe::ExpertWeights w;
-  w.fc1_weights = get("fc1_experts_weights");
-  w.fc1_scales = get("fc1_scales");
-  w.fc1_bias = get("fc1_experts_bias");
-  w.fc2_weights = get("fc2_experts_weights");
-  w.fc2_scales = get("fc2_scales");
-  w.fc2_bias = get("fc2_experts_bias");
-  w.fc3_weights = get("fc3_experts_weights");
-  w.fc3_scales = get("fc3_scales");
-  w.fc3_bias = get("fc3_experts_bias");
-  w.fc1_zero_points = get("fc1_zero_points");
-  w.fc2_zero_points = get("fc2_zero_points");
-  w.fc3_zero_points = get("fc3_zero_points");
+  std::size_t used = 0;
+  qmoe::for_each_tensor(w, [&](const char* name, qmoe::TensorView& view) {
+    auto it = arrays.find(name);
+    if (it != arrays.end()) view = to_view(it->second, name), ++used;
+  });
+  if (used != arrays.size())
+    for (const auto& [key, value] : arrays) {
+      bool known = false;
+      qmoe::for_each_tensor(w, [&](const char* name, const qmoe::TensorView&) { known |= key == name; });
+      if (!known) throw nb::value_error(("unknown weight tensor name \"" + key + "\"").c_str());
+    }
   return w;
 }
 

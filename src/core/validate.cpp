@@ -2,7 +2,6 @@
 #include "core/validate.h"
 
 #include <cmath>
-#include <utility>
 
 #include "core/check.h"
 
@@ -87,14 +86,7 @@ namespace qmoe {
 MoeShape validate(const ExpertWeights& w, const MoeAttributes& a) {
   using namespace detail;
   validate_attributes(a);
-  const std::pair<const TensorView*, const char*> all[] = {
-      {&w.fc1_weights, "fc1_experts_weights"}, {&w.fc1_scales, "fc1_scales"},
-      {&w.fc1_bias, "fc1_experts_bias"},       {&w.fc2_weights, "fc2_experts_weights"},
-      {&w.fc2_scales, "fc2_scales"},           {&w.fc2_bias, "fc2_experts_bias"},
-      {&w.fc3_weights, "fc3_experts_weights"}, {&w.fc3_scales, "fc3_scales"},
-      {&w.fc3_bias, "fc3_experts_bias"},       {&w.fc1_zero_points, "fc1_zero_points"},
-      {&w.fc2_zero_points, "fc2_zero_points"}, {&w.fc3_zero_points, "fc3_zero_points"}};
-  for (const auto& [t, name] : all) refuse_scalar(*t, name);
+  for_each_tensor(w, [](const char* name, const TensorView& t) { refuse_scalar(t, name); });
   const int bits = a.expert_weight_bits;
   const std::int64_t pack = 8 / bits;
   // fc1 and fc2 give the sizes; everything else must agree with them.

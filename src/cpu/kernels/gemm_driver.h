@@ -72,6 +72,18 @@ inline Block<Ops> block_at(const PackGeometry& g, const std::uint8_t* tile, std:
   return v;
 }
 
+// Calls f(std::integral_constant<int, M>) for the M in [1, N] equal to n (1 <= n <= N):
+// a run-time token count turned into a compile-time register-block size.
+template <int N, class F>
+inline void with_count(std::int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n == N) return f(std::integral_constant<int, N>{});
+    return with_count<N - 1>(n, f);
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
 // Calls f(std::integral_constant<int, J>) for J = 0 .. N-1, unrolled.
 template <int N, class F>
 inline void unroll(F&& f) {
@@ -108,8 +120,7 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, const float* x, std
       });
     }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < NV; ++j)
-        acc[m][j] = Ops::fma(v.scale[j], Ops::add(part[0][m][j], part[1][m][j]), acc[m][j]);
+      for (int j = 0; j < NV; ++j) acc[m][j] = Ops::fma(v.scale[j], Ops::add(part[0][m][j], part[1][m][j]), acc[m][j]);
   }
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
@@ -133,18 +144,6 @@ void chunk_tokens(const float* w, std::int64_t n, const float* x, std::int64_t l
   }
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
-}
-
-// Runs the M-token variant for exactly ntok (< Mmax) tokens, picked at compile time.
-template <class Ops, int M>
-void chunk_tail(const float* w, std::int64_t n, const float* x, std::int64_t ldx, std::int64_t ntok, float* y,
-                std::int64_t ldy) {
-  if constexpr (M > 1) {
-    if (ntok == M) return chunk_tokens<Ops, M>(w, n, x, ldx, y, ldy);
-    return chunk_tail<Ops, M - 1>(w, n, x, ldx, ntok, y, ldy);
-  } else {
-    chunk_tokens<Ops, 1>(w, n, x, ldx, y, ldy);
-  }
 }
 
 template <class Ops, int BITS>
@@ -172,19 +171,9 @@ void reuse(const PackGeometry& g, const std::uint8_t* tile, const float* x, std:
       const float* xc = x + b * pb + c0;
       std::int64_t t = 0;
       for (; t + MT <= ntok; t += MT) chunk_tokens<Ops, MT>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy);
-      if (t < ntok) chunk_tail<Ops, MT - 1>(w, n, xc + t * ldx, ldx, ntok - t, y + t * ldy, ldy);
+      if (t < ntok)
+        with_count<MT - 1>(ntok - t, [&](auto M) { chunk_tokens<Ops, M>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy); });
     }
-  }
-}
-
-template <class Ops, int BITS, int M>
-void direct_tail(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, std::int64_t ntok,
-                 float* y, std::int64_t ldy) {
-  if constexpr (M > 1) {
-    if (ntok == M) return direct<Ops, BITS, M>(g, tile, x, ldx, y, ldy);
-    return direct_tail<Ops, BITS, M - 1>(g, tile, x, ldx, ntok, y, ldy);
-  } else {
-    direct<Ops, BITS, 1>(g, tile, x, ldx, y, ldy);
   }
 }
 
@@ -199,7 +188,8 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::
   std::int64_t t = 0;
   for (; t + MD <= ntok; t += MD) direct<Ops, BITS, MD>(g, tile, x + t * ldx, ldx, y + t * ldy, ldy);
   // The remainder in one pass too: every token of the expert shares one decode of the tile.
-  if (t < ntok) direct_tail<Ops, BITS, MD - 1>(g, tile, x + t * ldx, ldx, ntok - t, y + t * ldy, ldy);
+  if (t < ntok)
+    with_count<MD - 1>(ntok - t, [&](auto M) { direct<Ops, BITS, M>(g, tile, x + t * ldx, ldx, y + t * ldy, ldy); });
 }
 
 }  // namespace qmoe::cpu::driver

@@ -24,6 +24,7 @@
 #include <cstring>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels/gemm_driver.h"
 #include "cpu/quant_act.h"
 
 namespace qmoe::cpu::idriver {
@@ -81,24 +82,14 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x,
     for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
 }
 
-template <class Ops, int BITS, int M>
-void tail(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t t0, std::int64_t ntok,
-          float* y, std::int64_t ldy) {
-  if constexpr (M > 1) {
-    if (ntok == M) return direct<Ops, BITS, M>(g, tile, x, t0, y, ldy);
-    return tail<Ops, BITS, M - 1>(g, tile, x, t0, ntok, y, ldy);
-  } else {
-    direct<Ops, BITS, 1>(g, tile, x, t0, y, ldy);
-  }
-}
-
 template <class Ops, int BITS>
 void gemm(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t ntok, float* y,
           std::int64_t ldy) {
   constexpr int MT = Ops::kTokens;
   std::int64_t t = 0;
   for (; t + MT <= ntok; t += MT) direct<Ops, BITS, MT>(g, tile, x, t, y + t * ldy, ldy);
-  if (t < ntok) tail<Ops, BITS, MT - 1>(g, tile, x, t, ntok - t, y + t * ldy, ldy);
+  if (t < ntok)
+    driver::with_count<MT - 1>(ntok - t, [&](auto M) { direct<Ops, BITS, M>(g, tile, x, t, y + t * ldy, ldy); });
 }
 
 }  // namespace qmoe::cpu::idriver
