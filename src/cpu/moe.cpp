@@ -99,7 +99,7 @@ std::size_t CpuMoe::packed_bytes() const {
 
 struct CpuMoe::Workspace {
   std::vector<float> xbuf, lbuf, mbuf, obuf;  // float32 copies of half-precision inputs / output
-  std::vector<float> xg, act;                 // gathered FC1 inputs, FC1 outputs (FC2 inputs)
+  std::vector<float> xg, act, y2;             // gathered FC1 inputs, FC1 outputs (FC2 inputs), FC2 outputs
   std::vector<std::uint16_t> xb;              // bf16 activations (AMX path)
   QuantRowsBuffer qbuf;                       // int8 activations (accuracy_level 4)
   std::vector<std::vector<float>> scratch;    // per thread: kernel scratch + tile outputs
@@ -199,7 +199,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   std::vector<std::int64_t> count(static_cast<std::size_t>(e_count), 0), offset(static_cast<std::size_t>(e_count + 1), 0);
   for (int e : chosen) ++count[e];
   for (std::int64_t e = 0; e < e_count; ++e) offset[e + 1] = offset[e] + count[e];
-  std::vector<std::int64_t> row_token(static_cast<std::size_t>(nrows));
+  std::vector<std::int64_t> row_token(static_cast<std::size_t>(nrows)), slot_pos(static_cast<std::size_t>(nrows));
   std::vector<float> row_weight(static_cast<std::size_t>(nrows));
   {
     std::vector<std::int64_t> fill(offset.begin(), offset.end() - 1);
@@ -207,6 +207,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       for (int j = 0; j < k; ++j) {
         const std::int64_t pos = fill[chosen[i * k + j]]++;
         row_token[pos] = t0 + i;
+        slot_pos[i * k + j] = pos;
         row_weight[pos] = static_cast<float>(wts[i * k + j]);
       }
   }
@@ -325,40 +326,54 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   });
 
   clock.mark("fc1");
-  // FC2 + bias, times the routing weight, added into out. An item owns a range
-  // of output columns for all tokens and walks the experts in ascending order.
+  // FC2 + bias -> y2[row][0..H), items (expert x row-tile range) like FC1, so that
+  // each item streams one contiguous run of an expert's weights (short per-tile
+  // runs that hop between experts leave the hardware prefetchers cold).
   const std::int64_t tiles2 = g2.tiles(), pad2 = tiles2 * nr;
-  const std::int64_t per2 = std::max<std::int64_t>(1, tiles2 / target_items);
+  const std::int64_t per2 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles2 / target_items);
+  const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
   QuantRows q2;
   if (int8_) quantize_all(act, ip, g2), q2 = qbuf.view(g2);
   if (bf16_) to_bf16_all(act, ip, kp2);
-  const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
+  float* y2 = grow(ws.y2, nrows * pad2);
   clock.mark("fc2-inputs");
-  pool_->parallel_for(groups2, [&](std::int64_t item, int tid) {
+  pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups2, [&](std::int64_t item, int tid) {
+    const int e = active[item / groups2];
+    const std::int64_t tile_end = std::min(tiles2, (item % groups2 + 1) * per2);
+    const std::int64_t rows = count[e];
     float* scr = thread_scratch(tid);
     float* y = scr + kc_->scratch_floats;
-    const std::int64_t tile_end = std::min(tiles2, (item + 1) * per2);
-    for (std::int64_t tile = item * per2; tile < tile_end; ++tile) {
-      const std::int64_t c0 = tile * nr, cn = std::min<std::int64_t>(nr, h - c0);
-      for (int e : active) {
-        const float* b2 = &bias2_[e * pad2 + c0];
-        if (use_bf16(e))
-          bgemm(g2, fc2_.tile(e, tile), xb + offset[e] * kp2, kp2, count[e], y, nr,
-                y + max_count * nr);
-        else if (int8_)
-          igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), count[e], y, nr);
-        else
-          gemm(g2, fc2_.tile(e, tile), act + offset[e] * ip, ip, count[e], y, nr, scr);
-        for (std::int64_t r = 0; r < count[e]; ++r) {
-          const std::int64_t pos = offset[e] + r;
-          float* dst = out + row_token[pos] * h + c0;
-          const float wgt = row_weight[pos];
-          for (std::int64_t q = 0; q < cn; ++q) dst[q] += wgt * (y[r * nr + q] + b2[q]);
-        }
-      }
+    for (std::int64_t tile = (item % groups2) * per2; tile < tile_end; ++tile) {
+      const std::int64_t c0 = tile * nr;
+      float* dst = y2 + offset[e] * pad2 + c0;
+      if (use_bf16(e))
+        bgemm(g2, fc2_.tile(e, tile), xb + offset[e] * kp2, kp2, rows, dst, pad2, y + max_count * nr);
+      else if (int8_)
+        igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), rows, dst, pad2);
+      else
+        gemm(g2, fc2_.tile(e, tile), act + offset[e] * ip, ip, rows, dst, pad2, scr);
     }
   });
   clock.mark("fc2");
+  // out[token] = sum over its experts, in ascending expert order, of weight * (y2 + bias):
+  // every output element has one fixed order of additions, whatever the threads.
+  {
+    const std::int64_t per = 16, items = (nt + per - 1) / per;
+    pool_->parallel_for(items, [&](std::int64_t item, int) {
+      std::vector<std::pair<int, std::int64_t>> slots(static_cast<std::size_t>(k));  // (expert, plan row)
+      for (std::int64_t i = item * per; i < std::min(nt, (item + 1) * per); ++i) {
+        for (int j = 0; j < k; ++j) slots[j] = {chosen[i * k + j], slot_pos[i * k + j]};
+        std::sort(slots.begin(), slots.end());  // the experts of a token are distinct
+        float* dst = out + (t0 + i) * h;
+        for (const auto& [e, pos] : slots) {
+          const float* yr = y2 + pos * pad2;
+          const float* b2 = &bias2_[e * pad2];
+          const float wgt = row_weight[pos];
+          for (std::int64_t q = 0; q < h; ++q) dst[q] += wgt * (yr[q] + b2[q]);
+        }
+      }
+    });
+  }
 }
 
 }  // namespace qmoe::cpu

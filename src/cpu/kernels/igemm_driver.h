@@ -12,7 +12,7 @@
 //
 // IOps must provide (16 rows in NV vectors):
 //   I izero(); F fzero(); I group(const uint8_t* p64); template <int BITS> void split(const I&, I* parts)
-//   I dot(I acc, const I& codes, int32_t four_activations)   -- acc += 4 byte products per lane
+//   I dot(I acc, const I& codes, const int8_t* x4)   -- acc += 4 byte products per lane (x4: 4 activations)
 //   IZ zeros(const uint8_t* z16)        -- the 16 zero points as floats (NV vectors)
 //   F scale_add(const I& acc, float s, F f) = float(acc) * s + f (fused)
 //   F sub_zero(F f, const IZ&, int j, float zsum) = f - zero * zsum (fused)
@@ -60,11 +60,9 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x,
         Ops::template split<BITS>(codes + (c / G) * 64, parts);
         for (int m = 0; m < M; ++m) {
           const std::int8_t* xq = x.q + (t0 + m) * x.ldq + b * pb + c;
-          std::int32_t x4[2];
-          std::memcpy(x4, xq, BITS == 4 ? 8 : 4);
-          for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[0][j], x4[0]);
+          for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[0][j], xq);
           if constexpr (BITS == 4)
-            for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[1][j], x4[1]);
+            for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[1][j], xq + 4);
         }
       }
       for (int m = 0; m < M; ++m) {

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace qmoe::cpu {
 
@@ -28,8 +29,12 @@ struct IOpsAvx512Vnni {
       parts[0][0] = q;
     }
   }
-  static I dot(I acc, const I& codes, std::int32_t x4) {
-    return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4));
+  // The 4 activations are broadcast straight from memory (an embedded {1to16}
+  // operand), not through a general register: no shuffle-port work per product.
+  static I dot(I acc, const I& codes, const std::int8_t* x4) {
+    std::int32_t v;
+    std::memcpy(&v, x4, 4);
+    return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(v));
   }
   static IZ zeros(const std::uint8_t* z16) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16))));

@@ -39,9 +39,7 @@ struct IOpsScalar {
       }
     }
   }
-  static I dot(I acc, const I& codes, std::int32_t x4) {
-    std::int8_t xb[4];
-    std::memcpy(xb, &x4, 4);
+  static I dot(I acc, const I& codes, const std::int8_t* xb) {
     for (int r = 0; r < 16; ++r) {
       const auto w = static_cast<std::uint32_t>(codes.v[r]);
       for (int i = 0; i < 4; ++i) acc.v[r] += static_cast<std::int32_t>((w >> (8 * i)) & 0xffu) * xb[i];
