@@ -11,6 +11,7 @@
 
 #include "core/check.h"
 #include "cpu/kernels.h"
+#include "cpu/quant_act.h"
 
 namespace qmoe::cpu {
 
@@ -32,7 +33,7 @@ const char* isa_name(Isa isa) noexcept {
 
 namespace {
 
-constexpr std::int64_t kScratch = 256 * 16;  // one dequantized chunk: 256 columns x 16 rows
+constexpr std::int64_t kScratch = 256 * 32;  // one dequantized chunk: 256 columns x 32 rows (two tiles)
 
 // Each table binds kernels, tile height and scratch together (designated
 // initializers: a missing field is a compile-time warning, never a null call).
@@ -44,6 +45,7 @@ constexpr KernelConfig kAmx{.isa = Isa::amx,
                             .scratch_floats = kScratch,
                             .igemm_q4 = gemm_qd8_q4_8x16__avx512vnni,
                             .igemm_q8 = gemm_qd8_q8_8x16__avx512vnni,
+                            .quantize_rows = quantize_rows__avx512,
                             .peak_fma = peak_f32_fma__avx512,
                             .bgemm_q4 = gemm_bf16_q4_16x16__amx,
                             .bgemm_q8 = gemm_bf16_q8_16x16__amx,
@@ -56,6 +58,7 @@ constexpr KernelConfig kAvx512Vnni{.isa = Isa::avx512vnni,
                                    .scratch_floats = kScratch,
                                    .igemm_q4 = gemm_qd8_q4_8x16__avx512vnni,
                                    .igemm_q8 = gemm_qd8_q8_8x16__avx512vnni,
+                                   .quantize_rows = quantize_rows__avx512,
                                    .peak_fma = peak_f32_fma__avx512};
 constexpr KernelConfig kAvx512{.isa = Isa::avx512,
                                .name = "avx512",
@@ -65,6 +68,7 @@ constexpr KernelConfig kAvx512{.isa = Isa::avx512,
                                .scratch_floats = kScratch,
                                .igemm_q4 = gemm_qd8_q4_4x16__scalar,
                                .igemm_q8 = gemm_qd8_q8_4x16__scalar,
+                               .quantize_rows = quantize_rows__avx512,
                                .peak_fma = peak_f32_fma__avx512};
 constexpr KernelConfig kAvx2{.isa = Isa::avx2,
                              .name = "avx2",
@@ -74,6 +78,7 @@ constexpr KernelConfig kAvx2{.isa = Isa::avx2,
                              .scratch_floats = kScratch,
                              .igemm_q4 = gemm_qd8_q4_4x16__scalar,
                              .igemm_q8 = gemm_qd8_q8_4x16__scalar,
+                             .quantize_rows = quantize_rows,
                              .peak_fma = peak_f32_fma__avx2};
 constexpr KernelConfig kScalar{.isa = Isa::scalar,
                                .name = "scalar",
@@ -83,6 +88,7 @@ constexpr KernelConfig kScalar{.isa = Isa::scalar,
                                .scratch_floats = kScratch,
                                .igemm_q4 = gemm_qd8_q4_4x16__scalar,
                                .igemm_q8 = gemm_qd8_q8_4x16__scalar,
+                               .quantize_rows = quantize_rows,
                                .peak_fma = peak_f32_fma__scalar};
 
 // Tables in order of preference; the first the CPU supports wins.

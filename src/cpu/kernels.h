@@ -10,11 +10,12 @@
 
 namespace qmoe::cpu {
 
-/// y[t * ldy + r] = sum_c W[r][c] * x[t * ldx + c] for the NR rows r of one
-/// tile and tokens t in [0, ntok). W is the dequantized tile: scale * (code - zero).
+/// y[t * ldy + r] = sum_c W[r][c] * x[t * ldx + c] for the ntiles * NR rows r of
+/// ntiles consecutive tiles of one expert (the first at `tile`, the next tile_bytes()
+/// further on) and tokens t in [0, ntok). W is the dequantized tiles: scale * (code - zero).
 /// `scratch` holds at least KernelConfig::scratch_floats floats, private to the caller.
-using GemmTileFn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx,
-                            std::int64_t ntok, float* y, std::int64_t ldy, float* scratch);
+using GemmTileFn = void (*)(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const float* x,
+                            std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, float* scratch);
 
 struct QuantRows;
 
@@ -23,11 +24,20 @@ struct QuantRows;
 using GemmTileI8Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t ntok,
                               float* y, std::int64_t ldy);
 
-/// The bf16-activation (accuracy_level 3, AMX) variant: x is bf16 rows of ldx
-/// elements (ldx a multiple of 32, zero-padded, 16 readable rows past ntok);
-/// scratch holds at least 2 KiB (two bf16 B tiles).
-using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* x,
-                                std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch);
+struct QuantRowsBuffer;
+
+/// Quantizes activation rows [r0, r1) for the int8 kernels (quant_act.h, quantize_rows);
+/// every variant gives the same bits.
+using QuantizeRowsFn = void (*)(const float* x, std::int64_t ldx, std::int64_t r0, std::int64_t r1,
+                                const PackGeometry& g, QuantRowsBuffer& out);
+
+/// The bf16-activation (accuracy_level 3, AMX) variant, for `ntiles` (1 or 2) consecutive
+/// tiles like GemmTileFn: x is bf16 rows of ldx elements (ldx a multiple of 32,
+/// zero-padded, 16 readable rows past ntok); scratch holds at least 4 KiB (two
+/// K steps of two bf16 B tiles).
+using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles,
+                                const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy,
+                                void* scratch);
 
 struct KernelConfig {
   Isa isa;
@@ -38,6 +48,7 @@ struct KernelConfig {
   std::int64_t scratch_floats;  ///< scratch a GemmTileFn call needs
   GemmTileI8Fn igemm_q4;        ///< 4-bit tiles, int8 activations
   GemmTileI8Fn igemm_q8;        ///< 8-bit tiles, int8 activations
+  QuantizeRowsFn quantize_rows;  ///< activation rows -> int8 for igemm_q4 / igemm_q8
   /// Runs `iterations` rounds of independent FMA chains; returns the flops done (the ceiling probe).
   double (*peak_fma)(std::int64_t iterations, float seed);
   /// AMX-BF16 tiles (null where the CPU has no AMX) and the float32 -> bf16 row conversion.
@@ -56,8 +67,8 @@ std::vector<const KernelConfig*> supported_kernel_configs();
 
 // Kernels (one ISA per translation unit; the file name is the function name).
 #define QMOE_GEMM_TILE_FN(name)                                                                                    \
-  void name(const PackGeometry&, const std::uint8_t*, const float*, std::int64_t, std::int64_t, float*, std::int64_t, \
-            float*)
+  void name(const PackGeometry&, const std::uint8_t*, std::int64_t, const float*, std::int64_t, std::int64_t, float*, \
+            std::int64_t, float*)
 QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__scalar);
 QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__scalar);
 QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__avx2);
@@ -72,10 +83,12 @@ QMOE_IGEMM_TILE_FN(gemm_qd8_q8_4x16__scalar);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q4_8x16__avx512vnni);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q8_8x16__avx512vnni);
 #undef QMOE_IGEMM_TILE_FN
-void gemm_bf16_q4_16x16__amx(const PackGeometry&, const std::uint8_t*, const std::uint16_t*, std::int64_t,
-                             std::int64_t, float*, std::int64_t, void*);
-void gemm_bf16_q8_16x16__amx(const PackGeometry&, const std::uint8_t*, const std::uint16_t*, std::int64_t,
-                             std::int64_t, float*, std::int64_t, void*);
+void quantize_rows__avx512(const float*, std::int64_t, std::int64_t, std::int64_t, const PackGeometry&,
+                           QuantRowsBuffer&);
+void gemm_bf16_q4_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*,
+                             std::int64_t, std::int64_t, float*, std::int64_t, void*);
+void gemm_bf16_q8_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*,
+                             std::int64_t, std::int64_t, float*, std::int64_t, void*);
 void convert_f32_bf16__amx(const float*, std::uint16_t*, std::int64_t);
 double peak_f32_fma__scalar(std::int64_t, float);
 double peak_f32_fma__avx2(std::int64_t, float);

@@ -16,9 +16,9 @@
 #include <cstring>
 #include <thread>
 
-#include "core/activation.h"
 #include "core/check.h"
 #include "core/routing.h"
+#include "cpu/epilogue.h"
 #include "cpu/pack.h"
 #include "cpu/quant_act.h"
 #include "quant/raw.h"
@@ -155,6 +155,7 @@ static T* grow(std::vector<T>& v, std::int64_t n) {
 void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                      const MutableTensorView& out, std::int64_t t) const {
   const std::int64_t h = shape_.hidden;
+  PhaseClock total;
   struct Lease {  // returns the workspace on every exit path
     const CpuMoe* self;
     WorkspacePtr w;
@@ -181,6 +182,7 @@ void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, co
     run_chunk(ws, x, logits, mix, t0, t1, o);
   }
   if (out.dtype != DType::f32) detail::from_f32(o, t * h, out.dtype, out.data);
+  total.mark("forward");
 }
 
 void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0,
@@ -246,7 +248,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     resize_for(qbuf, nrows, g);
     const std::int64_t per = 16, items = (nrows + per - 1) / per;
     pool_->parallel_for(items, [&](std::int64_t i, int) {
-      quantize_rows(rows, ld, i * per, std::min(nrows, (i + 1) * per), g, qbuf);
+      kc_->quantize_rows(rows, ld, i * per, std::min(nrows, (i + 1) * per), g, qbuf);
     });
   };
   auto rows_of = [&](const QuantRows& q, std::int64_t first) {
@@ -272,9 +274,14 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       }
     });
   };
-  const std::int64_t bf16_scratch = bf16_ ? 512 + 16 : 0;  // two 1 KiB bf16 B tiles (+ slack to align), in floats
+  const std::int64_t bf16_scratch = bf16_ ? 1024 + 16 : 0;  // four 1 KiB bf16 B tiles (+ slack to align), in floats
   if (ws.scratch.size() < static_cast<std::size_t>(nthreads)) ws.scratch.resize(static_cast<std::size_t>(nthreads));
-  const std::int64_t scratch_need = kc_->scratch_floats + max_count * nr + bf16_scratch;
+  // Kernels take runs of consecutive tiles (so they can work on several at once): FC1 calls
+  // cover up to kFc1Tiles tiles, whose outputs (rows of kFc1Tiles * nr floats) follow the
+  // kernel scratch, then the bf16 B tiles.
+  constexpr std::int64_t kFc1Tiles = 4;
+  const std::int64_t ybuf_floats = max_count * nr * kFc1Tiles;
+  const std::int64_t scratch_need = kc_->scratch_floats + ybuf_floats + bf16_scratch;
   auto thread_scratch = [&](int tid) -> float* { return grow(ws.scratch[tid], scratch_need); };
 
   clock.mark("route+plan+gather");
@@ -283,11 +290,14 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
   const std::int64_t per1 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles1 / target_items);
   const std::int64_t groups1 = (tiles1 + per1 - 1) / per1;
-  const Activation kind = attrs_.activation;
   QuantRows q1;
   if (int8_) quantize_all(xg, hp, g1), q1 = qbuf.view(g1);
   if (bf16_) to_bf16_all(xg, hp, kp1);
-  const float alpha = attrs_.activation_alpha, beta = attrs_.activation_beta, limit = attrs_.swiglu_limit;
+  const Fc1Epilogue epi{attrs_.activation, attrs_.activation_alpha, attrs_.activation_beta, attrs_.swiglu_limit};
+  // Tiles per kernel call: the float kernel takes up to kFc1Tiles, AMX pairs, int8 one.
+  auto run_of = [&](int e, std::int64_t left, std::int64_t cap) {
+    return std::min(left, use_bf16(e) ? std::min<std::int64_t>(cap, 2) : int8_ ? 1 : cap);
+  };
   clock.mark("fc1-inputs");
   pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
     const int e = active[item / groups1];
@@ -295,32 +305,22 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     const std::int64_t rows = count[e];
     float* scr = thread_scratch(tid);
     float* y = scr + kc_->scratch_floats;
-    const float* xe = xg + offset[e] * hp;
+    void* bscr = y + ybuf_floats;
+    const std::int64_t ldy = kFc1Tiles * nr;
     const float* b1 = &bias1_[e * pad1];
-    for (std::int64_t tile = (item % groups1) * per1; tile < tile_end; ++tile) {
+    for (std::int64_t tile = (item % groups1) * per1, n = 0; tile < tile_end; tile += n) {
+      n = run_of(e, tile_end - tile, kFc1Tiles);
       if (use_bf16(e))
-        bgemm(g1, fc1_.tile(e, tile), xb + offset[e] * kp1, kp1, rows, y, nr,
-              y + max_count * nr);
+        bgemm(g1, fc1_.tile(e, tile), n, xb + offset[e] * kp1, kp1, rows, y, ldy, bscr);
       else if (int8_)
-        igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, nr);
+        igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, ldy);
       else
-        gemm(g1, fc1_.tile(e, tile), xe, hp, rows, y, nr, scr);
-      // Epilogue: bias + activation, written so the compiler vectorizes it (fast_exp, no calls).
-      const std::int64_t outs = gated_ ? nr / 2 : nr, first = tile * outs;
-      const int valid = static_cast<int>(std::min<std::int64_t>(outs, in - first));
-      for (std::int64_t r = 0; r < rows; ++r) {
-        float* dst = act + (offset[e] + r) * ip + first;
-        const float* yr = y + r * nr;
-        float v[16];
-        if (gated_) {
-          const float* bt = b1 + 2 * first;
-          for (int q = 0; q < 8; ++q)
-            v[q] = detail::fast_swiglu(yr[2 * q] + bt[2 * q], yr[2 * q + 1] + bt[2 * q + 1], alpha, beta, limit);
-        } else {
-          const float* bt = b1 + first;
-          for (int q = 0; q < 16; ++q) v[q] = detail::fast_activate(kind, yr[q] + bt[q]);
-        }
-        std::memcpy(dst, v, static_cast<std::size_t>(valid) * 4);
+        gemm(g1, fc1_.tile(e, tile), n, xg + offset[e] * hp, hp, rows, y, ldy, scr);
+      // Epilogue per tile: bias + activation into the FC2 input rows.
+      for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t outs = gated_ ? nr / 2 : nr, first = (tile + j) * outs;
+        fc1_epilogue(epi, y + j * nr, ldy, rows, b1 + (tile + j) * nr, act + offset[e] * ip + first, ip,
+                     static_cast<int>(std::min<std::int64_t>(outs, in - first)));
       }
     }
   });
@@ -342,16 +342,17 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     const std::int64_t tile_end = std::min(tiles2, (item % groups2 + 1) * per2);
     const std::int64_t rows = count[e];
     float* scr = thread_scratch(tid);
-    float* y = scr + kc_->scratch_floats;
-    for (std::int64_t tile = (item % groups2) * per2; tile < tile_end; ++tile) {
-      const std::int64_t c0 = tile * nr;
-      float* dst = y2 + offset[e] * pad2 + c0;
+    void* bscr = scr + kc_->scratch_floats + ybuf_floats;
+    // The float kernel takes the item's whole run of tiles at once.
+    for (std::int64_t tile = (item % groups2) * per2, n = 0; tile < tile_end; tile += n) {
+      n = run_of(e, tile_end - tile, tile_end - tile);
+      float* dst = y2 + offset[e] * pad2 + tile * nr;
       if (use_bf16(e))
-        bgemm(g2, fc2_.tile(e, tile), xb + offset[e] * kp2, kp2, rows, dst, pad2, y + max_count * nr);
+        bgemm(g2, fc2_.tile(e, tile), n, xb + offset[e] * kp2, kp2, rows, dst, pad2, bscr);
       else if (int8_)
         igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), rows, dst, pad2);
       else
-        gemm(g2, fc2_.tile(e, tile), act + offset[e] * ip, ip, rows, dst, pad2, scr);
+        gemm(g2, fc2_.tile(e, tile), n, act + offset[e] * ip, ip, rows, dst, pad2, scr);
     }
   });
   clock.mark("fc2");
@@ -374,6 +375,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       }
     });
   }
+  clock.mark("combine");
 }
 
 }  // namespace qmoe::cpu

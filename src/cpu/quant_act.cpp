@@ -1,5 +1,6 @@
 #include "cpu/quant_act.h"
 
+#include <cfloat>
 #include <cmath>
 
 namespace qmoe::cpu {
@@ -21,19 +22,23 @@ void quantize_rows(const float* x, std::int64_t ldx, std::int64_t r0, std::int64
     for (std::int64_t b = 0; b < g.blocks(); ++b) {
       float zsum = 0.f;
       for (std::int64_t a = 0; a < per_block; ++a) {
-        const std::int64_t c0 = b * pb + kActBlock * a, n = pb - kActBlock * a < kActBlock ? pb - kActBlock * a : kActBlock;
+        const std::int64_t c0 = b * pb + kActBlock * a;
+        const std::int64_t n = pb - kActBlock * a < kActBlock ? pb - kActBlock * a : kActBlock;
         float amax = 0.f;
         bool finite = true;
         for (std::int64_t c = 0; c < n; ++c) {
           finite &= std::isfinite(xr[c0 + c]);
           amax = std::fmax(amax, std::fabs(xr[c0 + c]));
         }
-        // Non-finite activations poison the block (NaN scale, zero codes): never a silent finite result.
-        const float scale = finite ? amax / 127.f : NAN, inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+        // Non-finite activations poison the block (NaN scale, zero codes); inv is capped so
+        // that a tiny max cannot make it infinite (0 * inf is NaN).
+        const float scale = finite ? amax / 127.f : NAN;
+        const float inv = finite && amax > 0.f ? std::fmin(127.f / amax, FLT_MAX) : 0.f;
         std::int32_t sum = 0;
         for (std::int64_t c = 0; c < n; ++c) {
-          const auto v = static_cast<std::int32_t>(std::nearbyint(xr[c0 + c] * inv));
-          const std::int8_t qv = static_cast<std::int8_t>(v < -127 ? -127 : v > 127 ? 127 : v);
+          float v = finite ? xr[c0 + c] * inv : 0.f;
+          v = v < -127.f ? -127.f : v > 127.f ? 127.f : v;
+          const auto qv = static_cast<std::int8_t>(std::nearbyint(v));
           sum += qv;
           const std::int64_t col = c0 + c;
           std::int64_t dst = col;

@@ -1,22 +1,28 @@
 // Internal: dynamic int8 quantization of activation rows (accuracy_level 4).
 //
-// Each row is cut into activation blocks of at most 32 columns that never
-// cross a weight block: within weight block b (padded_block columns), block a
-// covers columns [32a, min(32a + 32, padded_block)). Per activation block:
-// scale = max|x| / 127, q = round(x / scale) in [-127, 127]. Per weight block
-// the row also gets zsum = sum over its activation blocks of scale * sum(q), so
-// the kernels take the weight zero point off once per weight block:
+// Each row is cut into activation blocks of at most kActBlock = 16 columns that
+// never cross a weight block: within weight block b (padded_block columns),
+// block a covers columns [16a, min(16a + 16, padded_block)). Per activation
+// block: scale = max|x| / 127, q = round-half-even(clamp(x * (127 / max|x|), -127, 127)).
+// Per weight block the row also gets zsum = sum over its activation blocks of
+// scale * sum(q) (fused, in block order), so the kernels take the weight zero
+// point off once per weight block:
 //   sum_a scale_a * sum (code - zero) q = sum_a scale_a * sum code q - zero * zsum.
 // (The float subtraction rounds at 1e-7 relative; the int8 rounding it sits
 // next to is 1e-3 to 1e-2, so the cheaper form costs nothing measurable.)
+// A block with a non-finite activation gets scale NaN and zero codes, so every
+// output it feeds is NaN, never a silent finite number.
 //
-// Why per 32 columns: the rounding error of an activation is at most scale/2,
-// and a block of 32 has a smaller max than a whole row, so the relative error of
-// a dot product is about 0.3% for Gaussian activations instead of ~1% per row.
+// Why per 16 columns: the rounding error of an activation is at most scale/2,
+// and a short block has a smaller max than a whole row, so the relative error
+// of a dot product stays well under 1% even for heavy-tailed activations.
 //
 // For 4-bit weights each group of 8 columns is stored as [c0 c2 c4 c6 | c1 c3 c5 c7]:
 // the low nibbles of a weight lane are the even columns and the high nibbles the
 // odd ones, so one 32-bit broadcast of q feeds each half of a lane's dot product.
+//
+// quantize_rows is the portable version; kernels/quantize_rows__avx512.cpp gives
+// the same bits (KernelConfig::quantize_rows picks one per table).
 #pragma once
 
 #include <cstdint>

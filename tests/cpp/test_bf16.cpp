@@ -47,6 +47,8 @@ TEST(Bf16Amx, AgainstFloat64Reference) {
       }
   // Row-wise K that is not a multiple of 32 (padded A/B tiles), fc3 path, tokens not a multiple of 16.
   for (double err : run({4, 0, false, Activation::swiglu, 0, 3, 72, 40, 4, 61})) EXPECT_LE(err, 1e-2);
+  // The same with symmetric weights: the table-lookup decode (codes - 8 exact in bf16, row scale in float32).
+  for (double err : run({4, 0, true, Activation::swiglu, 0, 3, 72, 40, 4, 61})) EXPECT_LE(err, 1e-2);
   for (double err : run({8, 0, true, Activation::relu, 0, 1, 36, 20, 2, 45})) EXPECT_LE(err, 1e-2);
   if (!any) GTEST_SKIP() << "this CPU has no usable AMX: level 3 runs in float32 here";
 }

@@ -71,11 +71,11 @@ TEST(Parity, ContractSweepAgainstFloat64Reference) {
 }
 
 TEST(Parity, TokenCountsAroundTheKernelRegimes) {
-  // 1..4 tokens per expert use the decode path; >= 8 the dequantize-and-reuse path.
-  // Tokens per expert around every table's decode block (2 or 4) and reuse threshold (4 or 8),
-  // and around the prefill register blocks (2, 6, 12 tokens), with both bit widths.
+  // Few tokens per expert use the decode path, many the dequantize-and-reuse path. Tokens per
+  // expert (t / 2 with k = 1 of 2 experts) around every table's decode block (2 or 4 tokens),
+  // reuse threshold (4, 8 or 32) and prefill register blocks (2, 6, 12 tokens), both bit widths.
   for (int bits : {4, 8})
-    for (std::int64_t t : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 25, 31, 64}) {
+    for (std::int64_t t : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 25, 31, 64, 65, 80, 150}) {
       const Case c{bits, 0, true, true, Activation::swiglu, 1, 2, t};
       EXPECT_LE(run_case(c, 64, 40, 4), 1e-5) << name_of(c);
     }

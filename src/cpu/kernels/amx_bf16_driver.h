@@ -10,6 +10,15 @@
 // registers across all of K. (Decoding the whole tile first and multiplying
 // after was slower: the 90 KiB of B tiles fell out of L1.)
 //
+// The common case gets a cheaper decode: 4-bit, one scale per row (row-wise)
+// and every zero point 8 (symmetric quantization). Then a B element is
+// code - 8, an integer that bf16 holds exactly, looked up from a 32-entry word
+// table (vpermw reads the low 5 bits of each word, so the table is two copies of
+// the 16 values and no mask is needed): per B row two shifts, a word blend and
+// the lookup, against ~10 float ops per row in the general decode. The row
+// scale then multiplies the float32 results once, after all of K (more exact,
+// too: the scale is not rounded to bf16 with the weight).
+//
 // Tile registers: 0..5 = C (one per 16-token block), 6 = A, 7 = B.
 // Activations are bf16 rows with a stride of ldx elements, zero-padded to a
 // multiple of 32 columns, with at least 16 readable rows past the last token
@@ -103,10 +112,60 @@ class TileDecoder {
   const std::uint8_t* codes_ = nullptr;
 };
 
-template <int BITS>
-void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* x, std::int64_t ldx,
-          std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
-  configure<0>();
+// The symmetric row-wise 4-bit decoder: B row kk, lane n = [code(n, 2kk) - 8, code(n, 2kk + 1) - 8] as bf16.
+class SymmetricQ4Decoder {
+ public:
+  static constexpr std::int64_t G = 8;  // columns per code group
+
+  // True when the tile can use it: 4-bit, row-wise, all 16 zero points 8.
+  static bool applies(const PackGeometry& g, const std::uint8_t* tile) {
+    if (g.bits != 4 || g.block_len != g.cols) return false;
+    const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + NR * 4));
+    return _mm_movemask_epi8(_mm_cmpeq_epi8(z, _mm_set1_epi8(8))) == 0xffff;
+  }
+
+  SymmetricQ4Decoder(const PackGeometry& g, const std::uint8_t* tile)
+      : codes_(tile + NR * 5), groups_((g.block_len + G - 1) / G) {}
+
+  void step(std::uint16_t* b) {
+    // bf16 of v - 8 for v = 0..15, twice: bf16(n) for small integers n is the float's top half.
+    const __m512i table = _mm512_set_epi16(0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  //
+                                           static_cast<short>(0xBF80), static_cast<short>(0xC000),
+                                           static_cast<short>(0xC040), static_cast<short>(0xC080),
+                                           static_cast<short>(0xC0A0), static_cast<short>(0xC0C0),
+                                           static_cast<short>(0xC0E0), static_cast<short>(0xC100),  //
+                                           0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  //
+                                           static_cast<short>(0xBF80), static_cast<short>(0xC000),
+                                           static_cast<short>(0xC040), static_cast<short>(0xC080),
+                                           static_cast<short>(0xC0A0), static_cast<short>(0xC0C0),
+                                           static_cast<short>(0xC0E0), static_cast<short>(0xC100));
+    constexpr __mmask32 kHigh = 0xAAAAAAAAu;  // odd words: the high half of each lane
+    for (int c = 0; c < 32; c += static_cast<int>(G), b += 4 * NR * 2) {
+      if (grp_ >= groups_) {
+        for (int i = 0; i < 4; ++i) _mm512_storeu_si512(b + i * NR * 2, _mm512_setzero_si512());
+        continue;
+      }
+      const __m512i q = _mm512_loadu_si512(codes_ + 64 * grp_++);
+      // Byte i of a lane holds columns 8g + 2i (low nibble) and 8g + 2i + 1 (high nibble):
+      // the low nibble goes to bits 0..3 of the lane, the high nibble to bits 16..19.
+      _mm512_storeu_si512(b, _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(kHigh, q, _mm512_slli_epi32(q, 12)), table));
+      _mm512_storeu_si512(b + NR * 2, _mm512_permutexvar_epi16(
+                                          _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 8), _mm512_slli_epi32(q, 4)), table));
+      _mm512_storeu_si512(b + 2 * NR * 2, _mm512_permutexvar_epi16(
+                                              _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 16), _mm512_srli_epi32(q, 4)), table));
+      _mm512_storeu_si512(b + 3 * NR * 2, _mm512_permutexvar_epi16(
+                                              _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 24), _mm512_srli_epi32(q, 12)), table));
+    }
+  }
+
+ private:
+  const std::uint8_t* codes_;
+  std::int64_t groups_, grp_ = 0;
+};
+
+template <class Decoder>
+void gemm_with(const Decoder& fresh, const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y,
+               std::int64_t ldy, void* scratch) {
   const std::int64_t kp = ldx;  // padded K (a multiple of 32)
   // Two 1 KiB B buffers: the next K step is decoded (vector units) while the
   // tile unit still multiplies the previous one; both stay in L1.
@@ -114,7 +173,7 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* 
   alignas(64) float ctmp[16 * 16];
   for (std::int64_t t0 = 0; t0 < ntok; t0 += 16 * kMaxTokenBlocks) {
     const int blocks = static_cast<int>(ntok - t0 >= 16 * kMaxTokenBlocks ? kMaxTokenBlocks : (ntok - t0 + 15) / 16);
-    TileDecoder<BITS> dec(g, tile);
+    Decoder dec = fresh;
     // Tile register numbers must be immediates: unrolled by hand over the token blocks.
 #define QMOE_AMX_FOR_BLOCKS(OP) \
   do {                          \
@@ -153,6 +212,93 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, const std::uint16_t* 
 #undef QMOE_AMX_DOT
 #undef QMOE_AMX_ZERO
 #undef QMOE_AMX_FOR_BLOCKS
+  }
+}
+
+// Two consecutive weight tiles (32 rows) at once: per K step both B tiles are
+// decoded and each A tile (16 tokens) feeds two products, halving the
+// activation traffic per product, which is what bounds the single-tile loop
+// (A tiles stream from L2: ~1 KiB per 16-cycle product). Tile registers:
+// C 0..3 = (token block 0, tile 0), (0, 1), (1, 0), (1, 1); A 4, 5; B 6, 7.
+// y rows hold 32 floats (tile 0's rows, then tile 1's).
+template <class Decoder>
+void gemm_pair_with(const Decoder& fresh0, const Decoder& fresh1, const std::uint16_t* x, std::int64_t ldx,
+                    std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
+  const std::int64_t kp = ldx;  // padded K (a multiple of 32)
+  auto* b = static_cast<std::uint16_t*>(scratch);  // 2 K steps x 2 tiles x 1 KiB, double-buffered
+  alignas(64) float ctmp[16 * 16];
+  const int ldx_bytes = static_cast<int>(ldx * 2), ldy_bytes = static_cast<int>(ldy * 4);
+  for (std::int64_t t0 = 0; t0 < ntok; t0 += 32) {
+    const bool two = ntok - t0 > 16;
+    Decoder d0 = fresh0, d1 = fresh1;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const std::uint16_t* x0 = x + t0 * ldx;
+    const std::uint16_t* x1 = x0 + 16 * ldx;
+    for (std::int64_t k = 0; k < kp; k += 32) {
+      std::uint16_t* bk = b + ((k / 32) & 1) * 1024;
+      d0.step(bk);
+      d1.step(bk + 512);
+      _tile_loadd(6, bk, 64);
+      _tile_loadd(7, bk + 512, 64);
+      _tile_loadd(4, x0 + k, ldx_bytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, x1 + k, ldx_bytes);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+#define QMOE_AMX_STORE2(i, block, col)                                                                      \
+  do {                                                                                                      \
+    const std::int64_t tb = t0 + 16 * (block), valid = ntok - tb < 16 ? ntok - tb : 16;                     \
+    if (valid == 16) {                                                                                      \
+      _tile_stored(i, y + tb * ldy + (col), ldy_bytes);                                                     \
+    } else {                                                                                                \
+      _tile_stored(i, ctmp, 64);                                                                            \
+      for (std::int64_t r = 0; r < valid; ++r) std::memcpy(y + (tb + r) * ldy + (col), ctmp + 16 * r, 64); \
+    }                                                                                                       \
+  } while (0)
+    QMOE_AMX_STORE2(0, 0, 0);
+    QMOE_AMX_STORE2(1, 0, 16);
+    if (two) {
+      QMOE_AMX_STORE2(2, 1, 0);
+      QMOE_AMX_STORE2(3, 1, 16);
+    }
+#undef QMOE_AMX_STORE2
+  }
+}
+
+// y[t * ldy + 16 * j + r] = W_j x_t for the `ntiles` (1 or 2) consecutive tiles j at `tile`.
+template <int BITS>
+void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const std::uint16_t* x,
+          std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
+  configure<0>();
+  // Tile size from PackGeometry's data members only (its inline member functions are
+  // shared with baseline translation units: see the ODR caution in gemm_driver.h).
+  constexpr std::int64_t G = 32 / BITS;
+  const std::int64_t tile_bytes = g.cols / g.block_len * (NR * 5 + (g.block_len + G - 1) / G * G * NR * BITS / 8);
+  const std::uint8_t* tile1 = tile + tile_bytes;
+  bool symmetric = BITS == 4 && SymmetricQ4Decoder::applies(g, tile);
+  if (ntiles == 2) symmetric = symmetric && SymmetricQ4Decoder::applies(g, tile1);
+  if (symmetric) {
+    if (ntiles == 2)
+      gemm_pair_with(SymmetricQ4Decoder(g, tile), SymmetricQ4Decoder(g, tile1), x, ldx, ntok, y, ldy, scratch);
+    else
+      gemm_with(SymmetricQ4Decoder(g, tile), x, ldx, ntok, y, ldy, scratch);
+    // The row scales, once, on the float32 results.
+    for (std::int64_t j = 0; j < ntiles; ++j) {
+      const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + j * tile_bytes));
+      for (std::int64_t t = 0; t < ntok; ++t)
+        _mm512_storeu_ps(y + t * ldy + 16 * j, _mm512_mul_ps(scale, _mm512_loadu_ps(y + t * ldy + 16 * j)));
+    }
+  } else if (ntiles == 2) {
+    gemm_pair_with(TileDecoder<BITS>(g, tile), TileDecoder<BITS>(g, tile1), x, ldx, ntok, y, ldy, scratch);
+  } else {
+    gemm_with(TileDecoder<BITS>(g, tile), x, ldx, ntok, y, ldy, scratch);
   }
 }
 

@@ -5,25 +5,46 @@
 //
 // A tile is NR = 16 rows in "row lanes" (see packed.h): one 64-byte group holds
 // the next 8 (4-bit) or 4 (8-bit) codes of every row, row r in 32-bit lane r.
-// Two regimes, chosen by the number of tokens routed to the expert:
-//  * few tokens (decode): each column is extracted in registers (shift, mask,
-//    and the float "magic number" trick: (code | 0x4B000000) as float is
-//    2^23 + code, minus 2^23 + zero gives code - zero exactly, with no
-//    int->float conversion) and used at once for up to Ops::kDirectTokens
-//    tokens; the row scale is applied once per block. Even and odd columns
-//    accumulate separately, keeping two FMA chains per vector in flight.
-//  * many tokens (prefill): a chunk of the tile is dequantized once into
-//    scratch (scale * (code - zero), as float weights) and reused for every
-//    token, Ops::kReuseTokens tokens per register block, so decoding costs
-//    O(weights), not O(weights * tokens).
+// A call covers a run of consecutive tiles of one expert (they lie back to
+// back in memory) and works on several of them at once, so that one loaded
+// activation serves 16 rows per tile. Two regimes, chosen by the number of
+// tokens routed to the expert:
+//  * few tokens (decode): each column is extracted in registers and used at
+//    once for up to Ops::kDirectTokens tokens of Ops::kDirectTiles tiles; the
+//    row scale is applied once per block. Extraction is a shift, a mask and
+//    the float "magic number" trick ((code | 0x4B000000) as float is 2^23 +
+//    code, minus 2^23 + zero gives code - zero exactly, with no int->float
+//    conversion), or, where Ops has a table lookup for the width and the 16
+//    zero points of the block are equal (always so for symmetric
+//    quantization), a shift and a lookup of code - zero in a 16-entry table.
+//    Columns accumulate round-robin into 2 partial sums per output (4 where a
+//    column is one vector and there is one token), so the FMA latency hides.
+//  * many tokens (prefill): a chunk of Ops::kReuseTiles tiles is dequantized
+//    once into scratch (scale * (code - zero), as float weights, the tiles'
+//    rows side by side per column) and reused for every token by a register
+//    block of those rows x up to Ops::kReuseTokens tokens, so decoding costs
+//    O(weights), not O(weights * tokens); the tokens are cut into blocks of
+//    near-equal size so that no small remainder block wastes weight loads.
 //
-// Ops must provide (NV vectors V cover the 16 rows of one column):
+// Ops must provide (NV vectors V cover the 16 rows of one column): the block
+// sizes kDirectTokens, kDirectTiles, kReuseTokens, kReuseTiles and kReuseFrom
+// (the token count from which the prefill regime is used), and
 //   V zero(); V splat(float); V load(const float*); void store(float*, V);
 //   V fma(V a, V b, V c) = a * b + c; V add(V, V); V mul(V, V);
 //   Z zeros(const uint8_t* z16)               -- a block's 16 zero points
 //   Q group(const uint8_t* p64)               -- one 64-byte group of codes
 //   template <int BITS, int J> void column(const Q&, const Z&, V* w)
 //                                             -- float(code - zero) of column J of the group
+//   template <int BITS> bool kLut             -- whether the two below exist for BITS:
+//   bool uniform(const Z&)                    -- the 16 zero points are equal
+//   template <int J> void column_lut(const Q&, const Z&, V* w)
+//                                             -- column(...) by table lookup, valid where uniform
+//
+// Accumulation order: an output's order of additions depends only on the
+// regime and (direct) on the token block size, both functions of the token
+// count alone, never on the run of tiles a call covers or on the tiles worked
+// on together; so the bits never depend on how the caller splits tiles among
+// threads.
 //
 // ODR caution: this header is compiled with different -m flags per ISA, so it
 // must not emit any non-template inline function or std:: template that the
@@ -91,105 +112,171 @@ inline void unroll(F&& f) {
   (std::make_integer_sequence<int, N>{});
 }
 
-template <class Ops, int BITS, int M>
-void direct(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, float* y,
-            std::int64_t ldy) {
+// Calls f(std::bool_constant<LUT>): LUT where Ops has a table lookup for BITS
+// and each of the NT blocks has equal zero points.
+// Always inlined, with its callers' lambdas: the partial sums they update must stay in registers.
+template <class Ops, int BITS, int NT, class F>
+[[gnu::always_inline]] inline void with_lut(const Block<Ops> (&v)[NT], F&& f) {
+  if constexpr (Ops::template kLut<BITS>) {
+    bool uniform = true;
+    for (int i = 0; i < NT; ++i) uniform = uniform && Ops::uniform(v[i].zero);
+    if (uniform) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
+
+template <class Ops, int BITS, bool LUT, int J>
+inline void column(const typename Ops::Q& q, const typename Ops::Z& z, typename Ops::V* w) {
+  if constexpr (LUT)
+    Ops::template column_lut<J>(q, z, w);
+  else
+    Ops::template column<BITS, J>(q, z, w);
+}
+
+// y[m][i * NR + r] = rows r of tiles i < NT times tokens m < M.
+template <class Ops, int BITS, int M, int NT>
+void direct(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x,
+            std::int64_t ldx, float* y, std::int64_t ldy) {
   using V = typename Ops::V;
   constexpr int NV = Ops::NV;
   constexpr int G = static_cast<int>(kGroupCols<BITS>);
-  V acc[M][NV];
+  // Partial sums per output: 4 when a single vector per column would leave too few FMA chains.
+  // A function of M only (never of NT), so an output's order of additions is fixed.
+  constexpr int P = M * NV >= 2 ? 2 : 4;
+  V acc[M][NT][NV];
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = Ops::zero();
+    for (int i = 0; i < NT; ++i)
+      for (int j = 0; j < NV; ++j) acc[m][i][j] = Ops::zero();
   const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
   for (std::int64_t b = 0; b < nb; ++b) {
-    const Block<Ops> v = block_at<Ops, BITS>(g, tile, b);
-    V part[2][M][NV];
-    for (int p = 0; p < 2; ++p)
+    Block<Ops> v[NT];
+    for (int i = 0; i < NT; ++i) v[i] = block_at<Ops, BITS>(g, tile + i * tile_bytes, b);
+    V part[P][M][NT][NV];
+    for (int p = 0; p < P; ++p)
       for (int m = 0; m < M; ++m)
-        for (int j = 0; j < NV; ++j) part[p][m][j] = Ops::zero();
-    for (std::int64_t grp = 0; grp < pb / G; ++grp) {
-      const typename Ops::Q q = Ops::group(v.codes + grp * 64);
-      const float* xg = x + b * pb + grp * G;
-      unroll<G>([&](auto J) {
-        V w[NV];
-        Ops::template column<BITS, J>(q, v.zero, w);
-        for (int m = 0; m < M; ++m) {
-          const V xv = Ops::splat(xg[m * ldx + J]);
-          for (int j = 0; j < NV; ++j) part[J % 2][m][j] = Ops::fma(w[j], xv, part[J % 2][m][j]);
-        }
-      });
-    }
+        for (int i = 0; i < NT; ++i)
+          for (int j = 0; j < NV; ++j) part[p][m][i][j] = Ops::zero();
+    with_lut<Ops, BITS>(v, [&](auto LUT) __attribute__((always_inline)) {
+      for (std::int64_t grp = 0; grp < pb / G; ++grp) {
+        typename Ops::Q q[NT];
+        for (int i = 0; i < NT; ++i) q[i] = Ops::group(v[i].codes + grp * 64);
+        const float* xg = x + b * pb + grp * G;
+        unroll<G>([&](auto J) {
+          V w[NT][NV];
+          for (int i = 0; i < NT; ++i) column<Ops, BITS, LUT, J>(q[i], v[i].zero, w[i]);
+          for (int m = 0; m < M; ++m) {
+            const V xv = Ops::splat(xg[m * ldx + J]);
+            for (int i = 0; i < NT; ++i)
+              for (int j = 0; j < NV; ++j) part[J % P][m][i][j] = Ops::fma(w[i][j], xv, part[J % P][m][i][j]);
+          }
+        });
+      }
+    });
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < NV; ++j) acc[m][j] = Ops::fma(v.scale[j], Ops::add(part[0][m][j], part[1][m][j]), acc[m][j]);
+      for (int i = 0; i < NT; ++i)
+        for (int j = 0; j < NV; ++j) {
+          V sum = Ops::add(part[0][m][i][j], part[1][m][i][j]);
+          if constexpr (P == 4) sum = Ops::add(sum, Ops::add(part[2][m][i][j], part[3][m][i][j]));
+          acc[m][i][j] = Ops::fma(v[i].scale[j], sum, acc[m][i][j]);
+        }
   }
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
+    for (int i = 0; i < NT; ++i)
+      for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + i * NR + j * (NR / NV), acc[m][i][j]);
 }
 
-// y[m] += W_chunk x[m] for M tokens; W_chunk is n columns of NR floats.
-template <class Ops, int M>
-void chunk_tokens(const float* w, std::int64_t n, const float* x, std::int64_t ldx, float* y, std::int64_t ldy) {
+// y[m] (+)= W_chunk x[m] for M tokens; W_chunk is n columns of W rows (W = NT * NR),
+// y[m] rows of W floats. The first chunk starts from zero instead of reading y.
+template <class Ops, int NT, int M>
+void chunk_tokens(const float* w, std::int64_t n, const float* x, std::int64_t ldx, float* y, std::int64_t ldy,
+                  bool first) {
   using V = typename Ops::V;
-  constexpr int NV = Ops::NV;
+  constexpr int NV = Ops::NV * NT, W = NR * NT, L = NR / Ops::NV;
   V acc[M][NV];
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = Ops::load(y + m * ldy + j * (NR / NV));
+    for (int j = 0; j < NV; ++j) acc[m][j] = first ? Ops::zero() : Ops::load(y + m * ldy + j * L);
   for (std::int64_t c = 0; c < n; ++c) {
     V wc[NV];
-    for (int j = 0; j < NV; ++j) wc[j] = Ops::load(w + c * NR + j * (NR / NV));
+    for (int j = 0; j < NV; ++j) wc[j] = Ops::load(w + c * W + j * L);
     for (int m = 0; m < M; ++m) {
       const V xv = Ops::splat(x[m * ldx + c]);
       for (int j = 0; j < NV; ++j) acc[m][j] = Ops::fma(wc[j], xv, acc[m][j]);
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
+    for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * L, acc[m][j]);
 }
 
-template <class Ops, int BITS>
-void reuse(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, std::int64_t ntok,
-           float* y, std::int64_t ldy, float* w) {
+// NT consecutive tiles, every token: each chunk of NT tiles is dequantized once to w.
+template <class Ops, int BITS, int NT>
+void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x,
+           std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, float* w) {
   using V = typename Ops::V;
-  constexpr int NV = Ops::NV, MT = Ops::kReuseTokens;
+  constexpr int NV = Ops::NV, MT = Ops::kReuseTokens, W = NR * NT;
   constexpr int G = static_cast<int>(kGroupCols<BITS>);
-  for (std::int64_t t = 0; t < ntok; ++t)
-    for (int r = 0; r < NR; ++r) y[t * ldy + r] = 0.f;
   const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
+  // Token blocks of near-equal size: ceil(ntok / MT) blocks, none larger than MT.
+  const std::int64_t nblocks = (ntok + MT - 1) / MT;
   for (std::int64_t b = 0; b < nb; ++b) {
-    const Block<Ops> v = block_at<Ops, BITS>(g, tile, b);
+    Block<Ops> v[NT];
+    for (int i = 0; i < NT; ++i) v[i] = block_at<Ops, BITS>(g, tile + i * tile_bytes, b);
     for (std::int64_t c0 = 0; c0 < pb; c0 += kChunk) {
       const std::int64_t n = pb - c0 < kChunk ? pb - c0 : kChunk;  // a multiple of G
-      for (std::int64_t grp = c0 / G; grp < (c0 + n) / G; ++grp) {
-        const typename Ops::Q q = Ops::group(v.codes + grp * 64);
-        float* dst = w + (grp * G - c0) * NR;
-        unroll<G>([&](auto J) {
-          V wj[NV];
-          Ops::template column<BITS, J>(q, v.zero, wj);
-          for (int j = 0; j < NV; ++j) Ops::store(dst + J * NR + j * (NR / NV), Ops::mul(v.scale[j], wj[j]));
-        });
-      }
+      with_lut<Ops, BITS>(v, [&](auto LUT) __attribute__((always_inline)) {
+        for (std::int64_t grp = c0 / G; grp < (c0 + n) / G; ++grp) {
+          float* dst = w + (grp * G - c0) * W;
+          for (int i = 0; i < NT; ++i) {
+            const typename Ops::Q q = Ops::group(v[i].codes + grp * 64);
+            unroll<G>([&](auto J) {
+              V wj[NV];
+              column<Ops, BITS, LUT, J>(q, v[i].zero, wj);
+              for (int j = 0; j < NV; ++j)
+                Ops::store(dst + J * W + i * NR + j * (NR / NV), Ops::mul(v[i].scale[j], wj[j]));
+            });
+          }
+        }
+      });
       const float* xc = x + b * pb + c0;
-      std::int64_t t = 0;
-      for (; t + MT <= ntok; t += MT) chunk_tokens<Ops, MT>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy);
-      if (t < ntok)
-        with_count<MT - 1>(ntok - t, [&](auto M) { chunk_tokens<Ops, M>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy); });
+      const bool first = b == 0 && c0 == 0;
+      for (std::int64_t k = 0, t = 0; k < nblocks; ++k) {
+        const std::int64_t m = (ntok - t + (nblocks - k) - 1) / (nblocks - k);
+        with_count<MT>(m, [&](auto M) { chunk_tokens<Ops, NT, M>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy, first); });
+        t += m;
+      }
     }
   }
 }
 
+// Calls f(std::integral_constant<int, N>, i) for runs of N <= NMAX tiles starting at tile i,
+// covering [0, ntiles): NMAX at a time, then one shorter run for the rest.
+template <int NMAX, class F>
+inline void tile_runs(std::int64_t ntiles, F&& f) {
+  std::int64_t i = 0;
+  for (; i + NMAX <= ntiles; i += NMAX) f(std::integral_constant<int, NMAX>{}, i);
+  if constexpr (NMAX > 1)
+    if (i < ntiles) with_count<NMAX - 1>(ntiles - i, [&](auto N) { f(N, i); });
+}
+
 template <class Ops, int BITS>
-void gemm(const PackGeometry& g, const std::uint8_t* tile, const float* x, std::int64_t ldx, std::int64_t ntok,
-          float* y, std::int64_t ldy, float* scratch) {
+void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const float* x, std::int64_t ldx,
+          std::int64_t ntok, float* y, std::int64_t ldy, float* scratch) {
   constexpr int MD = Ops::kDirectTokens;
+  const std::int64_t tb = g.cols / g.block_len * block_bytes<BITS>(g);
   if (ntok >= Ops::kReuseFrom) {
-    reuse<Ops, BITS>(g, tile, x, ldx, ntok, y, ldy, scratch);
+    tile_runs<Ops::kReuseTiles>(ntiles, [&](auto N, std::int64_t i) {
+      reuse<Ops, BITS, N>(g, tile + i * tb, tb, x, ldx, ntok, y + i * NR, ldy, scratch);
+    });
     return;
   }
-  std::int64_t t = 0;
-  for (; t + MD <= ntok; t += MD) direct<Ops, BITS, MD>(g, tile, x + t * ldx, ldx, y + t * ldy, ldy);
-  // The remainder in one pass too: every token of the expert shares one decode of the tile.
-  if (t < ntok)
-    with_count<MD - 1>(ntok - t, [&](auto M) { direct<Ops, BITS, M>(g, tile, x + t * ldx, ldx, y + t * ldy, ldy); });
+  tile_runs<Ops::kDirectTiles>(ntiles, [&](auto N, std::int64_t i) {
+    const std::uint8_t* ti = tile + i * tb;
+    float* yi = y + i * NR;
+    std::int64_t t = 0;
+    for (; t + MD <= ntok; t += MD) direct<Ops, BITS, MD, N>(g, ti, tb, x + t * ldx, ldx, yi + t * ldy, ldy);
+    // The remainder in one pass too: every token of the expert shares one decode of the tiles.
+    if (t < ntok)
+      with_count<MD - 1>(ntok - t, [&](auto M) { direct<Ops, BITS, M, N>(g, ti, tb, x + t * ldx, ldx, yi + t * ldy, ldy); });
+  });
 }
 
 }  // namespace qmoe::cpu::driver

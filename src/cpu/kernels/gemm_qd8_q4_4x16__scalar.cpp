@@ -1,4 +1,4 @@
-// int8 activations (dynamically quantized per 32 columns) x 4-bit weights, tiles of 16 rows,
+// int8 activations (dynamically quantized per 16 columns) x 4-bit weights, tiles of 16 rows,
 // 4 tokens per decode. Plain C++.
 #include "cpu/kernels/iops_scalar.h"
 #include "cpu/kernels/igemm_driver.h"

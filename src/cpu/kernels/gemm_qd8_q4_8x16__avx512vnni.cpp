@@ -1,5 +1,5 @@
-// int8 activations (dynamically quantized per 32 columns) x 4-bit weights, tiles of 16 rows,
-// 8 tokens per decode. AVX-512 VNNI (vpdpbusd).
+// int8 activations (dynamically quantized per 16 columns) x 4-bit weights, tiles of 16 rows,
+// 12 tokens per decode (IOpsAvx512Vnni::kTokens; the name keeps its first shape). AVX-512 VNNI (vpdpbusd).
 #include "cpu/kernels/iops_avx512vnni.h"
 #include "cpu/kernels/igemm_driver.h"
 

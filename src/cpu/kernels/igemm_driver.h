@@ -6,22 +6,29 @@
 // byte products per lane per instruction (vpdpbusd on VNNI CPUs), exactly.
 // Per activation block one conversion and one FMA: block_acc += float(int_acc) *
 // act_scale; per weight block the zero point comes off once (quant_act.h) and
-// the weight scale goes on: acc += weight_scale * (block_acc - zero * zsum).
-// Decoding a group is one load and, for 4 bits, a mask and a shift, so there is
-// no separate prefill regime: M tokens share each decode.
+// the weight scale goes on: y = weight_scale * (block_acc - zero * zsum) + y,
+// with y = 0 before the first weight block. The running total lives in y (one
+// load and store per weight block), so only the int and block accumulators
+// take registers: 2 per token (per vector), which lets M tokens share each
+// decoded group. A group is one load and, for 4 bits, a mask and a shift.
+// The groups of a whole activation block are unrolled at compile time; only a
+// block cut short by the end of its weight block takes the run-time loop. Ops may
+// also provide full_blocks<BITS>(codes, xq, ldq, xs, lds, n, bacc): the loop over
+// a weight block's n whole activation blocks for kTokens tokens, the same
+// operations in the same order (iops_avx512vnni.h: in assembly).
 //
 // IOps must provide (16 rows in NV vectors):
-//   I izero(); F fzero(); I group(const uint8_t* p64); template <int BITS> void split(const I&, I* parts)
+//   I izero() (the int accumulator's start; scale_add reads float(acc - start)); F fzero()
+//   template <int BITS> void split(const uint8_t* p64, I (*parts)[NV])
 //   I dot(I acc, const I& codes, const int8_t* x4)   -- acc += 4 byte products per lane (x4: 4 activations)
 //   IZ zeros(const uint8_t* z16)        -- the 16 zero points as floats (NV vectors)
-//   F scale_add(const I& acc, float s, F f) = float(acc) * s + f (fused)
+//   F scale_add(const I& acc, float s, F f) = float(sum) * s + f (fused), sum = acc - izero() exactly
 //   F sub_zero(F f, const IZ&, int j, float zsum) = f - zero * zsum (fused)
 //   F load(const float*); void store(float*, F); F fma(F, F, F)
 // The ODR caution of gemm_driver.h applies here too.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "cpu/kernels.h"
 #include "cpu/kernels/gemm_driver.h"
@@ -30,6 +37,26 @@
 namespace qmoe::cpu::idriver {
 
 constexpr int NR = 16;
+
+// iacc[m] += codes x activations for the groups of columns [c, c + n) (n a
+// multiple of the group), activations of token m at xq + m * ldq.
+template <class Ops, int BITS, int M>
+inline void dot_groups(const std::uint8_t* codes, const std::int8_t* xq, std::int64_t ldq, std::int64_t n,
+                       typename Ops::I (&iacc)[M][Ops::NV]) {
+  using I = typename Ops::I;
+  constexpr int NV = Ops::NV;
+  constexpr std::int64_t G = 32 / BITS;
+  for (std::int64_t c = 0; c < n; c += G) {
+    I parts[2][NV];
+    Ops::template split<BITS>(codes + (c / G) * 64, parts);
+    for (int m = 0; m < M; ++m) {
+      const std::int8_t* xm = xq + m * ldq + c;
+      for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[0][j], xm);
+      if constexpr (BITS == 4)
+        for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[1][j], xm + 4);
+    }
+  }
+}
 
 template <class Ops, int BITS, int M>
 void direct(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t t0, float* y,
@@ -40,44 +67,45 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x,
   constexpr std::int64_t G = 32 / BITS;  // columns per group
   const std::int64_t pb = (g.block_len + G - 1) / G * G, nb = g.cols / g.block_len;
   const std::int64_t block_bytes = NR * 5 + pb * NR * BITS / 8, per_block = (pb + kActBlock - 1) / kActBlock;
-  F acc[M][NV];
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NV; ++j) acc[m][j] = Ops::fzero();
+  const std::int64_t full = pb / kActBlock;  // activation blocks of kActBlock columns per weight block
+  const std::int8_t* xq = x.q + t0 * x.ldq;
+  const float* xs = x.scale + t0 * x.lds;
   for (std::int64_t b = 0; b < nb; ++b) {
     const std::uint8_t* blk = tile + b * block_bytes;
-    const typename Ops::IZ zero = Ops::zeros(blk + NR * 4);
     const std::uint8_t* codes = blk + NR * 5;
     F bacc[M][NV];
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < NV; ++j) bacc[m][j] = Ops::fzero();
-    for (std::int64_t a = 0; a < per_block; ++a) {
-      const std::int64_t c0 = kActBlock * a, n = pb - c0 < kActBlock ? pb - c0 : kActBlock;
+    std::int64_t a0 = 0;
+    if constexpr (M == Ops::kTokens && requires { Ops::template full_blocks<BITS>; }) {
+      if (full > 0)
+        Ops::template full_blocks<BITS>(codes, xq + b * pb, x.ldq, xs + b * per_block, x.lds, full, bacc[0]);
+      a0 = full;
+    }
+    for (std::int64_t a = a0; a < per_block; ++a) {
+      const std::int64_t c0 = kActBlock * a;
       I iacc[M][NV];
       for (int m = 0; m < M; ++m)
         for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::izero();
-      for (std::int64_t c = c0; c < c0 + n; c += G) {
-        I parts[2][NV];
-        Ops::template split<BITS>(codes + (c / G) * 64, parts);
-        for (int m = 0; m < M; ++m) {
-          const std::int8_t* xq = x.q + (t0 + m) * x.ldq + b * pb + c;
-          for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[0][j], xq);
-          if constexpr (BITS == 4)
-            for (int j = 0; j < NV; ++j) iacc[m][j] = Ops::dot(iacc[m][j], parts[1][j], xq + 4);
-        }
-      }
+      if (a < full)  // the common case: the group count is a compile-time constant
+        dot_groups<Ops, BITS, M>(codes + c0 * (NR * BITS / 8), xq + b * pb + c0, x.ldq, kActBlock, iacc);
+      else
+        dot_groups<Ops, BITS, M>(codes + c0 * (NR * BITS / 8), xq + b * pb + c0, x.ldq, pb - c0, iacc);
       for (int m = 0; m < M; ++m) {
-        const float sx = x.scale[(t0 + m) * x.lds + b * per_block + a];
+        const float sx = xs[m * x.lds + b * per_block + a];
         for (int j = 0; j < NV; ++j) bacc[m][j] = Ops::scale_add(iacc[m][j], sx, bacc[m][j]);
       }
     }
+    const typename Ops::IZ zero = Ops::zeros(blk + NR * 4);
     for (int j = 0; j < NV; ++j) {
       const F ws = Ops::load(reinterpret_cast<const float*>(blk) + j * (NR / NV));
-      for (int m = 0; m < M; ++m)
-        acc[m][j] = Ops::fma(ws, Ops::sub_zero(bacc[m][j], zero, j, x.zsum[(t0 + m) * x.ldz + b]), acc[m][j]);
+      for (int m = 0; m < M; ++m) {
+        float* ym = y + m * ldy + j * (NR / NV);
+        const F prev = b == 0 ? Ops::fzero() : Ops::load(ym);
+        Ops::store(ym, Ops::fma(ws, Ops::sub_zero(bacc[m][j], zero, j, x.zsum[(t0 + m) * x.ldz + b]), prev));
+      }
     }
   }
-  for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * (NR / NV), acc[m][j]);
 }
 
 template <class Ops, int BITS>

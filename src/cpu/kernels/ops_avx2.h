@@ -18,6 +18,10 @@ struct OpsAvx2 {
   static constexpr int NV = 2;             // 2 x 8 floats = the 16 rows of a column
   static constexpr int kDirectTokens = 2;  // 2 tokens x (even, odd) x 2 vectors = 8 accumulators
   static constexpr int kReuseTokens = 6;   // 6 x 2 accumulators + 2 weights + 1 broadcast <= 16 ymm
+  static constexpr int kReuseTiles = 1;    // no registers to spare for a second tile
+  static constexpr int kDirectTiles = 1;
+  template <int BITS>
+  static constexpr bool kLut = false;  // no table lookup: column() only
   static constexpr int kReuseFrom = 4;
 
   static V zero() { return _mm256_setzero_ps(); }

@@ -21,6 +21,10 @@ struct OpsScalar {
   static constexpr int NV = 4;             // 4 x 4 floats = the 16 rows of a column
   static constexpr int kDirectTokens = 2;  // decode once, use for 2 tokens
   static constexpr int kReuseTokens = 2;   // 2 tokens x 4 accumulators fit the 16 xmm registers
+  static constexpr int kReuseTiles = 1;    // no registers to spare for a second tile
+  static constexpr int kDirectTiles = 1;
+  template <int BITS>
+  static constexpr bool kLut = false;  // no table lookup: column() only
   static constexpr int kReuseFrom = 4;     // dequantize-and-reuse from this many tokens on
 
   static V zero() { return V{}; }
