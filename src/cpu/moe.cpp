@@ -173,7 +173,6 @@ void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, co
   const float* logits = as_f32(router_probs, ws.lbuf);
   const float* mix = router_weights.present() ? as_f32(router_weights, ws.mbuf) : nullptr;
   float* o = out.dtype == DType::f32 ? static_cast<float*>(out.data) : grow(ws.obuf, t * h);
-  std::fill(o, o + t * h, 0.f);
   // Tokens in chunks so the gathered inputs and FC1 activations stay within a fixed budget.
   const std::int64_t per_token = attrs_.k * (shape_.inter + shape_.hidden) * static_cast<std::int64_t>(sizeof(float));
   const std::int64_t chunk = std::max<std::int64_t>(1, chunk_bytes_ / per_token);
@@ -365,12 +364,16 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       for (std::int64_t i = item * per; i < std::min(nt, (item + 1) * per); ++i) {
         for (int j = 0; j < k; ++j) slots[j] = {chosen[i * k + j], slot_pos[i * k + j]};
         std::sort(slots.begin(), slots.end());  // the experts of a token are distinct
-        float* dst = out + (t0 + i) * h;
-        for (const auto& [e, pos] : slots) {
+        float* dst = out + (t0 + i) * h;  // every token of the chunk is written here, whole
+        for (std::size_t j = 0; j < slots.size(); ++j) {
+          const auto [e, pos] = slots[j];
           const float* yr = y2 + pos * pad2;
           const float* b2 = &bias2_[e * pad2];
           const float wgt = row_weight[pos];
-          for (std::int64_t q = 0; q < h; ++q) dst[q] += wgt * (yr[q] + b2[q]);
+          if (j == 0)
+            for (std::int64_t q = 0; q < h; ++q) dst[q] = 0.f + wgt * (yr[q] + b2[q]);
+          else
+            for (std::int64_t q = 0; q < h; ++q) dst[q] += wgt * (yr[q] + b2[q]);
         }
       }
     });
