@@ -224,16 +224,36 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   // Kernels read whole code groups: activation rows are zero-padded to the packed width.
   const std::int64_t hp = g1.padded_cols(), ip = g2.padded_cols();
 
+  // accuracy_level 3 with AMX: activation rows converted to bf16 once per call (rows of kp
+  // elements, kp a multiple of 32, plus 16 zero rows so whole A tiles can be read). Experts
+  // with fewer than kAmxMinTokens tokens take the float32 path: a mostly empty tile product
+  // costs more than it saves.
+  constexpr std::int64_t kAmxMinTokens = 16;
+  const std::int64_t kp1 = (hp + 31) / 32 * 32, kp2 = (ip + 31) / 32 * 32;
+  auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
+  std::vector<int> row_expert(static_cast<std::size_t>(nrows));
+  for (int e : active) std::fill(row_expert.begin() + offset[e], row_expert.begin() + offset[e + 1], e);
   // Gather the tokens of each expert into contiguous rows (in parallel), zeroing the padding
-  // columns of the FC1 and FC2 input rows (the kernels read whole code groups).
+  // columns of the FC1 and FC2 input rows (the kernels read whole code groups). Rows of
+  // experts on the AMX path go straight to bf16 (the FC1 input rows of the other paths are float32).
   float* xg = grow(ws.xg, nrows * hp);
   float* act = grow(ws.act, nrows * ip);
+  std::uint16_t* xb = nullptr;
+  if (bf16_) {
+    xb = grow(ws.xb, (nrows + 16) * kp1);
+    std::fill(xb + nrows * kp1, xb + (nrows + 16) * kp1, std::uint16_t{0});  // rows A tiles may read past the end
+  }
   {
     const std::int64_t per = 32, items = (nrows + per - 1) / per;
     pool_->parallel_for(items, [&](std::int64_t i, int) {
       for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r) {
-        std::memcpy(xg + r * hp, x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
-        std::fill(xg + r * hp + h, xg + (r + 1) * hp, 0.f);
+        if (use_bf16(row_expert[r])) {
+          kc_->to_bf16(x + row_token[r] * h, xb + r * kp1, h);
+          std::fill(xb + r * kp1 + h, xb + (r + 1) * kp1, std::uint16_t{0});
+        } else {
+          std::memcpy(xg + r * hp, x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
+          std::fill(xg + r * hp + h, xg + (r + 1) * hp, 0.f);
+        }
         std::fill(act + r * ip + in, act + (r + 1) * ip, 0.f);
       }
     });
@@ -241,6 +261,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const bool q4 = attrs_.expert_weight_bits == 4;
   const GemmTileFn gemm = q4 ? kc_->gemm_q4 : kc_->gemm_q8;
   const GemmTileI8Fn igemm = q4 ? kc_->igemm_q4 : kc_->igemm_q8;
+  const GemmTileBf16Fn bgemm = q4 ? kc_->bgemm_q4 : kc_->bgemm_q8;
   // accuracy_level 4: activation rows quantized to int8 once per call, in parallel over rows.
   QuantRowsBuffer& qbuf = ws.qbuf;
   auto quantize_all = [&](const float* rows, std::int64_t ld, const PackGeometry& g) {
@@ -253,15 +274,6 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   auto rows_of = [&](const QuantRows& q, std::int64_t first) {
     return QuantRows{q.q + first * q.ldq, q.scale + first * q.lds, q.zsum + first * q.ldz, q.ldq, q.lds, q.ldz};
   };
-  // accuracy_level 3 with AMX: activation rows converted to bf16 once per call (rows of kp
-  // elements, kp a multiple of 32, plus 16 zero rows so whole A tiles can be read). Experts
-  // with fewer than kAmxMinTokens tokens take the float32 path: a mostly empty tile product
-  // costs more than it saves.
-  constexpr std::int64_t kAmxMinTokens = 16;
-  const GemmTileBf16Fn bgemm = q4 ? kc_->bgemm_q4 : kc_->bgemm_q8;
-  const std::int64_t kp1 = (hp + 31) / 32 * 32, kp2 = (ip + 31) / 32 * 32;
-  auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
-  std::uint16_t* xb = nullptr;
   auto to_bf16_all = [&](const float* rows, std::int64_t ld, std::int64_t kp) {
     xb = grow(ws.xb, (nrows + 16) * kp);
     std::fill(xb + nrows * kp, xb + (nrows + 16) * kp, std::uint16_t{0});  // rows A tiles may read past the end
@@ -291,7 +303,6 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const std::int64_t groups1 = (tiles1 + per1 - 1) / per1;
   QuantRows q1;
   if (int8_) quantize_all(xg, hp, g1), q1 = qbuf.view(g1);
-  if (bf16_) to_bf16_all(xg, hp, kp1);
   const Fc1Epilogue epi{attrs_.activation, attrs_.activation_alpha, attrs_.activation_beta, attrs_.swiglu_limit};
   // Tiles per kernel call: the float kernel takes up to kFc1Tiles, AMX pairs, int8 one.
   auto run_of = [&](int e, std::int64_t left, std::int64_t cap) {
