@@ -50,6 +50,11 @@ TEST(Bf16Amx, AgainstFloat64Reference) {
   // The same with symmetric weights: the table-lookup decode (codes - 8 exact in bf16, row scale in float32).
   for (double err : run({4, 0, true, Activation::swiglu, 0, 3, 72, 40, 4, 61})) EXPECT_LE(err, 1e-2);
   for (double err : run({8, 0, true, Activation::relu, 0, 1, 36, 20, 2, 45})) EXPECT_LE(err, 1e-2);
+  // More than 96 tokens per expert: pairs of weight tiles per activation tile (symmetric and
+  // general decoders, 4 and 8 bits, an odd tile count so single tiles follow pairs).
+  for (double err : run({4, 0, true, Activation::swiglu, 1, 1, 96, 72, 2, 400})) EXPECT_LE(err, 1e-2);
+  for (double err : run({4, 32, false, Activation::gelu, 0, 1, 96, 64, 2, 300})) EXPECT_LE(err, 1e-2);
+  for (double err : run({8, 0, true, Activation::silu, 0, 1, 112, 64, 2, 300})) EXPECT_LE(err, 1e-2);
   if (!any) GTEST_SKIP() << "this CPU has no usable AMX: level 3 runs in float32 here";
 }
 
