@@ -13,6 +13,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "cli_commands.h"
 #include "cli_util.h"
 #include "synth.h"
@@ -71,14 +75,22 @@ std::string cpu_features() {
   add(__builtin_cpu_supports("avx"), "avx");
   add(__builtin_cpu_supports("avx2"), "avx2");
   add(__builtin_cpu_supports("fma"), "fma");
-  add(__builtin_cpu_supports("f16c"), "f16c");
+  {
+    unsigned a = 0, b = 0, c = 0, d = 0;  // CPUID leaf 1 ECX bit 29 (older compilers lack the "f16c" name)
+    add(__get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1), "f16c");
+  }
   add(__builtin_cpu_supports("avx512f"), "avx512f");
   add(__builtin_cpu_supports("avx512bw"), "avx512bw");
   add(__builtin_cpu_supports("avx512vl"), "avx512vl");
   add(__builtin_cpu_supports("avx512vnni"), "avx512vnni");
-  add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
-  add(__builtin_cpu_supports("avxvnni"), "avxvnni");
-  add(__builtin_cpu_supports("amx-tile"), "amx-tile");
+  // Newer features straight from CPUID leaf 7 (older compilers' __builtin_cpu_supports
+  // does not know their names): sub-leaf 1 EAX bits 4 (AVX-VNNI) and 5 (AVX512-BF16),
+  // sub-leaf 0 EDX bit 24 (AMX-TILE).
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool leaf7_1 = __get_cpuid_count(7, 1, &a, &b, &c, &d);
+  add(leaf7_1 && (a >> 5 & 1), "avx512bf16");
+  add(leaf7_1 && (a >> 4 & 1), "avxvnni");
+  add(__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1), "amx-tile");
 #else
   f = "(not an x86 CPU)";
 #endif
