@@ -199,9 +199,14 @@ void BM_Tile(benchmark::State& state) {
     qmoe::cpu::resize_for(qb, ntok, g);
     kc.quantize_rows(x.data(), kp, 0, ntok, g, qb);
   }
-  if (kind == kBf16) {
-    xb.assign(static_cast<std::size_t>((ntok + 16) * kb), 0);
-    for (std::int64_t t = 0; t < ntok; ++t) kc.to_bf16(x.data() + t * kp, xb.data() + t * kb, kp);
+  if (kind == kBf16) {  // A-tile order (kernels.h): blocks of 16 rows, K steps of 16 x 32
+    xb.assign(static_cast<std::size_t>((ntok + 15) / 16 * 16 * kb), 0);
+    std::vector<std::uint16_t> row(static_cast<std::size_t>(kb), 0);
+    for (std::int64_t t = 0; t < ntok; ++t) {
+      kc.to_bf16(x.data() + t * kp, row.data(), kp);
+      for (std::int64_t s0 = 0; s0 < kb; s0 += 32)
+        std::copy_n(row.data() + s0, 32, xb.data() + t / 16 * 16 * kb + s0 * 16 + t % 16 * 32);
+    }
   }
   const qmoe::cpu::QuantRows qr = qb.view(g);
   const auto f32 = bits == 4 ? kc.gemm_q4 : kc.gemm_q8;

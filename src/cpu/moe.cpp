@@ -224,8 +224,9 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   // Kernels read whole code groups: activation rows are zero-padded to the packed width.
   const std::int64_t hp = g1.padded_cols(), ip = g2.padded_cols();
 
-  // accuracy_level 3 with AMX: activation rows converted to bf16 once per call (rows of kp
-  // elements, kp a multiple of 32, plus 16 zero rows so whole A tiles can be read). Experts
+  // accuracy_level 3 with AMX: activation rows converted to bf16 once per call, in A-tile
+  // order (kernels.h): per expert, blocks of 16 rows (zero-padded) of K steps of 16 x 32
+  // bf16, kp = K padded to a multiple of 32; expert e's blocks start at row boff[e]. Experts
   // with fewer than kAmxMinTokens tokens take the float32 path: a mostly empty tile product
   // costs more than it saves.
   constexpr std::int64_t kAmxMinTokens = 16;
@@ -233,23 +234,42 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
   std::vector<int> row_expert(static_cast<std::size_t>(nrows));
   for (int e : active) std::fill(row_expert.begin() + offset[e], row_expert.begin() + offset[e + 1], e);
+  std::vector<std::int64_t> boff(static_cast<std::size_t>(e_count + 1), 0);
+  for (std::int64_t e = 0; e < e_count; ++e)
+    boff[e + 1] = boff[e] + (use_bf16(static_cast<int>(e)) ? (count[e] + 15) / 16 * 16 : 0);
+  // Allocates the blocked bf16 buffer for rows of kp columns, zeroing the padding rows.
+  auto blocked_bf16 = [&](std::int64_t kp) {
+    std::uint16_t* b = grow(ws.xb, std::max<std::int64_t>(1, boff[e_count] * kp));
+    for (int e : active)
+      for (std::int64_t i = count[e]; use_bf16(e) && i < boff[e + 1] - boff[e]; ++i)
+        for (std::int64_t s0 = 0; s0 < kp; s0 += 32)
+          std::fill_n(b + (boff[e] + i / 16 * 16) * kp + s0 * 16 + i % 16 * 32, 32, std::uint16_t{0});
+    return b;
+  };
+  // Writes plan row r (n floats, zero-padded to kp) into its place in the blocked buffer b;
+  // tmp holds kp bf16.
+  auto put_bf16 = [&](const float* src, std::int64_t n, std::int64_t r, std::int64_t kp, std::uint16_t* b,
+                      std::uint16_t* tmp) {
+    const int e = row_expert[r];
+    const std::int64_t i = r - offset[e];
+    kc_->to_bf16(src, tmp, n);
+    std::fill(tmp + n, tmp + kp, std::uint16_t{0});
+    std::uint16_t* dst = b + (boff[e] + i / 16 * 16) * kp + i % 16 * 32;
+    for (std::int64_t s0 = 0; s0 < kp; s0 += 32) std::memcpy(dst + s0 * 16, tmp + s0, 64);
+  };
   // Gather the tokens of each expert into contiguous rows (in parallel), zeroing the padding
   // columns of the FC1 and FC2 input rows (the kernels read whole code groups). Rows of
   // experts on the AMX path go straight to bf16 (the FC1 input rows of the other paths are float32).
   float* xg = grow(ws.xg, nrows * hp);
   float* act = grow(ws.act, nrows * ip);
-  std::uint16_t* xb = nullptr;
-  if (bf16_) {
-    xb = grow(ws.xb, (nrows + 16) * kp1);
-    std::fill(xb + nrows * kp1, xb + (nrows + 16) * kp1, std::uint16_t{0});  // rows A tiles may read past the end
-  }
+  std::uint16_t* xb = bf16_ ? blocked_bf16(kp1) : nullptr;
   {
     const std::int64_t per = 32, items = (nrows + per - 1) / per;
     pool_->parallel_for(items, [&](std::int64_t i, int) {
+      std::vector<std::uint16_t> tmp(static_cast<std::size_t>(bf16_ ? kp1 : 0));
       for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r) {
         if (use_bf16(row_expert[r])) {
-          kc_->to_bf16(x + row_token[r] * h, xb + r * kp1, h);
-          std::fill(xb + r * kp1 + h, xb + (r + 1) * kp1, std::uint16_t{0});
+          put_bf16(x + row_token[r] * h, h, r, kp1, xb, tmp.data());
         } else {
           std::memcpy(xg + r * hp, x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
           std::fill(xg + r * hp + h, xg + (r + 1) * hp, 0.f);
@@ -274,15 +294,14 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   auto rows_of = [&](const QuantRows& q, std::int64_t first) {
     return QuantRows{q.q + first * q.ldq, q.scale + first * q.lds, q.zsum + first * q.ldz, q.ldq, q.lds, q.ldz};
   };
+  // FC2 inputs of the experts on the AMX path, to blocked bf16.
   auto to_bf16_all = [&](const float* rows, std::int64_t ld, std::int64_t kp) {
-    xb = grow(ws.xb, (nrows + 16) * kp);
-    std::fill(xb + nrows * kp, xb + (nrows + 16) * kp, std::uint16_t{0});  // rows A tiles may read past the end
+    xb = blocked_bf16(kp);
     const std::int64_t per = 16, items = (nrows + per - 1) / per;
     pool_->parallel_for(items, [&](std::int64_t i, int) {
-      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r) {
-        kc_->to_bf16(rows + r * ld, xb + r * kp, ld);
-        std::fill(xb + r * kp + ld, xb + (r + 1) * kp, std::uint16_t{0});
-      }
+      std::vector<std::uint16_t> tmp(static_cast<std::size_t>(kp));
+      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r)
+        if (use_bf16(row_expert[r])) put_bf16(rows + r * ld, ld, r, kp, xb, tmp.data());
     });
   };
   const std::int64_t bf16_scratch = bf16_ ? 1024 + 16 : 0;  // four 1 KiB bf16 B tiles (+ slack to align), in floats
@@ -321,7 +340,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     for (std::int64_t tile = (item % groups1) * per1, n = 0; tile < tile_end; tile += n) {
       n = run_of(e, tile_end - tile, kFc1Tiles);
       if (use_bf16(e))
-        bgemm(g1, fc1_.tile(e, tile), n, xb + offset[e] * kp1, kp1, rows, y, ldy, bscr);
+        bgemm(g1, fc1_.tile(e, tile), n, xb + boff[e] * kp1, kp1, rows, y, ldy, bscr);
       else if (int8_)
         igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, ldy);
       else
@@ -358,7 +377,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       n = run_of(e, tile_end - tile, tile_end - tile);
       float* dst = y2 + offset[e] * pad2 + tile * nr;
       if (use_bf16(e))
-        bgemm(g2, fc2_.tile(e, tile), n, xb + offset[e] * kp2, kp2, rows, dst, pad2, bscr);
+        bgemm(g2, fc2_.tile(e, tile), n, xb + boff[e] * kp2, kp2, rows, dst, pad2, bscr);
       else if (int8_)
         igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), rows, dst, pad2);
       else
