@@ -315,74 +315,68 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   auto thread_scratch = [&](int tid) -> float* { return grow(ws.scratch[tid], scratch_need); };
 
   clock.mark("route+plan+gather");
-  // FC1 + bias + activation -> act[row][0..I).
-  const std::int64_t tiles1 = g1.tiles(), pad1 = tiles1 * nr;
+  // Work items are (expert x run of consecutive row tiles), so that each item streams one
+  // contiguous run of an expert's weights (short runs that hop between experts leave the
+  // hardware prefetchers cold) and one decode token still spreads over every thread.
+  // for_each_run calls
+  // fn(e, tile, n, tid) for every kernel call of every item, in parallel. Calls take up to
+  // `cap` tiles on the float path, pairs on AMX and one tile on the int8 path.
   const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
-  const std::int64_t per1 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles1 / target_items);
-  const std::int64_t groups1 = (tiles1 + per1 - 1) / per1;
+  auto for_each_run = [&](std::int64_t tiles, std::int64_t cap, auto&& fn) {
+    const std::int64_t per = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles / target_items);
+    const std::int64_t groups = (tiles + per - 1) / per;
+    pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups, [&](std::int64_t item, int tid) {
+      const int e = active[item / groups];
+      const std::int64_t end = std::min(tiles, (item % groups + 1) * per);
+      for (std::int64_t tile = (item % groups) * per, n = 0; tile < end; tile += n) {
+        n = std::min(end - tile, use_bf16(e) ? std::min<std::int64_t>(cap, 2) : int8_ ? 1 : cap);
+        fn(e, tile, n, tid);
+      }
+    });
+  };
+  // One kernel call: y = W x for tiles [tile, tile + n) of expert e of m, whose inputs are
+  // the blocked bf16 rows (kp columns), the int8 rows q or the float32 rows xf (ldf).
+  auto run_kernel = [&](const PackedMatrix& m, int e, std::int64_t tile, std::int64_t n, std::int64_t kp,
+                        const QuantRows& q, const float* xf, std::int64_t ldf, float* y, std::int64_t ldy, int tid) {
+    float* scr = thread_scratch(tid);
+    if (use_bf16(e))
+      bgemm(m.geometry(), m.tile(e, tile), n, xb + boff[e] * kp, kp, count[e], y, ldy,
+            scr + kc_->scratch_floats + ybuf_floats);
+    else if (int8_)
+      igemm(m.geometry(), m.tile(e, tile), rows_of(q, offset[e]), count[e], y, ldy);
+    else
+      gemm(m.geometry(), m.tile(e, tile), n, xf + offset[e] * ldf, ldf, count[e], y, ldy, scr);
+  };
+
+  // FC1 + bias + activation -> act[row][0..I).
+  const std::int64_t pad1 = g1.tiles() * nr;
   QuantRows q1;
   if (int8_) quantize_all(xg, hp, g1), q1 = qbuf.view(g1);
   const Fc1Epilogue epi{attrs_.activation, attrs_.activation_alpha, attrs_.activation_beta, attrs_.swiglu_limit};
-  // Tiles per kernel call: the float kernel takes up to kFc1Tiles, AMX pairs, int8 one.
-  auto run_of = [&](int e, std::int64_t left, std::int64_t cap) {
-    return std::min(left, use_bf16(e) ? std::min<std::int64_t>(cap, 2) : int8_ ? 1 : cap);
-  };
   clock.mark("fc1-inputs");
-  pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups1, [&](std::int64_t item, int tid) {
-    const int e = active[item / groups1];
-    const std::int64_t tile_end = std::min(tiles1, (item % groups1 + 1) * per1);
-    const std::int64_t rows = count[e];
-    float* scr = thread_scratch(tid);
-    float* y = scr + kc_->scratch_floats;
-    void* bscr = y + ybuf_floats;
+  for_each_run(g1.tiles(), kFc1Tiles, [&](int e, std::int64_t tile, std::int64_t n, int tid) {
+    float* y = thread_scratch(tid) + kc_->scratch_floats;  // outputs of up to kFc1Tiles tiles
     const std::int64_t ldy = kFc1Tiles * nr;
-    const float* b1 = &bias1_[e * pad1];
-    for (std::int64_t tile = (item % groups1) * per1, n = 0; tile < tile_end; tile += n) {
-      n = run_of(e, tile_end - tile, kFc1Tiles);
-      if (use_bf16(e))
-        bgemm(g1, fc1_.tile(e, tile), n, xb + boff[e] * kp1, kp1, rows, y, ldy, bscr);
-      else if (int8_)
-        igemm(g1, fc1_.tile(e, tile), rows_of(q1, offset[e]), rows, y, ldy);
-      else
-        gemm(g1, fc1_.tile(e, tile), n, xg + offset[e] * hp, hp, rows, y, ldy, scr);
-      // Epilogue per tile: bias + activation into the FC2 input rows.
-      for (std::int64_t j = 0; j < n; ++j) {
-        const std::int64_t outs = gated_ ? nr / 2 : nr, first = (tile + j) * outs;
-        fc1_epilogue(epi, y + j * nr, ldy, rows, b1 + (tile + j) * nr, act + offset[e] * ip + first, ip,
-                     static_cast<int>(std::min<std::int64_t>(outs, in - first)));
-      }
+    run_kernel(fc1_, e, tile, n, kp1, q1, xg, hp, y, ldy, tid);
+    // Epilogue per tile: bias + activation into the FC2 input rows.
+    for (std::int64_t j = 0; j < n; ++j) {
+      const std::int64_t outs = gated_ ? nr / 2 : nr, first = (tile + j) * outs;
+      fc1_epilogue(epi, y + j * nr, ldy, count[e], &bias1_[e * pad1 + (tile + j) * nr], act + offset[e] * ip + first,
+                   ip, static_cast<int>(std::min<std::int64_t>(outs, in - first)));
     }
   });
 
   clock.mark("fc1");
-  // FC2 + bias -> y2[row][0..H), items (expert x row-tile range) like FC1, so that
-  // each item streams one contiguous run of an expert's weights (short per-tile
-  // runs that hop between experts leave the hardware prefetchers cold).
-  const std::int64_t tiles2 = g2.tiles(), pad2 = tiles2 * nr;
-  const std::int64_t per2 = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles2 / target_items);
-  const std::int64_t groups2 = (tiles2 + per2 - 1) / per2;
+  // FC2 + bias -> y2[row][0..H), written straight into place; the float kernel takes an
+  // item's whole run of tiles at once.
+  const std::int64_t pad2 = g2.tiles() * nr;
   QuantRows q2;
   if (int8_) quantize_all(act, ip, g2), q2 = qbuf.view(g2);
   if (bf16_) to_bf16_all(act, ip, kp2);
   float* y2 = grow(ws.y2, nrows * pad2);
   clock.mark("fc2-inputs");
-  pool_->parallel_for(static_cast<std::int64_t>(active.size()) * groups2, [&](std::int64_t item, int tid) {
-    const int e = active[item / groups2];
-    const std::int64_t tile_end = std::min(tiles2, (item % groups2 + 1) * per2);
-    const std::int64_t rows = count[e];
-    float* scr = thread_scratch(tid);
-    void* bscr = scr + kc_->scratch_floats + ybuf_floats;
-    // The float kernel takes the item's whole run of tiles at once.
-    for (std::int64_t tile = (item % groups2) * per2, n = 0; tile < tile_end; tile += n) {
-      n = run_of(e, tile_end - tile, tile_end - tile);
-      float* dst = y2 + offset[e] * pad2 + tile * nr;
-      if (use_bf16(e))
-        bgemm(g2, fc2_.tile(e, tile), n, xb + boff[e] * kp2, kp2, rows, dst, pad2, bscr);
-      else if (int8_)
-        igemm(g2, fc2_.tile(e, tile), rows_of(q2, offset[e]), rows, dst, pad2);
-      else
-        gemm(g2, fc2_.tile(e, tile), n, act + offset[e] * ip, ip, rows, dst, pad2, scr);
-    }
+  for_each_run(g2.tiles(), g2.tiles(), [&](int e, std::int64_t tile, std::int64_t n, int tid) {
+    run_kernel(fc2_, e, tile, n, kp2, q2, act, ip, y2 + offset[e] * pad2 + tile * nr, pad2, tid);
   });
   clock.mark("fc2");
   // out[token] = sum over its experts, in ascending expert order, of weight * (y2 + bias):
