@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "cpu/moe.h"
 #include "qmoe/qmoe.h"
 #include "synth.h"
 
@@ -73,6 +74,33 @@ struct Case {
     tools::SynthOptions so;
     so.symmetric = sym;
     return tools::synth_layer(e, h, in, attrs(), so);
+  }
+};
+
+/// A Case's layer, seeded random inputs and their float64 reference output.
+struct Problem {
+  Case c;
+  MoeAttributes a;
+  tools::SynthLayer s;
+  Inputs x;
+  TensorView xv, lv;
+  std::vector<double> ref;
+
+  Problem(const Case& cs, std::uint64_t seed)
+      : c(cs),
+        a(cs.attrs()),
+        s(cs.layer()),
+        x(random_inputs(cs.t, cs.h, cs.e, seed)),
+        xv(view_f32(x.x.data(), {cs.t, cs.h})),
+        lv(view_f32(x.logits.data(), {cs.t, cs.e})),
+        ref(reference_forward(s.views(), a, xv, lv)) {}
+
+  /// The CPU engine's output with kernel table kc, `threads` threads and accuracy_level `level`.
+  std::vector<float> cpu_output(const cpu::KernelConfig* kc, int threads, int level) const {
+    const cpu::CpuMoe moe(s.views(), a, s.shape, threads, level, cpu::CpuMoe::kDefaultChunkBytes, kc);
+    std::vector<float> out(static_cast<std::size_t>(c.t * c.h), NAN);
+    moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {c.t, c.h}), c.t);
+    return out;
   }
 };
 

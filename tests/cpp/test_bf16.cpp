@@ -11,20 +11,11 @@ namespace {
 
 // Returns the error of each table that has AMX kernels (none: empty).
 std::vector<double> run(const Case& c) {
-  const MoeAttributes a = c.attrs();
-  const auto s = c.layer();
-  const auto x = random_inputs(c.t, c.h, c.e, 33);
-  const TensorView xv = view_f32(x.x.data(), {c.t, c.h}), lv = view_f32(x.logits.data(), {c.t, c.e});
-  const auto ref = reference_forward(s.views(), a, xv, lv);
+  const Problem p(c, 33);
   std::vector<double> errs;
   for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
     if (!kc->bgemm_q4) continue;
-    for (int threads : {1, 3}) {
-      const cpu::CpuMoe moe(s.views(), a, s.shape, threads, 3, cpu::CpuMoe::kDefaultChunkBytes, kc);
-      std::vector<float> out(static_cast<std::size_t>(c.t * c.h), NAN);
-      moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {c.t, c.h}), c.t);
-      errs.push_back(rel_l2(out, ref));
-    }
+    for (int threads : {1, 3}) errs.push_back(rel_l2(p.cpu_output(kc, threads, 3), p.ref));
   }
   return errs;
 }

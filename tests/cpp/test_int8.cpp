@@ -15,18 +15,12 @@ namespace {
 
 // Relative L2 error of one case (the same on every table); the caller bounds the mean too.
 double check(const Case& c) {
-  const MoeAttributes a = c.attrs();
-  const auto s = c.layer();
-  const auto x = random_inputs(c.t, c.h, c.e, 21);
-  const TensorView xv = view_f32(x.x.data(), {c.t, c.h}), lv = view_f32(x.logits.data(), {c.t, c.e});
-  const auto ref = reference_forward(s.views(), a, xv, lv);
+  const Problem p(c, 21);
   std::vector<float> first;
   double worst = 0;
   for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-    const cpu::CpuMoe moe(s.views(), a, s.shape, 2, 4, cpu::CpuMoe::kDefaultChunkBytes, kc);
-    std::vector<float> out(static_cast<std::size_t>(c.t * c.h), NAN);
-    moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {c.t, c.h}), c.t);
-    const double err = rel_l2(out, ref);
+    const std::vector<float> out = p.cpu_output(kc, 2, 4);
+    const double err = rel_l2(out, p.ref);
     // A single small case (one token, k = 1, H = 256) scatters around the mean:
     // bound each case at 1.5e-2 and the mean over cases at 1e-2.
     EXPECT_LE(err, 1.5e-2) << kc->name << " bits=" << c.bits << " block=" << c.block << " T=" << c.t;
