@@ -1,24 +1,10 @@
-// The float32 FMA ceiling with this ISA's vectors: 12 independent chains.
+// The float32 FMA ceiling with this ISA's vectors (peak_driver.h).
 #include "cpu/kernels.h"
 #include "cpu/kernels/ops_scalar.h"
+#include "cpu/kernels/peak_driver.h"
 
 namespace qmoe::cpu {
 
-double peak_f32_fma__scalar(std::int64_t iterations, float seed) {
-  using V = OpsScalar::V;
-  constexpr int kChains = 12;  // enough to cover FMA latency x ports; few enough for 16 AVX2 registers
-  V acc[kChains];
-  for (int i = 0; i < kChains; ++i) acc[i] = OpsScalar::splat(seed + static_cast<float>(i));
-  const V a = OpsScalar::splat(0.999999f), b = OpsScalar::splat(1e-7f);
-  for (std::int64_t it = 0; it < iterations; ++it)
-    for (int i = 0; i < kChains; ++i) acc[i] = OpsScalar::fma(acc[i], a, b);
-  V sum = acc[0];
-  for (int i = 1; i < kChains; ++i) sum = OpsScalar::add(sum, acc[i]);
-  float out[64];
-  OpsScalar::store(out, sum);
-  volatile float keep = out[0];
-  (void)keep;
-  return 2.0 * kChains * static_cast<double>(sizeof(V) / sizeof(float)) * static_cast<double>(iterations);
-}
+double peak_f32_fma__scalar(std::int64_t iterations, float seed) { return driver::peak_fma<OpsScalar>(iterations, seed); }
 
 }  // namespace qmoe::cpu
