@@ -43,6 +43,23 @@ def _offset(model, label, key, tokens):
     return (6, 5) if mine >= max(vals) else (6, -13)
 
 
+def _rate_panel(ax, model, labels, key, frac_key, min_frac, ceiling, ceiling_text, color, text_x, ha):
+    """Plots each side's `key` (per second, 1e9 units) against T with its fraction labels, and the
+    measured ceiling as a dashed line; the ceiling and every point stay in view."""
+    for lb in labels:
+        legend, side_color, marker = SIDE_STYLE[lb]
+        xs, ys = _series(model, lb, key)
+        if xs:
+            ax.plot(xs, ys, marker=marker, color=side_color, label=legend, lw=1.8, ms=7)
+        _label_fractions(ax, model, lb, key, frac_key, side_color, min_frac)
+    if ceiling:
+        ax.axhline(ceiling / 1e9, color=color, ls="--", lw=1.5)
+        ax.text(text_x, ceiling / 1e9, ceiling_text.format(ceiling / 1e9), color=color, fontsize=8, ha=ha,
+                va="bottom", transform=ax.get_yaxis_transform())
+        top = max([ceiling / 1e9] + [y for lb in labels for y in _series(model, lb, key)[1]])
+        ax.set_ylim(0, top * 1.15)
+
+
 def _label_fractions(ax, model, label, key, frac_key, color, min_frac):
     """Writes "NN%" (of the ceiling) next to each point of a qmoe series."""
     if not label.startswith("qmoe"):
@@ -102,37 +119,17 @@ def plot(data, path):
         ax_t.set_ylabel("time per call [ms] (median)")
         ax_t.set_title(f"(a) {name}\ntime per call (labels: speed-up vs ONNX Runtime)", fontsize=10)
 
-        # (b) effective weight bandwidth
-        for lb in labels:
-            legend, color, marker = SIDE_STYLE[lb]
-            xs, ys = _series(m, lb, "weight_gbps")
-            if xs:
-                ax_bw.plot(xs, ys, marker=marker, color=color, label=legend, lw=1.8, ms=7)
-            _label_fractions(ax_bw, m, lb, "weight_gbps", "bandwidth_fraction", color, 0.05)
-        if bw:
-            ax_bw.axhline(bw / 1e9, color="#d62728", ls="--", lw=1.5)
-            ax_bw.text(0.98, bw / 1e9, f"measured read bandwidth {bw / 1e9:.1f} GB/s", color="#d62728", fontsize=8,
-                       ha="right", va="bottom", transform=ax_bw.get_yaxis_transform())
-            top = max([bw / 1e9] + [y for lb in labels for y in _series(m, lb, "weight_gbps")[1]])
-            ax_bw.set_ylim(0, top * 1.15)  # the ceiling and every point stay in view
+        # (b) effective weight bandwidth, (c) compute rate: one series per side, each against its ceiling
+        _rate_panel(ax_bw, m, labels, "weight_gbps", "bandwidth_fraction", 0.05, bw,
+                    "measured read bandwidth {:.1f} GB/s", "#d62728", 0.98, "right")
         ax_bw.set_xscale("log")
         ax_bw.set_ylabel("weight GB/s (touched expert bytes / time)")
         ax_bw.set_title("(b) effective weight bandwidth (memory-bound at small T)\nlabels: % of the measured read "
                         "bandwidth", fontsize=10)
 
-        # (c) compute rate
-        for lb in labels:
-            legend, color, marker = SIDE_STYLE[lb]
-            xs, ys = _series(m, lb, "gflops")
-            if xs:
-                ax_fl.plot(xs, ys, marker=marker, color=color, label=legend, lw=1.8, ms=7)
-            _label_fractions(ax_fl, m, lb, "gflops", "peak_fraction", color, 0.0)
-        if peak:
-            ax_fl.axhline(peak / 1e9, color="#2ca02c", ls="--", lw=1.5)
-            ax_fl.text(0.02, peak / 1e9, f"measured float32 FMA peak {peak / 1e9:.0f} GFLOP/s", color="#2ca02c",
-                       fontsize=8, ha="left", va="bottom", transform=ax_fl.get_yaxis_transform())
-            top = max([peak / 1e9] + [y for lb in labels for y in _series(m, lb, "gflops")[1]])
-            ax_fl.set_ylim(0, top * 1.15)  # AMX (bf16) and int8 can exceed the float32 FMA peak
+        # (AMX (bf16) and int8 can exceed the float32 FMA peak)
+        _rate_panel(ax_fl, m, labels, "gflops", "peak_fraction", 0.0, peak,
+                    "measured float32 FMA peak {:.0f} GFLOP/s", "#2ca02c", 0.02, "left")
         ax_fl.set_xscale("log")
         ax_fl.set_ylabel("GFLOP/s (2 x weights x routed tokens / time)")
         ax_fl.set_title("(c) compute rate (compute-bound at large T)\nlabels: % of the measured float32 FMA peak "
