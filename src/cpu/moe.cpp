@@ -107,12 +107,17 @@ struct CpuMoe::Workspace {
 
 namespace {
 // QMOE_PROFILE=1 prints the time of each phase of every call to stderr (for tuning).
-struct PhaseClock {
-  bool on = [] {
+// The variable is read once per process; when it is off a clock costs nothing.
+bool profile_on() {
+  static const bool on = [] {
     const char* v = std::getenv("QMOE_PROFILE");
     return v && *v == '1';
   }();
-  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  return on;
+}
+struct PhaseClock {
+  bool on = profile_on();
+  std::chrono::steady_clock::time_point t = on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   std::string line;
   void mark(const char* what) {
     if (!on) return;
