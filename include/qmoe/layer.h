@@ -12,7 +12,13 @@
 namespace qmoe {
 
 /// Where a Layer runs.
-enum class Backend { cpu };
+enum class Backend {
+  cpu,   ///< the CPU kernels (always built)
+  cuda,  ///< an NVIDIA GPU (built when CMake finds nvcc; see cuda_available())
+};
+
+/// True when this build has the CUDA backend and a CUDA device is present.
+bool cuda_available() noexcept;
 
 /// How a Layer is built.
 struct LayerOptions {
@@ -27,6 +33,12 @@ struct LayerOptions {
   /// 3 = bfloat16 activations and weights (dequantized to bf16 tiles) on CPUs
   /// with AMX (relative L2 error ~0.3%), float32 elsewhere; 2 runs in float32.
   int accuracy_level = 0;
+  /// CUDA: the device ordinal the Layer lives on (0 = the first GPU).
+  int device = 0;
+  /// CUDA: tokens one pass on the GPU handles; the working memory (shared by
+  /// every Layer on the device, see workspace_bytes()) is sized for it at
+  /// creation. forward() splits larger inputs into passes of this many tokens.
+  std::int64_t max_tokens = 4096;
 };
 
 /// A QMoE layer. Construction validates the raw weights and prepacks them into
@@ -51,6 +63,15 @@ class Layer {
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                const MutableTensorView& out) const;
 
+  /// CUDA backend: the views hold device pointers on the Layer's device
+  /// (float16 or bfloat16); the work is enqueued on `stream` (a cudaStream_t;
+  /// null = the legacy default stream) and the call returns without waiting.
+  /// No host synchronisation and no allocation: a CUDA graph can capture it.
+  /// (forward() on the CUDA backend takes host or device pointers and waits.)
+  /// CPU backend: `stream` must be null and the call is forward().
+  void forward_async(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+                     const MutableTensorView& out, void* stream) const;
+
   // Accessors; like forward(), they throw qmoe::Error on a moved-from Layer.
 
   /// The attributes the Layer was built with.
@@ -59,8 +80,16 @@ class Layer {
   const MoeShape& shape() const;
   /// Bytes held by the prepacked weights (all experts, scales and biases included).
   std::size_t packed_bytes() const;
-  /// Threads forward() uses.
+  /// Threads forward() uses (CPU backend; 0 on CUDA).
   int threads() const;
+  /// The backend the Layer runs on.
+  Backend backend() const;
+  /// CUDA: device memory the Layer itself holds (packed weights, scales,
+  /// biases); 0 on the CPU backend.
+  std::size_t device_bytes() const;
+  /// CUDA: bytes of the per-device working memory this Layer uses (shared with
+  /// the other Layers on the device that fit in it); 0 on the CPU backend.
+  std::size_t workspace_bytes() const;
   /// A short description of the kernels chosen, e.g. "cpu/scalar nr=16".
   const char* kernel_name() const;
 
