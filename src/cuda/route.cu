@@ -1,0 +1,203 @@
+// Routing (softmax, top-k, renormalize, router_weights), the per-call plan
+// (tokens grouped by expert, the GEMM's m-tile list) and the final combine.
+// Everything stays on the device: no host synchronisation, so a CUDA graph can
+// capture a whole forward.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/common.cuh"
+#include "cuda/route.h"
+
+namespace qmoe::cuda {
+
+namespace {
+
+constexpr int kRouteWarps = 4;
+
+__device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i) {
+  switch (t) {
+    case DType::f16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// One warp per token; its keys live in shared memory. Semantics follow
+// core/routing.cpp: experts are ranked by logit (NaN ranks as -inf), ties go
+// to the lower index; the softmax runs over all E logits; a +inf maximum
+// splits the mass evenly over the +inf logits; any NaN logit makes the
+// weights NaN (never a silent answer).
+__global__ void route_kernel(const void* logits, const void* mix, DType dt, std::int64_t tokens, int E, int k,
+                             bool normalize, RouteBuffers b) {
+  extern __shared__ float keys_all[];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (t >= tokens) return;
+  float* keys = keys_all + warp * E;
+  float mx = -INFINITY;
+  bool has_nan = false;
+  for (int e = lane; e < E; e += 32) {
+    const float v = load_act(logits, dt, t * E + e);
+    has_nan |= v != v;
+    keys[e] = v != v ? -INFINITY : v;
+    mx = v > mx ? v : mx;
+  }
+  for (int o = 16; o; o >>= 1) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    has_nan |= __shfl_xor_sync(0xffffffffu, has_nan ? 1 : 0, o) != 0;
+  }
+  const bool inf_max = isinf(mx) && mx > 0;
+  float z = 0.f;
+  if (!mix) {
+    for (int e = lane; e < E; e += 32) z += inf_max ? (keys[e] == mx ? 1.f : 0.f) : __expf(keys[e] - mx);
+    for (int o = 16; o; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+  }
+  __syncwarp();
+  float wsum = 0.f;
+  for (int j = 0; j < k; ++j) {
+    // Arg-max over the experts not yet taken (taken keys are NaN).
+    float best = 0.f;
+    int bi = -1;
+    for (int e = lane; e < E; e += 32) {
+      const float v = keys[e];
+      if (v != v) continue;
+      if (bi < 0 || v > best) best = v, bi = e;
+    }
+    for (int o = 16; o; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && (bi < 0 || ov > best || (ov == best && oi < bi))) best = ov, bi = oi;
+    }
+    float w;
+    if (mix) {
+      w = load_act(mix, dt, t * E + bi);
+    } else {
+      const float num = inf_max ? (best == mx ? 1.f : 0.f) : __expf(best - mx);
+      w = has_nan ? NAN : num / z;
+    }
+    wsum += w;
+    if (lane == 0) {
+      b.topk_expert[t * k + j] = bi;
+      b.topk_weight[t * k + j] = w;
+      b.slot[t * k + j] = atomicAdd(&b.counts[bi], 1);
+      keys[bi] = NAN;
+    }
+    __syncwarp();
+  }
+  if (normalize && lane == 0)
+    for (int j = 0; j < k; ++j) b.topk_weight[t * k + j] /= wsum;
+}
+
+// One block: exclusive offsets of the counts, and the m-tile list.
+__global__ void plan_kernel(int E, int bm, RouteBuffers b) {
+  __shared__ int s_cnt[32], s_til[32];
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int per = (E + nthreads - 1) / nthreads;
+  const int e0 = tid * per, e1 = min(E, e0 + per);
+  int cnt = 0, til = 0;
+  for (int e = e0; e < e1; ++e) cnt += b.counts[e], til += (b.counts[e] + bm - 1) / bm;
+  // Block-wide exclusive scan of (cnt, til).
+  const int lane = tid % 32, warp = tid / 32;
+  int ic = cnt, it = til;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int uc = __shfl_up_sync(0xffffffffu, ic, o), ut = __shfl_up_sync(0xffffffffu, it, o);
+    if (lane >= o) ic += uc, it += ut;
+  }
+  if (lane == 31) s_cnt[warp] = ic, s_til[warp] = it;
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = nthreads / 32;
+    int vc = lane < nw ? s_cnt[lane] : 0, vt = lane < nw ? s_til[lane] : 0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int uc = __shfl_up_sync(0xffffffffu, vc, o), ut = __shfl_up_sync(0xffffffffu, vt, o);
+      if (lane >= o) vc += uc, vt += ut;
+    }
+    if (lane < nw) s_cnt[lane] = vc, s_til[lane] = vt;
+  }
+  __syncthreads();
+  int off = ic - cnt + (warp ? s_cnt[warp - 1] : 0);
+  int toff = it - til + (warp ? s_til[warp - 1] : 0);
+  for (int e = e0; e < e1; ++e) {
+    const int c = b.counts[e];
+    b.offsets[e] = off;
+    for (int m0 = 0; m0 < c; m0 += bm) b.tiles[toff++] = MTile{e, m0};
+    off += c;
+  }
+  if (tid == nthreads - 1) {
+    b.offsets[E] = off;
+    *b.num_tiles = toff;
+  }
+}
+
+__global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= pairs) return;
+  const int pos = b.offsets[b.topk_expert[i]] + b.slot[i];
+  b.token_of[pos] = static_cast<int>(i / k);
+  b.pos_of[i] = pos;
+}
+
+template <class T>
+__device__ __forceinline__ T to_act(float v);
+template <>
+__device__ __forceinline__ __half to_act<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_act<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <class T>
+__global__ void combine_kernel(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
+                               std::int64_t bias_stride, int k, std::int64_t H, T* out, RouteBuffers b) {
+  const std::int64_t t = blockIdx.x;
+  for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < k; ++j) {
+      const std::int64_t pj = t * k + j;
+      const std::int64_t pos = b.pos_of[pj];
+      float y = bias2 ? bias2[b.topk_expert[pj] * bias_stride + h] : 0.f;
+      for (int s = 0; s < splits; ++s) y += y2[s * split_stride + pos * H + h];
+      acc += b.topk_weight[pj] * y;
+    }
+    out[t * H + h] = to_act<T>(acc);
+  }
+}
+
+}  // namespace
+
+void launch_route(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
+                  bool normalize, const RouteBuffers& b, cudaStream_t stream) {
+  QMOE_CUDA_CHECK(cudaMemsetAsync(b.counts, 0, sizeof(int) * static_cast<std::size_t>(experts), stream));
+  const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts) * kRouteWarps;
+  if (smem > 48 * 1024)  // past the default dynamic shared-memory limit (E > 3072)
+    QMOE_CUDA_CHECK(cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
+  route_kernel<<<static_cast<unsigned>(ceil_div(tokens, kRouteWarps)), 32 * kRouteWarps, smem, stream>>>(
+      logits, mix, dtype, tokens, experts, k, normalize, b);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_plan(std::int64_t tokens, int experts, int k, int bm, const RouteBuffers& b, cudaStream_t stream) {
+  plan_kernel<<<1, 1024, 0, stream>>>(experts, bm, b);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+  const std::int64_t pairs = tokens * k;
+  scatter_kernel<<<static_cast<unsigned>(ceil_div(pairs, 256)), 256, 0, stream>>>(pairs, k, b);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
+                    std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out,
+                    DType dtype, const RouteBuffers& b, cudaStream_t stream) {
+  const unsigned threads = hidden >= 1024 ? 1024 : static_cast<unsigned>(round_up(hidden, 32));
+  if (dtype == DType::f16)
+    combine_kernel<__half><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+        y2, splits, split_stride, bias2, bias_stride, k, hidden, static_cast<__half*>(out), b);
+  else
+    combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+        y2, splits, split_stride, bias2, bias_stride, k, hidden, static_cast<__nv_bfloat16*>(out), b);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace qmoe::cuda

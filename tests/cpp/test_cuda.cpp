@@ -1,0 +1,227 @@
+// The CUDA backend against the float64 reference (and against itself: graph
+// replay, host vs device memory, repeated calls). Skips without a GPU.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+
+#include "helpers.h"
+
+namespace qmoe::test {
+namespace {
+
+#define CK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+bool have_gpu() { return cuda_available(); }
+
+std::vector<std::uint16_t> to_half(const std::vector<float>& v, DType t) {
+  std::vector<std::uint16_t> h(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) h[i] = t == DType::f16 ? f32_to_f16(v[i]) : f32_to_bf16(v[i]);
+  return h;
+}
+std::vector<float> from_half(const std::vector<std::uint16_t>& h, DType t) {
+  std::vector<float> v(h.size());
+  for (std::size_t i = 0; i < h.size(); ++i) v[i] = t == DType::f16 ? f16_to_f32(h[i]) : bf16_to_f32(h[i]);
+  return v;
+}
+
+// A device copy of a host vector, freed on scope exit.
+struct Dev {
+  void* p = nullptr;
+  std::size_t n = 0;
+  template <class T>
+  explicit Dev(const std::vector<T>& v) : n(v.size() * sizeof(T)) {
+    EXPECT_EQ(cudaMalloc(&p, n), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(p, v.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  explicit Dev(std::size_t bytes) : n(bytes) { EXPECT_EQ(cudaMalloc(&p, n), cudaSuccess); }
+  ~Dev() { cudaFree(p); }
+  template <class T>
+  std::vector<T> get() const {
+    std::vector<T> v(n / sizeof(T));
+    EXPECT_EQ(cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost), cudaSuccess);
+    return v;
+  }
+};
+
+struct GpuCase {
+  Case c;
+  DType dt;
+  bool mix;
+};
+
+std::string case_name(const testing::TestParamInfo<GpuCase>& info) {
+  const GpuCase& g = info.param;
+  std::string n = std::string(g.dt == DType::f16 ? "f16" : "bf16") + "_q" + std::to_string(g.c.bits) + "_b" +
+                  std::to_string(g.c.block) + (g.c.sym ? "_sym" : "_zp") + "_" + activation_name(g.c.act) +
+                  std::to_string(g.c.fusion) + "_k" + std::to_string(g.c.k) + "_H" + std::to_string(g.c.h) + "_I" +
+                  std::to_string(g.c.in) + "_E" + std::to_string(g.c.e) + "_T" + std::to_string(g.c.t) +
+                  (g.mix ? "_mix" : "");
+  return n;
+}
+
+class CudaParity : public testing::TestWithParam<GpuCase> {};
+
+// Runs the layer on the GPU (device memory, forward_async + sync) and
+// compares with the float64 reference of the same rounded inputs.
+TEST_P(CudaParity, MatchesReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const GpuCase& g = GetParam();
+  const Case& c = g.c;
+  const MoeAttributes a = c.attrs();
+  const tools::SynthLayer s = c.layer();
+  const Inputs in = random_inputs(c.t, c.h, c.e, 7);
+  const auto xh = to_half(in.x, g.dt), lh = to_half(in.logits, g.dt), mh = to_half(in.mix, g.dt);
+  const TensorView xv(xh.data(), g.dt, {c.t, c.h}), lv(lh.data(), g.dt, {c.t, c.e});
+  const TensorView mv = g.mix ? TensorView(mh.data(), g.dt, {c.t, c.e}) : TensorView{};
+  const std::vector<double> ref = reference_forward(s.views(), a, xv, lv, mv);
+
+  LayerOptions o;
+  o.backend = Backend::cuda;
+  const Layer layer(s.views(), a, o);
+  Dev dx(xh), dl(lh), dm(mh), dy(xh.size() * 2);
+  layer.forward_async(TensorView(dx.p, g.dt, {c.t, c.h}), TensorView(dl.p, g.dt, {c.t, c.e}),
+                      g.mix ? TensorView(dm.p, g.dt, {c.t, c.e}) : TensorView{},
+                      MutableTensorView(dy.p, g.dt, {c.t, c.h}), nullptr);
+  CK(cudaDeviceSynchronize());
+  const std::vector<float> y = from_half(dy.get<std::uint16_t>(), g.dt);
+  const double err = rel_l2(y, ref);
+  EXPECT_LE(err, g.dt == DType::f16 ? 2e-3 : 1e-2) << layer.kernel_name();
+
+  // Host memory through forward(): the same bits.
+  std::vector<std::uint16_t> yh(xh.size());
+  layer.forward(xv, lv, mv, MutableTensorView(yh.data(), g.dt, {c.t, c.h}));
+  EXPECT_EQ(0, std::memcmp(yh.data(), dy.get<std::uint16_t>().data(), yh.size() * 2)) << "host path differs";
+}
+
+std::vector<GpuCase> sweep() {
+  std::vector<GpuCase> v;
+  const Activation acts[] = {Activation::relu, Activation::gelu, Activation::silu, Activation::identity};
+  for (DType dt : {DType::f16, DType::bf16}) {
+    for (int bits : {4, 8}) {
+      for (int block : {0, 16, 32, 128}) {
+        for (bool sym : {true, false}) {
+          // swiglu, each fusion, around the tile edges
+          for (int fusion : {0, 1, 2})
+            v.push_back({{bits, block, sym, Activation::swiglu, fusion, 2, 128, 72, 6, fusion == 1 ? 33 : 5}, dt,
+                         false});
+          v.push_back({{bits, block, sym, acts[(bits + block / 16) % 4], 0, 3, 256, 160, 5, 17}, dt, block == 32});
+        }
+      }
+    }
+    // shapes off the 8/64/128 grids, one token, all tokens on every expert, many tokens
+    v.push_back({{4, 0, true, Activation::swiglu, 1, 1, 40, 20, 4, 1}, dt, false});
+    v.push_back({{4, 0, false, Activation::gelu, 0, 4, 36, 24, 4, 9}, dt, false});
+    v.push_back({{8, 16, true, Activation::relu, 0, 4, 48, 16, 4, 3}, dt, true});
+    v.push_back({{4, 32, true, Activation::swiglu, 2, 2, 192, 96, 8, 300}, dt, false});
+    v.push_back({{4, 64, false, Activation::swiglu, 0, 8, 128, 64, 16, 130}, dt, true});
+  }
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, CudaParity, testing::ValuesIn(sweep()), case_name);
+
+class CudaLayer : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+// A forward captured into a CUDA graph replays to the same bits as the eager
+// call; repeated calls give the same bits; T > max_tokens runs in passes.
+TEST_F(CudaLayer, GraphReplayAndPasses) {
+  const Case c{4, 32, true, Activation::swiglu, 1, 4, 256, 128, 8, 50};
+  const MoeAttributes a = c.attrs();
+  const tools::SynthLayer s = c.layer();
+  const Inputs in = random_inputs(c.t, c.h, c.e, 3);
+  const DType dt = DType::bf16;
+  const auto xh = to_half(in.x, dt), lh = to_half(in.logits, dt);
+  LayerOptions o;
+  o.backend = Backend::cuda;
+  o.max_tokens = 16;
+  const Layer layer(s.views(), a, o);
+  EXPECT_GT(layer.workspace_bytes(), 0u);
+  EXPECT_LE(static_cast<double>(layer.device_bytes()), 1.05 * static_cast<double>(layer.packed_bytes()));
+  Dev dx(xh), dl(lh), dy(xh.size() * 2), dg(xh.size() * 2);
+  const TensorView xv(dx.p, dt, {c.t, c.h}), lv(dl.p, dt, {c.t, c.e});
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  layer.forward_async(xv, lv, {}, MutableTensorView(dy.p, dt, {c.t, c.h}), st);
+  CK(cudaStreamSynchronize(st));
+  const auto eager = dy.get<std::uint16_t>();
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  layer.forward_async(xv, lv, {}, MutableTensorView(dg.p, dt, {c.t, c.h}), st);
+  CK(cudaStreamEndCapture(st, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  CK(cudaMemsetAsync(dg.p, 0, dg.n, st));
+  CK(cudaGraphLaunch(exec, st));
+  CK(cudaStreamSynchronize(st));
+  EXPECT_EQ(eager, dg.get<std::uint16_t>());
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  CK(cudaStreamDestroy(st));
+
+  const std::vector<double> ref = reference_forward(s.views(), a, TensorView(xh.data(), dt, {c.t, c.h}),
+                                                    TensorView(lh.data(), dt, {c.t, c.e}));
+  EXPECT_LE(rel_l2(from_half(eager, dt), ref), 1e-2);
+}
+
+TEST_F(CudaLayer, BadInputsGiveClearErrors) {
+  const Case c{4, 0, true, Activation::relu, 0, 2, 64, 32, 4, 3};
+  const tools::SynthLayer s = c.layer();
+  LayerOptions o;
+  o.backend = Backend::cuda;
+  const Layer layer(s.views(), c.attrs(), o);
+  std::vector<float> x(3 * 64), lg(3 * 4), y(3 * 64);
+  auto message = [&](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  // float32 is refused by name.
+  EXPECT_NE(message([&] { layer.forward(view_f32(x.data(), {3, 64}), view_f32(lg.data(), {3, 4}),
+                                        output_f32(y.data(), {3, 64})); })
+                .find("input: the CUDA backend takes float16 or bfloat16"),
+            std::string::npos);
+  // Shapes: the same validation (and message) as the CPU backend.
+  std::vector<std::uint16_t> xh(3 * 64), lh(3 * 5), yh(3 * 64);
+  EXPECT_NE(message([&] { layer.forward(TensorView(xh.data(), DType::f16, {3, 64}),
+                                        TensorView(lh.data(), DType::f16, {3, 5}),
+                                        MutableTensorView(yh.data(), DType::f16, {3, 64})); })
+                .find("router_probs"),
+            std::string::npos);
+  // forward_async needs device memory.
+  EXPECT_NE(message([&] { layer.forward_async(TensorView(xh.data(), DType::f16, {3, 64}),
+                                              TensorView(lh.data(), DType::f16, {3, 4}), {},
+                                              MutableTensorView(yh.data(), DType::f16, {3, 64}), nullptr); })
+                .find("input: expected memory on CUDA device 0"),
+            std::string::npos);
+  // A device that does not exist.
+  o.device = 1000;
+  EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("device: expected a CUDA device ordinal"),
+            std::string::npos);
+}
+
+TEST(CudaAbsent, ClearErrorWithoutGpu) {
+  if (have_gpu()) GTEST_SKIP() << "a CUDA device is present";
+  const Case c{4, 0, true, Activation::relu, 0, 2, 64, 32, 4, 3};
+  LayerOptions o;
+  o.backend = Backend::cuda;
+  try {
+    Layer layer(c.layer().views(), c.attrs(), o);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("CUDA"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::test
