@@ -5,9 +5,12 @@ Entry points (NumPy arrays in and out; ONNX Runtime's input and attribute
 names as keyword arguments):
 
 * :func:`qmoe` -- one call: build a layer and run it.
-* :class:`Layer` -- prepack the weights once, call many times.
+* :class:`Layer` -- prepack the weights once, call many times; on the CPU
+  (``device="cpu"``) or on an NVIDIA GPU (``device="cuda"`` / ``"cuda:N"``,
+  where calls also take torch CUDA tensors and run on torch's current stream).
 * :func:`reference` -- the float64 reference forward (the oracle).
 * :func:`quantize` -- float ``[E, N, K]`` matrices to the raw QMoE layout.
+* :func:`cuda_available` -- whether this build has the CUDA backend and a GPU.
 * :func:`measure_read_bandwidth`, :func:`measure_peak_flops`,
   :func:`cpu_kernel_isa` -- the machine's measured ceilings, to report
   performance against.
@@ -21,12 +24,18 @@ the C++ library converts at the edges. Non-contiguous arrays are made
 contiguous. A wrong dtype raises ``TypeError`` naming the argument; every
 other contract violation raises ``ValueError`` with the library's message,
 which names the tensor or attribute and the expected and actual values.
+
+The CUDA backend computes in float16 or bfloat16 only (float32 activations
+raise ``TypeError``). torch is never imported by this package: torch tensors
+are recognised by their type, so NumPy-only installs need no torch.
 """
 
 from __future__ import annotations
 
 import collections
 import operator
+import re
+import sys
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -34,8 +43,8 @@ import numpy as np
 from . import _core
 
 __version__ = "0.1.0"
-__all__ = ["qmoe", "Layer", "reference", "quantize", "QuantizedWeights", "measure_read_bandwidth",
-           "measure_peak_flops", "cpu_kernel_isa", "__version__"]
+__all__ = ["qmoe", "Layer", "reference", "quantize", "QuantizedWeights", "cuda_available",
+           "measure_read_bandwidth", "measure_peak_flops", "cpu_kernel_isa", "__version__"]
 
 _F32, _F16, _BF16, _U8 = _core.DTYPE_F32, _core.DTYPE_F16, _core.DTYPE_BF16, _core.DTYPE_U8
 _FLOAT_TAGS = {"float32": _F32, "float16": _F16, "bfloat16": _BF16}
@@ -133,6 +142,72 @@ def _call_args(input, router_probs, router_weights):
     return x, lg, rw
 
 
+# --------------------------------------------------------------------------- devices and torch
+
+_CUDA_DEVICE = re.compile(r"cuda:(\d+)")
+
+
+def _parse_device(device: Any) -> Tuple[str, int]:
+    """"cpu" -> ("cpu", 0); "cuda" -> ("cuda", 0); "cuda:N" -> ("cuda", N).
+    A ``torch.device`` is taken by its string form."""
+    if _is_torch(device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device: expected \"cpu\", \"cuda\" or \"cuda:N\", got {device!r}")
+    if device == "cpu":
+        return "cpu", 0
+    if device == "cuda":
+        return "cuda", 0
+    m = _CUDA_DEVICE.fullmatch(device)
+    if m is None:
+        raise ValueError(f"device: expected \"cpu\", \"cuda\" or \"cuda:N\" (N = a CUDA device ordinal), "
+                         f"got {device!r}")
+    return "cuda", int(m.group(1))
+
+
+def _is_torch(x: Any) -> bool:
+    """True for torch objects (tensors, devices), without importing torch."""
+    return type(x).__module__.split(".", 1)[0] == "torch"
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    return _is_torch(x) and hasattr(x, "data_ptr") and hasattr(x, "device")
+
+
+def _torch():
+    # Only reached with a torch tensor in hand, so torch is already imported.
+    return sys.modules["torch"]
+
+
+def _torch_host_arg(t: Any, name: str) -> Tuple[np.ndarray, int]:
+    """A torch CPU tensor as (NumPy array sharing its memory, dtype tag):
+    2-byte floats travel as their bytes (int16 viewed as uint16), like NumPy's."""
+    torch = _torch()
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: expected a host array (NumPy or a torch CPU tensor) like input, "
+                         f"got a torch tensor on {t.device}")
+    tags = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
+    tag = tags.get(t.dtype)
+    if tag is None:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError(f"{name}: expected an array with at least one dimension, got a scalar")
+    t = t.detach().resolve_conj().resolve_neg().contiguous()
+    if tag == _F32:
+        return t.numpy(), tag
+    return t.view(torch.int16).numpy().view(np.uint16), tag
+
+
+def _host_arg(x: Any, name: str) -> Tuple[np.ndarray, int]:
+    return _torch_host_arg(x, name) if _is_torch_tensor(x) else _float_arg(x, name)
+
+
+def _describe(x: Any) -> str:
+    if _is_torch_tensor(x):
+        return f"a torch tensor on {x.device}"
+    return f"a {type(x).__module__}.{type(x).__qualname__}"
+
+
 class Layer:
     """A prepacked, immutable QMoE layer.
 
@@ -151,6 +226,16 @@ class Layer:
     (exact to float32 rounding); 4 = activations quantized to int8 per 16
     columns at run time, int8 dot products (relative L2 error ~1e-2 or less
     against float64); 2 and 3 run as float32. Calling the layer is thread-safe.
+
+    ``device`` chooses the backend: ``"cpu"`` (default), or ``"cuda"`` /
+    ``"cuda:N"`` (``"cuda"`` is device 0; a ``torch.device`` works too) for an
+    NVIDIA GPU. A CUDA layer holds its packed weights in device memory
+    (:attr:`device_bytes`) and uses a per-device working memory sized for
+    ``max_tokens`` tokens per pass (:attr:`workspace_bytes`; shared by the
+    layers on one device); longer inputs run in several passes.
+    ``max_tokens`` is ignored on the CPU, ``threads`` on CUDA. Building a CUDA
+    layer where :func:`cuda_available` is False raises ``ValueError``.
+    The CUDA backend takes float16 or bfloat16 activations (all of one dtype).
     """
 
     def __init__(self, fc1_experts_weights=None, fc1_scales=None, fc1_experts_bias=None,
@@ -159,7 +244,9 @@ class Layer:
                  fc1_zero_points=None, fc2_zero_points=None, fc3_zero_points=None,
                  *, k=1, activation_type="relu", normalize_routing_weights=0, use_sparse_mixer=0,
                  expert_weight_bits=4, block_size=0, swiglu_fusion=0, swiglu_limit=float("inf"),
-                 activation_alpha=1.0, activation_beta=0.0, accuracy_level=0, threads=None):
+                 activation_alpha=1.0, activation_beta=0.0, accuracy_level=0, threads=None,
+                 device="cpu", max_tokens=4096):
+        backend, ordinal = _parse_device(device)
         weights = _weights(dict(
             fc1_experts_weights=fc1_experts_weights, fc1_scales=fc1_scales, fc1_experts_bias=fc1_experts_bias,
             fc2_experts_weights=fc2_experts_weights, fc2_scales=fc2_scales, fc2_experts_bias=fc2_experts_bias,
@@ -168,20 +255,89 @@ class Layer:
         attrs = _attributes(k, activation_type, normalize_routing_weights, use_sparse_mixer, expert_weight_bits,
                             block_size, swiglu_fusion, swiglu_limit, activation_alpha, activation_beta)
         nthreads = 0 if threads is None else _int_attr(threads, "threads")
-        self._layer = _core.Layer(weights, attrs, nthreads, _int_attr(accuracy_level, "accuracy_level"))
+        try:
+            ntokens = operator.index(max_tokens)
+        except TypeError:
+            raise TypeError(f"max_tokens: expected an integer, got {max_tokens!r}") from None
+        if not 1 <= ntokens <= 1 << 24:  # the library's range; checked here for the CPU too
+            raise ValueError(f"max_tokens: expected 1..16777216, got {ntokens}")
+        self._device = ordinal
+        self._layer = _core.Layer(weights, attrs, nthreads, _int_attr(accuracy_level, "accuracy_level"),
+                                  backend, ordinal, ntokens)
 
     def __call__(self, input, router_probs, router_weights=None):
         """QMoE(input, router_probs): ``input`` [T, H] or [B, S, H], ``router_probs``
         [T, E] router logits, optional ``router_weights`` [T, E] (experts are
-        chosen by router_probs and mixed by router_weights). Returns an array of
-        the input's dtype and shape. T = 0 gives an empty output."""
-        x, lg, rw = _call_args(input, router_probs, router_weights)
-        out = np.empty(x[0].shape, dtype=np.asarray(input).dtype.newbyteorder("="))
-        out_buf = out if x[1] == _F32 else out.view(np.uint16)
+        chosen by router_probs and mixed by router_weights). Returns the input's
+        dtype and shape. T = 0 gives an empty output.
+
+        What comes back depends on what ``input`` is:
+
+        * a NumPy array (or anything ``np.asarray`` takes): a NumPy array. On a
+          CUDA layer the call copies to and from the GPU and waits.
+        * a torch CPU tensor: a torch CPU tensor (the other arguments may be
+          torch CPU tensors or NumPy arrays); computed like NumPy input.
+        * a torch CUDA tensor (CUDA layer, same device): a new torch CUDA tensor
+          (``torch.empty_like(input)``). All arguments must be torch tensors on
+          that device with the input's dtype (float16 or bfloat16). The work is
+          enqueued on ``torch.cuda.current_stream()`` and the call returns
+          without waiting, copying nothing through the host, so it can be
+          captured in a CUDA graph. No autograd: the result has no gradient.
+        """
+        if _is_torch_tensor(input) and input.device.type != "cpu":
+            return self._call_device(input, router_probs, router_weights)
+        if self._layer.backend == "cuda":
+            if _is_torch_tensor(input):
+                dt, is_f32 = input.dtype, input.dtype == _torch().float32
+            else:
+                dt = np.asarray(input).dtype
+                is_f32 = dt.name == "float32"
+            if is_f32:
+                raise TypeError(f"input: the CUDA backend takes float16 or bfloat16 activations, got {dt}")
+        x = _host_arg(input, "input")
+        lg = _host_arg(router_probs, "router_probs")
+        rw = None if router_weights is None else _host_arg(router_weights, "router_weights")
+        if _is_torch_tensor(input):
+            torch = _torch()
+            out = torch.empty(tuple(x[0].shape), dtype=input.dtype)
+            out_buf = out.numpy() if x[1] == _F32 else out.view(torch.int16).numpy().view(np.uint16)
+        else:
+            out = np.empty(x[0].shape, dtype=np.asarray(input).dtype.newbyteorder("="))
+            out_buf = out if x[1] == _F32 else out.view(np.uint16)
         self._layer.forward(x, lg, rw, (out_buf, x[1]))
         return out
 
     forward = __call__
+
+    def _call_device(self, input, router_probs, router_weights):
+        """torch CUDA tensors: forward_async on torch's current stream of the input's device."""
+        torch = _torch()
+        dev = input.device
+        if self._layer.backend != "cuda":
+            raise ValueError(f"input: a torch tensor on {dev}, but this layer runs on the CPU "
+                             f"(build it with device=\"cuda\", or pass host arrays)")
+        if dev.type != "cuda" or dev.index != self._device:
+            raise ValueError(f"input: the tensor is on {dev}, but the layer is on {self.device}")
+        if input.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"input: the CUDA backend takes float16 or bfloat16 activations, got {input.dtype}")
+        args = []
+        for name, t in (("router_probs", router_probs), ("router_weights", router_weights)):
+            if t is None:
+                args.append(None)
+                continue
+            if not _is_torch_tensor(t) or t.device != dev:
+                raise ValueError(f"{name}: expected a torch tensor on {dev} like input, got {_describe(t)}")
+            # Dtypes are checked by the library (a float32 router_probs with float16
+            # input gets the same "expected dtype ... (same as input)" as on the CPU).
+            args.append(t.detach().contiguous())
+        # .contiguous() is a no-op for contiguous tensors; otherwise the copy is
+        # made on the current stream, where the caching allocator keeps its memory
+        # until the work enqueued below has run.
+        x = input.detach().contiguous()
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        self._layer.forward_async(x, args[0], args[1], out, stream)
+        return out
 
     @property
     def num_experts(self) -> int:
@@ -205,13 +361,36 @@ class Layer:
 
     @property
     def threads(self) -> int:
-        """Threads a call uses."""
+        """Threads a call uses (CPU; 0 on CUDA)."""
         return self._layer.threads
 
     @property
     def kernel_name(self) -> str:
         """The kernels chosen, e.g. ``"cpu/scalar nr=16"``."""
         return self._layer.kernel_name
+
+    @property
+    def backend(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        return self._layer.backend
+
+    @property
+    def device(self) -> str:
+        """``"cpu"`` or ``"cuda:N"``."""
+        return "cpu" if self._layer.backend == "cpu" else f"cuda:{self._device}"
+
+    @property
+    def device_bytes(self) -> int:
+        """CUDA: device memory the layer itself holds (packed weights, scales,
+        biases); 0 on the CPU."""
+        return self._layer.device_bytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        """CUDA: bytes of the per-device working memory this layer uses (sized
+        by ``max_tokens``; shared with the other layers on the device); 0 on
+        the CPU."""
+        return self._layer.workspace_bytes
 
     @property
     def attributes(self) -> Dict[str, Any]:
@@ -222,9 +401,14 @@ class Layer:
             "block_size", "swiglu_fusion", "swiglu_limit", "activation_alpha", "activation_beta")}
 
     def __repr__(self) -> str:
+        where = (f"threads={self.threads}" if self.backend == "cpu" else
+                 f"device={self.device!r}")
+        mem = (f"packed_bytes={self.packed_bytes}" if self.backend == "cpu" else
+               f"packed_bytes={self.packed_bytes}, device_bytes={self.device_bytes}, "
+               f"workspace_bytes={self.workspace_bytes}")
         return (f"qmoe.Layer(num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"inter_size={self.inter_size}, {self._layer.attributes!r}, threads={self.threads}, "
-                f"kernel={self.kernel_name!r}, packed_bytes={self.packed_bytes})")
+                f"inter_size={self.inter_size}, {self._layer.attributes!r}, {where}, "
+                f"kernel={self.kernel_name!r}, {mem})")
 
 
 def qmoe(input, router_probs, fc1_experts_weights, fc1_scales, fc1_experts_bias=None,
@@ -234,10 +418,11 @@ def qmoe(input, router_probs, fc1_experts_weights, fc1_scales, fc1_experts_bias=
          router_weights=None, *, k=1, activation_type="relu", normalize_routing_weights=0,
          use_sparse_mixer=0, expert_weight_bits=4, block_size=0, swiglu_fusion=0,
          swiglu_limit=float("inf"), activation_alpha=1.0, activation_beta=0.0,
-         accuracy_level=0, threads=None):
+         accuracy_level=0, threads=None, device="cpu", max_tokens=4096):
     """The QMoE operator in one call, with ONNX Runtime's input order, names
     and attribute defaults. Equivalent to ``Layer(...)(input, router_probs,
-    router_weights)``; build a :class:`Layer` to reuse the prepacked weights."""
+    router_weights)`` (``device``, ``max_tokens``: see :class:`Layer`); build a
+    :class:`Layer` to reuse the prepacked weights."""
     layer = Layer(fc1_experts_weights, fc1_scales, fc1_experts_bias, fc2_experts_weights, fc2_scales,
                   fc2_experts_bias, fc3_experts_weights, fc3_scales, fc3_experts_bias,
                   fc1_zero_points, fc2_zero_points, fc3_zero_points,
@@ -245,7 +430,7 @@ def qmoe(input, router_probs, fc1_experts_weights, fc1_scales, fc1_experts_bias=
                   use_sparse_mixer=use_sparse_mixer, expert_weight_bits=expert_weight_bits,
                   block_size=block_size, swiglu_fusion=swiglu_fusion, swiglu_limit=swiglu_limit,
                   activation_alpha=activation_alpha, activation_beta=activation_beta,
-                  accuracy_level=accuracy_level, threads=threads)
+                  accuracy_level=accuracy_level, threads=threads, device=device, max_tokens=max_tokens)
     return layer(input, router_probs, router_weights)
 
 
@@ -318,6 +503,12 @@ def quantize(w, bits=4, block_size=0, symmetric=True) -> QuantizedWeights:
     weights, scales, zp, max_abs, rel_l2 = _core.quantize(
         arr, _int_attr(bits, "bits"), _int_attr(block_size, "block_size"), bool(symmetric))
     return QuantizedWeights(weights, scales, zp, max_abs, rel_l2)
+
+
+def cuda_available() -> bool:
+    """True when this build of qmoe has the CUDA backend and a CUDA device is
+    present (``Layer(..., device="cuda")`` can then be built)."""
+    return bool(_core.cuda_available())
 
 
 # --------------------------------------------------------------------------- machine ceilings

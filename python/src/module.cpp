@@ -12,6 +12,10 @@
 //  * qmoe::Layer prepacks in its constructor and keeps no pointer into the raw
 //    weights, so the bound Layer holds no reference to the NumPy arrays passed
 //    to __init__: they are released as soon as construction returns.
+//  * forward_async (CUDA backend) takes DLPack tensors (torch CUDA tensors)
+//    and a cudaStream_t as an int; it only enqueues work, so the caller keeps
+//    the tensors alive until the stream has run it (torch's stream-ordered
+//    caching allocator does that for tensors used on the current stream).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
@@ -19,34 +23,70 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
+#include <cstdint>
+
 #include "convert.h"
 #include "qmoe/qmoe.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+using qmoe_py::DeviceIn;
+using qmoe_py::DeviceOut;
 using qmoe_py::InArray;
 using qmoe_py::TaggedIn;
 using qmoe_py::TaggedOut;
 
 namespace {
 
-qmoe::LayerOptions layer_options(int threads, int accuracy_level) {
-  qmoe::LayerOptions o;
-  o.threads = threads;
-  o.accuracy_level = accuracy_level;
-  return o;
+// The bound layer: a qmoe::Layer that also remembers the CUDA ordinal it was
+// built for (qmoe::Layer does not report it), so that forward_async can refuse
+// tensors on another device before any CUDA call.
+struct PyLayer : qmoe::Layer {
+  PyLayer(const qmoe::ExpertWeights& w, const qmoe::MoeAttributes& a, const qmoe::LayerOptions& o)
+      : qmoe::Layer(w, a, o), device(o.backend == qmoe::Backend::cuda ? o.device : -1) {}
+  int device;  ///< CUDA ordinal; -1 on the CPU backend
+};
+
+const char* backend_name(qmoe::Backend b) { return b == qmoe::Backend::cuda ? "cuda" : "cpu"; }
+
+/// "cpu" / "cuda", or the qmoe::Backend value as an int.
+qmoe::Backend parse_backend(nb::handle b) {
+  if (nb::isinstance<nb::str>(b)) {
+    const std::string s = nb::cast<std::string>(b);
+    if (s == "cpu") return qmoe::Backend::cpu;
+    if (s == "cuda") return qmoe::Backend::cuda;
+    throw nb::value_error(("backend: expected \"cpu\" or \"cuda\", got \"" + s + "\"").c_str());
+  }
+  if (nb::isinstance<nb::int_>(b) && !nb::isinstance<nb::bool_>(b)) {
+    long long v = 0;
+    if (!nb::try_cast(b, v))
+      throw nb::value_error(("backend: " + nb::cast<std::string>(nb::repr(b)) + " is out of range").c_str());
+    if (v == static_cast<long long>(qmoe::Backend::cpu)) return qmoe::Backend::cpu;
+    if (v == static_cast<long long>(qmoe::Backend::cuda)) return qmoe::Backend::cuda;
+    throw nb::value_error(("backend: expected " + std::to_string(static_cast<int>(qmoe::Backend::cpu)) + " (cpu) or " +
+                           std::to_string(static_cast<int>(qmoe::Backend::cuda)) + " (cuda), got " + std::to_string(v))
+                              .c_str());
+  }
+  throw nb::type_error(("backend: expected \"cpu\", \"cuda\" or an int, got " +
+                        nb::cast<std::string>(nb::repr(b)))
+                           .c_str());
 }
 
-void layer_init(qmoe::Layer* self, const std::map<std::string, TaggedIn>& weights, const qmoe::MoeAttributes& attrs,
-                int threads, int accuracy_level) {
+void layer_init(PyLayer* self, const std::map<std::string, TaggedIn>& weights, const qmoe::MoeAttributes& attrs,
+                int threads, int accuracy_level, nb::handle backend, int device, std::int64_t max_tokens) {
   qmoe_py::WeightArgs args{weights};  // holds the arrays (GIL held) until this returns
   const qmoe::ExpertWeights views = args.views();
-  const qmoe::LayerOptions opts = layer_options(threads, accuracy_level);
+  qmoe::LayerOptions opts;
+  opts.backend = parse_backend(backend);
+  opts.threads = threads;
+  opts.accuracy_level = accuracy_level;
+  opts.device = device;
+  opts.max_tokens = max_tokens;
   nb::gil_scoped_release release;
-  new (self) qmoe::Layer(views, attrs, opts);
+  new (self) PyLayer(views, attrs, opts);
 }
 
-void layer_forward(const qmoe::Layer& layer, const TaggedIn& input, const TaggedIn& router_probs,
+void layer_forward(const PyLayer& layer, const TaggedIn& input, const TaggedIn& router_probs,
                    const std::optional<TaggedIn>& router_weights, const TaggedOut& out) {
   const qmoe::TensorView x = qmoe_py::to_view(input, "input");
   const qmoe::TensorView lg = qmoe_py::to_view(router_probs, "router_probs");
@@ -54,6 +94,25 @@ void layer_forward(const qmoe::Layer& layer, const TaggedIn& input, const Tagged
   const qmoe::MutableTensorView o = qmoe_py::to_mutable_view(out, "output");
   nb::gil_scoped_release release;
   layer.forward(x, lg, mix, o);
+}
+
+// CUDA backend: device tensors in, work enqueued on `stream`, no wait. All the
+// checks a wrong argument can fail happen here or in the library's validation
+// (which runs before any CUDA call), so an error leaves nothing enqueued.
+void layer_forward_async(const PyLayer& layer, const DeviceIn& input, const DeviceIn& router_probs,
+                         const std::optional<DeviceIn>& router_weights, const DeviceOut& out, std::uintptr_t stream) {
+  if (layer.backend() != qmoe::Backend::cuda)
+    throw nb::value_error(
+        "forward_async: the layer runs on the CPU backend, which takes host arrays (call forward instead)");
+  const qmoe::TensorView x = qmoe_py::to_device_view(input, "input", layer.device);
+  if (x.dtype == qmoe::DType::f32)
+    throw nb::type_error("input: the CUDA backend takes float16 or bfloat16 activations, got float32");
+  const qmoe::TensorView lg = qmoe_py::to_device_view(router_probs, "router_probs", layer.device);
+  const qmoe::TensorView mix = qmoe_py::to_device_view(router_weights, "router_weights", layer.device);
+  const qmoe::MutableTensorView o = qmoe_py::to_device_mutable_view(out, "output", layer.device);
+  void* s = reinterpret_cast<void*>(stream);  // a cudaStream_t; 0 = the legacy default stream
+  nb::gil_scoped_release release;
+  layer.forward_async(x, lg, mix, o, s);
 }
 
 nb::ndarray<nb::numpy, double> reference(const std::map<std::string, TaggedIn>& weights,
@@ -146,19 +205,38 @@ NB_MODULE(_core, m) {
       .def_rw("activation_beta", &qmoe::MoeAttributes::activation_beta)
       .def("__repr__", [](const qmoe::MoeAttributes& a) { return "Attributes(" + qmoe::describe(a) + ")"; });
 
-  nb::class_<qmoe::Layer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
+  m.attr("BACKEND_CPU") = static_cast<int>(qmoe::Backend::cpu);
+  m.attr("BACKEND_CUDA") = static_cast<int>(qmoe::Backend::cuda);
+
+  nb::class_<PyLayer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
       .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a,
-           "Validates and prepacks the raw weights (GIL released); keeps no reference to them.")
+           "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
+           "Validates and prepacks the raw weights (GIL released); keeps no reference to them. "
+           "backend: \"cpu\", \"cuda\" or BACKEND_*; device: CUDA ordinal; max_tokens: tokens per CUDA pass.")
       .def("forward", &layer_forward, "input"_a, "router_probs"_a, "router_weights"_a.none(), "out"_a,
-           "Writes QMoE(input, router_probs[, router_weights]) into out (GIL released).")
-      .def_prop_ro("attributes", [](const qmoe::Layer& l) { return l.attributes(); })
-      .def_prop_ro("num_experts", [](const qmoe::Layer& l) { return l.shape().num_experts; })
-      .def_prop_ro("hidden_size", [](const qmoe::Layer& l) { return l.shape().hidden; })
-      .def_prop_ro("inter_size", [](const qmoe::Layer& l) { return l.shape().inter; })
-      .def_prop_ro("fc1_rows", [](const qmoe::Layer& l) { return l.shape().fc1_rows; })
-      .def_prop_ro("packed_bytes", &qmoe::Layer::packed_bytes)
-      .def_prop_ro("threads", &qmoe::Layer::threads)
-      .def_prop_ro("kernel_name", [](const qmoe::Layer& l) { return std::string(l.kernel_name()); });
+           "Writes QMoE(input, router_probs[, router_weights]) into out (host arrays; on a CUDA layer the call "
+           "copies to and from the device and waits; GIL released).")
+      .def("forward_async", &layer_forward_async, "input"_a.noconvert(), "router_probs"_a.noconvert(),
+           "router_weights"_a.noconvert().none(), "out"_a.noconvert(), "stream"_a,
+           "CUDA layer: enqueues QMoE(input, router_probs[, router_weights]) -> out on `stream` (a cudaStream_t "
+           "as an int; 0 = the legacy default stream) and returns without waiting. The arguments are C-contiguous "
+           "DLPack tensors (e.g. torch) in device memory on the layer's device, float16 or bfloat16 (all the same). "
+           "Keep them alive until the stream has run the work.")
+      .def_prop_ro("attributes", [](const PyLayer& l) { return l.attributes(); })
+      .def_prop_ro("num_experts", [](const PyLayer& l) { return l.shape().num_experts; })
+      .def_prop_ro("hidden_size", [](const PyLayer& l) { return l.shape().hidden; })
+      .def_prop_ro("inter_size", [](const PyLayer& l) { return l.shape().inter; })
+      .def_prop_ro("fc1_rows", [](const PyLayer& l) { return l.shape().fc1_rows; })
+      .def_prop_ro("packed_bytes", [](const PyLayer& l) { return l.packed_bytes(); })
+      .def_prop_ro("threads", [](const PyLayer& l) { return l.threads(); })
+      .def_prop_ro("kernel_name", [](const PyLayer& l) { return std::string(l.kernel_name()); })
+      .def_prop_ro("backend", [](const PyLayer& l) { return std::string(backend_name(l.backend())); },
+                   "\"cpu\" or \"cuda\".")
+      .def_prop_ro("device", [](const PyLayer& l) { return l.device; }, "The CUDA ordinal; -1 on the CPU backend.")
+      .def_prop_ro("device_bytes", [](const PyLayer& l) { return l.device_bytes(); },
+                   "CUDA: device memory the layer holds (packed weights, scales, biases); 0 on the CPU.")
+      .def_prop_ro("workspace_bytes", [](const PyLayer& l) { return l.workspace_bytes(); },
+                   "CUDA: bytes of the per-device working memory the layer uses (shared); 0 on the CPU.");
 
   m.def("reference", &reference, "weights"_a, "attrs"_a, "input"_a, "router_probs"_a, "router_weights"_a.none(),
         "The float64 reference forward; returns [T, H] float64.");
@@ -168,6 +246,8 @@ NB_MODULE(_core, m) {
         "Read bandwidth in bytes/s of `threads` threads summing a buffer of `nbytes` (GIL released).");
   m.def("measure_peak_flops", &peak_flops, "threads"_a, "seconds"_a,
         "float32 FMA rate in flop/s of `threads` threads with the CPU kernels' ISA (GIL released).");
+  m.def("cuda_available", &qmoe::cuda_available,
+        "True when this build has the CUDA backend and a CUDA device is present.");
   m.def("cpu_kernel_isa", [] { return std::string(qmoe::cpu_kernel_isa()); },
         "The CPU kernel table Layer uses in this process, e.g. 'avx512vnni'.");
 }

@@ -104,9 +104,11 @@ std::vector<GpuCase> sweep() {
         for (bool sym : {true, false}) {
           // swiglu, each fusion, around the tile edges
           for (int fusion : {0, 1, 2})
-            v.push_back({{bits, block, sym, Activation::swiglu, fusion, 2, 128, 72, 6, fusion == 1 ? 33 : 5}, dt,
-                         false});
-          v.push_back({{bits, block, sym, acts[(bits + block / 16) % 4], 0, 3, 256, 160, 5, 17}, dt, block == 32});
+            v.push_back({{bits, block, sym, Activation::swiglu, fusion, 2, 128, block == 128 ? 128 : 96, 6,
+                          fusion == 1 ? 33 : 5},
+                         dt, false});
+          v.push_back({{bits, block, sym, acts[(bits + block / 16) % 4], 0, 3, 256, block == 128 ? 384 : 160, 5, 17},
+                       dt, block == 32});
         }
       }
     }

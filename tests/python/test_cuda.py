@@ -1,0 +1,483 @@
+"""The CUDA backend through the Python package: torch CUDA tensors in and out
+(Layer.forward_async on torch's current stream), against the float64 oracle
+qmoe.reference.
+
+Runs only where qmoe has its CUDA backend and torch sees a GPU; otherwise the
+whole module is skipped (torch is imported here, never by qmoe itself).
+
+* a sweep (a few hundred ids at most) over bits, block sizes, zero points,
+  activations and swiglu fusions, biases, k, router_weights, normalization
+  and token counts: relative L2 error ||y - ref|| / ||ref|| <= 2e-3 for
+  float16 and <= 1e-2 for bfloat16, the reference computed from the same
+  float16/bfloat16-rounded inputs;
+* torch CUDA-graph capture and replay give the eager call's bits;
+* the call runs on torch's current stream (ordering after work queued there);
+* inputs longer than max_tokens (several passes);
+* the host (NumPy / torch CPU) path on a CUDA layer;
+* bad arguments: the CPU's exception type and message naming the tensor;
+* device_bytes / workspace_bytes.
+"""
+
+import collections
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+import qmoe
+from qmoe_np import GPT_OSS_SWIGLU, make_layer, record
+
+if not qmoe.cuda_available():
+    pytest.skip("qmoe was built without its CUDA backend, or no CUDA device is visible",
+                allow_module_level=True)
+torch = pytest.importorskip("torch", reason="the CUDA tests drive the GPU through torch tensors")
+if not torch.cuda.is_available():
+    pytest.skip("torch sees no CUDA device", allow_module_level=True)
+
+DEV = torch.device("cuda:0")
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+TOL = {"f16": 2e-3, "bf16": 1e-2}  # relative L2 against float64
+TOKENS = (1, 3, 16, 33, 130)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+def _quantizer(w, bits, block, symmetric):
+    q = qmoe.quantize(w, bits=bits, block_size=block, symmetric=symmetric)
+    return q.weights, q.scales, q.zero_points
+
+
+def _layer_args(seed, *, E, H, I, bits=4, block=0, zp=False, bias=True, act="relu", fusion=0, k=1,
+                normalize=0):
+    rng = np.random.default_rng(seed)
+    extra = GPT_OSS_SWIGLU if act == "swiglu" else {}
+    weights, attrs, _ = make_layer(rng, E=E, H=H, I=I, bits=bits, block=block, zero_points=zp, bias=bias,
+                                   activation_type=act, swiglu_fusion=fusion, quantizer=_quantizer, **extra)
+    attrs.update(k=k, normalize_routing_weights=normalize)
+    return rng, weights, attrs
+
+
+def _gpt_oss_like(seed=0, E=8, H=128, I=64, **opts):
+    rng, weights, attrs = _layer_args(seed, E=E, H=H, I=I, bits=4, block=32, zp=True, bias=True, act="swiglu",
+                                      fusion=1, k=4, normalize=1)
+    return rng, weights, attrs, qmoe.Layer(**weights, **attrs, device="cuda", **opts)
+
+
+def _inputs(rng, shape, E, dtype, router_weights=False):
+    """CPU torch tensors of `dtype` (the rounding the GPU sees): input, logits, router_weights | None."""
+    T = int(np.prod(shape[:-1]))
+    x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+    lg = torch.from_numpy(rng.standard_normal((T, E)).astype(np.float32)).to(dtype)
+    rw = torch.from_numpy(rng.uniform(0.1, 1.0, (T, E)).astype(np.float32)).to(dtype) if router_weights else None
+    return x, lg, rw
+
+
+def _cuda(*ts):
+    return [None if t is None else t.to(DEV) for t in ts]
+
+
+def _f32(t):
+    """float32 NumPy holding exactly the float16/bfloat16 values of t."""
+    return None if t is None else t.detach().float().cpu().numpy()
+
+
+def _reference(weights, attrs, x, lg, rw=None):
+    return qmoe.reference(_f32(x), _f32(lg), router_weights=_f32(rw), **weights, **attrs)
+
+
+def _rel_l2(y, ref):
+    y = _f32(y) if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
+    y = y.astype(np.float64)
+    assert np.isfinite(y).all(), "non-finite output"
+    d = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(y - ref)) / (d if d > 0 else 1.0)
+
+
+def _same_bits(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16)), "results differ in their bits"
+
+
+# --------------------------------------------------------------------------
+# (a) Parity sweep
+# --------------------------------------------------------------------------
+
+Case = collections.namedtuple("Case", "id seed dtype bits block act fusion zp bias k rw normalize E H I")
+ACTS = [("relu", 0), ("gelu", 0), ("silu", 0), ("identity", 0), ("swiglu", 0), ("swiglu", 1), ("swiglu", 2)]
+BLOCKS = (0, 16, 32, 64, 128)
+
+
+def _sweep():
+    """dtype x bits x block x activation (140 ids), each run at every T in TOKENS;
+    the other options are drawn per id from a fixed seed (coverage is asserted
+    by test_sweep_covers_every_option)."""
+    r = random.Random(20250611)
+    cases = []
+    for seed, (dt, bits, block, (act, fusion)) in enumerate(itertools.product(DTYPES, (4, 8), BLOCKS, ACTS)):
+        if block == 128:
+            H, I = r.choice((128, 256)), 128
+        elif block == 64:
+            H, I = r.choice((64, 128, 192)), 64
+        else:
+            H, I = r.choice((64, 96, 128, 192)), r.choice((32, 64, 96))
+        E = r.randint(4, 8)
+        k = r.choice((1, 2, E))
+        zp, bias, rw = r.random() < 0.5, r.random() < 0.5, r.random() < 0.5
+        normalize = r.randint(0, 1)
+        name = "-".join([dt, f"q{bits}", f"b{block}" if block else "row", act + (str(fusion) if act == "swiglu" else ""),
+                         "zp" if zp else "sym", "bias" if bias else "nobias", "kE" if k == E else f"k{k}",
+                         "rw" if rw else "norw", f"norm{normalize}", f"E{E}H{H}I{I}"])
+        cases.append(Case(name, seed, dt, bits, block, act, fusion, zp, bias, k, rw, normalize, E, H, I))
+    return cases
+
+
+SWEEP = _sweep()
+
+
+def test_sweep_covers_every_option():
+    assert len(SWEEP) <= 300
+    seen = collections.defaultdict(set)
+    for c in SWEEP:
+        for f in ("dtype", "bits", "block", "zp", "bias", "rw", "normalize", "H", "I"):
+            seen[f].add(getattr(c, f))
+        seen["act"].add((c.act, c.fusion))
+        seen["k"].add("E" if c.k == c.E else c.k)
+        seen["E"].add(c.E)
+    assert seen["dtype"] == set(DTYPES) and seen["bits"] == {4, 8} and seen["block"] == set(BLOCKS)
+    assert seen["act"] == set(ACTS) and seen["k"] == {1, 2, "E"}
+    for f in ("zp", "bias", "rw"):
+        assert seen[f] == {False, True}, f
+    assert seen["normalize"] == {0, 1}
+    assert {64, 96, 128, 192} <= seen["H"] and {32, 64, 96} <= seen["I"] and seen["E"] == set(range(4, 9))
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=[c.id for c in SWEEP])
+def test_parity_sweep(case):
+    rng, weights, attrs = _layer_args(case.seed, E=case.E, H=case.H, I=case.I, bits=case.bits, block=case.block,
+                                      zp=case.zp, bias=case.bias, act=case.act, fusion=case.fusion, k=case.k,
+                                      normalize=case.normalize)
+    layer = qmoe.Layer(**weights, **attrs, device="cuda")
+    dtype, tol = DTYPES[case.dtype], TOL[case.dtype]
+    for T in TOKENS:
+        x, lg, rw = _inputs(rng, (T, case.H), case.E, dtype, case.rw)
+        xd, lgd, rwd = _cuda(x, lg, rw)
+        y = layer(xd, lgd, rwd)
+        assert isinstance(y, torch.Tensor) and y.device == DEV and y.dtype == dtype and y.shape == x.shape
+        err = _rel_l2(y, _reference(weights, attrs, x, lg, rw))
+        record(f"cuda {case.dtype} vs qmoe.reference (rel L2)", err)
+        assert err <= tol, f"T={T}: relative L2 error {err:.3e} > {tol:g}"
+
+
+def test_zero_tokens_and_3d_input():
+    rng, weights, attrs, layer = _gpt_oss_like(1)
+    for shape in [(0, 128), (2, 0, 128)]:
+        x = torch.zeros(shape, dtype=torch.float16, device=DEV)
+        y = layer(x, torch.zeros((0, 8), dtype=torch.float16, device=DEV))
+        assert y.shape == shape and y.dtype == torch.float16 and y.device == DEV
+    x, lg, rw = _inputs(rng, (3, 7, 128), 8, torch.bfloat16, True)
+    y = layer(*_cuda(x, lg, rw))
+    assert y.shape == (3, 7, 128)
+    assert _rel_l2(y, _reference(weights, attrs, x, lg, rw)) <= TOL["bf16"]
+    # Non-contiguous torch arguments are made contiguous (as NumPy ones are).
+    xd, lgd, rwd = _cuda(x, lg, rw)
+    xt = xd.reshape(21, 128).t().contiguous().t()  # same values, column-major
+    lgt = lgd.repeat_interleave(2, dim=1)[:, ::2]
+    assert not xt.is_contiguous() and not lgt.is_contiguous()
+    _same_bits(layer(xt, lgt, rwd), y.reshape(21, 128))
+    # requires_grad tensors are accepted (the result carries no gradient).
+    y2 = layer(xd.clone().requires_grad_(True), lgd, rwd)
+    assert not y2.requires_grad
+    _same_bits(y2, y)
+
+
+# --------------------------------------------------------------------------
+# (b) CUDA graphs and streams
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("with_rw", [False, True], ids=["norw", "rw"])
+@pytest.mark.parametrize("max_tokens", [4096, 16])
+def test_cuda_graph_replay_matches_eager(dtype, with_rw, max_tokens):
+    rng, weights, attrs, layer = _gpt_oss_like(2, max_tokens=max_tokens)
+    dt = DTYPES[dtype]
+    x, lg, rw = _cuda(*_inputs(rng, (33, 128), 8, dt, with_rw))
+    eager = layer(x, lg, rw)
+    torch.cuda.synchronize()
+    # Warm up on a side stream before capturing, as torch recommends.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x, lg, rw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(x, lg, rw)
+    graph.replay()
+    torch.cuda.synchronize()
+    _same_bits(static_out, eager)
+    # New values copied into the captured inputs: the replay follows them.
+    x2, lg2, rw2 = _inputs(rng, (33, 128), 8, dt, with_rw)
+    x.copy_(x2.to(DEV))
+    lg.copy_(lg2.to(DEV))
+    if with_rw:
+        rw.copy_(rw2.to(DEV))
+    graph.replay()
+    torch.cuda.synchronize()
+    _same_bits(static_out, layer(x, lg, rw))
+    assert _rel_l2(static_out, _reference(weights, attrs, x2, lg2, rw2)) <= TOL[dtype]
+
+
+def test_runs_on_the_current_stream():
+    """Work queued on a side stream before the call (a long sleep, then the
+    copy that fills the input) must be finished before qmoe reads the input:
+    true only if qmoe enqueues on torch's current stream."""
+    if not hasattr(torch.cuda, "_sleep"):
+        pytest.skip("torch.cuda._sleep is not available")
+    rng, weights, attrs, layer = _gpt_oss_like(3)
+    x, lg, _ = _cuda(*_inputs(rng, (16, 128), 8, torch.float16))
+    eager = layer(x, lg)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        xs = torch.full_like(x, float("nan"))
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time
+        xs.copy_(x)
+        y = layer(xs, lg)
+        y_copy = y.clone()
+    side.synchronize()
+    _same_bits(y_copy, eager)
+
+
+# --------------------------------------------------------------------------
+# (c) More tokens than max_tokens
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_more_tokens_than_max_tokens(dtype):
+    rng, weights, attrs = _layer_args(4, E=6, H=96, I=64, bits=4, block=16, zp=True, bias=True, act="swiglu",
+                                      fusion=2, k=3, normalize=1)
+    layer = qmoe.Layer(**weights, **attrs, device="cuda", max_tokens=16)
+    dt, tol = DTYPES[dtype], TOL[dtype]
+    for shape, with_rw in [((50, 96), False), ((50, 96), True), ((2, 25, 96), True), ((16, 96), False),
+                           ((17, 96), False)]:
+        x, lg, rw = _inputs(rng, shape, 6, dt, with_rw)
+        ref = _reference(weights, attrs, x, lg, rw)
+        y = layer(*_cuda(x, lg, rw))
+        assert y.shape == x.shape
+        assert _rel_l2(y, ref) <= tol, f"{shape}: device path"
+        if dtype == "f16":  # the host path, also in passes
+            yh = layer(_f32(x).astype(np.float16), _f32(lg).astype(np.float16),
+                       None if rw is None else _f32(rw).astype(np.float16))
+            assert _rel_l2(yh, ref) <= tol, f"{shape}: host path"
+
+
+# --------------------------------------------------------------------------
+# (d) The host path on a CUDA layer
+# --------------------------------------------------------------------------
+
+def test_numpy_host_path_on_cuda_layer():
+    rng, weights, attrs, layer = _gpt_oss_like(5)
+    for T, with_rw in [(1, False), (9, True), (64, False)]:
+        x, lg, rw = _inputs(rng, (T, 128), 8, torch.float16, with_rw)
+        xn, lgn = _f32(x).astype(np.float16), _f32(lg).astype(np.float16)
+        rwn = None if rw is None else _f32(rw).astype(np.float16)
+        y = layer(xn, lgn, rwn)
+        assert isinstance(y, np.ndarray) and y.dtype == np.float16 and y.shape == xn.shape
+        ref = _reference(weights, attrs, x, lg, rw)
+        assert _rel_l2(y, ref) <= TOL["f16"]
+        # The host path runs the same kernels as the device path.
+        yd = layer(*_cuda(x, lg, rw))
+        np.testing.assert_array_equal(y.view(np.uint16), yd.cpu().numpy().view(np.uint16))
+        # torch CPU tensors in, a torch CPU tensor out.
+        yt = layer(x, lg, rw)
+        assert isinstance(yt, torch.Tensor) and yt.device.type == "cpu" and yt.dtype == torch.float16
+        np.testing.assert_array_equal(yt.numpy().view(np.uint16), y.view(np.uint16))
+    # An empty call.
+    y0 = layer(np.zeros((0, 128), np.float16), np.zeros((0, 8), np.float16))
+    assert y0.shape == (0, 128) and y0.dtype == np.float16
+
+
+def test_bfloat16_host_path_on_cuda_layer():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng, weights, attrs, layer = _gpt_oss_like(6)
+    x, lg, rw = _inputs(rng, (20, 128), 8, torch.bfloat16, True)
+    bf = ml_dtypes.bfloat16
+    y = layer(_f32(x).astype(bf), _f32(lg).astype(bf), _f32(rw).astype(bf))
+    assert y.dtype == bf
+    assert _rel_l2(y.astype(np.float32), _reference(weights, attrs, x, lg, rw)) <= TOL["bf16"]
+    yt = layer(x, lg, rw)  # torch CPU bfloat16
+    assert yt.dtype == torch.bfloat16
+    np.testing.assert_array_equal(yt.view(torch.int16).numpy(), y.view(np.int16))
+
+
+# --------------------------------------------------------------------------
+# (e) Bad arguments
+# --------------------------------------------------------------------------
+
+E_, H_, T_ = 4, 64, 5
+
+
+def _error_layers():
+    rng, weights, attrs = _layer_args(7, E=E_, H=H_, I=32, bits=4, block=16, bias=True, act="relu", k=2)
+    return (rng, qmoe.Layer(**weights, **attrs, threads=2), qmoe.Layer(**weights, **attrs, device="cuda"))
+
+
+def _good(rng):
+    x = rng.standard_normal((T_, H_)).astype(np.float16)
+    lg = rng.standard_normal((T_, E_)).astype(np.float16)
+    return x, lg
+
+
+# name: (input, router_probs, router_weights) from the good (x, lg); exact = same message as the CPU.
+BAD_CALLS = {
+    "input wrong hidden size": (lambda x, lg: (x[:, :48].copy(), lg, None), ValueError, True),
+    "input rank 1": (lambda x, lg: (x[0].copy(), lg, None), ValueError, True),
+    "router_probs wrong shape": (lambda x, lg: (x, lg[:, :3].copy(), None), ValueError, True),
+    "router_probs wrong token count": (lambda x, lg: (x, lg[:4].copy(), None), ValueError, True),
+    "router_weights wrong shape": (lambda x, lg: (x, lg, np.ones((T_, E_ + 1), np.float16)), ValueError, True),
+    "router_probs dtype differs": (lambda x, lg: (x, lg.astype(np.float32), None), ValueError, True),
+    "router_weights dtype differs": (lambda x, lg: (x, lg, np.ones((T_, E_), np.float32)), ValueError, True),
+    "router_weights float64": (lambda x, lg: (x, lg, np.ones((T_, E_))), TypeError, False),
+    "input float64": (lambda x, lg: (x.astype(np.float64), lg, None), TypeError, False),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_call_same_error_as_cpu(name):
+    make, exc, exact = BAD_CALLS[name]
+    rng, cpu, gpu = _error_layers()
+    args = make(*_good(rng))
+    with pytest.raises(exc) as on_cpu:
+        cpu(*args)
+    dev_args = [None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(DEV) for a in args]
+    with pytest.raises(exc) as on_gpu:
+        gpu(*dev_args)
+    tensor = str(on_cpu.value).split(":", 1)[0]
+    assert str(on_gpu.value).startswith(tensor + ": "), (str(on_cpu.value), str(on_gpu.value))
+    if exact:
+        assert str(on_gpu.value) == str(on_cpu.value)
+    # The NumPy host path of the CUDA layer says the same as the CPU.
+    with pytest.raises(exc) as on_host:
+        gpu(*args)
+    assert str(on_host.value).startswith(tensor + ": ")
+
+
+def test_float32_on_cuda_is_refused():
+    rng, cpu, gpu = _error_layers()
+    x, lg = _good(rng)
+    x32, lg32 = x.astype(np.float32), lg.astype(np.float32)
+    with pytest.raises(TypeError, match=r"^input: the CUDA backend takes float16 or bfloat16"):
+        gpu(torch.from_numpy(x32).to(DEV), torch.from_numpy(lg32).to(DEV))
+    with pytest.raises(TypeError, match=r"^input: the CUDA backend takes float16 or bfloat16"):
+        gpu(x32, lg32)
+    with pytest.raises(TypeError, match=r"^input: the CUDA backend takes float16 or bfloat16"):
+        gpu(torch.from_numpy(x32), torch.from_numpy(lg32))
+
+
+def test_mixed_devices_are_refused():
+    rng, cpu, gpu = _error_layers()
+    x, lg = _good(rng)
+    xd, lgd = torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)
+    with pytest.raises(ValueError, match=r"^router_probs: expected a torch tensor on cuda:0 like input, "
+                                         r"got a torch tensor on cpu"):
+        gpu(xd, torch.from_numpy(lg))
+    with pytest.raises(ValueError, match=r"^router_probs: .*numpy"):
+        gpu(xd, lg)
+    with pytest.raises(ValueError, match=r"^router_weights: "):
+        gpu(xd, lgd, torch.ones((T_, E_), dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"^router_probs: expected a host array"):
+        gpu(torch.from_numpy(x), lgd)
+    with pytest.raises(ValueError, match=r"^input: a torch tensor on cuda:0, but this layer runs on the CPU"):
+        cpu(xd, lgd)
+    # The layer is still usable and errors wrote nothing.
+    y = gpu(xd, lgd)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all()
+
+
+def test_wrong_cuda_ordinal_is_refused():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    rng, weights, attrs = _layer_args(8, E=E_, H=H_, I=32, k=2)
+    x, lg = _good(rng)
+    on0 = qmoe.Layer(**weights, **attrs, device="cuda:0")
+    on1 = qmoe.Layer(**weights, **attrs, device="cuda:1")
+    assert on1.device == "cuda:1"
+    x1, lg1 = torch.from_numpy(x).to("cuda:1"), torch.from_numpy(lg).to("cuda:1")
+    with pytest.raises(ValueError, match=r"^input: the tensor is on cuda:1, but the layer is on cuda:0"):
+        on0(x1, lg1)
+    with pytest.raises(ValueError, match=r"^router_probs: "):
+        on1(x1, torch.from_numpy(lg).to("cuda:0"))
+    y1 = on1(x1, lg1)
+    assert y1.device == torch.device("cuda:1")
+    y0 = on0(torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV))
+    _same_bits(y1.cpu(), y0.cpu())
+    # Whatever torch's current device is, each layer runs on its own.
+    with torch.cuda.device(1):
+        _same_bits(on0(torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)).cpu(), y0.cpu())
+    with torch.cuda.device(0):
+        _same_bits(on1(x1, lg1).cpu(), y0.cpu())
+        _same_bits(torch.from_numpy(on1(x, lg)), y0.cpu())  # the host path too
+
+
+def test_forward_async_checks_its_tensors():
+    """The _core binding used directly: layout, dtype and device are checked
+    there too, naming the tensor, and a refused call leaves `out` untouched."""
+    rng, cpu, gpu = _error_layers()
+    x, lg = _good(rng)
+    xd, lgd = torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)
+    out = torch.full_like(xd, float("nan"))
+    stream = torch.cuda.current_stream().cuda_stream
+    core = gpu._layer
+    xnc = xd.repeat_interleave(2, dim=1)[:, ::2]
+    with pytest.raises(ValueError, match=r"^input: expected a C-contiguous tensor"):
+        core.forward_async(xnc, lgd, None, out, stream)
+    with pytest.raises(ValueError, match=r"^output: expected a C-contiguous tensor"):
+        core.forward_async(xd, lgd, None, torch.full((H_, T_), 0.0, dtype=torch.float16, device=DEV).t(), stream)
+    with pytest.raises(TypeError, match=r"^input: the CUDA backend takes float16 or bfloat16"):
+        core.forward_async(xd.float(), lgd.float(), None, out.float(), stream)
+    with pytest.raises(TypeError, match=r"^router_probs: expected dtype float16 or bfloat16 \(CUDA backend\), "
+                                        r"got float64"):
+        core.forward_async(xd, lgd.double(), None, out, stream)
+    with pytest.raises(ValueError, match=r"^router_probs: expected a tensor in CUDA device memory"):
+        core.forward_async(xd, lgd.cpu(), None, out, stream)
+    with pytest.raises(ValueError, match=r"^output: expected dtype float16 \(same as input\), got bfloat16"):
+        core.forward_async(xd, lgd, None, out.to(torch.bfloat16), stream)
+    with pytest.raises(ValueError, match=r"^router_probs: expected shape \[5, 4\], got \[5, 3\]"):
+        core.forward_async(xd, lgd[:, :3].contiguous(), None, out, stream)
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()
+    core.forward_async(xd, lgd, None, out, stream)
+    torch.cuda.synchronize()
+    _same_bits(out, gpu(xd, lgd))
+
+
+# --------------------------------------------------------------------------
+# (f) Properties and memory
+# --------------------------------------------------------------------------
+
+def test_properties_and_memory():
+    rng, weights, attrs = _layer_args(9, E=8, H=1024, I=512, bits=4, block=32, zp=True, bias=True, act="swiglu",
+                                      fusion=1, k=2)
+    layer = qmoe.Layer(**weights, **attrs, device="cuda")
+    assert layer.backend == "cuda" and layer.device == "cuda:0" and layer.threads == 0
+    assert "cuda:0" in repr(layer) and "device_bytes" in repr(layer)
+    raw_weight_bytes = sum(a.nbytes for n, a in weights.items() if n.endswith("_experts_weights"))
+    assert layer.packed_bytes >= raw_weight_bytes
+    assert raw_weight_bytes <= layer.device_bytes <= 1.05 * layer.packed_bytes
+    assert layer.workspace_bytes > 0
+    cpu = qmoe.Layer(**weights, **attrs)
+    assert cpu.backend == "cpu" and cpu.device == "cpu" and cpu.device_bytes == 0 and cpu.workspace_bytes == 0
+    # "cuda" is device 0; a torch.device works too.
+    assert qmoe.Layer(**weights, **attrs, device=torch.device("cuda:0")).device == "cuda:0"
+
+
+def test_qmoe_function_on_cuda():
+    rng, weights, attrs = _layer_args(10, E=5, H=64, I=32, bits=8, block=0, act="gelu", k=2)
+    x, lg, rw = _inputs(rng, (7, 64), 5, torch.float16, True)
+    y = qmoe.qmoe(*_cuda(x, lg), router_weights=_cuda(rw)[0], **weights, **attrs, device="cuda", max_tokens=4)
+    assert y.device == DEV
+    assert _rel_l2(y, _reference(weights, attrs, x, lg, rw)) <= TOL["f16"]
