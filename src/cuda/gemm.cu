@@ -118,22 +118,17 @@ struct BlockConsts {
   T2 zoff[2];   // magic + zero point (float16, bfloat16 at 4 bits)
   float zf[2];  // 2^23 + zero point (bfloat16 at 8 bits)
   T2 scale[2];
-  __device__ void load(const GemmProblem& p, const unsigned short* zp, const unsigned* rel, std::int64_t tile,
-                       std::int64_t blk, int g) {
-    const std::int64_t at = (tile * p.g.blocks() + blk) * 8 + g;
+  // From the stored words: zero points (row g, row g + 8) and relative scales.
+  __device__ __forceinline__ void set(unsigned zpair, bool has_zp, unsigned relword, bool has_rel) {
     int z0 = BITS == 4 ? 8 : 128, z1 = z0;
-    if (zp) {
-      const unsigned pair = zp[at];
-      z0 = static_cast<int>(pair & 0xff), z1 = static_cast<int>(pair >> 8);
-    }
+    if (has_zp) z0 = static_cast<int>(zpair & 0xff), z1 = static_cast<int>(zpair >> 8);
     zoff[0] = splat<T>(Types<T>::kMagicValue + static_cast<float>(z0));
     zoff[1] = splat<T>(Types<T>::kMagicValue + static_cast<float>(z1));
     zf[0] = 8388608.f + static_cast<float>(z0);
     zf[1] = 8388608.f + static_cast<float>(z1);
-    if (rel) {
-      const unsigned w = rel[at];
-      scale[0] = splat<T>(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffff))));
-      scale[1] = splat<T>(__half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
+    if (has_rel) {
+      scale[0] = splat<T>(__half2float(__ushort_as_half(static_cast<unsigned short>(relword & 0xffff))));
+      scale[1] = splat<T>(__half2float(__ushort_as_half(static_cast<unsigned short>(relword >> 16))));
     }
   }
 };
@@ -284,9 +279,19 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
 
+  // Row-wise weights: one set of constants per row tile. Block-wise: the
+  // zero-point and relative-scale words are loaded together with the codes
+  // they belong to (a load in the dependent path would stall every block).
   BlockConsts<T, BITS> bc[S::WR];
-  std::int64_t cur_blk = -1;
   const std::int64_t bs = p.g.block_size;
+  const std::int64_t nb = p.g.blocks();
+  if (!bs) {
+#pragma unroll
+    for (int r = 0; r < S::WR; ++r) bc[r].set(zp ? zp[(row0 / 16 + r) * nb * 8 + g] : 0u, zp != nullptr, 0u, false);
+  }
+  // Scale blocks narrower than a slab (16 or 32 columns at 4 bits, 16 at 8)
+  // change every k16 step or two; wider ones once per slab at most.
+  const bool per_step = bs && bs < SC;
 
   load_chunk(0, k_begin);
   cp_async_commit();
@@ -301,23 +306,35 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
     const std::int64_t slab0 = kc0 / SC;
     for (int s0 = 0; s0 < nslabs; s0 += S::D) {
       uint4 wv[S::D][S::WR];
+      unsigned relw[S::D][STEPS][S::WR], zpw[S::D][STEPS][S::WR];
 #pragma unroll
-      for (int d = 0; d < S::D; ++d)
+      for (int d = 0; d < S::D; ++d) {
 #pragma unroll
-        for (int r = 0; r < S::WR; ++r)
-          if (s0 + d < nslabs)
-            wv[d][r] = load_stream(codes + (((row0 / 16 + r) * slabs_total + slab0 + s0 + d) * 32 + lane));
+        for (int r = 0; r < S::WR; ++r) {
+          if (s0 + d >= nslabs) continue;
+          const std::int64_t tile = row0 / 16 + r;
+          wv[d][r] = load_stream(codes + ((tile * slabs_total + slab0 + s0 + d) * 32 + lane));
+          if (!bs) continue;
+#pragma unroll
+          for (int j = 0; j < STEPS; ++j) {
+            if (j > 0 && !per_step) continue;
+            const std::int64_t at = (tile * nb + (kc0 + (s0 + d) * SC + 16 * j) / bs) * 8 + g;
+            if (rel) relw[d][j][r] = __ldg(rel + at);
+            if (zp) zpw[d][j][r] = __ldg(zp + at);
+          }
+        }
+      }
 #pragma unroll
       for (int d = 0; d < S::D; ++d) {
         if (s0 + d >= nslabs) break;
         const int kl = (s0 + d) * SC;
 #pragma unroll
         for (int j = 0; j < STEPS; ++j) {
-          const std::int64_t blk = bs ? (kc0 + kl + 16 * j) / bs : 0;
-          if (blk != cur_blk) {
+          if (bs && (j == 0 || per_step)) {
+            const int jj = per_step ? j : 0;
 #pragma unroll
-            for (int r = 0; r < S::WR; ++r) bc[r].load(p, zp, rel, row0 / 16 + r, blk, g);
-            cur_blk = blk;
+            for (int r = 0; r < S::WR; ++r)
+              bc[r].set(zp ? zpw[d][jj][r] : 0u, zp != nullptr, rel ? relw[d][jj][r] : 0u, rel != nullptr);
           }
           unsigned b[MT][2];
 #pragma unroll
