@@ -205,7 +205,7 @@ struct Shape {
   static constexpr int BM = 8 * MT;               // token columns per block
   static constexpr int WR = MT >= 8 ? 2 : 1;      // 16-row tiles per warp
   static constexpr int BN = kWarps * 16 * WR;     // output rows per block
-  static constexpr int KC = MT >= 8 ? 256 : 512;  // K columns per shared-memory chunk
+  static constexpr int KC = MT >= 8 ? 256 : MT >= 4 ? 512 : 1024;  // K columns per shared-memory chunk
   static constexpr int LDS = KC + 8;              // row stride: B fragment loads hit 32 distinct banks
   static constexpr int D = WR == 1 ? 4 : 2;       // slabs of weights loaded ahead
   static constexpr int kSmemBytes = 2 * BM * LDS * 2;
@@ -293,6 +293,64 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
   // change every k16 step or two; wider ones once per slab at most.
   const bool per_step = bs && bs < SC;
 
+  struct Group {
+    uint4 wv[S::D][S::WR];
+    unsigned relw[S::D][STEPS][S::WR], zpw[S::D][STEPS][S::WR];
+  };
+  auto load_group = [&](Group& gr, std::int64_t kc0, std::int64_t slab0, int s0, int nslabs) {
+#pragma unroll
+    for (int d = 0; d < S::D; ++d) {
+#pragma unroll
+      for (int r = 0; r < S::WR; ++r) {
+        if (s0 + d >= nslabs) continue;
+        const std::int64_t tile = row0 / 16 + r;
+        gr.wv[d][r] = load_stream(codes + ((tile * slabs_total + slab0 + s0 + d) * 32 + lane));
+        if (!bs) continue;
+#pragma unroll
+        for (int j = 0; j < STEPS; ++j) {
+          if (j > 0 && !per_step) continue;
+          const std::int64_t at = (tile * nb + (kc0 + (s0 + d) * SC + 16 * j) / bs) * 8 + g;
+          if (rel) gr.relw[d][j][r] = __ldg(rel + at);
+          if (zp) gr.zpw[d][j][r] = __ldg(zp + at);
+        }
+      }
+    }
+  };
+  auto compute_group = [&](const Group& gr, const T* xb, std::int64_t kc0, int s0, int nslabs) {
+    (void)kc0;
+#pragma unroll
+    for (int d = 0; d < S::D; ++d) {
+      if (s0 + d >= nslabs) break;
+      const int kl = (s0 + d) * SC;
+#pragma unroll
+      for (int j = 0; j < STEPS; ++j) {
+        if (bs && (j == 0 || per_step)) {
+          // (select values, not an index: a run-time index would put the arrays in local memory)
+#pragma unroll
+          for (int r = 0; r < S::WR; ++r) {
+            const unsigned zw = zp ? (per_step ? gr.zpw[d][j][r] : gr.zpw[d][0][r]) : 0u;
+            const unsigned rw = rel ? (per_step ? gr.relw[d][j][r] : gr.relw[d][0][r]) : 0u;
+            bc[r].set(zw, zp != nullptr, rw, rel != nullptr);
+          }
+        }
+        unsigned b[MT][2];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const T* xr = xb + (m * 8 + g) * S::LDS + kl + 16 * j + 2 * c;
+          b[m][0] = *reinterpret_cast<const unsigned*>(xr);
+          b[m][1] = *reinterpret_cast<const unsigned*>(xr + 8);
+        }
+#pragma unroll
+        for (int r = 0; r < S::WR; ++r) {
+          unsigned a[4];
+          dequant<T, BITS>(gr.wv[d][r], j, bc[r], scaled, a);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) mma16816<T>(acc[r][m], a, b[m][0], b[m][1]);
+        }
+      }
+    }
+  };
+
   load_chunk(0, k_begin);
   cp_async_commit();
   for (int ch = 0; ch < nchunks; ++ch) {
@@ -304,54 +362,16 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
     const T* xb = xs + (ch & 1) * S::BM * S::LDS;
     const int nslabs = static_cast<int>((k_end - kc0 < S::KC ? k_end - kc0 : std::int64_t{S::KC}) / SC);
     const std::int64_t slab0 = kc0 / SC;
-    for (int s0 = 0; s0 < nslabs; s0 += S::D) {
-      uint4 wv[S::D][S::WR];
-      unsigned relw[S::D][STEPS][S::WR], zpw[S::D][STEPS][S::WR];
-#pragma unroll
-      for (int d = 0; d < S::D; ++d) {
-#pragma unroll
-        for (int r = 0; r < S::WR; ++r) {
-          if (s0 + d >= nslabs) continue;
-          const std::int64_t tile = row0 / 16 + r;
-          wv[d][r] = load_stream(codes + ((tile * slabs_total + slab0 + s0 + d) * 32 + lane));
-          if (!bs) continue;
-#pragma unroll
-          for (int j = 0; j < STEPS; ++j) {
-            if (j > 0 && !per_step) continue;
-            const std::int64_t at = (tile * nb + (kc0 + (s0 + d) * SC + 16 * j) / bs) * 8 + g;
-            if (rel) relw[d][j][r] = __ldg(rel + at);
-            if (zp) zpw[d][j][r] = __ldg(zp + at);
-          }
-        }
-      }
-#pragma unroll
-      for (int d = 0; d < S::D; ++d) {
-        if (s0 + d >= nslabs) break;
-        const int kl = (s0 + d) * SC;
-#pragma unroll
-        for (int j = 0; j < STEPS; ++j) {
-          if (bs && (j == 0 || per_step)) {
-            const int jj = per_step ? j : 0;
-#pragma unroll
-            for (int r = 0; r < S::WR; ++r)
-              bc[r].set(zp ? zpw[d][jj][r] : 0u, zp != nullptr, rel ? relw[d][jj][r] : 0u, rel != nullptr);
-          }
-          unsigned b[MT][2];
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            const T* xr = xb + (m * 8 + g) * S::LDS + kl + 16 * j + 2 * c;
-            b[m][0] = *reinterpret_cast<const unsigned*>(xr);
-            b[m][1] = *reinterpret_cast<const unsigned*>(xr + 8);
-          }
-#pragma unroll
-          for (int r = 0; r < S::WR; ++r) {
-            unsigned a[4];
-            dequant<T, BITS>(wv[d][r], j, bc[r], scaled, a);
-#pragma unroll
-            for (int m = 0; m < MT; ++m) mma16816<T>(acc[r][m], a, b[m][0], b[m][1]);
-          }
-        }
-      }
+    // Slab groups: the codes (and their scale words) of group i + 1 are in
+    // flight while group i is computed (two register sets, used alternately).
+    Group ga, gb;
+    load_group(ga, kc0, slab0, 0, nslabs);
+    for (int s0 = 0; s0 < nslabs; s0 += 2 * S::D) {
+      if (s0 + S::D < nslabs) load_group(gb, kc0, slab0, s0 + S::D, nslabs);
+      compute_group(ga, xb, kc0, s0, nslabs);
+      if (s0 + S::D >= nslabs) break;
+      if (s0 + 2 * S::D < nslabs) load_group(ga, kc0, slab0, s0 + 2 * S::D, nslabs);
+      compute_group(gb, xb, kc0, s0 + S::D, nslabs);
     }
     __syncthreads();
   }
