@@ -285,6 +285,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
   BlockConsts<T, BITS> bc[S::WR];
   const std::int64_t bs = p.g.block_size;
   const std::int64_t nb = p.g.blocks();
+  // block_size is a power of two: a shift, not a 64-bit division (a long subroutine on the GPU).
+  const int bshift = bs ? __ffsll(bs) - 1 : 0;
   if (!bs) {
 #pragma unroll
     for (int r = 0; r < S::WR; ++r) bc[r].set(zp ? zp[(row0 / 16 + r) * nb * 8 + g] : 0u, zp != nullptr, 0u, false);
@@ -309,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
 #pragma unroll
         for (int j = 0; j < STEPS; ++j) {
           if (j > 0 && !per_step) continue;
-          const std::int64_t at = (tile * nb + (kc0 + (s0 + d) * SC + 16 * j) / bs) * 8 + g;
+          const std::int64_t at = (tile * nb + ((kc0 + (s0 + d) * SC + 16 * j) >> bshift)) * 8 + g;
           if (rel) gr.relw[d][j][r] = __ldg(rel + at);
           if (zp) gr.zpw[d][j][r] = __ldg(zp + at);
         }
