@@ -14,6 +14,7 @@
 #include <mutex>
 
 #include "cuda/common.cuh"
+#include "cuda/convert.cuh"
 #include "cuda/gemm.h"
 
 namespace qmoe::cuda {
@@ -60,14 +61,10 @@ __device__ __forceinline__ unsigned and_or(unsigned x, unsigned mask, unsigned m
 }
 
 template <class T>
-__device__ __forceinline__ typename Types<T>::T2 splat(float v);
-template <>
-__device__ __forceinline__ __half2 splat<__half>(float v) {
-  return __float2half2_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat162 splat<__nv_bfloat16>(float v) {
-  return __float2bfloat162_rn(v);
+__device__ __forceinline__ typename Types<T>::T2 splat(float v) {
+  typename Types<T>::T2 r;
+  r.x = r.y = from_float<T>(v);
+  return r;
 }
 
 template <class T>
@@ -187,17 +184,6 @@ __device__ __forceinline__ float swiglu(const GemmProblem& p, float g, float l) 
   const float gg = p.limit < g ? p.limit : g;                             // min(g, limit), NaN stays NaN
   const float ll = l < -p.limit ? -p.limit : (p.limit < l ? p.limit : l);  // clamp, NaN stays NaN
   return sigmoid_mul(gg, p.alpha) * (ll + p.beta);
-}
-
-template <class T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 template <int MT>

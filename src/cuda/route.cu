@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
+#include "cuda/convert.cuh"
 #include "cuda/route.h"
 
 namespace qmoe::cuda {
@@ -138,17 +139,6 @@ __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
 }
 
 template <class T>
-__device__ __forceinline__ T to_act(float v);
-template <>
-__device__ __forceinline__ __half to_act<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_act<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <class T>
 __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                                std::int64_t bias_stride, int k, std::int64_t H, T* out, RouteBuffers b) {
   const std::int64_t t = blockIdx.x;
@@ -161,7 +151,7 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
       for (int s = 0; s < splits; ++s) y += y2[s * split_stride + pos * H + h];
       acc += b.topk_weight[pj] * y;
     }
-    out[t * H + h] = to_act<T>(acc);
+    out[t * H + h] = from_float<T>(acc);
   }
 }
 
