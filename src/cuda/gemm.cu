@@ -24,20 +24,24 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
-template <int MT>
+// SK, how scales change along K: 0 = one scale per row (row-wise), 1 = blocks
+// of a slab or more, 2 = blocks narrower than a slab (new words every k16 step
+// or two). A template parameter so each kind holds only the registers it needs.
+template <int MT, int SK>
 struct Shape {
   static constexpr int BM = 8 * MT;               // token columns per block
   static constexpr int WR = MT >= 8 ? 2 : 1;      // 16-row tiles per warp
   static constexpr int BN = kWarps * 16 * WR;     // output rows per block
   static constexpr int KC = MT >= 8 ? 256 : MT >= 4 ? 512 : 1024;  // K columns per shared-memory chunk
   static constexpr int LDS = KC + 8;              // row stride: B fragment loads hit 32 distinct banks
-  static constexpr int D = WR == 1 ? 4 : 2;       // slabs of weights loaded ahead
+  static constexpr int D = WR == 1 && SK < 2 ? 4 : 2;  // slabs of weights loaded ahead
   static constexpr int kSmemBytes = 2 * BM * LDS * 2;
+  static constexpr bool kBlockAcc = MT <= 4;      // block scales on float32 per-block accumulators
 };
 
-template <class T, int BITS, int MT>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
-  using S = Shape<MT>;
+template <class T, int BITS, int MT, int SK>
+__global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const GemmProblem p) {
+  using S = Shape<MT, SK>;
   constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
   constexpr int STEPS = SC / 16;           // k16 steps per slab
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -64,7 +68,6 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
   const unsigned short* zp =
       p.zero_points ? reinterpret_cast<const unsigned short*>(p.zero_points) + e * p.g.zp_pairs_per_expert()
                     : nullptr;
-  const bool scaled = rel != nullptr;
 
   // Tokens of this tile -> rows of x, loaded K chunk by K chunk into shared
   // memory (double-buffered). Columns past K are zero (they meet zero
@@ -103,62 +106,114 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
 
-  // Row-wise weights: one set of constants per row tile. Block-wise: the
-  // zero-point and relative-scale words are loaded together with the codes
-  // they belong to (a load in the dependent path would stall every block).
-  BlockConsts<T, BITS> bc[S::WR];
+  // Block-wise scales. Decode tiles (S::kBlockAcc) feed the tensor cores the
+  // exact integers q - z and apply each block's scale to a float32 per-block
+  // accumulator when the block ends: 4 FMAs per block instead of one half2
+  // multiply per register per k16 step, and no float16/bfloat16 rounding of
+  // the scaled weights. Prefill tiles (more accumulators than registers for a
+  // second set) scale the dequantized weights instead.
+  constexpr bool kBlockAcc = S::kBlockAcc;
+  float blk[S::kBlockAcc && SK != 0 ? S::WR : 1][S::kBlockAcc && SK != 0 ? MT : 1][4];
+  float bscale[S::WR][2];
   const std::int64_t bs = p.g.block_size;
   const std::int64_t nb = p.g.blocks();
   // block_size is a power of two: a shift, not a 64-bit division (a long subroutine on the GPU).
   const int bshift = bs ? __ffsll(bs) - 1 : 0;
-  if (!bs) {
+  // (block-wise weights always carry relative scales; row-wise never do)
+  constexpr bool block_acc = kBlockAcc && SK != 0;
+  constexpr bool hmul_scaled = !kBlockAcc && SK != 0;
+  if constexpr (kBlockAcc) {
 #pragma unroll
-    for (int r = 0; r < S::WR; ++r) bc[r].set(zp ? zp[(row0 / 16 + r) * nb * 8 + g] : 0u, zp != nullptr, 0u, false);
+    for (int r = 0; r < S::WR; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) blk[r][m][i] = 0.f;
+  }
+
+  // Per row tile: the lane's first code word and first scale / zero-point word.
+  const uint4* wbase[S::WR];
+  const unsigned* relbase[S::WR];
+  const unsigned short* zpbase[S::WR];
+  BlockConsts<T, BITS> bc[S::WR];
+#pragma unroll
+  for (int r = 0; r < S::WR; ++r) {
+    const std::int64_t tile = row0 / 16 + r;
+    wbase[r] = codes + tile * slabs_total * 32 + lane;
+    relbase[r] = rel ? rel + tile * nb * 8 + g : nullptr;
+    zpbase[r] = zp ? zp + tile * nb * 8 + g : nullptr;
+    // Row-wise: one set of constants per row tile (zero points only).
+    bc[r].set(zp && !bs ? zpbase[r][0] : 0u, zp != nullptr, 0u, false);
+    bscale[r][0] = bscale[r][1] = 1.f;
   }
   // Scale blocks narrower than a slab (16 or 32 columns at 4 bits, 16 at 8)
   // change every k16 step or two; wider ones once per slab at most.
-  const bool per_step = bs && bs < SC;
+  constexpr bool per_step = SK == 2;
 
   struct Group {
     uint4 wv[S::D][S::WR];
-    unsigned relw[S::D][STEPS][S::WR], zpw[S::D][STEPS][S::WR];
+    unsigned relw[S::D][per_step ? STEPS : 1][S::WR], zpw[S::D][per_step ? STEPS : 1][S::WR];
   };
-  auto load_group = [&](Group& gr, std::int64_t kc0, std::int64_t slab0, int s0, int nslabs) {
+  // Codes (and their scale words) are loaded together: a load in the
+  // dependent path would stall every block.
+  auto load_group = [&](Group& gr, std::int64_t kc0, int slab0, int s0, int nslabs) {
 #pragma unroll
     for (int d = 0; d < S::D; ++d) {
 #pragma unroll
       for (int r = 0; r < S::WR; ++r) {
         if (s0 + d >= nslabs) continue;
-        const std::int64_t tile = row0 / 16 + r;
-        gr.wv[d][r] = load_stream(codes + ((tile * slabs_total + slab0 + s0 + d) * 32 + lane));
-        if (!bs) continue;
+        gr.wv[d][r] = load_stream(wbase[r] + (slab0 + s0 + d) * 32);
+        if constexpr (SK != 0) {
 #pragma unroll
-        for (int j = 0; j < STEPS; ++j) {
-          if (j > 0 && !per_step) continue;
-          const std::int64_t at = (tile * nb + ((kc0 + (s0 + d) * SC + 16 * j) >> bshift)) * 8 + g;
-          if (rel) gr.relw[d][j][r] = __ldg(rel + at);
-          if (zp) gr.zpw[d][j][r] = __ldg(zp + at);
+          for (int j = 0; j < (per_step ? STEPS : 1); ++j) {
+            const int at = static_cast<int>((kc0 + (s0 + d) * SC + 16 * j) >> bshift) * 8;
+            if (rel) gr.relw[d][j][r] = __ldg(relbase[r] + at);
+            if (zp) gr.zpw[d][j][r] = __ldg(zpbase[r] + at);
+          }
         }
       }
     }
   };
+  // acc += blk * scale of the block just finished; blk = 0.
+  auto flush = [&] {
+    if constexpr (kBlockAcc) {
+#pragma unroll
+      for (int r = 0; r < S::WR; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            acc[r][m][i] = fmaf(blk[r][m][i], bscale[r][i >> 1], acc[r][m][i]);
+            blk[r][m][i] = 0.f;
+          }
+    }
+  };
+  bool first = true;  // the first k16 step of this block's K range may start mid scale-block
   auto compute_group = [&](const Group& gr, const T* xb, std::int64_t kc0, int s0, int nslabs) {
-    (void)kc0;
 #pragma unroll
     for (int d = 0; d < S::D; ++d) {
       if (s0 + d >= nslabs) break;
       const int kl = (s0 + d) * SC;
 #pragma unroll
       for (int j = 0; j < STEPS; ++j) {
-        if (bs && (j == 0 || per_step)) {
-          // (select values, not an index: a run-time index would put the arrays in local memory)
+        if (SK != 0 && (j == 0 || per_step)) {
+          const bool boundary = ((kc0 + kl + 16 * j) & (bs - 1)) == 0;
+          if (boundary || first) {
+            if (block_acc && !first) flush();
+            // (select values, not an index: a run-time index would put the arrays in local memory)
 #pragma unroll
-          for (int r = 0; r < S::WR; ++r) {
-            const unsigned zw = zp ? (per_step ? gr.zpw[d][j][r] : gr.zpw[d][0][r]) : 0u;
-            const unsigned rw = rel ? (per_step ? gr.relw[d][j][r] : gr.relw[d][0][r]) : 0u;
-            bc[r].set(zw, zp != nullptr, rw, rel != nullptr);
+            for (int r = 0; r < S::WR; ++r) {
+              const unsigned zw = zp ? gr.zpw[d][per_step ? j : 0][r] : 0u;
+              const unsigned rw = rel ? gr.relw[d][per_step ? j : 0][r] : 0u;
+              bc[r].set(zw, zp != nullptr, rw, hmul_scaled);
+              if constexpr (block_acc) {
+                bscale[r][0] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw & 0xffff)));
+                bscale[r][1] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw >> 16)));
+              }
+            }
           }
         }
+        first = false;
         unsigned b[MT][2];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -169,9 +224,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
 #pragma unroll
         for (int r = 0; r < S::WR; ++r) {
           unsigned a[4];
-          dequant<T, BITS>(gr.wv[d][r], j, bc[r], scaled, a);
+          dequant<T, BITS>(gr.wv[d][r], j, bc[r], hmul_scaled, a);
 #pragma unroll
-          for (int m = 0; m < MT; ++m) mma16816<T>(acc[r][m], a, b[m][0], b[m][1]);
+          for (int m = 0; m < MT; ++m) {
+            if constexpr (block_acc)
+              mma16816<T>(blk[r][m], a, b[m][0], b[m][1]);
+            else
+              mma16816<T>(acc[r][m], a, b[m][0], b[m][1]);
+          }
         }
       }
     }
@@ -187,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
     __syncthreads();
     const T* xb = xs + (ch & 1) * S::BM * S::LDS;
     const int nslabs = static_cast<int>((k_end - kc0 < S::KC ? k_end - kc0 : std::int64_t{S::KC}) / SC);
-    const std::int64_t slab0 = kc0 / SC;
+    const int slab0 = static_cast<int>(kc0 / SC);
     // Slab groups: the codes (and their scale words) of group i + 1 are in
     // flight while group i is computed (two register sets, used alternately).
     Group ga, gb;
@@ -201,6 +261,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
     }
     __syncthreads();
   }
+  if constexpr (block_acc) flush();
 
   // Epilogue. Lane (g, c) holds rows g and g + 8 of each 16-row tile for
   // token columns 2c and 2c + 1 of each 8-token group.
@@ -247,28 +308,36 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmProblem p) {
   }
 }
 
-template <class T, int BITS, int MT>
+template <class T, int BITS, int MT, int SK>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  using S = Shape<MT>;
+  using S = Shape<MT, SK>;
   static std::once_flag once;
   std::call_once(once, [] {
-    QMOE_CUDA_CHECK(cudaFuncSetAttribute(gemm_kernel<T, BITS, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    QMOE_CUDA_CHECK(cudaFuncSetAttribute(gemm_kernel<T, BITS, MT, SK>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          S::kSmemBytes));
   });
   const dim3 grid(static_cast<unsigned>(p.g.padded_rows / S::BN), static_cast<unsigned>(tile_capacity),
                   static_cast<unsigned>(p.fc1 ? 1 : p.splits));
-  gemm_kernel<T, BITS, MT><<<grid, kThreads, S::kSmemBytes, stream>>>(p);
+  gemm_kernel<T, BITS, MT, SK><<<grid, kThreads, S::kSmemBytes, stream>>>(p);
   QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T, int BITS, int SK>
+void launch_sk(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
+  switch (mt) {
+    case 1: return launch_one<T, BITS, 1, SK>(p, cap, s);
+    case 2: return launch_one<T, BITS, 2, SK>(p, cap, s);
+    case 4: return launch_one<T, BITS, 4, SK>(p, cap, s);
+    default: return launch_one<T, BITS, 8, SK>(p, cap, s);
+  }
 }
 
 template <class T, int BITS>
 void launch_bits(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  switch (mt) {
-    case 1: return launch_one<T, BITS, 1>(p, cap, s);
-    case 2: return launch_one<T, BITS, 2>(p, cap, s);
-    case 4: return launch_one<T, BITS, 4>(p, cap, s);
-    default: return launch_one<T, BITS, 8>(p, cap, s);
-  }
+  if (p.g.block_size == 0) return launch_sk<T, BITS, 0>(p, mt, cap, s);
+  if (p.g.block_size >= p.g.slab_cols()) return launch_sk<T, BITS, 1>(p, mt, cap, s);
+  return launch_sk<T, BITS, 2>(p, mt, cap, s);
 }
 
 template <class T>

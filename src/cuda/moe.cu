@@ -3,6 +3,7 @@
 // route -> plan -> FC1 (+bias, activation) -> FC2 (K-split partials) ->
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -11,6 +12,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cuda_moe.h"
 #include "cuda/gemm.h"
+#include "cuda/gemm_wgmma.h"
 #include "cuda/pack.h"
 #include "cuda/route.h"
 
@@ -92,11 +94,32 @@ bool available() noexcept {
   return n > 0;
 }
 
+// QMOE_CUDA_GEMM=auto (default) | mma | wgmma: which GEMM serves prefill
+// (many tokens per expert). Returns the average tokens per expert from which
+// the wgmma kernel runs (1e300: never).
+double pick_gemm_regime(int cc) {
+  constexpr double kWgmmaFrom = 48;  // below it, mma.sync's narrower token tiles waste less
+  const bool have = wgmma_available(cc);
+  const char* v = std::getenv("QMOE_CUDA_GEMM");
+  const std::string mode = v && *v ? v : "auto";
+  if (mode == "auto") return have ? kWgmmaFrom : 1e300;
+  if (mode == "mma") return 1e300;
+  if (mode == "wgmma") {
+    detail::require(have, "QMOE_CUDA_GEMM: \"wgmma\" needs an sm_90a build on a compute capability 9.0 device, got ",
+                    cc / 10, ".", cc % 10);
+    return 0;
+  }
+  detail::fail("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma, got \"", mode, "\"");
+}
+
 struct CudaMoe::State {
   MoeAttributes attrs;
   MoeShape shape;
   int device = 0;
   int sms = 132;
+  // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
+  // runs instead of mma.sync; INT_MAX when it is unavailable or turned off.
+  double wgmma_from = 1e300;
   std::int64_t chunk = 0;  // tokens per pass
   GpuGeometry g1, g2;
   DeviceBuffer packed;
@@ -177,6 +200,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   detail::require(prop.major >= 8, "device: the CUDA backend needs compute capability 8.0 or newer, device ", o.device,
                   " (", prop.name, ") has ", prop.major, ".", prop.minor);
   st.sms = prop.multiProcessorCount;
+  st.wgmma_from = pick_gemm_regime(prop.major * 10 + prop.minor);
 
   const std::int64_t E = s.num_experts, H = s.hidden, I = s.inter;
   const bool gated = a.activation == Activation::swiglu;
@@ -253,7 +277,8 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.arena = acquire_arena(o.device, st.ws_bytes);
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
-            std::to_string(a.expert_weight_bits) + " mma.sync";
+            std::to_string(a.expert_weight_bits) +
+            (st.wgmma_from < 1e300 ? " mma.sync+wgmma" : " mma.sync");
 }
 
 CudaMoe::~CudaMoe() = default;
@@ -307,10 +332,18 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     const void* mix = router_weights.present() ? static_cast<const char*>(router_weights.data) + t0 * E * es : nullptr;
     void* y = static_cast<char*>(out.data) + t0 * H * es;
 
-    launch_route(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, ws.rb, stream);
-    const int mt = pick_mt(static_cast<double>(pairs) / static_cast<double>(E));
-    const int bm = 8 * mt, bn = mt >= 8 ? 128 : 64;
-    launch_plan(tc, static_cast<int>(E), a.k, bm, ws.rb, stream);
+    const double avg = static_cast<double>(pairs) / static_cast<double>(E);
+    const bool wg = avg >= st.wgmma_from;
+    const int mt = pick_mt(avg);
+    const int bm = wg ? kWgmmaTileTokens : 8 * mt, bn = wg ? kWgmmaBlockRows : mt >= 8 ? 128 : 64;
+    auto gemm = [&](const GemmProblem& p, std::int64_t cap) {
+      if (wg)
+        launch_gemm_wgmma(p, dt, cap, stream);
+      else
+        launch_gemm(p, dt, mt, cap, stream);
+    };
+    launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, ws.rb,
+                      stream);
     const std::int64_t capacity = ceil_div(pairs, bm) + E;
 
     GemmProblem p1;
@@ -323,12 +356,14 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p1.fc1 = true, p1.out = ws.act, p1.out_stride = st.a_stride;
     p1.act = a.activation, p1.alpha = a.activation_alpha, p1.beta = a.activation_beta, p1.limit = a.swiglu_limit;
     p1.inter = st.shape.inter;
-    launch_gemm(p1, dt, mt, capacity, stream);
+    gemm(p1, capacity);
 
     // FC2: split K when the row tiles and the experts hit cannot fill the GPU.
     const std::int64_t kp2 = st.g2.padded_cols;
-    const std::int64_t blocks = st.g2.padded_rows / bn * std::min<std::int64_t>(pairs, E);
-    std::int64_t splits = std::max<std::int64_t>(1, ceil_div(2 * st.sms, blocks));
+    const std::int64_t blocks =
+        ceil_div(st.g2.padded_rows, bn) * std::max(std::min<std::int64_t>(pairs, E), ceil_div(pairs, bm));
+    const int per_sm = wg ? 1 : mt <= 2 ? 4 : 2;  // resident GEMM blocks per SM (launch bounds)
+    std::int64_t splits = std::max<std::int64_t>(1, ceil_div(per_sm * st.sms, blocks));
     splits = std::min({splits, kp2 / kKAlign, std::max<std::int64_t>(1, st.chunk / tc), std::int64_t{16}});
     const std::int64_t split_cols = round_up(ceil_div(kp2, splits), kKAlign);
     splits = ceil_div(kp2, split_cols);
@@ -340,7 +375,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.x_vec16 = st.shape.inter % 8 == 0;
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = static_cast<int>(splits), p2.split_cols = split_cols, p2.split_stride = pairs * H;
-    launch_gemm(p2, dt, mt, capacity, stream);
+    gemm(p2, capacity);
 
     launch_combine(ws.y2, static_cast<int>(splits), pairs * H, st.has_bias2 ? st.p2.bias : nullptr,
                    st.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, stream);

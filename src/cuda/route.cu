@@ -14,6 +14,10 @@ namespace qmoe::cuda {
 namespace {
 
 constexpr int kRouteWarps = 4;
+// The one-block route + plan + scatter: up to this many tokens, and experts
+// whose keys (32 warps) and counts fit the default 48 KB of shared memory.
+constexpr int kFusedRouteTokens = 128;
+constexpr int kFusedRouteExperts = 256;
 
 __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i) {
   switch (t) {
@@ -28,13 +32,9 @@ __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i
 // to the lower index; the softmax runs over all E logits; a +inf maximum
 // splits the mass evenly over the +inf logits; any NaN logit makes the
 // weights NaN (never a silent answer).
-__global__ void route_kernel(const void* logits, const void* mix, DType dt, std::int64_t tokens, int E, int k,
-                             bool normalize, RouteBuffers b) {
-  extern __shared__ float keys_all[];
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * kRouteWarps + warp;
-  if (t >= tokens) return;
-  float* keys = keys_all + warp * E;
+__device__ void route_token(const void* logits, const void* mix, DType dt, std::int64_t t, int E, int k,
+                            bool normalize, float* keys, int* counts, const RouteBuffers& b) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
   float mx = -INFINITY;
   bool has_nan = false;
   for (int e = lane; e < E; e += 32) {
@@ -80,7 +80,7 @@ __global__ void route_kernel(const void* logits, const void* mix, DType dt, std:
     if (lane == 0) {
       b.topk_expert[t * k + j] = bi;
       b.topk_weight[t * k + j] = w;
-      b.slot[t * k + j] = atomicAdd(&b.counts[bi], 1);
+      b.slot[t * k + j] = atomicAdd(&counts[bi], 1);
       keys[bi] = NAN;
     }
     __syncwarp();
@@ -89,14 +89,24 @@ __global__ void route_kernel(const void* logits, const void* mix, DType dt, std:
     for (int j = 0; j < k; ++j) b.topk_weight[t * k + j] /= wsum;
 }
 
+
+__global__ void route_kernel(const void* logits, const void* mix, DType dt, std::int64_t tokens, int E, int k,
+                             bool normalize, RouteBuffers b) {
+  extern __shared__ float keys_all[];
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (t >= tokens) return;
+  route_token(logits, mix, dt, t, E, k, normalize, keys_all + warp * E, b.counts, b);
+}
+
 // One block: exclusive offsets of the counts, and the m-tile list.
-__global__ void plan_kernel(int E, int bm, RouteBuffers b) {
+__device__ void plan_block(int E, int bm, const int* counts, const RouteBuffers& b) {
   __shared__ int s_cnt[32], s_til[32];
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int per = (E + nthreads - 1) / nthreads;
   const int e0 = tid * per, e1 = min(E, e0 + per);
   int cnt = 0, til = 0;
-  for (int e = e0; e < e1; ++e) cnt += b.counts[e], til += (b.counts[e] + bm - 1) / bm;
+  for (int e = e0; e < e1; ++e) cnt += counts[e], til += (counts[e] + bm - 1) / bm;
   // Block-wide exclusive scan of (cnt, til).
   const int lane = tid % 32, warp = tid / 32;
   int ic = cnt, it = til;
@@ -119,7 +129,7 @@ __global__ void plan_kernel(int E, int bm, RouteBuffers b) {
   int off = ic - cnt + (warp ? s_cnt[warp - 1] : 0);
   int toff = it - til + (warp ? s_til[warp - 1] : 0);
   for (int e = e0; e < e1; ++e) {
-    const int c = b.counts[e];
+    const int c = counts[e];
     b.offsets[e] = off;
     for (int m0 = 0; m0 < c; m0 += bm) b.tiles[toff++] = MTile{e, m0};
     off += c;
@@ -130,6 +140,8 @@ __global__ void plan_kernel(int E, int bm, RouteBuffers b) {
   }
 }
 
+__global__ void plan_kernel(int E, int bm, RouteBuffers b) { plan_block(E, bm, b.counts, b); }
+
 __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= pairs) return;
@@ -138,11 +150,36 @@ __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
   b.pos_of[i] = pos;
 }
 
+// Small calls: route, plan and scatter in one block, one launch instead of
+// four (at T = 1 the separate launches cost more than their work). The
+// counts live in shared memory, so no memset either.
+__global__ void route_plan_kernel(const void* logits, const void* mix, DType dt, int tokens, int E, int k,
+                                  bool normalize, int bm, RouteBuffers b) {
+  extern __shared__ float smem_f[];
+  int* counts = reinterpret_cast<int*>(smem_f);
+  float* keys = smem_f + E;
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int warps = nthreads / 32, warp = tid / 32;
+  for (int e = tid; e < E; e += nthreads) counts[e] = 0;
+  __syncthreads();
+  for (int t = warp; t < tokens; t += warps) route_token(logits, mix, dt, t, E, k, normalize, keys + warp * E, counts, b);
+  __syncthreads();
+  plan_block(E, bm, counts, b);
+  __syncthreads();
+  for (int i = tid; i < tokens * k; i += nthreads) {
+    const int pos = b.offsets[b.topk_expert[i]] + b.slot[i];
+    b.token_of[pos] = i / k;
+    b.pos_of[i] = pos;
+  }
+}
+
 template <class T>
 __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                                std::int64_t bias_stride, int k, std::int64_t H, T* out, RouteBuffers b) {
+  // Block (t, y) sums columns [y * blockDim, (y + 1) * blockDim) of token t.
   const std::int64_t t = blockIdx.x;
-  for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+  const std::int64_t h = static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (h < H) {
     float acc = 0.f;
     for (int j = 0; j < k; ++j) {
       const std::int64_t pj = t * k + j;
@@ -157,8 +194,16 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
 
 }  // namespace
 
-void launch_route(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
-                  bool normalize, const RouteBuffers& b, cudaStream_t stream) {
+void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
+                       bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream) {
+  const std::int64_t pairs = tokens * k;
+  if (tokens <= kFusedRouteTokens && experts <= kFusedRouteExperts) {
+    const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts) * (1 + 32);
+    route_plan_kernel<<<1, 1024, smem, stream>>>(logits, mix, dtype, static_cast<int>(tokens), experts, k, normalize,
+                                                 bm, b);
+    QMOE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   QMOE_CUDA_CHECK(cudaMemsetAsync(b.counts, 0, sizeof(int) * static_cast<std::size_t>(experts), stream));
   const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts) * kRouteWarps;
   if (smem > 48 * 1024)  // past the default dynamic shared-memory limit (E > 3072)
@@ -167,12 +212,8 @@ void launch_route(const void* logits, const void* mix, DType dtype, std::int64_t
   route_kernel<<<static_cast<unsigned>(ceil_div(tokens, kRouteWarps)), 32 * kRouteWarps, smem, stream>>>(
       logits, mix, dtype, tokens, experts, k, normalize, b);
   QMOE_CUDA_CHECK(cudaGetLastError());
-}
-
-void launch_plan(std::int64_t tokens, int experts, int k, int bm, const RouteBuffers& b, cudaStream_t stream) {
   plan_kernel<<<1, 1024, 0, stream>>>(experts, bm, b);
   QMOE_CUDA_CHECK(cudaGetLastError());
-  const std::int64_t pairs = tokens * k;
   scatter_kernel<<<static_cast<unsigned>(ceil_div(pairs, 256)), 256, 0, stream>>>(pairs, k, b);
   QMOE_CUDA_CHECK(cudaGetLastError());
 }
@@ -180,12 +221,13 @@ void launch_plan(std::int64_t tokens, int experts, int k, int bm, const RouteBuf
 void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                     std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out,
                     DType dtype, const RouteBuffers& b, cudaStream_t stream) {
-  const unsigned threads = hidden >= 1024 ? 1024 : static_cast<unsigned>(round_up(hidden, 32));
+  const unsigned threads = hidden >= 256 ? 256 : static_cast<unsigned>(round_up(hidden, 32));
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(hidden, threads)));
   if (dtype == DType::f16)
-    combine_kernel<__half><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+    combine_kernel<__half><<<grid, threads, 0, stream>>>(
         y2, splits, split_stride, bias2, bias_stride, k, hidden, static_cast<__half*>(out), b);
   else
-    combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+    combine_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
         y2, splits, split_stride, bias2, bias_stride, k, hidden, static_cast<__nv_bfloat16*>(out), b);
   QMOE_CUDA_CHECK(cudaGetLastError());
 }

@@ -14,7 +14,7 @@ struct RouteBuffers {
   int* topk_expert = nullptr;  ///< [T * k]
   float* topk_weight = nullptr;  ///< [T * k]
   int* slot = nullptr;          ///< [T * k] rank of the pair within its expert
-  int* counts = nullptr;        ///< [E] (zeroed by launch_route)
+  int* counts = nullptr;        ///< [E] (zeroed by launch_route_plan; unused by the one-block path)
   int* offsets = nullptr;       ///< [E + 1]
   MTile* tiles = nullptr;       ///< [capacity]
   int* num_tiles = nullptr;     ///< [1]
@@ -22,11 +22,11 @@ struct RouteBuffers {
   int* pos_of = nullptr;        ///< [T * k] (token, j) -> position
 };
 
-/// softmax + top-k (+ renormalize, router_weights) for T tokens; counts per expert.
-void launch_route(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
-                  bool normalize, const RouteBuffers& b, cudaStream_t stream);
-/// Exclusive offsets, then the m-tile list with tiles of `bm` tokens; then positions.
-void launch_plan(std::int64_t tokens, int experts, int k, int bm, const RouteBuffers& b, cudaStream_t stream);
+/// softmax + top-k (+ renormalize, router_weights) for T tokens, then the plan:
+/// exclusive offsets per expert, the m-tile list with tiles of `bm` tokens, and
+/// the position of every (token, j) pair. One launch for small calls.
+void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
+                       bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream);
 /// out[t] = sum_j w_j (bias2[e_j] + sum_s y2[s][pos(t, j)]), in j order; out in `dtype`.
 void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                     std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out,

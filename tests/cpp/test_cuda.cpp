@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -49,7 +50,37 @@ struct GpuCase {
   Case c;
   DType dt;
   bool mix;
+  const char* gemm = "auto";  ///< QMOE_CUDA_GEMM while the Layer is created
 };
+
+// Sets QMOE_CUDA_GEMM for the lifetime of the guard (read at Layer creation).
+class GemmMode {
+ public:
+  explicit GemmMode(const char* mode) {
+    const char* v = std::getenv("QMOE_CUDA_GEMM");
+    had_ = v != nullptr;
+    if (had_) old_ = v;
+    setenv("QMOE_CUDA_GEMM", mode, 1);
+  }
+  ~GemmMode() {
+    if (had_)
+      setenv("QMOE_CUDA_GEMM", old_.c_str(), 1);
+    else
+      unsetenv("QMOE_CUDA_GEMM");
+  }
+
+ private:
+  bool had_ = false;
+  std::string old_;
+};
+
+bool have_wgmma() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return major == 9 && minor == 0;
+}
 
 std::string case_name(const testing::TestParamInfo<GpuCase>& info) {
   const GpuCase& g = info.param;
@@ -57,7 +88,7 @@ std::string case_name(const testing::TestParamInfo<GpuCase>& info) {
                   std::to_string(g.c.block) + (g.c.sym ? "_sym" : "_zp") + "_" + activation_name(g.c.act) +
                   std::to_string(g.c.fusion) + "_k" + std::to_string(g.c.k) + "_H" + std::to_string(g.c.h) + "_I" +
                   std::to_string(g.c.in) + "_E" + std::to_string(g.c.e) + "_T" + std::to_string(g.c.t) +
-                  (g.mix ? "_mix" : "");
+                  (g.mix ? "_mix" : "") + (std::strcmp(g.gemm, "auto") ? std::string("_") + g.gemm : "");
   return n;
 }
 
@@ -68,6 +99,7 @@ class CudaParity : public testing::TestWithParam<GpuCase> {};
 TEST_P(CudaParity, MatchesReference) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const GpuCase& g = GetParam();
+  if (!std::strcmp(g.gemm, "wgmma") && !have_wgmma()) GTEST_SKIP() << "the wgmma kernel needs compute capability 9.0";
   const Case& c = g.c;
   const MoeAttributes a = c.attrs();
   const tools::SynthLayer s = c.layer();
@@ -79,7 +111,10 @@ TEST_P(CudaParity, MatchesReference) {
 
   LayerOptions o;
   o.backend = Backend::cuda;
-  const Layer layer(s.views(), a, o);
+  const Layer layer = [&] {
+    const GemmMode mode(g.gemm);
+    return Layer(s.views(), a, o);
+  }();
   Dev dx(xh), dl(lh), dm(mh), dy(xh.size() * 2);
   layer.forward_async(TensorView(dx.p, g.dt, {c.t, c.h}), TensorView(dl.p, g.dt, {c.t, c.e}),
                       g.mix ? TensorView(dm.p, g.dt, {c.t, c.e}) : TensorView{},
@@ -119,6 +154,21 @@ std::vector<GpuCase> sweep() {
     v.push_back({{4, 32, true, Activation::swiglu, 2, 2, 192, 96, 8, 300}, dt, false});
     v.push_back({{4, 64, false, Activation::swiglu, 0, 8, 128, 64, 16, 130}, dt, true});
   }
+  // Every case again on the sm_90a wgmma prefill kernel (forced, whatever the
+  // token count), and prefill-sized calls (several 128-token tiles per
+  // expert, row counts both multiples of 256 and not) on each kernel.
+  const std::size_t n = v.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    GpuCase w = v[i];
+    w.gemm = "wgmma";
+    v.push_back(w);
+  }
+  for (const char* gemm : {"auto", "mma", "wgmma"})
+    for (DType dt : {DType::f16, DType::bf16}) {
+      v.push_back({{4, 128, true, Activation::swiglu, 1, 2, 256, 384, 4, 600}, dt, false, gemm});
+      v.push_back({{8, 32, false, Activation::silu, 0, 2, 384, 128, 3, 400}, dt, false, gemm});
+      v.push_back({{4, 0, false, Activation::swiglu, 0, 1, 640, 320, 2, 513}, dt, true, gemm});
+    }
   return v;
 }
 
@@ -209,6 +259,11 @@ TEST_F(CudaLayer, BadInputsGiveClearErrors) {
   // A device that does not exist.
   o.device = 1000;
   EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("device: expected a CUDA device ordinal"),
+            std::string::npos);
+  // An unknown GEMM override is refused by name.
+  o.device = 0;
+  const GemmMode bogus("fastest");
+  EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma"),
             std::string::npos);
 }
 

@@ -1,0 +1,455 @@
+// The prefill grouped GEMM for Hopper (sm_90a): out^T = W x^T per (expert,
+// m-tile of 128 tokens) and row block, on wgmma.mma_async m64n128k16 with the
+// A operand (weights) in registers and B (tokens) in shared memory. Same
+// GemmProblem contract and epilogues as gemm_kernel (gemm.cu).
+//
+// Why this shape. Weights are 0.5 (int4) or 1 (int8) byte per element and
+// tokens 2, so a block covers many weight rows: 256 rows (two warpgroups, each
+// two m64 tiles: 2 x 64 float accumulators per thread) x 128 tokens (the wgmma
+// N). A token byte brought into shared memory then feeds 256 rows and a weight
+// byte 128 tokens. One block per SM (<= 255 registers x 256 threads).
+//
+// Why the A operand comes from registers. wgmma's register A fragment of warp
+// w (rows 16w..16w+15 of the m64 tile) is the mma.m16n8k16 A fragment, which is
+// what layout.h stores per 16-row tile: a warp's 16-byte lane read of a slab
+// gives, after dequant() (mma_common.cuh, unchanged: relative scales are
+// multiplied into A per k16 step), the A registers of 4 (int4) or 2 (int8) k16
+// steps. The dequantization of step s+1 runs while the wgmmas of step s run
+// (two A register sets; wgmma.wait_group 1 before overwriting one).
+//
+// Pipeline. K advances in stages of 64 columns (one 128-byte row of tokens per
+// token = one 128B swizzle atom row): tokens (gathered rows, 16 KB), the codes
+// of the block's 16 row tiles (8 or 16 KB) and their scale-block words are
+// copied global -> shared with cp.async, kStages deep, so every load is in
+// flight kStages - 2 stages ahead; one __syncthreads per stage. Tokens are
+// stored in the canonical K-major 128B-swizzle layout of the wgmma matrix
+// descriptor: token n, 16-byte chunk q at n * 128 + ((q ^ (n % 8)) * 16) in a
+// 1024-byte aligned 16 KB tile (8-row groups 1024 bytes apart = SBO).
+//
+// Grid. 1-D, tile fastest: block b -> (group of 8 m-tiles, row block, tile in
+// group) = (b / 8 / row_blocks, b / 8 % row_blocks, b % 8), K split = z (FC2).
+// Blocks running together share one group's tokens and each weight row block
+// is read from DRAM once per group of 8 m-tiles (8 blocks read it together).
+//
+// Determinism: an output value depends only on its own token's column; the K
+// order is fixed.
+#include "cuda/gemm_wgmma.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <mutex>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+#include "cuda/mma_common.cuh"
+
+// The kernel body exists only in the sm_90a device pass (wgmma is an
+// architecture-specific feature); elsewhere the kernel is an empty stub and
+// wgmma_available() says so.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QMOE_WGMMA_BODY 1
+#else
+#define QMOE_WGMMA_BODY 0
+#endif
+
+namespace qmoe::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;                    // two warpgroups
+constexpr int kTok = kWgmmaTileTokens;           // token columns per block (wgmma N)
+constexpr int kRows = kWgmmaBlockRows;           // weight rows per block
+constexpr int kTiles = kRows / kTileRows;        // 16-row tiles of layout.h per block
+constexpr int kKC = 64;                          // K columns per pipeline stage
+constexpr int kGroup = 8;                        // m-tiles per L2 group (grid order)
+constexpr int kMaxScaleBlocks = 4;               // scale blocks per stage (block size 16)
+static_assert(kTok == 128 && kRows == 256, "the kernel is written for 128 tokens x 256 rows");
+
+template <int BITS>
+struct WShape {
+  static constexpr int kSlabs = BITS == 4 ? 1 : 2;  // layout.h slabs per stage (64 K columns)
+  static constexpr int kStages = BITS == 4 ? 6 : 5;
+  static constexpr int kXBytes = kTok * kKC * 2;                      // tokens, 128B-swizzled
+  static constexpr int kWBytes = kTiles * kSlabs * 512;               // codes, [tile][slab][lane][16 B]
+  static constexpr int kRelBytes = kTiles * kMaxScaleBlocks * 32;     // [tile][block][g] u32
+  static constexpr int kZpBytes = kTiles * kMaxScaleBlocks * 16;      // [tile][block][g] u8 pair
+  static constexpr int kStageBytes = kXBytes + kWBytes + kRelBytes + kZpBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;     // + room to align to 1024
+  static_assert(kKC * 2 == 128, "a stage is one 128-byte swizzle row per token");
+  static_assert(kXBytes % 1024 == 0, "token stages must stay 1024-byte aligned (128B swizzle atoms)");
+  static_assert(kSmemBytes <= 227 * 1024, "over the sm_90 shared memory per block");
+};
+
+#if QMOE_WGMMA_BODY
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// cp.async writes shared memory through the generic proxy, wgmma reads it
+// through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Keeps the compiler from moving accesses of an accumulator across this point
+// (the wgmma asm statements "write" them at issue; they are final only after
+// wgmma.wait_group).
+__device__ __forceinline__ void touch(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Matrix descriptor of a K-major, 128B-swizzled B tile at shared address
+// `saddr` (1024-byte aligned, so the base offset is 0): start address >> 4 in
+// bits 0-13, leading byte offset unused for swizzled K-major layouts (1),
+// stride byte offset 1024 >> 4 (8 rows of 128 bytes) in bits 32-45, swizzle
+// mode 1 (128B) in bits 62-63.
+__device__ __forceinline__ std::uint64_t b_desc(unsigned saddr) {
+  return static_cast<std::uint64_t>((saddr & 0x3FFFFu) >> 4) | (std::uint64_t{1} << 16) |
+         (std::uint64_t{1024 >> 4} << 32) | (std::uint64_t{1} << 62);
+}
+
+#define QMOE_D8(b)                                                                                           \
+  "+f"(d[(b) + 0]), "+f"(d[(b) + 1]), "+f"(d[(b) + 2]), "+f"(d[(b) + 3]), "+f"(d[(b) + 4]), "+f"(d[(b) + 5]), \
+      "+f"(d[(b) + 6]), "+f"(d[(b) + 7])
+#define QMOE_WGMMA_M64N128K16_RS(TY)                                                                              \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                               \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                                    \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "  \
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
+      "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}," \
+      " {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                              \
+      : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24), QMOE_D8(32), QMOE_D8(40), QMOE_D8(48), QMOE_D8(56)     \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+
+// D[64 x 128] += A[64 x 16] (registers, mma.m16n8k16 A fragment per warp) x
+// B[16 x 128] (shared memory, descriptor). Thread (warp w, g, c) holds
+// d[4i + t] = D[16w + g][8i + 2c + t], d[4i + 2 + t] = D[16w + g + 8][8i + 2c + t].
+template <class T>
+__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], const unsigned (&a)[4], std::uint64_t desc) {
+  if constexpr (std::is_same_v<T, __half>) {
+    QMOE_WGMMA_M64N128K16_RS("f16");
+  } else {
+    QMOE_WGMMA_M64N128K16_RS("bf16");
+  }
+}
+#undef QMOE_WGMMA_M64N128K16_RS
+#undef QMOE_D8
+
+#endif  // QMOE_WGMMA_BODY
+
+template <class T, int BITS>
+__global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProblem p, int row_blocks) {
+#if QMOE_WGMMA_BODY
+  using S = WShape<BITS>;
+  constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
+  constexpr int kStages = S::kStages;
+  // Element offset of each token's row in x; -1 past the tile's tokens. (Its
+  // static size also tells the host that this body was compiled.)
+  __shared__ long long s_row[kTok];
+  extern __shared__ unsigned char smem_raw[];
+
+  const unsigned bx = blockIdx.x;
+  const unsigned rest = bx / kGroup;
+  const int rb = static_cast<int>(rest % static_cast<unsigned>(row_blocks));
+  const int tile = static_cast<int>(rest / static_cast<unsigned>(row_blocks)) * kGroup + static_cast<int>(bx % kGroup);
+  if (tile >= *p.num_tiles) return;
+  const MTile mt = p.tiles[tile];
+  const int e = mt.expert;
+  const int pos0 = p.offsets[e] + mt.m0;
+  const int rows_here = min(kTok, p.offsets[e + 1] - pos0);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
+  const int g = lane / 4, c = lane % 4;
+
+  // Shared memory: [stage] tokens | [stage] codes | [stage] rel words | [stage] zp pairs.
+  const unsigned raw_s = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  const unsigned base_s = (raw_s + 1023u) & ~1023u;
+  unsigned char* const base = smem_raw + (base_s - raw_s);
+  unsigned char* const xs0 = base;
+  unsigned char* const ws0 = xs0 + kStages * S::kXBytes;
+  unsigned char* const rs0 = ws0 + kStages * S::kWBytes;
+  unsigned char* const zs0 = rs0 + kStages * S::kRelBytes;
+
+  if (tid < kTok) {
+    long long off = -1;
+    if (tid < rows_here) off = static_cast<long long>(p.gather ? p.gather[pos0 + tid] : pos0 + tid) * p.x_stride;
+    s_row[tid] = off;
+  }
+
+  const std::int64_t kp = p.g.padded_cols;
+  const std::int64_t k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
+  const std::int64_t k_end = p.fc1 ? kp : (kp < k_begin + p.split_cols ? kp : k_begin + p.split_cols);
+  const int nchunks = k_end > k_begin ? static_cast<int>((k_end - k_begin) / kKC) : 0;
+
+  // Row tiles of this block; when the matrix ends after the first 128 rows,
+  // the second warpgroup re-reads the first half (valid memory) and stores nothing.
+  const std::int64_t tiles_total = p.g.tiles();
+  const std::int64_t rt0 = static_cast<std::int64_t>(rb) * kTiles;
+  const bool full = rt0 + kTiles <= tiles_total;
+  auto tile_of = [&](int tl) { return rt0 + (full ? tl : (tl & 7)); };
+
+  const std::int64_t slabs_total = p.g.slabs();
+  const unsigned char* const codes = p.codes + e * p.g.code_bytes_per_expert();
+  const unsigned char* const rel =
+      p.rel_scales ? reinterpret_cast<const unsigned char*>(p.rel_scales) + e * p.g.rel_scale_words_per_expert() * 4
+                   : nullptr;
+  const unsigned char* const zp =
+      p.zero_points ? p.zero_points + e * p.g.zp_pairs_per_expert() * 2 : nullptr;
+  const bool scaled = rel != nullptr;
+  const int bs = p.g.block_size;
+  const std::int64_t nb = p.g.blocks();
+  const int bshift = bs ? __ffs(bs) - 1 : 0;  // block_size is a power of two
+  // Scale blocks per stage: 1 for blocks of >= 64 columns, else 64 / bs.
+  const int nbc_shift = bs && bs < kKC ? 6 - bshift : 0;
+  const bool per_step = bs && bs < kKC;  // scale block changes inside a stage
+
+  const T* const x = static_cast<const T*>(p.x);
+  const std::int64_t kvalid = p.g.cols;
+
+  // Stage `cc` of the K loop -> shared memory stage cc % kStages, as one cp.async group.
+  auto issue = [&](int cc) {
+    if (cc < nchunks) {
+      const int st = cc % kStages;
+      const std::int64_t k0 = k_begin + static_cast<std::int64_t>(cc) * kKC;
+      unsigned char* const xs = xs0 + st * S::kXBytes;
+      if (p.x_vec16) {
+        // Thread -> 16-byte chunk q = tid % 8 of tokens tid / 8 + 32 i (same n % 8).
+        const int q = tid & 7, n0 = tid >> 3;
+        const int swz = (q ^ (n0 & 7)) << 4;
+        const std::int64_t kk = k0 + 8 * q;
+        const bool in = kk < kvalid;
+#pragma unroll
+        for (int i = 0; i < kTok / 32; ++i) {
+          const int n = n0 + 32 * i;
+          const long long off = s_row[n];
+          if (off < 0) continue;
+          cp_async16(xs + n * 128 + swz, x + off + (in ? kk : 0), in ? 16 : 0);
+        }
+      } else {
+        for (int v = tid; v < kTok * kKC; v += kThreads) {
+          const int n = v / kKC, kc = v % kKC;
+          const long long off = s_row[n];
+          if (off < 0) continue;
+          const std::int64_t kk = k0 + kc;
+          const T val = kk < kvalid ? x[off + kk] : from_float<T>(0.f);
+          *reinterpret_cast<T*>(xs + n * 128 + ((((kc >> 3) ^ (n & 7)) << 4) | ((kc & 7) * 2))) = val;
+        }
+      }
+      // Codes: per row tile, kSlabs slabs of 512 bytes, contiguous in global memory.
+      unsigned char* const ws = ws0 + st * S::kWBytes;
+      const std::int64_t slab0 = k0 / SC;
+#pragma unroll
+      for (int i = 0; i < kTiles * S::kSlabs * 32 / kThreads; ++i) {
+        const int v = tid + kThreads * i;
+        const int tl = v / (S::kSlabs * 32), within = v % (S::kSlabs * 32);
+        cp_async16(ws + v * 16, codes + ((tile_of(tl) * slabs_total + slab0) * 32 + within) * 16, 16);
+      }
+      if (bs) {
+        // Scale-block words of the stage's blocks (consecutive blocks of a tile are contiguous).
+        const std::int64_t blk0 = k0 >> bshift;
+        const int nbc = 1 << nbc_shift;
+        if (rel && tid < kTiles * 2 * nbc) {  // relative scales: 32 bytes per (tile, block)
+          const int tl = tid >> (1 + nbc_shift), w = tid & (2 * nbc - 1);
+          cp_async16(rs0 + st * S::kRelBytes + tl * (kMaxScaleBlocks * 32) + w * 16,
+                     rel + ((tile_of(tl) * nb + blk0) * 8) * 4 + w * 16, 16);
+        }
+        if (zp && tid >= 128 && tid < 128 + kTiles * nbc) {  // zero points: 16 bytes per (tile, block)
+          const int v = tid - 128;
+          const int tl = v >> nbc_shift, bl = v & (nbc - 1);
+          cp_async16(zs0 + st * S::kZpBytes + (tl * kMaxScaleBlocks + bl) * 16,
+                     zp + ((tile_of(tl) * nb + blk0 + bl) * 8) * 2, 16);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  // This thread's two m64 tiles: local row tiles wg * 8 + m * 4 + warp.
+  int tl_of[2];
+  BlockConsts<T, BITS> bc[2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    tl_of[m] = wg * 8 + m * 4 + warp;
+    // Row-wise weights: one set of constants for the whole K range.
+    if (!bs) {
+      const unsigned zw =
+          zp ? reinterpret_cast<const unsigned short*>(zp)[tile_of(tl_of[m]) * nb * 8 + g] : 0u;
+      bc[m].set(zw, zp != nullptr, 0u, false);
+    }
+  }
+
+  float acc[2][64];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[m][i] = 0.f;
+
+  __syncthreads();  // s_row
+#pragma unroll 1
+  for (int cc = 0; cc < kStages - 2; ++cc) issue(cc);
+
+  unsigned afr[2][2][4];  // [step parity][m64 tile][register]: two A sets, used alternately
+  int st = 0;
+#pragma unroll 1
+  for (int ch = 0; ch < nchunks; ++ch) {
+    cp_async_wait<kStages - 3>();  // this thread's copies of stage ch have landed
+    fence_proxy_async();
+    __syncthreads();  // everyone's copies landed; stage ch - 2 is no longer read by any wgmma
+    issue(ch + kStages - 2);
+
+    const unsigned char* const ws = ws0 + st * S::kWBytes;
+    const unsigned* const rsw = reinterpret_cast<const unsigned*>(rs0 + st * S::kRelBytes);
+    const unsigned short* const zsw = reinterpret_cast<const unsigned short*>(zs0 + st * S::kZpBytes);
+    const std::uint64_t desc = b_desc(base_s + st * S::kXBytes);
+    uint4 wv[2][S::kSlabs];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int sl = 0; sl < S::kSlabs; ++sl)
+        wv[m][sl] = *reinterpret_cast<const uint4*>(ws + ((tl_of[m] * S::kSlabs + sl) * 32 + lane) * 16);
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // k16 steps of the stage
+      if (bs && (j == 0 || per_step)) {
+        const int bl = per_step ? (16 * j) >> bshift : 0;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int at = (tl_of[m] * kMaxScaleBlocks + bl) * 8 + g;
+          const unsigned rw = rel ? rsw[at] : 0u;
+          const unsigned zw = zp ? zsw[at] : 0u;
+          bc[m].set(zw, zp != nullptr, rw, scaled);
+        }
+      }
+      wgmma_wait<1>();  // the wgmmas of step s - 2 (the last readers of afr[j & 1]) are done
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        if constexpr (BITS == 4) {
+          dequant<T, BITS>(wv[m][0], j, bc[m], scaled, afr[j & 1][m]);
+        } else {
+          dequant<T, BITS>(wv[m][j >> 1], j & 1, bc[m], scaled, afr[j & 1][m]);
+        }
+      }
+      wgmma_fence();  // A registers (and at the first step the zeroed accumulators) written
+      // +32 bytes (2 in descriptor units) per k16 step inside the 128-byte swizzled rows.
+      wgmma_m64n128<T>(acc[0], afr[j & 1][0], desc + 2 * j);
+      wgmma_m64n128<T>(acc[1], afr[j & 1][1], desc + 2 * j);
+      wgmma_commit();
+    }
+    st = st + 1 == kStages ? 0 : st + 1;
+  }
+  wgmma_wait<0>();
+  cp_async_wait<0>();
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) touch(acc[m][i]);
+
+  // Epilogue: thread (warp, g, c) of m64 tile m holds rows g and g + 8 of row
+  // tile rt0 + tl_of[m], token columns 8i + 2c + t (t = 0, 1) of each n8 block i.
+  if (wg == 1 && !full) return;
+  const float* rs = p.row_scales + e * p.g.padded_rows;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const std::int64_t rtile = rt0 + tl_of[m];
+    const std::int64_t ra = rtile * 16 + g, rb = ra + 8;
+    const float sa = rs[ra], sb = rs[rb];
+    if (p.fc1) {
+      const float* bias = p.bias + e * p.g.padded_rows;
+      const float ba = bias[ra], bb = bias[rb];
+      T* out = static_cast<T*>(p.out);
+#pragma unroll
+      for (int i = 0; i < kTok / 8; ++i) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int tok = i * 8 + 2 * c + t;
+          if (tok >= rows_here) continue;
+          const float ha = acc[m][4 * i + t] * sa + ba, hb = acc[m][4 * i + 2 + t] * sb + bb;
+          T* orow = out + static_cast<std::int64_t>(pos0 + tok) * p.out_stride;
+          if (p.g.gated) {
+            const std::int64_t col = rtile * 8 + g;
+            if (col < p.inter) orow[col] = from_float<T>(swiglu(p, ha, hb));
+          } else {
+            if (ra < p.g.rows) orow[ra] = from_float<T>(activate(p, ha));
+            if (rb < p.g.rows) orow[rb] = from_float<T>(activate(p, hb));
+          }
+        }
+      }
+    } else {
+      float* out = static_cast<float*>(p.out) + static_cast<std::int64_t>(blockIdx.z) * p.split_stride;
+#pragma unroll
+      for (int i = 0; i < kTok / 8; ++i) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int tok = i * 8 + 2 * c + t;
+          if (tok >= rows_here) continue;
+          float* orow = out + static_cast<std::int64_t>(pos0 + tok) * p.out_stride;
+          if (ra < p.g.rows) orow[ra] = acc[m][4 * i + t] * sa;
+          if (rb < p.g.rows) orow[rb] = acc[m][4 * i + 2 + t] * sb;
+        }
+      }
+    }
+  }
+#else
+  (void)p;
+  (void)row_blocks;
+#endif
+}
+
+constexpr int kMaxDevices = 64;
+
+template <class T, int BITS>
+void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
+  using S = WShape<BITS>;
+  // The shared memory opt-in is per device; set it once per device.
+  static std::once_flag once[kMaxDevices];
+  int dev = 0;
+  QMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  auto opt_in = [] {
+    QMOE_CUDA_CHECK(
+        cudaFuncSetAttribute(gemm_wgmma_kernel<T, BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
+  };
+  if (dev >= 0 && dev < kMaxDevices) {
+    std::call_once(once[dev], opt_in);
+  } else {
+    opt_in();
+  }
+  const std::int64_t row_blocks = ceil_div(p.g.padded_rows, kRows);
+  const std::int64_t blocks = ceil_div(tile_capacity, kGroup) * row_blocks * kGroup;
+  detail::require(blocks <= INT_MAX, "wgmma GEMM: grid of ", blocks, " blocks is too large");
+  const int splits = p.fc1 ? 1 : p.splits;
+  detail::require(splits >= 1 && splits <= 65535, "wgmma GEMM: bad split count ", splits);
+  const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(splits));
+  gemm_wgmma_kernel<T, BITS><<<grid, kThreads, S::kSmemBytes, stream>>>(p, static_cast<int>(row_blocks));
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T>
+void launch_dtype(const GemmProblem& p, std::int64_t cap, cudaStream_t s) {
+  if (p.g.bits == 4) return launch_one<T, 4>(p, cap, s);
+  return launch_one<T, 8>(p, cap, s);
+}
+
+}  // namespace
+
+bool wgmma_available(int cc) {
+  if (cc != 90) return false;
+  // The sm_90a body declares static shared memory (s_row); the stub compiled
+  // for any other target (an sm_80-only build JIT-compiled for this device,
+  // or plain compute_90) declares none.
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, gemm_wgmma_kernel<__nv_bfloat16, 4>) != cudaSuccess) {
+    cudaGetLastError();  // clear
+    return false;
+  }
+  return a.sharedSizeBytes >= sizeof(long long) * kTok;
+}
+
+void launch_gemm_wgmma(const GemmProblem& p, DType dtype, std::int64_t tile_capacity, cudaStream_t stream) {
+  if (tile_capacity <= 0) return;
+  if (dtype == DType::f16) return launch_dtype<__half>(p, tile_capacity, stream);
+  return launch_dtype<__nv_bfloat16>(p, tile_capacity, stream);
+}
+
+}  // namespace qmoe::cuda
