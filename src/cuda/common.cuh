@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "core/check.h"
 
@@ -62,6 +63,24 @@ class DeviceBuffer {
   void* p_ = nullptr;
   std::size_t bytes_ = 0;
 };
+
+/// Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current
+/// device, once per (kernel, device): the attribute is per device. The kernel
+/// is a template argument so each kernel has its own flags.
+template <auto kernel>
+void opt_in_smem(int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  int dev = 0;
+  QMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  auto set = [&] {
+    QMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  };
+  if (dev >= 0 && dev < kMaxDevices)
+    std::call_once(once[dev], set);
+  else
+    set();
+}
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 inline std::int64_t ceil_div(std::int64_t x, std::int64_t m) { return (x + m - 1) / m; }

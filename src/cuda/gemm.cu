@@ -11,8 +11,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <mutex>
-
 #include "cuda/common.cuh"
 #include "cuda/gemm.h"
 #include "cuda/mma_common.cuh"
@@ -311,12 +309,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const G
 template <class T, int BITS, int MT, int SK>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
   using S = Shape<MT, SK>;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    QMOE_CUDA_CHECK(cudaFuncSetAttribute(gemm_kernel<T, BITS, MT, SK>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         S::kSmemBytes));
-  });
+  opt_in_smem<gemm_kernel<T, BITS, MT, SK>>(S::kSmemBytes);
   const dim3 grid(static_cast<unsigned>(p.g.padded_rows / S::BN), static_cast<unsigned>(tile_capacity),
                   static_cast<unsigned>(p.fc1 ? 1 : p.splits));
   gemm_kernel<T, BITS, MT, SK><<<grid, kThreads, S::kSmemBytes, stream>>>(p);

@@ -39,7 +39,6 @@
 #include <cuda_fp16.h>
 
 #include <climits>
-#include <mutex>
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -397,24 +396,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 #endif
 }
 
-constexpr int kMaxDevices = 64;
-
 template <class T, int BITS>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
   using S = WShape<BITS>;
-  // The shared memory opt-in is per device; set it once per device.
-  static std::once_flag once[kMaxDevices];
-  int dev = 0;
-  QMOE_CUDA_CHECK(cudaGetDevice(&dev));
-  auto opt_in = [] {
-    QMOE_CUDA_CHECK(
-        cudaFuncSetAttribute(gemm_wgmma_kernel<T, BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
-  };
-  if (dev >= 0 && dev < kMaxDevices) {
-    std::call_once(once[dev], opt_in);
-  } else {
-    opt_in();
-  }
+  opt_in_smem<gemm_wgmma_kernel<T, BITS>>(S::kSmemBytes);
   const std::int64_t row_blocks = ceil_div(p.g.padded_rows, kRows);
   const std::int64_t blocks = ceil_div(tile_capacity, kGroup) * row_blocks * kGroup;
   detail::require(blocks <= INT_MAX, "wgmma GEMM: grid of ", blocks, " blocks is too large");
