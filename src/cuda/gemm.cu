@@ -96,13 +96,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const G
     }
   };
 
-  float acc[S::WR][MT][4];
-#pragma unroll
-  for (int r = 0; r < S::WR; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][m][i] = 0.f;
+  float acc[S::WR][MT][4] = {};
 
   // Block-wise scales. Decode tiles (S::kBlockAcc) feed the tensor cores the
   // exact integers q - z and apply each block's scale to a float32 per-block
@@ -110,24 +104,15 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const G
   // multiply per register per k16 step, and no float16/bfloat16 rounding of
   // the scaled weights. Prefill tiles (more accumulators than registers for a
   // second set) scale the dequantized weights instead.
-  constexpr bool kBlockAcc = S::kBlockAcc;
-  float blk[S::kBlockAcc && SK != 0 ? S::WR : 1][S::kBlockAcc && SK != 0 ? MT : 1][4];
+  // (block-wise weights always carry relative scales; row-wise never do)
+  constexpr bool block_acc = S::kBlockAcc && SK != 0;
+  constexpr bool hmul_scaled = !S::kBlockAcc && SK != 0;
+  float blk[block_acc ? S::WR : 1][block_acc ? MT : 1][4] = {};
   float bscale[S::WR][2];
   const std::int64_t bs = p.g.block_size;
   const std::int64_t nb = p.g.blocks();
   // block_size is a power of two: a shift, not a 64-bit division (a long subroutine on the GPU).
   const int bshift = bs ? __ffsll(bs) - 1 : 0;
-  // (block-wise weights always carry relative scales; row-wise never do)
-  constexpr bool block_acc = kBlockAcc && SK != 0;
-  constexpr bool hmul_scaled = !kBlockAcc && SK != 0;
-  if constexpr (kBlockAcc) {
-#pragma unroll
-    for (int r = 0; r < S::WR; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) blk[r][m][i] = 0.f;
-  }
 
   // Per row tile: the lane's first code word and first scale / zero-point word.
   const uint4* wbase[S::WR];
@@ -174,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const G
   };
   // acc += blk * scale of the block just finished; blk = 0.
   auto flush = [&] {
-    if constexpr (kBlockAcc) {
+    if constexpr (block_acc) {
 #pragma unroll
       for (int r = 0; r < S::WR; ++r)
 #pragma unroll
@@ -261,49 +246,10 @@ __global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const G
   }
   if constexpr (block_acc) flush();
 
-  // Epilogue. Lane (g, c) holds rows g and g + 8 of each 16-row tile for
-  // token columns 2c and 2c + 1 of each 8-token group.
-  const float* rs = p.row_scales + e * p.g.padded_rows;
+  // Epilogue: each warp's 16-row tiles, MT groups of 8 token columns.
 #pragma unroll
-  for (int r = 0; r < S::WR; ++r) {
-    const std::int64_t ra = row0 + 16 * r + g, rb = ra + 8;
-    const float sa = rs[ra], sb = rs[rb];
-    if (p.fc1) {
-      const float* bias = p.bias + e * p.g.padded_rows;
-      const float ba = bias[ra], bb = bias[rb];
-      T* out = static_cast<T*>(p.out);
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int tok = m * 8 + 2 * c + t;
-          if (tok >= rows_here) continue;
-          const float ha = acc[r][m][t] * sa + ba, hb = acc[r][m][2 + t] * sb + bb;
-          T* orow = out + (pos0 + tok) * p.out_stride;
-          if (p.g.gated) {
-            const std::int64_t i = (row0 / 16 + r) * 8 + g;
-            if (i < p.inter) orow[i] = from_float<T>(swiglu(p, ha, hb));
-          } else {
-            if (ra < p.g.rows) orow[ra] = from_float<T>(activate(p, ha));
-            if (rb < p.g.rows) orow[rb] = from_float<T>(activate(p, hb));
-          }
-        }
-      }
-    } else {
-      float* out = static_cast<float*>(p.out) + static_cast<std::int64_t>(blockIdx.z) * p.split_stride;
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int tok = m * 8 + 2 * c + t;
-          if (tok >= rows_here) continue;
-          float* orow = out + (pos0 + tok) * p.out_stride;
-          if (ra < p.g.rows) orow[ra] = acc[r][m][t] * sa;
-          if (rb < p.g.rows) orow[rb] = acc[r][m][2 + t] * sb;
-        }
-      }
-    }
-  }
+  for (int r = 0; r < S::WR; ++r)
+    store_tile<T, MT>(p, &acc[r][0][0], e, row0 / 16 + r, pos0, rows_here, g, c);
 }
 
 template <class T, int BITS, int MT, int SK>

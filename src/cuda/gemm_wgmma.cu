@@ -348,48 +348,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   // Epilogue: thread (warp, g, c) of m64 tile m holds rows g and g + 8 of row
   // tile rt0 + tl_of[m], token columns 8i + 2c + t (t = 0, 1) of each n8 block i.
   if (wg == 1 && !full) return;
-  const float* rs = p.row_scales + e * p.g.padded_rows;
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const std::int64_t rtile = rt0 + tl_of[m];
-    const std::int64_t ra = rtile * 16 + g, rb = ra + 8;
-    const float sa = rs[ra], sb = rs[rb];
-    if (p.fc1) {
-      const float* bias = p.bias + e * p.g.padded_rows;
-      const float ba = bias[ra], bb = bias[rb];
-      T* out = static_cast<T*>(p.out);
-#pragma unroll
-      for (int i = 0; i < kTok / 8; ++i) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int tok = i * 8 + 2 * c + t;
-          if (tok >= rows_here) continue;
-          const float ha = acc[m][4 * i + t] * sa + ba, hb = acc[m][4 * i + 2 + t] * sb + bb;
-          T* orow = out + static_cast<std::int64_t>(pos0 + tok) * p.out_stride;
-          if (p.g.gated) {
-            const std::int64_t col = rtile * 8 + g;
-            if (col < p.inter) orow[col] = from_float<T>(swiglu(p, ha, hb));
-          } else {
-            if (ra < p.g.rows) orow[ra] = from_float<T>(activate(p, ha));
-            if (rb < p.g.rows) orow[rb] = from_float<T>(activate(p, hb));
-          }
-        }
-      }
-    } else {
-      float* out = static_cast<float*>(p.out) + static_cast<std::int64_t>(blockIdx.z) * p.split_stride;
-#pragma unroll
-      for (int i = 0; i < kTok / 8; ++i) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int tok = i * 8 + 2 * c + t;
-          if (tok >= rows_here) continue;
-          float* orow = out + static_cast<std::int64_t>(pos0 + tok) * p.out_stride;
-          if (ra < p.g.rows) orow[ra] = acc[m][4 * i + t] * sa;
-          if (rb < p.g.rows) orow[rb] = acc[m][4 * i + 2 + t] * sb;
-        }
-      }
-    }
-  }
+  for (int m = 0; m < 2; ++m) store_tile<T, kTok / 8>(p, acc[m], e, rt0 + tl_of[m], pos0, rows_here, g, c);
 #else
   (void)p;
   (void)row_blocks;

@@ -175,4 +175,53 @@ __device__ __forceinline__ float swiglu(const GemmProblem& p, float g, float l) 
   return sigmoid_mul(gg, p.alpha) * (ll + p.beta);
 }
 
+// The epilogue of one 16-row tile (packed row tile `rtile` of expert e) for
+// NG groups of 8 token columns, in the accumulator layout of mma.m16n8k16
+// and wgmma alike: lane (g, c) holds acc[4i + t] = (row g, column 8i + 2c + t)
+// and acc[4i + 2 + t] = (row g + 8, same column). FC1: row scale, bias and
+// the activation, stored in the token dtype; FC2: scaled float32 partials of
+// K split blockIdx.z. Columns at or past rows_here are not stored.
+template <class T, int NG>
+__device__ __forceinline__ void store_tile(const GemmProblem& p, const float* acc, int e, std::int64_t rtile,
+                                           int pos0, int rows_here, int g, int c) {
+  const std::int64_t ra = rtile * 16 + g, rb = ra + 8;
+  const float* rs = p.row_scales + e * p.g.padded_rows;
+  const float sa = rs[ra], sb = rs[rb];
+  if (p.fc1) {
+    const float* bias = p.bias + e * p.g.padded_rows;
+    const float ba = bias[ra], bb = bias[rb];
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int i = 0; i < NG; ++i) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int tok = i * 8 + 2 * c + t;
+        if (tok >= rows_here) continue;
+        const float ha = acc[4 * i + t] * sa + ba, hb = acc[4 * i + 2 + t] * sb + bb;
+        T* orow = out + static_cast<std::int64_t>(pos0 + tok) * p.out_stride;
+        if (p.g.gated) {
+          const std::int64_t col = rtile * 8 + g;  // gate/up pair in rows g, g + 8 (layout.h)
+          if (col < p.inter) orow[col] = from_float<T>(swiglu(p, ha, hb));
+        } else {
+          if (ra < p.g.rows) orow[ra] = from_float<T>(activate(p, ha));
+          if (rb < p.g.rows) orow[rb] = from_float<T>(activate(p, hb));
+        }
+      }
+    }
+  } else {
+    float* out = static_cast<float*>(p.out) + static_cast<std::int64_t>(blockIdx.z) * p.split_stride;
+#pragma unroll
+    for (int i = 0; i < NG; ++i) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int tok = i * 8 + 2 * c + t;
+        if (tok >= rows_here) continue;
+        float* orow = out + static_cast<std::int64_t>(pos0 + tok) * p.out_stride;
+        if (ra < p.g.rows) orow[ra] = acc[4 * i + t] * sa;
+        if (rb < p.g.rows) orow[rb] = acc[4 * i + 2 + t] * sb;
+      }
+    }
+  }
+}
+
 }  // namespace qmoe::cuda

@@ -4,6 +4,7 @@
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -94,16 +95,18 @@ bool available() noexcept {
   return n > 0;
 }
 
+constexpr double kNever = std::numeric_limits<double>::infinity();
+
 // QMOE_CUDA_GEMM=auto (default) | mma | wgmma: which GEMM serves prefill
 // (many tokens per expert). Returns the average tokens per expert from which
-// the wgmma kernel runs (1e300: never).
+// the wgmma kernel runs (infinity: never).
 double pick_gemm_regime(int cc) {
   constexpr double kWgmmaFrom = 48;  // below it, mma.sync's narrower token tiles waste less
   const bool have = wgmma_available(cc);
   const char* v = std::getenv("QMOE_CUDA_GEMM");
   const std::string mode = v && *v ? v : "auto";
-  if (mode == "auto") return have ? kWgmmaFrom : 1e300;
-  if (mode == "mma") return 1e300;
+  if (mode == "auto") return have ? kWgmmaFrom : kNever;
+  if (mode == "mma") return kNever;
   if (mode == "wgmma") {
     detail::require(have, "QMOE_CUDA_GEMM: \"wgmma\" needs an sm_90a build on a compute capability 9.0 device, got ",
                     cc / 10, ".", cc % 10);
@@ -118,8 +121,8 @@ struct CudaMoe::State {
   int device = 0;
   int sms = 132;
   // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
-  // runs instead of mma.sync; INT_MAX when it is unavailable or turned off.
-  double wgmma_from = 1e300;
+  // runs instead of mma.sync; infinity when it is unavailable or turned off.
+  double wgmma_from = kNever;
   std::int64_t chunk = 0;  // tokens per pass
   GpuGeometry g1, g2;
   DeviceBuffer packed;
@@ -278,7 +281,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
             std::to_string(a.expert_weight_bits) +
-            (st.wgmma_from < 1e300 ? " mma.sync+wgmma" : " mma.sync");
+            (st.wgmma_from < kNever ? " mma.sync+wgmma" : " mma.sync");
 }
 
 CudaMoe::~CudaMoe() = default;

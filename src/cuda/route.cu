@@ -142,12 +142,16 @@ __device__ void plan_block(int E, int bm, const int* counts, const RouteBuffers&
 
 __global__ void plan_kernel(int E, int bm, RouteBuffers b) { plan_block(E, bm, b.counts, b); }
 
-__global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= pairs) return;
+// Pair i = (token, j): its position in the expert-grouped order, both ways.
+__device__ __forceinline__ void scatter_pair(std::int64_t i, int k, const RouteBuffers& b) {
   const int pos = b.offsets[b.topk_expert[i]] + b.slot[i];
   b.token_of[pos] = static_cast<int>(i / k);
   b.pos_of[i] = pos;
+}
+
+__global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < pairs) scatter_pair(i, k, b);
 }
 
 // Small calls: route, plan and scatter in one block, one launch instead of
@@ -166,11 +170,7 @@ __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt,
   __syncthreads();
   plan_block(E, bm, counts, b);
   __syncthreads();
-  for (int i = tid; i < tokens * k; i += nthreads) {
-    const int pos = b.offsets[b.topk_expert[i]] + b.slot[i];
-    b.token_of[pos] = i / k;
-    b.pos_of[i] = pos;
-  }
+  for (int i = tid; i < tokens * k; i += nthreads) scatter_pair(i, k, b);
 }
 
 template <class T>
