@@ -11,6 +11,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cuda/common.cuh"
 #include "cuda/gemm.h"
 #include "cuda/mma_common.cuh"
@@ -291,6 +294,11 @@ int pick_mt(double avg) { return avg <= 8 ? 1 : avg <= 16 ? 2 : avg <= 32 ? 4 : 
 
 void launch_gemm(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
+  static const bool regs = [] {  // TEMPORARY A/B switch for the H200 run
+    const char* v = std::getenv("QMOE_CUDA_DECODE");
+    return v && std::string(v) == "regs";
+  }();
+  if (mt <= 2 && !regs) return launch_gemm_decode(p, dtype, mt, tile_capacity, stream);
   if (dtype == DType::f16) return launch_dtype<__half>(p, mt, tile_capacity, stream);
   return launch_dtype<__nv_bfloat16>(p, mt, tile_capacity, stream);
 }

@@ -52,6 +52,10 @@ struct GemmProblem {
 int pick_mt(double avg_tokens_per_expert);
 
 /// Launches the GEMM over `tile_capacity` m-tiles (tiles past *num_tiles exit).
+/// mt <= 2 (decode) runs the weight-streaming kernel of gemm_decode.cu.
 void launch_gemm(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream);
+
+/// The decode kernel (gemm_decode.cu) for mt = 1 or 2.
+void launch_gemm_decode(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream);
 
 }  // namespace qmoe::cuda

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the lent H200 host: build the library, the C++ tests and the Python
+# extension with the CUDA backend (sm_90a) in one CMake tree, run the CUDA
+# tests, then benchmark against PyTorch. Logs and JSON/PNG under $OUT
+# (default ./out/device).
+#   scripts/device_gpu.sh                 # build + C++ and Python CUDA tests + full benchmark
+#   scripts/device_gpu.sh --tests-only
+#   scripts/device_gpu.sh --bench ARGS... # build, then only bench/gpu_vs_torch.py ARGS
+set -uo pipefail
+OUT="${OUT:-$PWD/out/device}"
+mkdir -p "$OUT"
+mode=all
+if [ "${1:-}" = "--tests-only" ]; then mode=tests; shift; fi
+if [ "${1:-}" = "--bench" ]; then mode=bench; shift; fi
+exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
+echo "== machine"; date; nproc
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total --format=csv
+# The image's default compiler links a static libstdc++ that clashes with
+# numpy's inside the extension: use g++-13 where it is there.
+if command -v g++-13 >/dev/null; then export CC=gcc-13 CXX=g++-13 CUDAHOSTCXX=g++-13; fi
+echo "== build"
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=ON \
+  -DQMOE_BUILD_PYTHON=ON -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=ON >/dev/null || exit 1
+ninja -C build-gpu -j "$(nproc)" qmoe_tests _core qmoe_cli >"$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s"
+export PYTHONPATH="$PWD/build-gpu/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ "$mode" != bench ]; then
+  echo "== C++ CUDA tests"
+  build-gpu/tests/cpp/qmoe_tests --gtest_filter='*Cuda*' --gtest_brief=1 2>&1 | tail -15
+  echo "== Python CUDA tests"
+  python3 -m pytest tests/python/test_cuda.py -q -x 2>&1 | tail -8
+fi
+[ "$mode" = tests ] && exit 0
+echo "== benchmark"
+if [ "$mode" = bench ]; then
+  python3 bench/gpu_vs_torch.py "$@"
+else
+  python3 bench/gpu_vs_torch.py --graph --json "$OUT/gpu_vs_torch.json"
+fi
