@@ -3,15 +3,24 @@
 # extension with the CUDA backend (sm_90a) in one CMake tree, run the CUDA
 # tests, then benchmark against PyTorch. Logs and JSON/PNG under $OUT
 # (default ./out/device).
-#   scripts/device_gpu.sh                 # build + C++ and Python CUDA tests + full benchmark
-#   scripts/device_gpu.sh --tests-only
-#   scripts/device_gpu.sh --bench ARGS... # build, then only bench/gpu_vs_torch.py ARGS
+#   scripts/device_gpu.sh                      # build + C++ and Python CUDA tests + full benchmark
+#   scripts/device_gpu.sh --no-pytest --no-bench
+#   scripts/device_gpu.sh --no-tests -- ARGS   # build, then bench/gpu_vs_torch.py ARGS
+# Afterwards build-gpu/python is the package to put on PYTHONPATH.
 set -uo pipefail
 OUT="${OUT:-$PWD/out/device}"
 mkdir -p "$OUT"
-mode=all
-if [ "${1:-}" = "--tests-only" ]; then mode=tests; shift; fi
-if [ "${1:-}" = "--bench" ]; then mode=bench; shift; fi
+tests=1 pytest=1 bench=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-tests) tests=0 ;;
+    --no-pytest) pytest=0 ;;
+    --no-bench) bench=0 ;;
+    --) shift; break ;;
+    *) echo "usage: scripts/device_gpu.sh [--no-tests] [--no-pytest] [--no-bench] [-- BENCH_ARGS...]" >&2; exit 2 ;;
+  esac
+  shift
+done
 exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
 echo "== machine"; date; nproc
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total --format=csv
@@ -25,15 +34,17 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMO
 ninja -C build-gpu -j "$(nproc)" qmoe_tests _core qmoe_cli >"$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/build-gpu/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ "$mode" != bench ]; then
+if [ "$tests" = 1 ]; then
   echo "== C++ CUDA tests"
   build-gpu/tests/cpp/qmoe_tests --gtest_filter='*Cuda*' --gtest_brief=1 2>&1 | tail -15
+fi
+if [ "$tests" = 1 ] && [ "$pytest" = 1 ]; then
   echo "== Python CUDA tests"
   python3 -m pytest tests/python/test_cuda.py -q -x 2>&1 | tail -8
 fi
-[ "$mode" = tests ] && exit 0
+[ "$bench" = 1 ] || exit 0
 echo "== benchmark"
-if [ "$mode" = bench ]; then
+if [ $# -gt 0 ]; then
   python3 bench/gpu_vs_torch.py "$@"
 else
   python3 bench/gpu_vs_torch.py --graph --json "$OUT/gpu_vs_torch.json"
