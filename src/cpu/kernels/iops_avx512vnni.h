@@ -48,6 +48,12 @@
   "vmovups %%zmm19, 192(%[acc])\n\t" "vmovups %%zmm20, 256(%[acc])\n\t" "vmovups %%zmm21, 320(%[acc])\n\t"  \
   "vmovups %%zmm22, 384(%[acc])\n\t" "vmovups %%zmm23, 448(%[acc])\n\t" "vmovups %%zmm24, 512(%[acc])\n\t"  \
   "vmovups %%zmm25, 576(%[acc])\n\t" "vmovups %%zmm26, 640(%[acc])\n\t" "vmovups %%zmm27, 704(%[acc])\n\t"
+// Codes of the block 4 KiB ahead into L1 (one prefetch per 64-byte line). Why: a
+// tile's first pass streams its codes from DRAM while 12 activation rows and their
+// scales are read alongside, and the hardware prefetchers alone left that pass at
+// half speed (single-thread FC1 loop, 64 tokens/expert: 650 -> 790 GOPS). Later
+// passes find the lines in L1 or L2; 1 to 8 KiB ahead measured within noise of each other.
+#define QMOE_PREFETCH(off) "prefetcht0 4096+" #off "(%[c])\n\t"
 // Next block: 16 activations and one scale further per token, `code_bytes` of codes.
 #define QMOE_ADVANCE(code_bytes)                                                                             \
   "add $16, %[b0]\n\t" "add $16, %[b1]\n\t" "add $16, %[b2]\n\t" "add $16, %[b3]\n\t"                       \
@@ -93,7 +99,7 @@ struct IOpsAvx512Vnni {
       asm volatile(QMOE_LOAD_ACC12 "1:\n\t" QMOE_INIT12
                    "vmovdqu64 0(%[c]), %%zmm12\n\t" "vpsrld $4, %%zmm12, %%zmm13\n\t"
                    "vpandd %[mask], %%zmm12, %%zmm12\n\t" "vpandd %[mask], %%zmm13, %%zmm13\n\t"
-                   QMOE_DP12(0, 12) QMOE_DP12(4, 13)
+                   QMOE_PREFETCH(0) QMOE_PREFETCH(64) QMOE_DP12(0, 12) QMOE_DP12(4, 13)
                    "vmovdqu64 64(%[c]), %%zmm12\n\t" "vpsrld $4, %%zmm12, %%zmm13\n\t"
                    "vpandd %[mask], %%zmm12, %%zmm12\n\t" "vpandd %[mask], %%zmm13, %%zmm13\n\t"
                    QMOE_DP12(8, 12) QMOE_DP12(12, 13)
@@ -101,9 +107,9 @@ struct IOpsAvx512Vnni {
     } else {  // 4 groups of 4 columns
       asm volatile(QMOE_LOAD_ACC12 "1:\n\t" QMOE_INIT12
                    "vmovdqu64 0(%[c]), %%zmm12\n\t" "vmovdqu64 64(%[c]), %%zmm13\n\t"
-                   QMOE_DP12(0, 12) QMOE_DP12(4, 13)
+                   QMOE_PREFETCH(0) QMOE_PREFETCH(64) QMOE_DP12(0, 12) QMOE_DP12(4, 13)
                    "vmovdqu64 128(%[c]), %%zmm12\n\t" "vmovdqu64 192(%[c]), %%zmm13\n\t"
-                   QMOE_DP12(8, 12) QMOE_DP12(12, 13)
+                   QMOE_PREFETCH(128) QMOE_PREFETCH(192) QMOE_DP12(8, 12) QMOE_DP12(12, 13)
                    QMOE_EPI12 QMOE_ADVANCE(256) QMOE_STORE_ACC12 QMOE_FUSED_OPERANDS);
     }
   }
