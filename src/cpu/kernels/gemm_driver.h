@@ -226,6 +226,11 @@ void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_by
         for (std::int64_t grp = c0 / G; grp < (c0 + n) / G; ++grp) {
           float* dst = w + (grp * G - c0) * W;
           for (int i = 0; i < NT; ++i) {
+            // The same group of the next chunk into L1: it then arrives while this chunk's
+            // tokens are computed (several microseconds) instead of stalling its decode on
+            // DRAM (FC1 loop, 64 tokens/expert, one thread: 237 -> 247 GFLOP/s). Past the
+            // block's end it touches the next block or tile, which is read next anyway.
+            __builtin_prefetch(v[i].codes + grp * 64 + kChunk * BITS * NR / 8, 0, 3);
             const typename Ops::Q q = Ops::group(v[i].codes + grp * 64);
             unroll<G>([&](auto J) {
               V wj[NV];
