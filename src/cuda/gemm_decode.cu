@@ -15,10 +15,10 @@
 // register budget. A lane reads back only what it copied itself, so no warp
 // or block barrier is needed anywhere in the main loop.
 //
-// Tokens (the B operand, a few rows) are read straight from global memory
-// (L1-resident after the first warp of an SM touched them), one slab ahead,
-// instead of being staged through shared memory: no chunk loop, no
-// __syncthreads.
+// Tokens (the B operand, a few rows) are staged through shared memory in K
+// chunks, double-buffered, loaded with plain 16-byte loads into registers one
+// chunk ahead (cp.async there would interleave with the ring's commit groups),
+// with one block barrier per chunk.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -36,13 +36,11 @@ constexpr int kThreads = 32 * kWarps;
 // The ring's copies and waits carry "memory" clobbers: with no barrier in the
 // loop, they alone keep the compiler from moving the shared-memory reads of a
 // stage across the wait that makes it valid, or across the copy that refills it.
-__device__ __forceinline__ void ring_copy16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+__device__ __forceinline__ void ring_copy16(unsigned smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void ring_copy4(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+__device__ __forceinline__ void ring_copy4(unsigned smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void ring_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -57,7 +55,10 @@ struct Ring {
   static constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
   static constexpr int STEPS = SC / 16;           // k16 steps per slab
   static constexpr int W = SK == 0 ? 0 : SK == 1 ? 1 : STEPS;  // scale words per lane and slab, per kind
-  static constexpr int R = SK == 2 ? 8 : 16;  // stages (slabs) per warp; a power of two
+  // Stages (slabs) per warp, a power of two: 8 keeps ~3.5 KiB per warp and, at
+  // 4-5 blocks of 4 warps per SM, 60-70 KiB per SM in flight (measured: the
+  // kernel then no longer waits on memory).
+  static constexpr int R = 8;
   // A stage: the lanes' 16-byte code words, then W relative-scale words and W
   // zero-point words per lane.
   static constexpr int kCodeBytes = 32 * 16;
@@ -65,29 +66,33 @@ struct Ring {
   static constexpr int kSmemBytes = kWarps * R * kStageBytes;
 };
 
-// Two consecutive elements of a token row (column kk and kk + 1) as one B
-// register; columns at or past `cols` are zero (padding meets zero weights,
-// but garbage there could be NaN).
-template <class T>
-__device__ __forceinline__ unsigned load_pair(const T* row, std::int64_t kk, std::int64_t cols, bool vec) {
-  if (!row || kk >= cols) return 0u;
-  if (vec && kk + 1 < cols) return __ldg(reinterpret_cast<const unsigned*>(row + kk));
-  const unsigned short lo = __ldg(reinterpret_cast<const unsigned short*>(row + kk));
-  const unsigned short hi = kk + 1 < cols ? __ldg(reinterpret_cast<const unsigned short*>(row + kk + 1)) : 0;
-  return lo | static_cast<unsigned>(hi) << 16;
-}
+// Token rows of a tile in shared memory: BM rows of KC columns per chunk.
+template <int MT>
+struct XTile {
+  static constexpr int BM = 8 * MT;
+  static constexpr int KC = 512 / MT;    // K columns per chunk: BM * KC / 8 = 4 16-byte loads per thread
+  static constexpr int LDS = KC + 8;     // row stride: the B fragment loads hit 32 distinct banks
+  static constexpr int VPR = KC / 8;     // 16-byte vectors per row
+  static constexpr int NV = BM * VPR / kThreads;
+  static constexpr int kBytes = 2 * BM * LDS * 2;
+};
 
-template <class T, int BITS, int MT, int SK>
-__global__ void __launch_bounds__(kThreads, 4) decode_kernel(const GemmProblem p) {
+// ZP: the weights carry zero points (a template parameter: the symmetric case,
+// the common one, then spends no instruction on them).
+template <class T, int BITS, int MT, int SK, bool ZP>
+__global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p) {
   using RG = Ring<BITS, SK>;
+  using XT = XTile<MT>;
   constexpr int SC = RG::SC, STEPS = RG::STEPS, R = RG::R, W = RG::W;
+  constexpr int SPC = XT::KC / SC;  // slabs per chunk
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);
 
   if (static_cast<int>(blockIdx.y) >= *p.num_tiles) return;
   const MTile mt = p.tiles[blockIdx.y];
   const int e = mt.expert;
   const int pos0 = p.offsets[e] + mt.m0;
-  const int rows_here = min(8 * MT, p.offsets[e + 1] - pos0);
+  const int rows_here = min(XT::BM, p.offsets[e + 1] - pos0);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, c = lane % 4;
   const std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * kWarps + warp;
@@ -98,8 +103,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const GemmProblem p
   const int ns = static_cast<int>((k_end - k_begin) / SC);  // k ranges are whole 64-column groups
 
   const std::int64_t nb = p.g.blocks();
-  const std::int64_t bs = p.g.block_size;
-  const int bshift = bs ? __ffsll(bs) - 1 : 0;  // block_size is a power of two
+  const int bshift = p.g.block_size ? __ffsll(p.g.block_size) - 1 : 0;  // block_size is a power of two
+  const int bmask = p.g.block_size ? static_cast<int>(p.g.block_size) - 1 : 0;
   const uint4* wsrc = reinterpret_cast<const uint4*>(p.codes + e * p.g.code_bytes_per_expert()) +
                       (tile * p.g.slabs() + k_begin / SC) * 32 + lane;
   const unsigned* relsrc = p.rel_scales ? reinterpret_cast<const unsigned*>(p.rel_scales) +
@@ -107,55 +112,65 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const GemmProblem p
                                         : nullptr;
   // Zero points are pairs of bytes (rows g, g + 8) per lane: copied as the
   // aligned 32-bit word that holds the pair, the half picked on use.
-  const unsigned short* zpsrc = p.zero_points ? reinterpret_cast<const unsigned short*>(p.zero_points) +
+  const unsigned short* zpsrc = ZP ? reinterpret_cast<const unsigned short*>(p.zero_points) +
                                                     e * p.g.zp_pairs_per_expert() + tile * nb * 8 + (g & ~1)
                                               : nullptr;
   const int zshift = (g & 1) * 16;
-  unsigned char* ring = smem_raw + warp * R * RG::kStageBytes;
+  const int kb = static_cast<int>(k_begin);  // K < 2^31 (validated shapes)
+  unsigned char* ring = smem_raw + XT::kBytes + warp * R * RG::kStageBytes;
 
   // Slab i of this block's K range into stage i % R (an empty group past the
   // end keeps the count of committed groups uniform for cp.async.wait_group).
+  // Addresses are 32-bit offsets from per-lane bases: the loop must stay a few
+  // instructions around its tensor-core work.
+  constexpr bool has_rel = SK != 0, has_zp = ZP;  // block-wise weights always carry relative scales
+  const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring)) + lane * 16;
   auto issue = [&](int i) {
     if (i < ns) {
-      unsigned char* st = ring + (i & (R - 1)) * RG::kStageBytes;
-      ring_copy16(st + lane * 16, wsrc + static_cast<std::int64_t>(i) * 32);
+      const unsigned st = ring_s + (i & (R - 1)) * RG::kStageBytes;
+      ring_copy16(st, wsrc + i * 32);
       if constexpr (W > 0) {
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          const std::int64_t blk = (k_begin + static_cast<std::int64_t>(i) * SC + 16 * j) >> bshift;
-          if (relsrc) ring_copy4(st + RG::kCodeBytes + (j * 32 + lane) * 4, relsrc + blk * 8);
-          if (zpsrc) ring_copy4(st + RG::kCodeBytes + ((W + j) * 32 + lane) * 4, zpsrc + blk * 8);
+          const int k = kb + i * SC + 16 * j;
+          if ((k & bmask) != 0 && i != 0) continue;  // read only where a block starts (step below)
+          const int at = (k >> bshift) * 8;
+          if (has_rel) ring_copy4(st - lane * 12 + RG::kCodeBytes + j * 128, relsrc + at);
+          if (has_zp) ring_copy4(st - lane * 12 + RG::kCodeBytes + (W + j) * 128, zpsrc + at);
         }
       }
     }
     ring_commit();
   };
 
-  // The token rows of this tile (column n = 8m + g of the MMA), null past the tile's tokens.
-  const T* xrow[MT];
-  {
-    const T* x = static_cast<const T*>(p.x);
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      const int n = 8 * m + g;
-      xrow[m] = n < rows_here ? x + static_cast<std::int64_t>(p.gather ? p.gather[pos0 + n] : pos0 + n) * p.x_stride
-                              : nullptr;
-    }
-  }
-  struct XFrag {
-    unsigned b[MT][STEPS][2];
-  };
+  // Token chunks: vector v of the chunk is (row v / VPR, columns 8 (v % VPR)..+8).
+  const T* x = static_cast<const T*>(p.x);
   const std::int64_t cols = p.g.cols;
-  const bool vec = p.x_vec16;
-  auto load_x = [&](XFrag& f, int i) {
-    const std::int64_t k0 = k_begin + static_cast<std::int64_t>(i) * SC + 2 * c;
+  uint4 xv[XT::NV];
+  auto load_x = [&](std::int64_t k0) {
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int u = 0; u < XT::NV; ++u) {
+      const int v = static_cast<int>(threadIdx.x) + u * kThreads, m = v / XT::VPR, col = v % XT::VPR * 8;
+      xv[u] = make_uint4(0, 0, 0, 0);
+      if (m >= rows_here) continue;  // rows past the tile's tokens reach only columns never stored
+      const std::int64_t kk = k0 + col;
+      const T* row = x + static_cast<std::int64_t>(p.gather ? p.gather[pos0 + m] : pos0 + m) * p.x_stride;
+      if (p.x_vec16 && kk + 8 <= cols) {
+        xv[u] = __ldg(reinterpret_cast<const uint4*>(row + kk));
+      } else {  // the ragged end of K, or rows not 16-byte aligned: element by element, zeros past K
+        T t[8];
 #pragma unroll
-      for (int j = 0; j < STEPS; ++j) {
-        f.b[m][j][0] = load_pair(xrow[m], k0 + 16 * j, cols, vec);
-        f.b[m][j][1] = load_pair(xrow[m], k0 + 16 * j + 8, cols, vec);
+        for (int q = 0; q < 8; ++q) t[q] = kk + q < cols ? row[kk + q] : from_float<T>(0.f);
+        __builtin_memcpy(&xv[u], t, 16);
       }
+    }
+  };
+  auto store_x = [&](int buf) {
+#pragma unroll
+    for (int u = 0; u < XT::NV; ++u) {
+      const int v = static_cast<int>(threadIdx.x) + u * kThreads, m = v / XT::VPR, col = v % XT::VPR * 8;
+      *reinterpret_cast<uint4*>(xs + (buf * XT::BM + m) * XT::LDS + col) = xv[u];
+    }
   };
 
   float acc[MT][4] = {};
@@ -164,8 +179,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const GemmProblem p
   float bscale[2] = {1.f, 1.f};
   BlockConsts<T, BITS> bc;
   if constexpr (SK == 0) {  // row-wise: one set of constants for the whole row tile
-    const unsigned zw = zpsrc ? (__ldg(reinterpret_cast<const unsigned*>(zpsrc)) >> zshift) & 0xffffu : 0u;
-    bc.set(zw, zpsrc != nullptr, 0u, false);
+    const unsigned zw = ZP ? (__ldg(reinterpret_cast<const unsigned*>(zpsrc)) >> zshift) & 0xffffu : 0u;
+    bc.set(zw, ZP, 0u, false);
   }
   auto flush = [&] {
     if constexpr (block_acc) {
@@ -180,27 +195,26 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const GemmProblem p
   };
   bool first = true;  // the K range may start inside a scale block
 
-  auto step = [&](int i, const XFrag& xf, XFrag& next) {
+  // Slab i (local slab sl of the chunk in buffer xb).
+  auto step = [&](int i, const T* xb, int sl) {
     issue(i + R - 1);
     ring_wait<R - 1>();  // groups 0..i have landed (this lane's copies)
-    if (i + 1 < ns) load_x(next, i + 1);
     const unsigned char* st = ring + (i & (R - 1)) * RG::kStageBytes;
     const uint4 v = *reinterpret_cast<const uint4*>(st + lane * 16);
-    const std::int64_t kabs = k_begin + static_cast<std::int64_t>(i) * SC;
+    const int kabs = kb + i * SC;
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
       if constexpr (SK != 0) {
         if (j == 0 || SK == 2) {
-          const bool boundary = ((kabs + 16 * j) & (bs - 1)) == 0;
-          if (boundary || first) {
+          if (((kabs + 16 * j) & bmask) == 0 || first) {
             if (!first) flush();
             const int w = SK == 2 ? j : 0;
-            const unsigned rw = relsrc ? *reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + (w * 32 + lane) * 4) : 0u;
+            const unsigned rw = has_rel ? *reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + (w * 32 + lane) * 4) : 0u;
             const unsigned zw =
-                zpsrc ? (*reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + ((W + w) * 32 + lane) * 4) >> zshift) &
+                has_zp ? (*reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + ((W + w) * 32 + lane) * 4) >> zshift) &
                             0xffffu
                       : 0u;
-            bc.set(zw, zpsrc != nullptr, rw, false);
+            bc.set(zw, has_zp, rw, false);
             bscale[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw & 0xffff)));
             bscale[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw >> 16)));
           }
@@ -211,42 +225,52 @@ __global__ void __launch_bounds__(kThreads, 4) decode_kernel(const GemmProblem p
       dequant<T, BITS>(v, j, bc, false, a);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
+        const T* xr = xb + (m * 8 + g) * XT::LDS + sl * SC + 16 * j + 2 * c;
+        const unsigned b0 = *reinterpret_cast<const unsigned*>(xr), b1 = *reinterpret_cast<const unsigned*>(xr + 8);
         if constexpr (block_acc)
-          mma16816<T>(blk[m], a, xf.b[m][j][0], xf.b[m][j][1]);
+          mma16816<T>(blk[m], a, b0, b1);
         else
-          mma16816<T>(acc[m], a, xf.b[m][j][0], xf.b[m][j][1]);
+          mma16816<T>(acc[m], a, b0, b1);
       }
     }
   };
 
 #pragma unroll
   for (int i = 0; i < R - 1; ++i) issue(i);
-  XFrag xa, xb;
-  load_x(xa, 0);
-  for (int i = 0; i < ns; i += 2) {
-    step(i, xa, xb);
-    if (i + 1 >= ns) break;
-    step(i + 1, xb, xa);
+  load_x(k_begin);
+  store_x(0);
+  __syncthreads();
+  const int nchunks = (ns + SPC - 1) / SPC;
+  for (int ch = 0; ch < nchunks; ++ch) {
+    if (ch + 1 < nchunks) load_x(k_begin + static_cast<std::int64_t>(ch + 1) * XT::KC);
+    const T* xb = xs + (ch & 1) * XT::BM * XT::LDS;
+    const int i0 = ch * SPC, n = min(SPC, ns - i0);
+    for (int sl = 0; sl < n; ++sl) step(i0 + sl, xb, sl);
+    if (ch + 1 < nchunks) {
+      store_x((ch + 1) & 1);  // that buffer's chunk (ch - 1) was done before this chunk's barrier
+      __syncthreads();
+    }
   }
   ring_wait<0>();  // no copy may outlive the block
   flush();
   store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
 }
 
-template <class T, int BITS, int MT, int SK>
+template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  using RG = Ring<BITS, SK>;
-  opt_in_smem<decode_kernel<T, BITS, MT, SK>>(RG::kSmemBytes);
+  const int smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes;
+  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem);
   const dim3 grid(static_cast<unsigned>(p.g.padded_rows / (16 * kWarps)), static_cast<unsigned>(tile_capacity),
                   static_cast<unsigned>(p.fc1 ? 1 : p.splits));
-  decode_kernel<T, BITS, MT, SK><<<grid, kThreads, RG::kSmemBytes, stream>>>(p);
+  decode_kernel<T, BITS, MT, SK, ZP><<<grid, kThreads, smem, stream>>>(p);
   QMOE_CUDA_CHECK(cudaGetLastError());
 }
 
 template <class T, int BITS, int SK>
 void launch_sk(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  if (mt == 1) return launch_one<T, BITS, 1, SK>(p, cap, s);
-  return launch_one<T, BITS, 2, SK>(p, cap, s);
+  const bool zp = p.zero_points != nullptr;
+  if (mt == 1) return zp ? launch_one<T, BITS, 1, SK, true>(p, cap, s) : launch_one<T, BITS, 1, SK, false>(p, cap, s);
+  return zp ? launch_one<T, BITS, 2, SK, true>(p, cap, s) : launch_one<T, BITS, 2, SK, false>(p, cap, s);
 }
 
 template <class T, int BITS>
