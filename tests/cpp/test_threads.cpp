@@ -2,11 +2,16 @@
 // input forms: T = 0, 3-D input, float16 and bfloat16 activations.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <ctime>
+#include <stdexcept>
 #include <thread>
 
 #include "cpu/kernels.h"
 #include "cpu/moe.h"
+#include "cpu/thread_pool.h"
 #include "helpers.h"
 
 namespace qmoe::test {
@@ -69,6 +74,87 @@ TEST(Threads, ConcurrentForwardOnOneLayer) {
   for (auto& th : callers) th.join();
   for (int c = 0; c < 4; ++c) EXPECT_TRUE(ok[c]) << "caller " << c;
 }
+
+// The pool itself: many short jobs (workers spinning between them, some joining
+// late or not at all on this small machine) still run every item exactly once.
+TEST(ThreadPool, EveryItemExactlyOnceOverManyShortJobs) {
+  for (int threads : {2, 3, 8}) {
+    cpu::ThreadPool pool(threads);
+    std::vector<std::atomic<int>> hits(64);
+    for (int job = 0; job < 3000; ++job) {
+      const std::int64_t n = 2 + job % 63;
+      for (std::int64_t i = 0; i < n; ++i) hits[i].store(0);
+      std::atomic<int> bad_tid{0};
+      pool.parallel_for(n, [&](std::int64_t i, int tid) {
+        hits[i].fetch_add(1);
+        if (tid < 0 || tid >= threads) bad_tid.store(1);
+      });
+      for (std::int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "threads=" << threads << " job=" << job;
+      ASSERT_EQ(bad_tid.load(), 0);
+      if (job % 500 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // let the workers fall asleep
+    }
+  }
+}
+
+TEST(ThreadPool, ExceptionPropagatesAndThePoolStaysUsable) {
+  cpu::ThreadPool pool(4);
+  for (int rep = 0; rep < 50; ++rep) {
+    EXPECT_THROW(pool.parallel_for(100, [&](std::int64_t i, int) {
+      if (i == rep) throw std::runtime_error("item failed");
+    }), std::runtime_error);
+    std::atomic<std::int64_t> sum{0};
+    pool.parallel_for(100, [&](std::int64_t i, int) { sum.fetch_add(i); });
+    ASSERT_EQ(sum.load(), 4950);
+  }
+}
+
+TEST(ThreadPool, ConcurrentCallersSerialize) {
+  cpu::ThreadPool pool(3);
+  std::vector<std::thread> callers;
+  std::vector<int> ok(4, 0);
+  for (int c = 0; c < 4; ++c)
+    callers.emplace_back([&, c] {
+      bool good = true;
+      for (int job = 0; job < 500; ++job) {
+        const std::int64_t n = 5 + (job + c) % 40;
+        std::atomic<std::int64_t> sum{0};
+        pool.parallel_for(n, [&](std::int64_t i, int) { sum.fetch_add(i + c); });
+        good &= sum.load() == n * (n - 1) / 2 + n * c;
+      }
+      ok[c] = good;
+    });
+  for (auto& th : callers) th.join();
+  for (int c = 0; c < 4; ++c) EXPECT_TRUE(ok[c]) << "caller " << c;
+}
+
+TEST(ThreadPool, DestroyedRightAfterStartOrAJob) {
+  for (int rep = 0; rep < 50; ++rep) {
+    cpu::ThreadPool idle(4);
+    cpu::ThreadPool busy(4);
+    std::atomic<int> n{0};
+    busy.parallel_for(8, [&](std::int64_t, int) { n.fetch_add(1); });
+    EXPECT_EQ(n.load(), 8);
+  }
+}
+
+#ifdef CLOCK_PROCESS_CPUTIME_ID
+// Spinning is bounded: a pool left idle sleeps, so the process uses (almost) no CPU.
+TEST(ThreadPool, IdlePoolDoesNotBurnCpu) {
+  cpu::ThreadPool pool(4);
+  std::atomic<int> n{0};
+  pool.parallel_for(16, [&](std::int64_t, int) { n.fetch_add(1); });
+  auto cpu_ms = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past every spin window
+  const double c0 = cpu_ms();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const double used = cpu_ms() - c0;
+  EXPECT_LT(used, 30.0) << "ms of CPU used by an idle pool in 300 ms";
+}
+#endif
 
 TEST(Inputs, TokenChunksAgreeWithReference) {
   // A tiny working-memory budget forces many token chunks per call.
