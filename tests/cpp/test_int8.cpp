@@ -4,10 +4,13 @@
 // operations, so the VNNI kernels must agree with the plain C++ ones exactly).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <random>
 
 #include "cpu/kernels.h"
 #include "cpu/moe.h"
+#include "cpu/quant_act.h"
 #include "helpers.h"
 
 namespace qmoe::test {
@@ -52,6 +55,43 @@ TEST(Int8Activations, ErrorBoundAndSameBitsOnEveryTable) {
 TEST(Int8Activations, RowwisePaddingAndManyTokens) {
   check({4, 0, false, Activation::silu, 0, 2, 40, 24, 3, 37});   // K = 40, 24: groups of 8, partial act blocks
   check({8, 0, true, Activation::swiglu, 0, 3, 36, 20, 4, 50});  // fc3 path, 8-bit groups of 4
+}
+
+// Every table's activation quantizer gives the portable one's bits: codes, scales and
+// zsums, for whole and short activation blocks, 16 blocks at a time and one by one,
+// with blocks holding inf, NaN, only zeros, or a denormal maximum.
+TEST(Int8Activations, EveryQuantizerGivesTheSameBits) {
+  struct Shape {
+    int bits;
+    std::int64_t cols, block;
+  };
+  for (const Shape sh : {Shape{4, 2880, 2880}, Shape{8, 2880, 2880}, Shape{4, 600, 40}, Shape{8, 264, 264},
+                         Shape{4, 1024, 16}, Shape{8, 1024, 32}, Shape{4, 1024, 128}, Shape{4, 40, 40}}) {
+    const cpu::PackGeometry g{16, sh.bits, 16, sh.cols, sh.block};
+    const std::int64_t rows = 9, ld = g.padded_cols();
+    std::vector<float> x(static_cast<std::size_t>(rows * ld), 0.f);
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.f, 2.f);
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t c = 0; c < sh.cols; ++c) x[r * ld + c] = nd(rng);
+    x[1 * ld + 3] = INFINITY;
+    x[2 * ld + 17] = NAN;
+    x[3 * ld + 300 % sh.cols] = -INFINITY;
+    for (std::int64_t c = 16; c < 32; ++c) x[4 * ld + c] = 0.f;
+    for (std::int64_t c = 0; c < 16; ++c) x[5 * ld + c] = c % 3 ? 1e-40f : -3e-41f;
+    cpu::QuantRowsBuffer want, got;
+    cpu::resize_for(want, rows, g);
+    cpu::quantize_rows(x.data(), ld, 0, rows, g, want);
+    for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
+      cpu::resize_for(got, rows, g);
+      kc->quantize_rows(x.data(), ld, 0, rows, g, got);
+      const std::string what = std::string(kc->name) + " bits=" + std::to_string(sh.bits) +
+                               " cols=" + std::to_string(sh.cols) + " block=" + std::to_string(sh.block);
+      EXPECT_EQ(want.q, got.q) << what;
+      EXPECT_EQ(std::memcmp(want.scale.data(), got.scale.data(), want.scale.size() * 4), 0) << what;
+      EXPECT_EQ(std::memcmp(want.zsum.data(), got.zsum.data(), want.zsum.size() * 4), 0) << what;
+    }
+  }
 }
 
 TEST(Int8Activations, NonFiniteInputPropagates) {
