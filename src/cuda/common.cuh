@@ -66,20 +66,15 @@ class DeviceBuffer {
 
 /// Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current
 /// device, once per (kernel, device): the attribute is per device. The kernel
-/// is a template argument so each kernel has its own flags. `max_shared` also
-/// asks for the largest shared-memory carveout (for kernels whose blocks per
-/// SM are limited by shared memory and that do not rely on the L1 cache).
+/// is a template argument so each kernel has its own flags.
 template <auto kernel>
-void opt_in_smem(int bytes, bool max_shared = false) {
+void opt_in_smem(int bytes) {
   constexpr int kMaxDevices = 64;
   static std::once_flag once[kMaxDevices];
   int dev = 0;
   QMOE_CUDA_CHECK(cudaGetDevice(&dev));
   auto set = [&] {
     QMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    if (max_shared)
-      QMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                           cudaSharedmemCarveoutMaxShared));
   };
   if (dev >= 0 && dev < kMaxDevices)
     std::call_once(once[dev], set);

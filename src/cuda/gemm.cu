@@ -3,16 +3,13 @@
 // (mma.sync m16n8k16, float32 accumulation), with the int4/int8 weights
 // dequantized in registers from the fragment-ordered layout of layout.h.
 //
-// One kernel serves both regimes. Decode (few tokens per expert): 8 or 16
-// token columns, many row tiles and (for FC2) K splits, so every SM streams
-// weights; each lane's 16-byte loads are issued D slabs ahead of their use.
-// Prefill: 64 token columns and 32 rows per warp, so each dequantized weight
-// fragment feeds 8 MMAs.
+// This kernel serves 32 and 64 token columns per tile (17..48 tokens per
+// expert on sm_90a, where wgmma takes over; every prefill size elsewhere):
+// each lane's 16-byte weight loads are issued D slabs ahead of their use, and
+// at 64 columns each warp covers 32 rows, so each dequantized weight fragment
+// feeds 8 MMAs. Decode (up to 16 columns) runs gemm_decode.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <cstdlib>
-#include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/gemm.h"
@@ -33,7 +30,7 @@ struct Shape {
   static constexpr int BM = 8 * MT;               // token columns per block
   static constexpr int WR = MT >= 8 ? 2 : 1;      // 16-row tiles per warp
   static constexpr int BN = kWarps * 16 * WR;     // output rows per block
-  static constexpr int KC = MT >= 8 ? 256 : MT >= 4 ? 512 : 1024;  // K columns per shared-memory chunk
+  static constexpr int KC = MT >= 8 ? 256 : 512;  // K columns per shared-memory chunk
   static constexpr int LDS = KC + 8;              // row stride: B fragment loads hit 32 distinct banks
   static constexpr int D = WR == 1 && SK < 2 ? 4 : 2;  // slabs of weights loaded ahead
   static constexpr int kSmemBytes = 2 * BM * LDS * 2;
@@ -41,7 +38,7 @@ struct Shape {
 };
 
 template <class T, int BITS, int MT, int SK>
-__global__ void __launch_bounds__(kThreads, MT <= 2 ? 4 : 1) gemm_kernel(const GemmProblem p) {
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmProblem p) {
   using S = Shape<MT, SK>;
   constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
   constexpr int STEPS = SC / 16;           // k16 steps per slab
@@ -267,12 +264,8 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
 
 template <class T, int BITS, int SK>
 void launch_sk(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  switch (mt) {
-    case 1: return launch_one<T, BITS, 1, SK>(p, cap, s);
-    case 2: return launch_one<T, BITS, 2, SK>(p, cap, s);
-    case 4: return launch_one<T, BITS, 4, SK>(p, cap, s);
-    default: return launch_one<T, BITS, 8, SK>(p, cap, s);
-  }
+  if (mt == 4) return launch_one<T, BITS, 4, SK>(p, cap, s);  // (mt <= 2 runs gemm_decode.cu)
+  return launch_one<T, BITS, 8, SK>(p, cap, s);
 }
 
 template <class T, int BITS>
@@ -294,11 +287,7 @@ int pick_mt(double avg) { return avg <= 8 ? 1 : avg <= 16 ? 2 : avg <= 32 ? 4 : 
 
 void launch_gemm(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
-  static const bool regs = [] {  // TEMPORARY A/B switch for the H200 run
-    const char* v = std::getenv("QMOE_CUDA_DECODE");
-    return v && std::string(v) == "regs";
-  }();
-  if (mt <= 2 && !regs) return launch_gemm_decode(p, dtype, mt, tile_capacity, stream);
+  if (mt <= 2) return launch_gemm_decode(p, dtype, mt, tile_capacity, stream);
   if (dtype == DType::f16) return launch_dtype<__half>(p, mt, tile_capacity, stream);
   return launch_dtype<__nv_bfloat16>(p, mt, tile_capacity, stream);
 }

@@ -9,11 +9,20 @@
 // SMs). Weights loaded into registers a few slabs ahead (gemm.cu) cap that at
 // 16 B x slabs-ahead per lane, and more slabs ahead cost registers, hence
 // warps: the kernel stalled on memory with the issue slots half idle. Here
-// each lane copies its own 16 bytes of the next R - 1 slabs (and the slab's
-// scale words) with cp.async into a per-warp ring of R stages, so R x 512 B
-// per warp (8 KiB at R = 16, 128 KiB per SM) are in flight whatever the
-// register budget. A lane reads back only what it copied itself, so no warp
-// or block barrier is needed anywhere in the main loop.
+// each lane copies its own 16 bytes of the next R - 1 slabs (and, where a
+// scale block starts, its scale words) with cp.async into a per-warp ring of
+// R stages, so (R - 1) x 512 B per warp are in flight whatever the register
+// budget. A lane reads back only what it copied itself, so the ring needs no
+// warp or block barrier. Measured on the H200 (ncu, mixtral T = 1): the
+// long-scoreboard stalls of the register version (1.7 cycles per
+// instruction) fall to 0.2-0.5; FC1 60 -> 48 us.
+//
+// Tried and dropped (slower on the H200, same run): folding the zero point
+// out of the dequantization (magic + q into the tensor cores, minus
+// (magic + z) * sum(x) per block from per-slab token sums; 4 fewer
+// instructions per k16 step, +3 us per mixtral layer: the sums put work
+// before the chunk barrier), and the largest shared-memory carveout (5
+// instead of 4 blocks per SM: no change).
 //
 // Tokens (the B operand, a few rows) are staged through shared memory in K
 // chunks, double-buffered, loaded with plain 16-byte loads into registers one
@@ -74,9 +83,7 @@ struct XTile {
   static constexpr int LDS = KC + 8;     // row stride: the B fragment loads hit 32 distinct banks
   static constexpr int VPR = KC / 8;     // 16-byte vectors per row
   static constexpr int NV = BM * VPR / kThreads;
-  static constexpr int SLABS = KC / 32;  // slab sums per row and chunk (an upper bound: 4-bit slabs are 64 wide)
-  static constexpr int kBytes = 2 * BM * LDS * 2 + 2 * BM * SLABS * 4;
-  static constexpr int kSumOffset = 2 * BM * LDS * 2;  // bytes: after the two token buffers
+  static constexpr int kBytes = 2 * BM * LDS * 2;
 };
 
 // ZP: the weights carry zero points (a template parameter: the symmetric case,
@@ -87,17 +94,8 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   using XT = XTile<MT>;
   constexpr int SC = RG::SC, STEPS = RG::STEPS, R = RG::R, W = RG::W;
   constexpr int SPC = XT::KC / SC;  // slabs per chunk
-  // Zero-point fold (4-bit, blocks of a slab or more): the tensor cores see
-  // magic + q instead of q - z, which saves the subtraction on every weight
-  // pair (a quarter of the loop's instructions), and (magic + z) * sum(x) comes
-  // off per scale block, from per-slab sums of the token rows computed once per
-  // chunk. Exact enough: magic + q is exact in the token dtype, the products are
-  // exact in float32, and the larger sums lose ~5 (bfloat16, magic 128) to ~8
-  // (float16, magic 1024) bits of float32's 24 to the cancellation.
-  constexpr bool FOLD = BITS == 4 && SK != 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
-  float* xsum = reinterpret_cast<float*>(smem_raw + XT::kSumOffset);  // [2][BM][SLABS]
 
   if (static_cast<int>(blockIdx.y) >= *p.num_tiles) return;
   const MTile mt = p.tiles[blockIdx.y];
@@ -181,17 +179,6 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
     for (int u = 0; u < XT::NV; ++u) {
       const int v = static_cast<int>(threadIdx.x) + u * kThreads, m = v / XT::VPR, col = v % XT::VPR * 8;
       *reinterpret_cast<uint4*>(xs + (buf * XT::BM + m) * XT::LDS + col) = xv[u];
-      if constexpr (FOLD) {
-        if (m >= rows_here) continue;  // warp-uniform (a warp's vectors are one row); those sums are never read
-        T t[8];
-        __builtin_memcpy(t, &xv[u], 16);
-        float sum = 0.f;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) sum += to_float(t[q]);
-#pragma unroll
-        for (int o = 1; o < SC / 8; o *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);  // the slab's 8 threads
-        if (v % (SC / 8) == 0) xsum[(buf * XT::BM + m) * XT::SLABS + col / SC] = sum;
-      }
     }
   };
 
@@ -200,40 +187,25 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   float blk[block_acc ? MT : 1][4] = {};
   float bscale[2] = {1.f, 1.f};
   BlockConsts<T, BITS> bc;
-  // FOLD: magic + zero point of rows g and g + 8, and the running sums of x
-  // (token columns 2c, 2c + 1 of each 8-column group) since the last flush.
-  float zfold[2] = {Types<T>::kMagicValue + 8.f, Types<T>::kMagicValue + 8.f};
-  float xrun[MT][2] = {};
-  auto set_zfold = [&](unsigned zw) {
-    if constexpr (FOLD && ZP) {
-      zfold[0] = Types<T>::kMagicValue + static_cast<float>(zw & 0xff);
-      zfold[1] = Types<T>::kMagicValue + static_cast<float>(zw >> 8);
-    }
-  };
   if constexpr (SK == 0) {  // row-wise: one set of constants for the whole row tile
     const unsigned zw = ZP ? (__ldg(reinterpret_cast<const unsigned*>(zpsrc)) >> zshift) & 0xffffu : 0u;
     bc.set(zw, ZP, 0u, false);
-    set_zfold(zw);
   }
-  // Takes (magic + z) * sum(x) off the accumulator s of (row half h, column t).
-  auto unfold = [&](float s, int m, int i) { return FOLD ? fmaf(-zfold[i >> 1], xrun[m][i & 1], s) : s; };
   auto flush = [&] {
     if constexpr (block_acc) {
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
+      for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          acc[m][i] = fmaf(unfold(blk[m][i], m, i), bscale[i >> 1], acc[m][i]);
+          acc[m][i] = fmaf(blk[m][i], bscale[i >> 1], acc[m][i]);
           blk[m][i] = 0.f;
         }
-        xrun[m][0] = xrun[m][1] = 0.f;
-      }
     }
   };
   bool first = true;  // the K range may start inside a scale block
 
   // Slab i (local slab sl of the chunk in buffer xb).
-  auto step = [&](int i, const T* xb, const float* xsb, int sl) {
+  auto step = [&](int i, const T* xb, int sl) {
     issue(i + R - 1);
     ring_wait<R - 1>();  // groups 0..i have landed (this lane's copies)
     const unsigned char* st = ring + (i & (R - 1)) * RG::kStageBytes;
@@ -252,7 +224,6 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
                             0xffffu
                       : 0u;
             bc.set(zw, has_zp, rw, false);
-            set_zfold(zw);
             bscale[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw & 0xffff)));
             bscale[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw >> 16)));
           }
@@ -260,13 +231,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
       }
       first = false;
       unsigned a[4];
-      if constexpr (FOLD) {
-        const unsigned w = word(v, j);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) a[r] = and_or(w >> (4 * r), 0x000f000fu, Types<T>::kMagic);  // magic + q
-      } else {
-        dequant<T, BITS>(v, j, bc, false, a);
-      }
+      dequant<T, BITS>(v, j, bc, false, a);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const T* xr = xb + (m * 8 + g) * XT::LDS + sl * SC + 16 * j + 2 * c;
@@ -275,13 +240,6 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
           mma16816<T>(blk[m], a, b0, b1);
         else
           mma16816<T>(acc[m], a, b0, b1);
-      }
-    }
-    if constexpr (FOLD) {  // after the flush at this slab's block start: the sums belong to the new block
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        xrun[m][0] += xsb[(m * 8 + 2 * c) * XT::SLABS + sl];
-        xrun[m][1] += xsb[(m * 8 + 2 * c + 1) * XT::SLABS + sl];
       }
     }
   };
@@ -295,9 +253,8 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   for (int ch = 0; ch < nchunks; ++ch) {
     if (ch + 1 < nchunks) load_x(k_begin + static_cast<std::int64_t>(ch + 1) * XT::KC);
     const T* xb = xs + (ch & 1) * XT::BM * XT::LDS;
-    const float* xsb = xsum + (ch & 1) * XT::BM * XT::SLABS;
     const int i0 = ch * SPC, n = min(SPC, ns - i0);
-    for (int sl = 0; sl < n; ++sl) step(i0 + sl, xb, xsb, sl);
+    for (int sl = 0; sl < n; ++sl) step(i0 + sl, xb, sl);
     if (ch + 1 < nchunks) {
       store_x((ch + 1) & 1);  // that buffer's chunk (ch - 1) was done before this chunk's barrier
       __syncthreads();
@@ -305,19 +262,13 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   }
   ring_wait<0>();  // no copy may outlive the block
   flush();
-  if constexpr (FOLD && !block_acc) {  // row-wise: one correction for the whole K range
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[m][i] = unfold(acc[m][i], m, i);
-  }
   store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
 }
 
 template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
   const int smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes;
-  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem, /*max_shared=*/true);  // 5 blocks per SM
+  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem);
   const dim3 grid(static_cast<unsigned>(p.g.padded_rows / (16 * kWarps)), static_cast<unsigned>(tile_capacity),
                   static_cast<unsigned>(p.fc1 ? 1 : p.splits));
   decode_kernel<T, BITS, MT, SK, ZP><<<grid, kThreads, smem, stream>>>(p);

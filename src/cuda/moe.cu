@@ -365,9 +365,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     const std::int64_t kp2 = st.g2.padded_cols;
     const std::int64_t blocks =
         ceil_div(st.g2.padded_rows, bn) * std::max(std::min<std::int64_t>(pairs, E), ceil_div(pairs, bm));
-    // Blocks per SM to aim for: 3 measured best for decode FC2 on the H200
-    // (mixtral T = 1: 0.100 ms vs 0.107 with 4 and 0.106 with 2).
-    const int per_sm = wg ? 1 : mt <= 2 ? 3 : 2;
+    // Blocks per SM to aim for. Decode (the ring kernel of gemm_decode.cu),
+    // measured on the H200 (mixtral layer, eager): 8 -> T = 1 88.5 us, T = 16
+    // 276 us; 6 -> 89.4, 273; 3 -> 89.9, 292.
+    const int per_sm = wg ? 1 : mt <= 2 ? 8 : 2;
     std::int64_t splits = std::max<std::int64_t>(1, ceil_div(per_sm * st.sms, blocks));
     splits = std::min({splits, kp2 / kKAlign, std::max<std::int64_t>(1, st.chunk / tc), std::int64_t{16}});
     const std::int64_t split_cols = round_up(ceil_div(kp2, splits), kKAlign);
