@@ -31,12 +31,11 @@ struct QuantRowsBuffer;
 using QuantizeRowsFn = void (*)(const float* x, std::int64_t ldx, std::int64_t r0, std::int64_t r1,
                                 const PackGeometry& g, QuantRowsBuffer& out);
 
-/// The bf16-activation (accuracy_level 3, AMX) variant, for `ntiles` (any number of)
-/// consecutive tiles like GemmTileFn. x holds the ntok activation rows in A-tile order (see
+/// The bf16-activation (accuracy_level 3, AMX) variant, for `ntiles` (1 or 2) consecutive
+/// tiles like GemmTileFn. x holds the ntok activation rows in A-tile order (see
 /// amx_bf16_driver.h): blocks of 16 rows (the last zero-padded), each block K steps of
 /// 16 x 32 bf16, block b step s at x + b * 16 * ldx + s * 512, ldx = K padded to a
-/// multiple of 32 (zeros); best 64-byte aligned. scratch holds amx::kScratchBytes
-/// (kernels/amx_loop.h; any alignment).
+/// multiple of 32 (zeros). scratch holds at least 4 KiB (two K steps of two bf16 B tiles).
 using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles,
                                 const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy,
                                 void* scratch);

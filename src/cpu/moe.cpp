@@ -19,7 +19,6 @@
 #include "core/check.h"
 #include "core/routing.h"
 #include "cpu/epilogue.h"
-#include "cpu/kernels/amx_loop.h"
 #include "cpu/pack.h"
 #include "cpu/quant_act.h"
 #include "quant/raw.h"
@@ -45,7 +44,6 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
       int8_(accuracy_level == 4),
       bf16_(accuracy_level == 3 && kc_->bgemm_q4 != nullptr),
       chunk_bytes_(chunk_bytes) {
-  if (bf16_) (void)amx::loop();  // a bad QMOE_AMX_LOOP is refused here, not in the middle of a call
   using detail::RawMatrix;
   const int bits = a.expert_weight_bits, bs = a.block_size;
   const std::int64_t h = s.hidden, in = s.inter, e_count = s.num_experts;
@@ -314,7 +312,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
         if (use_bf16(row_expert[r])) put_bf16(rows + r * ld, ld, r, kp, xb, tmp.data());
     });
   };
-  const std::int64_t bf16_scratch = bf16_ ? (amx::kScratchBytes + 3) / 4 : 0;  // B tiles / panel + C tiles, in floats
+  const std::int64_t bf16_scratch = bf16_ ? 1024 + 16 : 0;  // four 1 KiB bf16 B tiles (+ slack to align), in floats
   if (ws.scratch.size() < static_cast<std::size_t>(nthreads)) ws.scratch.resize(static_cast<std::size_t>(nthreads));
   // Kernels take runs of consecutive tiles (so they can work on several at once): FC1 calls
   // cover up to kFc1Tiles tiles, whose outputs (rows of kFc1Tiles * nr floats) follow the
@@ -330,8 +328,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   // hardware prefetchers cold) and one decode token still spreads over every thread.
   // for_each_run calls
   // fn(e, tile, n, tid) for every kernel call of every item, in parallel. Calls take up to
-  // `cap` tiles on the float and AMX paths (the AMX kernel cuts them into its own groups)
-  // and one tile on the int8 path.
+  // `cap` tiles on the float path, pairs on AMX and one tile on the int8 path.
   const std::int64_t target_items = 8 * static_cast<std::int64_t>(nthreads);
   auto for_each_run = [&](std::int64_t tiles, std::int64_t cap, auto&& fn) {
     const std::int64_t per = std::max<std::int64_t>(1, static_cast<std::int64_t>(active.size()) * tiles / target_items);
@@ -340,7 +337,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       const int e = active[item / groups];
       const std::int64_t end = std::min(tiles, (item % groups + 1) * per);
       for (std::int64_t tile = (item % groups) * per, n = 0; tile < end; tile += n) {
-        n = std::min(end - tile, int8_ && !use_bf16(e) ? 1 : cap);
+        n = std::min(end - tile, use_bf16(e) ? std::min<std::int64_t>(cap, 2) : int8_ ? 1 : cap);
         fn(e, tile, n, tid);
       }
     });

@@ -1,38 +1,13 @@
 // accuracy_level 3: bf16 activations and weights on AMX (where the CPU has it;
-// elsewhere level 3 runs in float32). Against the float64 reference, for every
-// AMX loop (QMOE_AMX_LOOP, amx_loop.h), and the loops against each other.
+// elsewhere level 3 runs in float32). Against the float64 reference.
 #include <gtest/gtest.h>
 
-#include <cstring>
-#include <string>
-
 #include "cpu/kernels.h"
-#include "cpu/kernels/amx_loop.h"
 #include "cpu/moe.h"
 #include "helpers.h"
 
 namespace qmoe::test {
 namespace {
-
-using cpu::amx::Loop;
-
-// Runs the AMX kernels with loop `l` while in scope.
-class LoopScope {
- public:
-  explicit LoopScope(Loop l) : prev_(cpu::amx::loop()) { cpu::amx::set_loop(l); }
-  ~LoopScope() { cpu::amx::set_loop(prev_); }
-  LoopScope(const LoopScope&) = delete;
-  LoopScope& operator=(const LoopScope&) = delete;
-
- private:
-  Loop prev_;
-};
-
-bool have_amx() {
-  for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs())
-    if (kc->bgemm_q4) return true;
-  return false;
-}
 
 // Returns the error of each table that has AMX kernels (none: empty).
 std::vector<double> run(const Case& c) {
@@ -45,12 +20,7 @@ std::vector<double> run(const Case& c) {
   return errs;
 }
 
-// Every loop; QMOE_AMX_LOOP does not matter here (the parameter sets the loop).
-class Bf16AmxLoop : public ::testing::TestWithParam<Loop> {};
-
-TEST_P(Bf16AmxLoop, AgainstFloat64Reference) {
-  if (!have_amx()) GTEST_SKIP() << "this CPU has no usable AMX: level 3 runs in float32 here";
-  const LoopScope scope(GetParam());
+TEST(Bf16Amx, AgainstFloat64Reference) {
   bool any = false;
   int n = 0;
   for (int bits : {4, 8})
@@ -77,63 +47,6 @@ TEST_P(Bf16AmxLoop, AgainstFloat64Reference) {
   for (double err : run({4, 32, false, Activation::gelu, 0, 1, 96, 64, 2, 300})) EXPECT_LE(err, 1e-2);
   for (double err : run({8, 0, true, Activation::silu, 0, 1, 112, 64, 2, 300})) EXPECT_LE(err, 1e-2);
   if (!any) GTEST_SKIP() << "this CPU has no usable AMX: level 3 runs in float32 here";
-}
-
-INSTANTIATE_TEST_SUITE_P(Loops, Bf16AmxLoop, ::testing::Values(Loop::current, Loop::panel, Loop::panel_k2, Loop::panel_k8),
-                         [](const ::testing::TestParamInfo<Loop>& info) {
-                           std::string n = cpu::amx::loop_name(info.param);
-                           for (char& ch : n)
-                             if (ch == '-') ch = '_';
-                           return n;
-                         });
-
-// The panel loops accumulate the same products in the same order as the current
-// loop: the outputs agree bit for bit, for any thread count (several token passes,
-// K chunks that do not divide K, odd tile runs, both decoders, 4 and 8 bits).
-TEST(Bf16Amx, LoopsAgreeBitForBit) {
-  if (!have_amx()) GTEST_SKIP() << "this CPU has no usable AMX";
-  const Case cases[] = {
-      {4, 0, true, Activation::swiglu, 1, 4, 320, 200, 8, 512},  // ~256 tokens per expert: passes of <= 6 blocks
-      {4, 0, true, Activation::gelu, 0, 2, 352, 80, 3, 100},     // K = 352: 11 steps
-      {4, 32, false, Activation::swiglu, 2, 2, 256, 160, 4, 150},
-      {8, 64, true, Activation::silu, 0, 2, 192, 128, 3, 90},
-      {8, 0, false, Activation::swiglu, 1, 1, 96, 40, 2, 37},
-  };
-  for (const Case& c : cases) {
-    const Problem p(c, 7);
-    for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-      if (!kc->bgemm_q4) continue;
-      std::vector<float> want;
-      {
-        const LoopScope scope(Loop::current);
-        want = p.cpu_output(kc, 2, 3);
-      }
-      for (Loop l : {Loop::panel, Loop::panel_k2, Loop::panel_k8}) {
-        const LoopScope scope(l);
-        for (int threads : {1, 3}) {
-          const std::vector<float> got = p.cpu_output(kc, threads, 3);
-          EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0)
-              << cpu::amx::loop_name(l) << " threads=" << threads << " bits=" << c.bits << " block=" << c.block
-              << " T=" << c.t;
-        }
-      }
-    }
-  }
-}
-
-TEST(Bf16Amx, LoopVariableIsChecked) {
-  EXPECT_EQ(cpu::amx::parse_loop(nullptr), Loop::current);
-  EXPECT_EQ(cpu::amx::parse_loop(""), Loop::current);
-  for (Loop l : {Loop::current, Loop::panel, Loop::panel_k2, Loop::panel_k8})
-    EXPECT_EQ(cpu::amx::parse_loop(cpu::amx::loop_name(l)), l);
-  try {
-    cpu::amx::parse_loop("fast");
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    const std::string m = e.what();
-    for (const char* part : {"QMOE_AMX_LOOP", "'fast'", "current", "new", "new-k2", "new-k8"})
-      EXPECT_NE(m.find(part), std::string::npos) << m;
-  }
 }
 
 TEST(Bf16Amx, Level3WithoutAmxIsFloat32) {

@@ -19,9 +19,7 @@
 // scale then multiplies the float32 results once, after all of K (more exact,
 // too: the scale is not rounded to bf16 with the weight).
 //
-// Two loops (amx_loop.h, QMOE_AMX_LOOP): the current one below and the panel
-// loop further down. Current loop's tile registers: 0..5 = C (one per 16-token
-// block), 6 = A, 7 = B.
+// Tile registers: 0..5 = C (one per 16-token block), 6 = A, 7 = B.
 // Activations come in A-tile order ("blocked"): for each block of 16 tokens, K
 // steps of 32 columns, each one 1 KiB A tile (16 rows x 32 bf16, zero-padded
 // rows and columns): block b, step s at x + b * 16 * kp + s * 512, kp = padded K
@@ -38,7 +36,6 @@
 #include <utility>
 
 #include "cpu/kernels.h"
-#include "cpu/kernels/amx_loop.h"
 #include "cpu/kernels/ops_avx512.h"
 
 namespace qmoe::cpu::amx {
@@ -279,10 +276,13 @@ void gemm_pair_with(const Decoder& fresh0, const Decoder& fresh1, const std::uin
   }
 }
 
-// The current loop: y[t * ldy + 16 * j + r] = W_j x_t for the `ntiles` (1 or 2) consecutive tiles j at `tile`.
+// y[t * ldy + 16 * j + r] = W_j x_t for the `ntiles` (1 or 2) consecutive tiles j at `tile`.
 template <int BITS>
-void gemm_current(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const std::uint16_t* x,
+void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const std::uint16_t* x,
           std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
+  configure<0>();
+  // B tiles on 64-byte boundaries (the caller's scratch has the slack): one cache line per tile row.
+  scratch = reinterpret_cast<void*>((reinterpret_cast<std::uintptr_t>(scratch) + 63) & ~std::uintptr_t{63});
   // Tile size from PackGeometry's data members only (its inline member functions are
   // shared with baseline translation units: see the ODR caution in gemm_driver.h).
   constexpr std::int64_t G = 32 / BITS;
@@ -293,8 +293,8 @@ void gemm_current(const PackGeometry& g, const std::uint8_t* tile, std::int64_t 
   // 32 tokens): 64 tokens per expert 19-20 ms vs 21-22 ms, 512 tokens 205-225 ms vs
   // 168-192 ms (gpt-oss-20b T = 512 and 4096, 16 threads).
   if (ntiles == 2 && ntok <= 16 * kMaxTokenBlocks) {
-    gemm_current<BITS>(g, tile, 1, x, ldx, ntok, y, ldy, scratch);
-    gemm_current<BITS>(g, tile1, 1, x, ldx, ntok, y + 16, ldy, scratch);
+    gemm<BITS>(g, tile, 1, x, ldx, ntok, y, ldy, scratch);
+    gemm<BITS>(g, tile1, 1, x, ldx, ntok, y + 16, ldy, scratch);
     return;
   }
   bool symmetric = BITS == 4 && SymmetricQ4Decoder::applies(g, tile);
@@ -314,193 +314,6 @@ void gemm_current(const PackGeometry& g, const std::uint8_t* tile, std::int64_t 
     gemm_pair_with(TileDecoder<BITS>(g, tile), TileDecoder<BITS>(g, tile1), x, ldx, ntok, y, ldy, scratch);
   } else {
     gemm_with(TileDecoder<BITS>(g, tile), x, ldx, ntok, y, ldy, scratch);
-  }
-}
-
-
-// ---------------------------------------------------------------------------
-// The panel loop (QMOE_AMX_LOOP=new; amx_loop.h). Why: in the current loop at
-// ~64 tokens per expert every 16-cycle product loads a fresh 1 KiB A tile, and
-// the activations of an expert (64 x 2880 bf16 = 360 KiB) live in L2, so the
-// L2 -> L1 path (32-64 B/cycle) feeds at most one product per 16-32 cycles;
-// the pair loop halves that traffic but decodes B once per 32 tokens, and a
-// decode (~80 vector uops per 1 KiB tile) costs about as much as a product.
-//
-// Here B is decoded once per (group of up to kPanelTiles = 4 row tiles, chunk of
-// S K steps) into an L1 "panel" (4 x S KiB) and used by every token block of the
-// pass (up to kPassBlocks = 6 blocks of 16 tokens, decoded once per pass). Over
-// the panel the tile registers hold a 2 x 2 block: C 0..3 = (token block b, row
-// tile r), (b, r + 1), (b + 1, r), (b + 1, r + 1); A 4, 5; B 6, 7. The C tiles go
-// to / come from a float32 scratch (up to 6 x 4 KiB) between K chunks; the last
-// chunk stores them straight to y.
-//
-// Loop order: K chunk > token pair > row pair > K step, so the A tiles of a
-// token pair (2 x S KiB) come from L2 once per chunk and are reused from L1 by
-// the second row pair. Bytes per 16x16x32 product (full 2 x 2 blocks, S = 4):
-//   tile loads from L1: A 512 B + B 512 B + C 1 KiB / S (256 B)     = 1.25 KiB
-//   tile stores to L1:  C 1 KiB / S                                 = 256 B
-//   L2 -> L1:           A 1 KiB / kPanelTiles                       = 256 B
-//   B decode:           1 KiB written per (nb token blocks) products = 256 B at nb = 4
-// against the current loop's 1 KiB A from L2 + 1 KiB B from L1 per product.
-// At the ~2 x 64 B/cycle of L1 loads a product needs ~10 cycles of loads (it
-// takes 16), and L2 delivers 16 B/cycle instead of 64. The decode of a chunk's
-// panel is interleaved with the products of its first token pair (the pair loop's
-// shape), so the vector work overlaps the tile unit instead of preceding it.
-// Working set in L1: panel 16 KiB + C 16-24 KiB + A 8 KiB (S = 4): S = 2 and 8
-// (QMOE_AMX_LOOP=new-k2 / new-k8) trade C traffic (1 KiB / S per product) for L1 room.
-//
-// Numerics equal the current loop's bit for bit: each C tile accumulates the
-// same products in the same K order from zero; a float32 tile stored and loaded
-// back is exact.
-constexpr int kPanelTiles = 4;
-constexpr int kPassBlocks = 6;
-
-template <class T>
-inline T* align64(void* p) {
-  return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(p) + 63) & ~std::uintptr_t{63});
-}
-
-template <int S, class Decoder>
-void gemm_panel_with(const Decoder (&fresh)[kPanelTiles], int nt, const std::uint16_t* x, std::int64_t ldx,
-                     std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
-  const std::int64_t steps = ldx / 32;  // ldx = padded K, a multiple of 32
-  auto* panel = static_cast<std::uint16_t*>(scratch);  // 64-byte aligned: tile (r, s) at panel + (r * S + s) * 512
-  float* cbuf = reinterpret_cast<float*>(panel + kPanelTiles * S * 512);  // C tile (b, r) at cbuf + (b * kPanelTiles + r) * 256
-  alignas(64) float ctmp[16 * 16];
-  const int ldy_bytes = static_cast<int>(ldy * 4);
-  const std::int64_t nb_all = (ntok + 15) / 16, passes = (nb_all + kPassBlocks - 1) / kPassBlocks;
-  for (std::int64_t p = 0, b0 = 0; p < passes; ++p) {
-    const std::int64_t b1 = nb_all * (p + 1) / passes;  // passes of nearly equal size
-    const int nb = static_cast<int>(b1 - b0);
-    Decoder d[kPanelTiles] = {fresh[0], fresh[1], fresh[2], fresh[3]};
-    for (std::int64_t s0 = 0; s0 < steps; s0 += S) {
-      const int ns = static_cast<int>(steps - s0 < S ? steps - s0 : S);
-      const bool first = s0 == 0, last = s0 + ns == steps;
-      for (int b = 0; b < nb; b += 2) {
-        const bool two = b + 1 < nb;
-        const std::uint16_t* xa = x + (b0 + b) * 16 * ldx + s0 * 512;
-        const std::uint16_t* xb = xa + 16 * ldx;
-        for (int r = 0; r < nt; r += 2) {
-          const bool tworow = r + 1 < nt;
-          float* c = cbuf + (b * kPanelTiles + r) * 256;
-          if (first) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-          } else {
-            _tile_loadd(0, c, 64);
-            if (tworow) _tile_loadd(1, c + 256, 64);
-            if (two) _tile_loadd(2, c + kPanelTiles * 256, 64);
-            if (two && tworow) _tile_loadd(3, c + kPanelTiles * 256 + 256, 64);
-          }
-          std::uint16_t* p0 = panel + r * S * 512;
-          std::uint16_t* p1 = p0 + S * 512;
-          for (int s = 0; s < ns; ++s) {
-            if (b == 0) {  // the first token pair decodes the chunk's panel as it goes
-              d[r].step(p0 + s * 512);
-              if (tworow) d[r + 1].step(p1 + s * 512);
-            }
-            _tile_loadd(4, xa + s * 512, 64);
-            _tile_loadd(6, p0 + s * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            if (tworow) {
-              _tile_loadd(7, p1 + s * 512, 64);
-              _tile_dpbf16ps(1, 4, 7);
-            }
-            if (two) {
-              _tile_loadd(5, xb + s * 512, 64);
-              _tile_dpbf16ps(2, 5, 6);
-              if (tworow) _tile_dpbf16ps(3, 5, 7);
-            }
-          }
-          if (!last) {
-            _tile_stored(0, c, 64);
-            if (tworow) _tile_stored(1, c + 256, 64);
-            if (two) _tile_stored(2, c + kPanelTiles * 256, 64);
-            if (two && tworow) _tile_stored(3, c + kPanelTiles * 256 + 256, 64);
-            continue;
-          }
-#define QMOE_AMX_STORE_Y(i, block, col)                                                                     \
-  do {                                                                                                      \
-    const std::int64_t tb = (b0 + b + (block)) * 16, valid = ntok - tb < 16 ? ntok - tb : 16;               \
-    if (valid == 16) {                                                                                      \
-      _tile_stored(i, y + tb * ldy + (col), ldy_bytes);                                                     \
-    } else {                                                                                                \
-      _tile_stored(i, ctmp, 64);                                                                            \
-      for (std::int64_t q = 0; q < valid; ++q) std::memcpy(y + (tb + q) * ldy + (col), ctmp + 16 * q, 64); \
-    }                                                                                                       \
-  } while (0)
-          QMOE_AMX_STORE_Y(0, 0, 16 * r);
-          if (tworow) QMOE_AMX_STORE_Y(1, 0, 16 * r + 16);
-          if (two) QMOE_AMX_STORE_Y(2, 1, 16 * r);
-          if (two && tworow) QMOE_AMX_STORE_Y(3, 1, 16 * r + 16);
-#undef QMOE_AMX_STORE_Y
-        }
-      }
-    }
-    b0 = b1;
-  }
-}
-
-// The panel loop over nt (1..kPanelTiles) consecutive tiles at `tile` with one
-// decoder kind for all of them (fresh decoders for the unused slots repeat tile 0
-// and are never stepped).
-// (GCC 12 reports its own _mm512_cvtepu8_epi32, inlined into the decoder array, as
-// using an uninitialized value: its header builds the unused merge operand from
-// _mm512_undefined_epi32.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-template <int S, int BITS>
-void gemm_panel(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, int nt, bool symmetric,
-                const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
-  auto at = [&](int j) { return tile + (j < nt ? j : 0) * tile_bytes; };
-  if constexpr (BITS == 4) {
-    if (symmetric) {
-      const SymmetricQ4Decoder f[kPanelTiles] = {{g, at(0)}, {g, at(1)}, {g, at(2)}, {g, at(3)}};
-      gemm_panel_with<S>(f, nt, x, ldx, ntok, y, ldy, scratch);
-      return;
-    }
-  }
-  const TileDecoder<BITS> f[kPanelTiles] = {{g, at(0)}, {g, at(1)}, {g, at(2)}, {g, at(3)}};
-  gemm_panel_with<S>(f, nt, x, ldx, ntok, y, ldy, scratch);
-}
-#pragma GCC diagnostic pop
-
-// y[t * ldy + 16 * j + r] = W_j x_t for the `ntiles` consecutive tiles j at `tile`,
-// by the loop amx::loop() names. scratch: amx::kScratchBytes, any alignment.
-template <int BITS>
-void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const std::uint16_t* x,
-          std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
-  configure<0>();
-  scratch = align64<void>(scratch);  // whole cache lines per tile row
-  // Tile size from PackGeometry's data members only (see gemm_current).
-  constexpr std::int64_t G = 32 / BITS;
-  const std::int64_t tile_bytes = g.cols / g.block_len * (NR * 5 + (g.block_len + G - 1) / G * G * NR * BITS / 8);
-  const Loop l = loop();
-  if (l == Loop::current) {  // in runs of 2 tiles, as the caller passed them before it passed longer runs
-    for (std::int64_t j = 0; j < ntiles; j += 2)
-      gemm_current<BITS>(g, tile + j * tile_bytes, ntiles - j < 2 ? ntiles - j : 2, x, ldx, ntok, y + 16 * j, ldy,
-                         scratch);
-    return;
-  }
-  for (std::int64_t j = 0; j < ntiles; j += kPanelTiles) {
-    const int nt = static_cast<int>(ntiles - j < kPanelTiles ? ntiles - j : kPanelTiles);
-    const std::uint8_t* t = tile + j * tile_bytes;
-    float* yj = y + 16 * j;
-    bool symmetric = BITS == 4;
-    for (int i = 0; i < nt && symmetric; ++i) symmetric = SymmetricQ4Decoder::applies(g, t + i * tile_bytes);
-    switch (l) {
-      case Loop::panel_k2: gemm_panel<2, BITS>(g, t, tile_bytes, nt, symmetric, x, ldx, ntok, yj, ldy, scratch); break;
-      case Loop::panel_k8: gemm_panel<8, BITS>(g, t, tile_bytes, nt, symmetric, x, ldx, ntok, yj, ldy, scratch); break;
-      default: gemm_panel<4, BITS>(g, t, tile_bytes, nt, symmetric, x, ldx, ntok, yj, ldy, scratch); break;
-    }
-    if (symmetric)  // the row scales, once, on the float32 results
-      for (int i = 0; i < nt; ++i) {
-        const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(t + i * tile_bytes));
-        for (std::int64_t q = 0; q < ntok; ++q)
-          _mm512_storeu_ps(yj + q * ldy + 16 * i, _mm512_mul_ps(scale, _mm512_loadu_ps(yj + q * ldy + 16 * i)));
-      }
   }
 }
 
