@@ -75,6 +75,11 @@ struct IOpsAvx512Vnni {
   typedef __m512 IZ;
   static constexpr int NV = 1;
   static constexpr int kTokens = 12;  // 12 x (int, block) accumulators + codes, mask and bias, of 32 zmm
+  // A remainder of this many tokens (or more) after whole passes of kTokens is cheaper as one
+  // more kTokens pass that overlaps the previous one than in the generic loop, where GCC spills
+  // (4-bit, one thread, 8 experts of 5760 x 2880: 9 remaining tokens 5.1 ms generic, 3.9 ms as a
+  // full pass; 8 remaining: 3.1 ms generic).
+  static constexpr int kOverlapFrom = 9;
 
   // Int accumulators start at the bits of kBias = 1.5 * 2^23 instead of 0: for
   // |sum| < 2^22 (an activation block's sum is at most 16 * 255 * 127) the lane
