@@ -46,27 +46,7 @@ struct GemmProblem {
   Activation act = Activation::identity;
   float alpha = 1.f, beta = 0.f, limit = 0.f;
   std::int64_t inter = 0;  ///< I: columns of the FC1 output
-  // FC2 on the decode kernel (gemm_decode.cu) with combine.out set: the last
-  // block to finish each column block also combines it (combine.cuh), which
-  // saves the combine launch. counters[x] counts the finished blocks of column
-  // block x; it is 0 before every call (the last block resets it).
-  struct Combine {
-    void* out = nullptr;  ///< [tokens, hidden], the token dtype
-    int* counters = nullptr;
-    const float* bias2 = nullptr;
-    std::int64_t bias_stride = 0;
-    int tokens = 0, k = 0;
-    std::int64_t hidden = 0;
-    const int* pos_of = nullptr;
-    const int* topk_expert = nullptr;
-    const float* topk_weight = nullptr;
-  } combine;
 };
-
-/// Column blocks of the decode kernel (rows per block) and the most of them a
-/// fused combine supports (the size of the counter array every workspace starts with).
-inline constexpr int kDecodeBlockRows = 64;
-inline constexpr int kMaxCombineBlocks = 4096;
 
 /// Token tile height (BM = 8 * mt) the heuristic picks for `avg` tokens per expert.
 int pick_mt(double avg_tokens_per_expert);

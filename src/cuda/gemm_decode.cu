@@ -31,7 +31,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "cuda/combine.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemm.h"
 #include "cuda/mma_common.cuh"
@@ -42,7 +41,6 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-static_assert(kWarps * 16 == kDecodeBlockRows);
 
 // The ring's copies and waits carry "memory" clobbers: with no barrier in the
 // loop, they alone keep the compiler from moving the shared-memory reads of a
@@ -76,36 +74,6 @@ struct Ring {
   static constexpr int kStageBytes = kCodeBytes + 2 * W * 32 * 4;
   static constexpr int kSmemBytes = kWarps * R * kStageBytes;
 };
-
-// FC2's fused combine: the block that finishes column block blockIdx.x last
-// (of num_tiles x splits) sums its 64 columns over every token's experts and
-// K splits. The threadfence before the count publishes this block's partials;
-// the one after it orders the last block's reads behind everyone's writes (the
-// reads go through L2: combine.cuh). The last block puts the counter back to 0.
-template <class T>
-__device__ void combine_tail(const GemmProblem& p) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int done = atomicAdd(p.combine.counters + blockIdx.x, 1) + 1;
-    last = done == *p.num_tiles * p.splits;
-    if (last) p.combine.counters[blockIdx.x] = 0;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const GemmProblem::Combine& cb = p.combine;
-  const std::int64_t h0 = static_cast<std::int64_t>(blockIdx.x) * kDecodeBlockRows;
-  T* out = static_cast<T*>(cb.out);
-  for (int i = static_cast<int>(threadIdx.x); i < cb.tokens * kDecodeBlockRows; i += kThreads) {
-    const std::int64_t t = i / kDecodeBlockRows, h = h0 + i % kDecodeBlockRows;
-    if (h < cb.hidden)
-      out[t * cb.hidden + h] =
-          combine_element<T>(static_cast<const float*>(p.out), p.splits, p.split_stride, cb.bias2, cb.bias_stride,
-                             cb.k, cb.hidden, cb.pos_of, cb.topk_expert, cb.topk_weight, t, h);
-  }
-}
 
 // Token rows of a tile in shared memory: BM rows of KC columns per chunk.
 template <int MT>
@@ -295,7 +263,6 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   ring_wait<0>();  // no copy may outlive the block
   flush();
   store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
-  if (!p.fc1 && p.combine.out) combine_tail<T>(p);
 }
 
 template <class T, int BITS, int MT, int SK, bool ZP>

@@ -48,9 +48,6 @@ std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes) {
   if (cur && cur->buf.bytes() >= bytes) return cur;
   auto a = std::make_shared<Arena>();
   a->buf = DeviceBuffer(std::max(bytes, cur ? cur->buf.bytes() : std::size_t{0}));
-  // The fused combine's counters (the workspace's first bytes) start at 0 and
-  // every call leaves them at 0.
-  QMOE_CUDA_CHECK(cudaMemset(a->buf.get(), 0, sizeof(int) * kMaxCombineBlocks));
   QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&a->done, cudaEventDisableTiming));
   registry[device] = a;
   return a;
@@ -70,7 +67,6 @@ struct Carver {
 };
 
 struct Workspace {
-  int* counters = nullptr;  // [kMaxCombineBlocks], at the same offset for every Layer of the arena
   RouteBuffers rb;
   void* act = nullptr;  // FC1 output / FC2 input, [chunk * k][a_stride] tokens' dtype
   float* y2 = nullptr;  // FC2 partials, [chunk * k][H] per split, splits * pairs <= chunk * k
@@ -100,9 +96,6 @@ bool available() noexcept {
 }
 
 constexpr double kNever = std::numeric_limits<double>::infinity();
-// Up to this many tokens per pass the decode kernel's last blocks combine (its
-// 128 threads per column block then sum <= 16 x 64 outputs).
-constexpr std::int64_t kFusedCombineTokens = 16;
 
 // QMOE_CUDA_GEMM=auto (default) | mma | wgmma: which GEMM serves prefill
 // (many tokens per expert). Returns the average tokens per expert from which
@@ -144,7 +137,6 @@ struct CudaMoe::State {
   Workspace carve(Carver& c) const {
     Workspace w;
     const std::int64_t pairs = chunk * attrs.k, E = shape.num_experts;
-    w.counters = c.take<int>(kMaxCombineBlocks);  // first: the arena zeroes exactly these bytes
     w.rb.topk_expert = c.take<int>(pairs);
     w.rb.topk_weight = c.take<float>(pairs);
     w.rb.slot = c.take<int>(pairs);
@@ -389,20 +381,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.x_vec16 = st.shape.inter % 8 == 0;
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = static_cast<int>(splits), p2.split_cols = split_cols, p2.split_stride = pairs * H;
-    // Few tokens on the decode kernel: its last block per column block combines
-    // (one launch fewer); the combine kernel spreads larger calls over the GPU.
-    const bool fuse = !wg && mt <= 2 && tc <= kFusedCombineTokens && st.g2.padded_rows / kDecodeBlockRows <= kMaxCombineBlocks;
-    if (fuse) {
-      p2.combine.out = y, p2.combine.counters = ws.counters;
-      p2.combine.bias2 = st.has_bias2 ? st.p2.bias : nullptr, p2.combine.bias_stride = st.g2.padded_rows;
-      p2.combine.tokens = static_cast<int>(tc), p2.combine.k = a.k, p2.combine.hidden = H;
-      p2.combine.pos_of = ws.rb.pos_of, p2.combine.topk_expert = ws.rb.topk_expert;
-      p2.combine.topk_weight = ws.rb.topk_weight;
-    }
     gemm(p2, capacity);
-    if (!fuse)
-      launch_combine(ws.y2, static_cast<int>(splits), pairs * H, st.has_bias2 ? st.p2.bias : nullptr,
-                     st.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, stream);
+
+    launch_combine(ws.y2, static_cast<int>(splits), pairs * H, st.has_bias2 ? st.p2.bias : nullptr,
+                   st.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, stream);
   }
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));

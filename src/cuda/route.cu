@@ -5,7 +5,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "cuda/combine.cuh"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/route.h"
@@ -180,9 +179,17 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
   // Block (t, y) sums columns [y * blockDim, (y + 1) * blockDim) of token t.
   const std::int64_t t = blockIdx.x;
   const std::int64_t h = static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (h < H)
-    out[t * H + h] = combine_element<T>(y2, splits, split_stride, bias2, bias_stride, k, H, b.pos_of, b.topk_expert,
-                                        b.topk_weight, t, h);
+  if (h < H) {
+    float acc = 0.f;
+    for (int j = 0; j < k; ++j) {
+      const std::int64_t pj = t * k + j;
+      const std::int64_t pos = b.pos_of[pj];
+      float y = bias2 ? bias2[b.topk_expert[pj] * bias_stride + h] : 0.f;
+      for (int s = 0; s < splits; ++s) y += y2[s * split_stride + pos * H + h];
+      acc += b.topk_weight[pj] * y;
+    }
+    out[t * H + h] = from_float<T>(acc);
+  }
 }
 
 }  // namespace
