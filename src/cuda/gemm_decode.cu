@@ -97,18 +97,13 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
 
-  if (static_cast<int>(blockIdx.y) >= *p.num_tiles) return;
-  const MTile mt = p.tiles[blockIdx.y];
-  const int e = mt.expert;
-  const int pos0 = p.offsets[e] + mt.m0;
-  const int rows_here = min(XT::BM, p.offsets[e + 1] - pos0);
+  TileWork tw;
+  if (!tile_work(p, XT::BM, tw)) return;
+  const int e = tw.e, pos0 = tw.pos0, rows_here = tw.rows_here;
+  const std::int64_t k_begin = tw.k_begin, k_end = tw.k_end;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, c = lane % 4;
   const std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * kWarps + warp;
-
-  const std::int64_t kp = p.g.padded_cols;
-  const std::int64_t k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
-  const std::int64_t k_end = p.fc1 ? kp : (kp < k_begin + p.split_cols ? kp : k_begin + p.split_cols);
   const int ns = static_cast<int>((k_end - k_begin) / SC);  // k ranges are whole 64-column groups
 
   const std::int64_t nb = p.g.blocks();

@@ -119,6 +119,26 @@ struct BlockConsts {
   }
 };
 
+// The work of one block of the mma.sync GEMMs (gemm.cu, gemm_decode.cu): the
+// plan's m-tile blockIdx.y (expert e, its tokens at positions pos0.. of which
+// rows_here are valid, at most bm) and the K range of split blockIdx.z (FC2;
+// FC1 takes all of K). False for blocks past the plan's tiles.
+struct TileWork {
+  int e = 0, pos0 = 0, rows_here = 0;
+  std::int64_t k_begin = 0, k_end = 0;
+};
+__device__ __forceinline__ bool tile_work(const GemmProblem& p, int bm, TileWork& w) {
+  if (static_cast<int>(blockIdx.y) >= *p.num_tiles) return false;
+  const MTile mt = p.tiles[blockIdx.y];
+  w.e = mt.expert;
+  w.pos0 = p.offsets[w.e] + mt.m0;
+  w.rows_here = min(bm, p.offsets[w.e + 1] - w.pos0);
+  const std::int64_t kp = p.g.padded_cols;
+  w.k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
+  w.k_end = p.fc1 ? kp : (kp < w.k_begin + p.split_cols ? kp : w.k_begin + p.split_cols);
+  return true;
+}
+
 // One k16 step of a lane's A fragment (rows g, g+8 of a 16-row tile).
 template <class T, int BITS>
 __device__ __forceinline__ void dequant(const uint4& v, int j, const BlockConsts<T, BITS>& bc, bool scaled,
