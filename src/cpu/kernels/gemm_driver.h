@@ -190,6 +190,8 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_b
 template <class Ops, int NT, int M>
 void chunk_tokens(const float* w, std::int64_t n, const float* x, std::int64_t ldx, float* y, std::int64_t ldy,
                   bool first) {
+  if constexpr (NT == 2 && requires { Ops::template kChunk2<M>; })
+    if constexpr (Ops::template kChunk2<M>) return Ops::template chunk2<M>(w, n, x, ldx, y, ldy, first);
   using V = typename Ops::V;
   constexpr int NV = Ops::NV * NT, W = NR * NT, L = NR / Ops::NV;
   V acc[M][NV];

@@ -5,6 +5,44 @@
 
 #include <cstdint>
 
+// Operands of the prefill loop (chunk2): token 3k + j's activations at x_k + j * ldx (bytes).
+#define QMOE_FIDX0 ""
+#define QMOE_FIDX1 ",%[ld],1"
+#define QMOE_FIDX2 ",%[ld],2"
+// Token m = 3k + j: acc (zmm 2m, zmm 2m + 1) += the two tiles' weights (zmm24, zmm25) x its activation.
+#define QMOE_FTOK(k, j, m0, m1, b)                                                            \
+  "vbroadcastss (%[x" #k "]" QMOE_FIDX##j "), %%zmm" #b "\n\t"                             \
+  "vfmadd231ps %%zmm" #b ", %%zmm24, %%zmm" #m0 "\n\t" "vfmadd231ps %%zmm" #b ", %%zmm25, %%zmm" #m1 "\n\t"
+#define QMOE_FTOK10                                                                                        \
+  QMOE_FTOK(0, 0, 0, 1, 26) QMOE_FTOK(0, 1, 2, 3, 27) QMOE_FTOK(0, 2, 4, 5, 26) QMOE_FTOK(1, 0, 6, 7, 27)   \
+  QMOE_FTOK(1, 1, 8, 9, 26) QMOE_FTOK(1, 2, 10, 11, 27) QMOE_FTOK(2, 0, 12, 13, 26)                       \
+  QMOE_FTOK(2, 1, 14, 15, 27) QMOE_FTOK(2, 2, 16, 17, 26) QMOE_FTOK(3, 0, 18, 19, 27)
+#define QMOE_FTOK11 QMOE_FTOK10 QMOE_FTOK(3, 1, 20, 21, 26)
+#define QMOE_FTOK12 QMOE_FTOK11 QMOE_FTOK(3, 2, 22, 23, 27)
+// Accumulators of token m from / to its output row (pointer m of yp), or zero.
+#define QMOE_FACC(op, m, m0, m1)                                                                  \
+  "mov " #m "*8(%[yp]), %%rax\n\t" op(m0, "(%%rax)") op(m1, "64(%%rax)")
+#define QMOE_FLOAD(r, mem) "vmovups " mem ", %%zmm" #r "\n\t"
+#define QMOE_FSTORE(r, mem) "vmovups %%zmm" #r ", " mem "\n\t"
+#define QMOE_FZERO(r, mem) "vpxord %%zmm" #r ", %%zmm" #r ", %%zmm" #r "\n\t"
+#define QMOE_FACC10(op)                                                                                     \
+  QMOE_FACC(op, 0, 0, 1) QMOE_FACC(op, 1, 2, 3) QMOE_FACC(op, 2, 4, 5) QMOE_FACC(op, 3, 6, 7)              \
+  QMOE_FACC(op, 4, 8, 9) QMOE_FACC(op, 5, 10, 11) QMOE_FACC(op, 6, 12, 13) QMOE_FACC(op, 7, 14, 15)        \
+  QMOE_FACC(op, 8, 16, 17) QMOE_FACC(op, 9, 18, 19)
+#define QMOE_FACC11(op) QMOE_FACC10(op) QMOE_FACC(op, 10, 20, 21)
+#define QMOE_FACC12(op) QMOE_FACC11(op) QMOE_FACC(op, 11, 22, 23)
+// The whole call for M tokens: accumulators in, n columns, accumulators out.
+#define QMOE_FCHUNK(M, init)                                                                                \
+  asm volatile(QMOE_FACC##M(init) "1:\n\t"                                                                 \
+               "vmovups (%[w]), %%zmm24\n\t" "vmovups 64(%[w]), %%zmm25\n\t" QMOE_FTOK##M                 \
+               "add $128, %[w]\n\t" "add $4, %[x0]\n\t" "add $4, %[x1]\n\t" "add $4, %[x2]\n\t"          \
+               "add $4, %[x3]\n\t" "dec %[n]\n\t" "jnz 1b\n\t" QMOE_FACC##M(QMOE_FSTORE)                   \
+               : [w] "+r"(w), [n] "+r"(n), [x0] "+r"(x0), [x1] "+r"(x1), [x2] "+r"(x2), [x3] "+r"(x3)         \
+               : [ld] "r"(ldb), [yp] "r"(yp)                                                                 \
+               : "rax", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",       \
+                 "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19",   \
+                 "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "cc", "memory")
+
 namespace qmoe::cpu {
 
 struct OpsAvx512 {
@@ -24,6 +62,29 @@ struct OpsAvx512 {
   static constexpr int kReuseTokens = 12;   // 12 tokens x 2 tiles = 24 accumulators + 2 weights, of 32 zmm:
   static constexpr int kReuseTiles = 2;     // 14 loads (2 weights, 12 broadcasts) per 24 FMAs
   static constexpr int kReuseFrom = 32;     // direct keeps up with reuse to ~48 tokens (measured)
+
+  // The prefill regime's inner loop (gemm_driver.h, chunk_tokens) for two tiles and M = 10..12
+  // tokens (the token blocks of 30 or more tokens), in assembly: per column 2 weight loads, M
+  // broadcasts and 2M FMAs, with the 2M accumulators in zmm0-23 from the first column to the
+  // last. GCC's version of the same loop moved all 24 accumulators through the stack on entry
+  // and exit of every call (a call is one 256-column chunk). The same FMAs in the same order.
+  template <int M>
+  static constexpr bool kChunk2 = M >= 10 && M <= 12;
+  template <int M>
+  static void chunk2(const float* w, std::int64_t n, const float* x, std::int64_t ldx, float* y, std::int64_t ldy,
+                     bool first) {
+    float* yp[M];
+    for (int m = 0; m < M; ++m) yp[m] = y + m * ldy;
+    const float *x0 = x, *x1 = x + 3 * ldx, *x2 = x + 6 * ldx, *x3 = x + 9 * ldx;
+    const std::int64_t ldb = ldx * 4;
+    if constexpr (M == 10) {
+      if (first) QMOE_FCHUNK(10, QMOE_FZERO); else QMOE_FCHUNK(10, QMOE_FLOAD);
+    } else if constexpr (M == 11) {
+      if (first) QMOE_FCHUNK(11, QMOE_FZERO); else QMOE_FCHUNK(11, QMOE_FLOAD);
+    } else {
+      if (first) QMOE_FCHUNK(12, QMOE_FZERO); else QMOE_FCHUNK(12, QMOE_FLOAD);
+    }
+  }
   template <int BITS>
   static constexpr bool kLut = BITS == 4;
 
