@@ -23,12 +23,14 @@
 //    once into scratch (scale * (code - zero), as float weights, the tiles'
 //    rows side by side per column) and reused for every token by a register
 //    block of those rows x up to Ops::kReuseTokens tokens, so decoding costs
-//    O(weights), not O(weights * tokens); the tokens are cut into blocks of
-//    near-equal size so that no small remainder block wastes weight loads.
+//    O(weights), not O(weights * tokens); the first Ops::kDecodeTokens tokens
+//    (where Ops has it; else none) run inside the decode loop, the others are
+//    cut into blocks of near-equal size so that no small remainder block wastes
+//    weight loads.
 //
 // Ops must provide (NV vectors V cover the 16 rows of one column): the block
 // sizes kDirectTokens, kDirectTiles, kReuseTokens, kReuseTiles and kReuseFrom
-// (the token count from which the prefill regime is used), and
+// (the token count from which the prefill regime is used), optionally kDecodeTokens, and
 //   V zero(); V splat(float); V load(const float*); void store(float*, V);
 //   V fma(V a, V b, V c) = a * b + c; V add(V, V); V mul(V, V);
 //   Z zeros(const uint8_t* z16)               -- a block's 16 zero points
@@ -209,43 +211,80 @@ void chunk_tokens(const float* w, std::int64_t n, const float* x, std::int64_t l
     for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + j * L, acc[m][j]);
 }
 
+// Dequantizes the chunk [c0, c0 + n) of the NT tiles' block v into w (scale * (code - zero),
+// the tiles' rows side by side per column) and, while each column is in registers, runs
+// it for the first MF tokens (MF = 0: none): y[m] (+)= W_chunk x[m] as chunk_tokens does,
+// with the same FMAs in the same order. Why: a separate decode pass is a burst of stores
+// (two 64-byte stores per column) that the FMA-bound token loops cannot hide; inside a
+// token loop the stores overlap the FMAs (one thread, 64 tokens/expert, 6 tokens with the
+// decode: 238 -> 252 GFLOP/s; 4 or 8 tokens measured 1-4% lower than 6).
+template <class Ops, int BITS, int NT, int MF, bool LUT>
+void decode_chunk(const Block<Ops> (&v)[NT], std::int64_t c0, std::int64_t n, float* w, const float* x,
+                  std::int64_t ldx, float* y, std::int64_t ldy, bool first) {
+  using V = typename Ops::V;
+  constexpr int NV = Ops::NV, W = NR * NT, L = NR / NV;
+  constexpr int G = static_cast<int>(kGroupCols<BITS>);
+  V acc[MF > 0 ? MF : 1][NT][NV];
+  for (int m = 0; m < MF; ++m)
+    for (int i = 0; i < NT; ++i)
+      for (int j = 0; j < NV; ++j) acc[m][i][j] = first ? Ops::zero() : Ops::load(y + m * ldy + i * NR + j * L);
+  for (std::int64_t grp = c0 / G; grp < (c0 + n) / G; ++grp) {
+    float* dst = w + (grp * G - c0) * W;
+    typename Ops::Q q[NT];
+    for (int i = 0; i < NT; ++i) {
+      // The same group of the next chunk into L1: it then arrives while this chunk's
+      // tokens are computed (several microseconds) instead of stalling its decode on
+      // DRAM (FC1 loop, 64 tokens/expert, one thread: 237 -> 247 GFLOP/s). Past the
+      // block's end it touches the next block or tile, which is read next anyway.
+      __builtin_prefetch(v[i].codes + grp * 64 + kChunk * BITS * NR / 8, 0, 3);
+      q[i] = Ops::group(v[i].codes + grp * 64);
+    }
+    unroll<G>([&](auto J) {
+      V wj[NT][NV];
+      for (int i = 0; i < NT; ++i) {
+        column<Ops, BITS, LUT, J>(q[i], v[i].zero, wj[i]);
+        for (int j = 0; j < NV; ++j) {
+          wj[i][j] = Ops::mul(v[i].scale[j], wj[i][j]);
+          Ops::store(dst + J * W + i * NR + j * L, wj[i][j]);
+        }
+      }
+      for (int m = 0; m < MF; ++m) {
+        const V xv = Ops::splat(x[m * ldx + grp * G - c0 + J]);
+        for (int i = 0; i < NT; ++i)
+          for (int j = 0; j < NV; ++j) acc[m][i][j] = Ops::fma(wj[i][j], xv, acc[m][i][j]);
+      }
+    });
+  }
+  for (int m = 0; m < MF; ++m)
+    for (int i = 0; i < NT; ++i)
+      for (int j = 0; j < NV; ++j) Ops::store(y + m * ldy + i * NR + j * L, acc[m][i][j]);
+}
+
 // NT consecutive tiles, every token: each chunk of NT tiles is dequantized once to w.
 template <class Ops, int BITS, int NT>
 void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x,
            std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, float* w) {
-  using V = typename Ops::V;
-  constexpr int NV = Ops::NV, MT = Ops::kReuseTokens, W = NR * NT;
-  constexpr int G = static_cast<int>(kGroupCols<BITS>);
+  constexpr int MT = Ops::kReuseTokens;
+  constexpr int MF = [] {
+    if constexpr (requires { Ops::kDecodeTokens; }) return Ops::kDecodeTokens;
+    return 0;
+  }();
+  static_assert(MF < Ops::kReuseFrom, "the decode's tokens are a part of every prefill call's tokens");
   const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
-  // Token blocks of near-equal size: ceil(ntok / MT) blocks, none larger than MT.
-  const std::int64_t nblocks = (ntok + MT - 1) / MT;
+  // The first MF tokens run with the decode; the rest in blocks of near-equal size:
+  // ceil((ntok - MF) / MT) blocks, none larger than MT.
+  const std::int64_t nblocks = (ntok - MF + MT - 1) / MT;
   for (std::int64_t b = 0; b < nb; ++b) {
     Block<Ops> v[NT];
     for (int i = 0; i < NT; ++i) v[i] = block_at<Ops, BITS>(g, tile + i * tile_bytes, b);
     for (std::int64_t c0 = 0; c0 < pb; c0 += kChunk) {
       const std::int64_t n = pb - c0 < kChunk ? pb - c0 : kChunk;  // a multiple of G
-      with_lut<Ops, BITS>(v, [&](auto LUT) __attribute__((always_inline)) {
-        for (std::int64_t grp = c0 / G; grp < (c0 + n) / G; ++grp) {
-          float* dst = w + (grp * G - c0) * W;
-          for (int i = 0; i < NT; ++i) {
-            // The same group of the next chunk into L1: it then arrives while this chunk's
-            // tokens are computed (several microseconds) instead of stalling its decode on
-            // DRAM (FC1 loop, 64 tokens/expert, one thread: 237 -> 247 GFLOP/s). Past the
-            // block's end it touches the next block or tile, which is read next anyway.
-            __builtin_prefetch(v[i].codes + grp * 64 + kChunk * BITS * NR / 8, 0, 3);
-            const typename Ops::Q q = Ops::group(v[i].codes + grp * 64);
-            unroll<G>([&](auto J) {
-              V wj[NV];
-              column<Ops, BITS, LUT, J>(q, v[i].zero, wj);
-              for (int j = 0; j < NV; ++j)
-                Ops::store(dst + J * W + i * NR + j * (NR / NV), Ops::mul(v[i].scale[j], wj[j]));
-            });
-          }
-        }
-      });
       const float* xc = x + b * pb + c0;
       const bool first = b == 0 && c0 == 0;
-      for (std::int64_t k = 0, t = 0; k < nblocks; ++k) {
+      with_lut<Ops, BITS>(v, [&](auto LUT) {
+        decode_chunk<Ops, BITS, NT, MF, LUT>(v, c0, n, w, xc, ldx, y, ldy, first);
+      });
+      for (std::int64_t k = 0, t = MF; k < nblocks; ++k) {
         const std::int64_t m = (ntok - t + (nblocks - k) - 1) / (nblocks - k);
         with_count<MT>(m, [&](auto M) { chunk_tokens<Ops, NT, M>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy, first); });
         t += m;

@@ -62,6 +62,7 @@ struct OpsAvx512 {
   static constexpr int kReuseTokens = 12;   // 12 tokens x 2 tiles = 24 accumulators + 2 weights, of 32 zmm:
   static constexpr int kReuseTiles = 2;     // 14 loads (2 weights, 12 broadcasts) per 24 FMAs
   static constexpr int kReuseFrom = 32;     // direct keeps up with reuse to ~48 tokens (measured)
+  static constexpr int kDecodeTokens = 6;   // tokens run inside the prefill decode loop (measured best of 4-8)
 
   // The prefill regime's inner loop (gemm_driver.h, chunk_tokens) for two tiles and M = 10..12
   // tokens (the token blocks of 30 or more tokens), in assembly: per column 2 weight loads, M
