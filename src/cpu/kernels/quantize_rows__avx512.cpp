@@ -26,42 +26,34 @@ namespace {
 // The tree's last level leaves block 4q + j in lane 4j + q; this puts block k in lane k.
 inline __m512i tree_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
 
-// Lane k = max over the lanes of v[k]. Each level halves the vectors: it pairs the
+// Lane k = op over the lanes of v[k]. Each level halves the vectors: it pairs the
 // (256-bit halves, 128-bit quarters, pairs of lanes, lanes) of two vectors by two
-// shuffles and keeps the larger, so every lane ends up holding one block's maximum.
-inline __m512 max16(const __m512 (&v)[16]) {
+// shuffles and combines them with op, so every lane ends up holding one block's result.
+// The shuffles only move bits, so integer vectors pass through them as floats.
+template <class Op>
+inline __m512 reduce16(const __m512 (&v)[16], Op op) {
   __m512 w[8], u[4], s[2];
   for (int i = 0; i < 8; ++i)
-    w[i] = _mm512_max_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    w[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
   for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_max_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+    u[i] = op(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88), _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
   for (int i = 0; i < 2; ++i)
-    s[i] = _mm512_max_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
-  return _mm512_permutexvar_ps(tree_order(),
-                               _mm512_max_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD)));
+    s[i] = op(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+  return _mm512_permutexvar_ps(tree_order(), op(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD)));
 }
 
-// shufps on integer lanes.
-template <int IMM>
-inline __m512i shuffle_lanes(__m512i a, __m512i b) {
-  return _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), IMM));
+// Lane k = max over the lanes of v[k].
+inline __m512 max16(const __m512 (&v)[16]) {
+  return reduce16(v, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
 }
 
-// Lane k = sum of the 32-bit lanes of v[k] (the same tree with integer adds).
+// Lane k = sum of the 32-bit integer lanes of v[k].
 inline __m512i sum16(const __m512i (&v)[16]) {
-  __m512i w[8], u[4], s[2];
-  for (int i = 0; i < 8; ++i)
-    w[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
-                            _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(w[2 * i], w[2 * i + 1], 0x88),
-                            _mm512_shuffle_i32x4(w[2 * i], w[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    s[i] = _mm512_add_epi32(shuffle_lanes<0x44>(u[2 * i], u[2 * i + 1]), shuffle_lanes<0xEE>(u[2 * i], u[2 * i + 1]));
-  return _mm512_permutexvar_epi32(tree_order(),
-                                  _mm512_add_epi32(shuffle_lanes<0x88>(s[0], s[1]), shuffle_lanes<0xDD>(s[0], s[1])));
+  __m512 f[16];
+  for (int i = 0; i < 16; ++i) f[i] = _mm512_castsi512_ps(v[i]);
+  return _mm512_castps_si512(reduce16(f, [](__m512 a, __m512 b) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }));
 }
 
 struct Consts {
