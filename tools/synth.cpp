@@ -1,6 +1,11 @@
 #include "synth.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <exception>
+#include <mutex>
+#include <thread>
 
 namespace qmoe::tools {
 
@@ -11,30 +16,69 @@ void fill_normal(std::vector<float>& v, std::mt19937_64& rng, float stddev) {
 
 namespace {
 
-// Quantizes E experts of [N, K] one at a time and concatenates them.
+// splitmix64: decorrelated seeds for the independent streams of one layer.
+std::uint64_t mix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Quantizes E experts of [N, K] and concatenates them. Every expert draws from
+// its own stream (seeded by the layer seed, the matrix and the expert), so the
+// experts are drawn and quantized in parallel, each with one [N, K] float
+// buffer, and the result does not depend on the thread count.
 QuantizedWeights quantize_experts(std::int64_t e, std::int64_t n, std::int64_t k, const QuantizeOptions& q,
-                                  std::mt19937_64& rng, double& err2, double& ref2,
+                                  std::uint64_t seed, int matrix, double& err2, double& ref2,
                                   const std::function<void()>& per_expert) {
-  QuantizedWeights all;
-  std::vector<float> w(static_cast<std::size_t>(n * k));
-  for (std::int64_t i = 0; i < e; ++i) {
-    fill_normal(w, rng, 1.0f / std::sqrt(static_cast<float>(k)));
-    QuantizedWeights one = quantize(view_f32(w.data(), {1, n, k}), q);
-    double r2 = 0;
-    for (float v : w) r2 += static_cast<double>(v) * v;
-    err2 += one.rel_l2_error * one.rel_l2_error * r2, ref2 += r2;
-    if (i == 0) {
-      all = std::move(one);
-      all.weights.reserve(all.weights.size() * static_cast<std::size_t>(e));
-      all.scales.reserve(all.scales.size() * static_cast<std::size_t>(e));
-    } else {
-      all.weights.insert(all.weights.end(), one.weights.begin(), one.weights.end());
-      all.scales.insert(all.scales.end(), one.scales.begin(), one.scales.end());
-      all.zero_points.insert(all.zero_points.end(), one.zero_points.begin(), one.zero_points.end());
-      all.max_abs_error = std::max(all.max_abs_error, one.max_abs_error);
+  std::vector<QuantizedWeights> parts(static_cast<std::size_t>(e));
+  std::vector<double> perr2(static_cast<std::size_t>(e)), pref2(static_cast<std::size_t>(e));
+  // Threads: the machine's, but at most ~4 GiB of float buffers at once.
+  const double buffer = static_cast<double>(n) * static_cast<double>(k) * 4;
+  const std::int64_t by_memory = std::max<std::int64_t>(1, static_cast<std::int64_t>(4.0 * (1ull << 30) / buffer));
+  const std::int64_t nthreads =
+      std::min({static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency())), by_memory, e});
+  std::atomic<std::int64_t> next{0};
+  std::mutex mu;
+  std::exception_ptr error;
+  auto work = [&] {
+    try {
+      std::vector<float> w(static_cast<std::size_t>(n * k));
+      for (std::int64_t i; (i = next.fetch_add(1)) < e;) {
+        std::mt19937_64 rng(mix(seed ^ mix(static_cast<std::uint64_t>(matrix) << 40 ^ static_cast<std::uint64_t>(i))));
+        fill_normal(w, rng, 1.0f / std::sqrt(static_cast<float>(k)));
+        parts[i] = quantize(view_f32(w.data(), {1, n, k}), q);
+        double r2 = 0;
+        for (float v : w) r2 += static_cast<double>(v) * v;
+        perr2[i] = parts[i].rel_l2_error * parts[i].rel_l2_error * r2, pref2[i] = r2;
+        std::lock_guard<std::mutex> lk(mu);
+        if (per_expert) per_expert();
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!error) error = std::current_exception();
+      next.store(e);
     }
-    if (per_expert) per_expert();
+  };
+  std::vector<std::thread> pool;
+  for (std::int64_t t = 1; t < nthreads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+
+  QuantizedWeights all = std::move(parts[0]);
+  all.weights.reserve(all.weights.size() * static_cast<std::size_t>(e));
+  all.scales.reserve(all.scales.size() * static_cast<std::size_t>(e));
+  all.zero_points.reserve(all.zero_points.size() * static_cast<std::size_t>(e));
+  for (std::int64_t i = 1; i < e; ++i) {
+    const QuantizedWeights& one = parts[i];
+    all.weights.insert(all.weights.end(), one.weights.begin(), one.weights.end());
+    all.scales.insert(all.scales.end(), one.scales.begin(), one.scales.end());
+    all.zero_points.insert(all.zero_points.end(), one.zero_points.begin(), one.zero_points.end());
+    all.max_abs_error = std::max(all.max_abs_error, one.max_abs_error);
+    parts[i] = {};  // release as we go
   }
+  for (std::int64_t i = 0; i < e; ++i) err2 += perr2[i], ref2 += pref2[i];  // in expert order
   all.experts = e;
   return all;
 }
@@ -56,9 +100,9 @@ SynthLayer synth_layer(std::int64_t experts, std::int64_t hidden, std::int64_t i
     ++done;
     if (opt.progress) opt.progress(done, total);
   };
-  s.fc1 = quantize_experts(experts, n1, hidden, q, rng, err2, ref2, tick);
-  s.fc2 = quantize_experts(experts, hidden, inter, q, rng, err2, ref2, tick);
-  if (swiglu && attrs.swiglu_fusion == 0) s.fc3 = quantize_experts(experts, inter, hidden, q, rng, err2, ref2, tick);
+  s.fc1 = quantize_experts(experts, n1, hidden, q, opt.seed, 1, err2, ref2, tick);
+  s.fc2 = quantize_experts(experts, hidden, inter, q, opt.seed, 2, err2, ref2, tick);
+  if (swiglu && attrs.swiglu_fusion == 0) s.fc3 = quantize_experts(experts, inter, hidden, q, opt.seed, 3, err2, ref2, tick);
   s.quant_rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : 0;
   if (opt.bias) {
     s.b1.resize(static_cast<std::size_t>(experts * n1));

@@ -11,8 +11,9 @@
 
 namespace qmoe::tools {
 
-/// A layer's raw weights, owned. Experts are drawn and quantized one at a time
-/// so that the float weights of the whole layer never exist at once.
+/// A layer's raw weights, owned. Experts are drawn and quantized a few at a time
+/// (in parallel, each from its own random stream) so that the float weights of the
+/// whole layer never exist at once.
 struct SynthLayer {
   MoeAttributes attrs;
   MoeShape shape;
@@ -30,7 +31,8 @@ struct SynthOptions {
   bool symmetric = true;
   bool bias = true;
   std::uint64_t seed = 1;
-  /// progress(done_experts, total) is called after each expert when set.
+  /// progress(done_experts, total) is called after each expert when set (from
+  /// the synthesizing threads, one call at a time).
   std::function<void(std::int64_t, std::int64_t)> progress;
 };
 
