@@ -150,11 +150,15 @@ void CpuMoe::release(WorkspacePtr w) const {
   ws_free_.push_back(std::move(w));
 }
 
-// Grows v to n elements; contents are unspecified (callers write what they read).
+// Grows v to hold n elements from a 64-byte boundary and returns that start; contents
+// are unspecified (callers write what they read). Vector storage is only 16-byte
+// aligned, and rows that straddle cache lines cost kernels (AMX tile rows, 64-byte
+// vector stores) twice the L1 accesses.
 template <class T>
 static T* grow(std::vector<T>& v, std::int64_t n) {
-  if (v.size() < static_cast<std::size_t>(n)) v.resize(static_cast<std::size_t>(n));
-  return v.data();
+  constexpr std::int64_t kSlack = 64 / sizeof(T);
+  if (v.size() < static_cast<std::size_t>(n + kSlack)) v.resize(static_cast<std::size_t>(n + kSlack));
+  return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) & ~std::uintptr_t{63});
 }
 
 void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
@@ -242,12 +246,10 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   std::vector<std::int64_t> boff(static_cast<std::size_t>(e_count + 1), 0);
   for (std::int64_t e = 0; e < e_count; ++e)
     boff[e + 1] = boff[e] + (use_bf16(static_cast<int>(e)) ? (count[e] + 15) / 16 * 16 : 0);
-  // Allocates the blocked bf16 buffer for rows of kp columns, zeroing the padding rows. It
-  // starts on a 64-byte boundary, so every 64-byte A tile row is one cache line (vector
-  // storage is only 16-byte aligned, and split rows cost a tile load twice the L1 accesses).
+  // Allocates the blocked bf16 buffer for rows of kp columns, zeroing the padding rows
+  // (64-byte aligned like every grow(): each 64-byte A tile row is one cache line).
   auto blocked_bf16 = [&](std::int64_t kp) {
-    std::uint16_t* b = grow(ws.xb, std::max<std::int64_t>(1, boff[e_count] * kp) + 32);
-    b = reinterpret_cast<std::uint16_t*>((reinterpret_cast<std::uintptr_t>(b) + 63) & ~std::uintptr_t{63});
+    std::uint16_t* b = grow(ws.xb, std::max<std::int64_t>(1, boff[e_count] * kp));
     for (int e : active)
       for (std::int64_t i = count[e]; use_bf16(e) && i < boff[e + 1] - boff[e]; ++i)
         for (std::int64_t s0 = 0; s0 < kp; s0 += 32)
