@@ -22,9 +22,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
-// SK, how scales change along K: 0 = one scale per row (row-wise), 1 = blocks
-// of a slab or more, 2 = blocks narrower than a slab (new words every k16 step
-// or two). A template parameter so each kind holds only the registers it needs.
+// SK: how scales change along K (mma_common.cuh).
 template <int MT, int SK>
 struct Shape {
   static constexpr int BM = 8 * MT;               // token columns per block
@@ -257,25 +255,6 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
   QMOE_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T, int BITS, int SK>
-void launch_sk(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  if (mt == 4) return launch_one<T, BITS, 4, SK>(p, cap, s);  // (mt <= 2 runs gemm_decode.cu)
-  return launch_one<T, BITS, 8, SK>(p, cap, s);
-}
-
-template <class T, int BITS>
-void launch_bits(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  if (p.g.block_size == 0) return launch_sk<T, BITS, 0>(p, mt, cap, s);
-  if (p.g.block_size >= p.g.slab_cols()) return launch_sk<T, BITS, 1>(p, mt, cap, s);
-  return launch_sk<T, BITS, 2>(p, mt, cap, s);
-}
-
-template <class T>
-void launch_dtype(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  if (p.g.bits == 4) return launch_bits<T, 4>(p, mt, cap, s);
-  return launch_bits<T, 8>(p, mt, cap, s);
-}
-
 }  // namespace
 
 int pick_mt(double avg) { return avg <= 8 ? 1 : avg <= 16 ? 2 : avg <= 32 ? 4 : 8; }
@@ -283,8 +262,11 @@ int pick_mt(double avg) { return avg <= 8 ? 1 : avg <= 16 ? 2 : avg <= 32 ? 4 : 
 void launch_gemm(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
   if (mt <= 2) return launch_gemm_decode(p, dtype, mt, tile_capacity, stream);
-  if (dtype == DType::f16) return launch_dtype<__half>(p, mt, tile_capacity, stream);
-  return launch_dtype<__nv_bfloat16>(p, mt, tile_capacity, stream);
+  dispatch_mma(p, dtype, [&](auto t, auto bits, auto sk) {
+    using T = typename decltype(t)::type;
+    if (mt == 4) return launch_one<T, decltype(bits)::value, 4, decltype(sk)::value>(p, tile_capacity, stream);
+    return launch_one<T, decltype(bits)::value, 8, decltype(sk)::value>(p, tile_capacity, stream);
+  });
 }
 
 }  // namespace qmoe::cuda

@@ -57,8 +57,8 @@ __device__ __forceinline__ void ring_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// SK, how scales change along K (as in gemm.cu): 0 = row-wise, 1 = blocks of
-// a slab or more (one scale word per slab), 2 = narrower blocks (one per k16 step).
+// SK: how scales change along K (mma_common.cuh); the ring holds one scale word
+// per slab for SK = 1 and one per k16 step for SK = 2.
 template <int BITS, int SK>
 struct Ring {
   static constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
@@ -270,29 +270,19 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
   QMOE_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T, int BITS, int SK>
-void launch_sk(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  const bool zp = p.zero_points != nullptr;
-  if (mt == 1) return zp ? launch_one<T, BITS, 1, SK, true>(p, cap, s) : launch_one<T, BITS, 1, SK, false>(p, cap, s);
-  return zp ? launch_one<T, BITS, 2, SK, true>(p, cap, s) : launch_one<T, BITS, 2, SK, false>(p, cap, s);
-}
-
-template <class T, int BITS>
-void launch_bits(const GemmProblem& p, int mt, std::int64_t cap, cudaStream_t s) {
-  if (p.g.block_size == 0) return launch_sk<T, BITS, 0>(p, mt, cap, s);
-  if (p.g.block_size >= p.g.slab_cols()) return launch_sk<T, BITS, 1>(p, mt, cap, s);
-  return launch_sk<T, BITS, 2>(p, mt, cap, s);
-}
-
 }  // namespace
 
 void launch_gemm_decode(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
-  const bool b4 = p.g.bits == 4;
-  if (dtype == DType::f16) return b4 ? launch_bits<__half, 4>(p, mt, tile_capacity, stream)
-                                     : launch_bits<__half, 8>(p, mt, tile_capacity, stream);
-  return b4 ? launch_bits<__nv_bfloat16, 4>(p, mt, tile_capacity, stream)
-            : launch_bits<__nv_bfloat16, 8>(p, mt, tile_capacity, stream);
+  const bool zp = p.zero_points != nullptr;
+  dispatch_mma(p, dtype, [&](auto t, auto bits, auto sk) {
+    using T = typename decltype(t)::type;
+    constexpr int B = decltype(bits)::value, SK = decltype(sk)::value;
+    if (mt == 1) return zp ? launch_one<T, B, 1, SK, true>(p, tile_capacity, stream)
+                           : launch_one<T, B, 1, SK, false>(p, tile_capacity, stream);
+    return zp ? launch_one<T, B, 2, SK, true>(p, tile_capacity, stream)
+              : launch_one<T, B, 2, SK, false>(p, tile_capacity, stream);
+  });
 }
 
 }  // namespace qmoe::cuda

@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "cuda/convert.cuh"
 #include "cuda/gemm.h"
 
@@ -137,6 +139,35 @@ __device__ __forceinline__ bool tile_work(const GemmProblem& p, int bm, TileWork
   w.k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
   w.k_end = p.fc1 ? kp : (kp < w.k_begin + p.split_cols ? kp : w.k_begin + p.split_cols);
   return true;
+}
+
+// How scales change along K, the mma.sync GEMMs' template parameter SK:
+// 0 = one scale per row (row-wise), 1 = blocks of a slab or more (new scale
+// words once per slab at most), 2 = blocks narrower than a slab (new words
+// every k16 step or two). A template parameter so each kind holds only the
+// registers it needs.
+template <int V>
+using IntC = std::integral_constant<int, V>;
+template <class T>
+struct TypeC {
+  using type = T;
+};
+
+// Calls launch(TypeC<T>{}, IntC<BITS>{}, IntC<SK>{}) with the token dtype, the
+// weight bits and the scale kind of p as compile-time values (host side).
+template <class Launch>
+void dispatch_mma(const GemmProblem& p, DType dtype, Launch&& launch) {
+  auto by_sk = [&](auto t, auto bits) {
+    if (p.g.block_size == 0) return launch(t, bits, IntC<0>{});
+    if (p.g.block_size >= p.g.slab_cols()) return launch(t, bits, IntC<1>{});
+    return launch(t, bits, IntC<2>{});
+  };
+  auto by_bits = [&](auto t) {
+    if (p.g.bits == 4) return by_sk(t, IntC<4>{});
+    return by_sk(t, IntC<8>{});
+  };
+  if (dtype == DType::f16) return by_bits(TypeC<__half>{});
+  return by_bits(TypeC<__nv_bfloat16>{});
 }
 
 // One k16 step of a lane's A fragment (rows g, g+8 of a 16-row tile).
