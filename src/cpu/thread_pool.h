@@ -21,9 +21,9 @@ namespace qmoe::cpu {
 /// Why it spins: one forward call runs ~5 parallel regions back to back, and a
 /// condition-variable wake-up per region (futex wake, scheduler, cache-cold
 /// worker) cost more than a decode call's whole gather or combine. So between
-/// jobs a worker polls the job word for a short window (kSpinWindow, with
-/// pause / yield) before it sleeps on the condition variable, and the caller
-/// polls for completion the same way. Nobody polls longer than the window: an
+/// jobs a worker polls the job word for a short window (kWorkerSpin in
+/// thread_pool.cpp, with pause / yield) before it sleeps on the condition
+/// variable, and the caller polls for completion the same way (kCallerSpin). Nobody polls longer than the window: an
 /// idle pool sleeps.
 ///
 /// Why workers "join" a job instead of being counted in advance: the caller
