@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
                                                     e * p.g.zp_pairs_per_expert() + tile * nb * 8 + (g & ~1)
                                               : nullptr;
   const int zshift = (g & 1) * 16;
-  const int kb = static_cast<int>(k_begin);  // K < 2^31 (validated shapes)
+  const int kb = static_cast<int>(k_begin);  // K < 2^30 (CudaMoe refuses larger shapes)
   unsigned char* ring = smem_raw + XT::kBytes + warp * R * RG::kStageBytes;
 
   // Slab i of this block's K range into stage i % R (an empty group past the
@@ -139,6 +139,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
           const int k = kb + i * SC + 16 * j;
           if ((k & bmask) != 0 && i != 0) continue;  // read only where a block starts (step below)
           const int at = (k >> bshift) * 8;
+          // (st - lane * 12: this lane's word slot, lane * 4 past the stage's scale area)
           if (has_rel) ring_copy4(st - lane * 12 + RG::kCodeBytes + j * 128, relsrc + at);
           if (has_zp) ring_copy4(st - lane * 12 + RG::kCodeBytes + (W + j) * 128, zpsrc + at);
         }

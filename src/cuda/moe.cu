@@ -206,6 +206,10 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.wgmma_from = pick_gemm_regime(prop.major * 10 + prop.minor);
 
   const std::int64_t E = s.num_experts, H = s.hidden, I = s.inter;
+  // The GEMMs index K columns and slabs with 32-bit integers.
+  constexpr std::int64_t kMaxDim = std::int64_t{1} << 30;
+  detail::require(H < kMaxDim && I < kMaxDim, "fc1_experts_weights: the CUDA backend takes hidden and inter sizes "
+                  "below 2^30, got hidden ", H, ", inter ", I);
   const bool gated = a.activation == Activation::swiglu;
   const bool zp1 = w.fc1_zero_points.present() || w.fc3_zero_points.present();
   st.g1 = geometry(a.expert_weight_bits, a.block_size, gated, zp1, s.fc1_rows, H, I);
