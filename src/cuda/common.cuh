@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <utility>
 
 #include "core/check.h"
 
@@ -81,6 +82,47 @@ void opt_in_smem(int bytes) {
   else
     set();
 }
+
+/// Launches kernel<<<grid, block, smem, stream>>>(args...); with `pdl` as a
+/// programmatic dependent launch (Hopper+): the kernel may start while its
+/// predecessor on the stream is still running, and must call pdl_wait() before
+/// it touches anything the predecessor writes (see pdl_wait below).
+template <class... KArgs, class... Args>
+void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, bool pdl,
+                   Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  QMOE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(std::forward<Args>(args))...));
+}
+
+#ifdef __CUDACC__
+// Programmatic dependent launch, device side. The forward pass's kernels after
+// the first (FC1, FC2, combine) are launched with `pdl` on devices that have
+// it, so a kernel's launch and its prologue overlap the tail of the one before.
+// The rule that keeps this correct: a kernel calls pdl_wait() before it reads
+// what its predecessor writes (or writes what it reads), and calls
+// pdl_launch_dependents() only after its own pdl_wait(), so that when a kernel
+// starts, the kernel two back on the stream has finished. Both are no-ops on
+// older targets and in kernels launched without `pdl`.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+#endif
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 inline std::int64_t ceil_div(std::int64_t x, std::int64_t m) { return (x + m - 1) / m; }

@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmProblem p) 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
 
+  pdl_wait(), pdl_launch_dependents();  // the plan and the tokens come from the kernels before (common.cuh)
   TileWork tw;
   if (!tile_work(p, S::BM, tw)) return;
   const int e = tw.e, pos0 = tw.pos0, rows_here = tw.rows_here;
@@ -251,8 +252,7 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
   opt_in_smem<gemm_kernel<T, BITS, MT, SK>>(S::kSmemBytes);
   const dim3 grid(static_cast<unsigned>(p.g.padded_rows / S::BN), static_cast<unsigned>(tile_capacity),
                   static_cast<unsigned>(p.fc1 ? 1 : p.splits));
-  gemm_kernel<T, BITS, MT, SK><<<grid, kThreads, S::kSmemBytes, stream>>>(p);
-  QMOE_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(gemm_kernel<T, BITS, MT, SK>, grid, dim3(kThreads), S::kSmemBytes, stream, p.pdl, p);
 }
 
 }  // namespace

@@ -46,6 +46,8 @@ struct GemmProblem {
   Activation act = Activation::identity;
   float alpha = 1.f, beta = 0.f, limit = 0.f;
   std::int64_t inter = 0;  ///< I: columns of the FC1 output
+  // Launch.
+  bool pdl = false;  ///< as a programmatic dependent launch (common.cuh launch_kernel)
 };
 
 /// Token tile height (BM = 8 * mt) the heuristic picks for `avg` tokens per expert.

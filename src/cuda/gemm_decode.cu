@@ -97,6 +97,11 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
 
+  // FC1 reads the plan and the tokens the kernels before it write: it waits
+  // for them first. FC2's plan and weights were ready before FC1 started, so
+  // FC2 fills its weight ring while FC1 finishes and waits only before it
+  // reads FC1's outputs (pdl_wait below).
+  if (p.fc1) pdl_wait(), pdl_launch_dependents();
   TileWork tw;
   if (!tile_work(p, XT::BM, tw)) return;
   const int e = tw.e, pos0 = tw.pos0, rows_here = tw.rows_here;
@@ -242,6 +247,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
 
 #pragma unroll
   for (int i = 0; i < R - 1; ++i) issue(i);
+  if (!p.fc1) pdl_wait(), pdl_launch_dependents();
   load_x(k_begin);
   store_x(0);
   __syncthreads();
@@ -267,8 +273,7 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
   opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem);
   const dim3 grid(static_cast<unsigned>(p.g.padded_rows / (16 * kWarps)), static_cast<unsigned>(tile_capacity),
                   static_cast<unsigned>(p.fc1 ? 1 : p.splits));
-  decode_kernel<T, BITS, MT, SK, ZP><<<grid, kThreads, smem, stream>>>(p);
-  QMOE_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(decode_kernel<T, BITS, MT, SK, ZP>, grid, dim3(kThreads), smem, stream, p.pdl, p);
 }
 
 }  // namespace

@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   __shared__ long long s_row[kTok];
   extern __shared__ unsigned char smem_raw[];
 
+  pdl_wait(), pdl_launch_dependents();  // the plan and the tokens come from the kernels before (common.cuh)
   const unsigned bx = blockIdx.x;
   const unsigned rest = bx / kGroup;
   const int rb = static_cast<int>(rest % static_cast<unsigned>(row_blocks));
@@ -366,8 +367,8 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
   const int splits = p.fc1 ? 1 : p.splits;
   detail::require(splits >= 1 && splits <= 65535, "wgmma GEMM: bad split count ", splits);
   const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(splits));
-  gemm_wgmma_kernel<T, BITS><<<grid, kThreads, S::kSmemBytes, stream>>>(p, static_cast<int>(row_blocks));
-  QMOE_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(gemm_wgmma_kernel<T, BITS>, grid, dim3(kThreads), S::kSmemBytes, stream, p.pdl, p,
+                static_cast<int>(row_blocks));
 }
 
 template <class T>

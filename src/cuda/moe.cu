@@ -115,6 +115,17 @@ double pick_gemm_regime(int cc) {
   detail::fail("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma, got \"", mode, "\"");
 }
 
+// QMOE_CUDA_PDL=1 (default) | 0: launch FC1, FC2 and combine as programmatic
+// dependents of the kernel before them (compute capability 9.0 and newer), so
+// each one's launch and prologue (FC2: filling its weight ring) overlap the
+// tail of the one before. 0 is for diagnosis: the results are the same bits.
+bool pick_pdl(int cc) {
+  const char* v = std::getenv("QMOE_CUDA_PDL");
+  const std::string mode = v && *v ? v : "1";
+  detail::require(mode == "0" || mode == "1", "QMOE_CUDA_PDL: expected 0 or 1, got \"", mode, "\"");
+  return mode == "1" && cc >= 90;
+}
+
 struct CudaMoe::State {
   MoeAttributes attrs;
   MoeShape shape;
@@ -123,6 +134,7 @@ struct CudaMoe::State {
   // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
   // runs instead of mma.sync; infinity when it is unavailable or turned off.
   double wgmma_from = kNever;
+  bool pdl = false;  // programmatic dependent launches (pick_pdl)
   std::int64_t chunk = 0;  // tokens per pass
   GpuGeometry g1, g2;
   DeviceBuffer packed;
@@ -204,6 +216,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
                   " (", prop.name, ") has ", prop.major, ".", prop.minor);
   st.sms = prop.multiProcessorCount;
   st.wgmma_from = pick_gemm_regime(prop.major * 10 + prop.minor);
+  st.pdl = pick_pdl(prop.major * 10 + prop.minor);
 
   const std::int64_t E = s.num_experts, H = s.hidden, I = s.inter;
   // The GEMMs index K columns and slabs with 32-bit integers.
@@ -351,7 +364,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     };
     launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, ws.rb,
                       stream);
-    const std::int64_t capacity = ceil_div(pairs, bm) + E;
+    // Grid bound on the plan's m-tiles: each expert's last tile may be partial
+    // (+ E), and no tile is empty (<= pairs; at T = 1 that spares the GEMMs
+    // thousands of blocks that would only exit).
+    const std::int64_t capacity = std::min(ceil_div(pairs, bm) + E, pairs);
 
     GemmProblem p1;
     p1.g = st.g1;
@@ -363,6 +379,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p1.fc1 = true, p1.out = ws.act, p1.out_stride = st.a_stride;
     p1.act = a.activation, p1.alpha = a.activation_alpha, p1.beta = a.activation_beta, p1.limit = a.swiglu_limit;
     p1.inter = st.shape.inter;
+    p1.pdl = st.pdl;
     gemm(p1, capacity);
 
     // FC2: split K when the row tiles and the experts hit cannot fill the GPU.
@@ -388,7 +405,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     gemm(p2, capacity);
 
     launch_combine(ws.y2, static_cast<int>(splits), pairs * H, st.has_bias2 ? st.p2.bias : nullptr,
-                   st.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, stream);
+                   st.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, st.pdl, stream);
   }
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));

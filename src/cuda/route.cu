@@ -177,6 +177,7 @@ template <class T>
 __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                                std::int64_t bias_stride, int k, std::int64_t H, T* out, RouteBuffers b) {
   // Block (t, y) sums columns [y * blockDim, (y + 1) * blockDim) of token t.
+  pdl_wait();  // FC2's partials (common.cuh)
   const std::int64_t t = blockIdx.x;
   const std::int64_t h = static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (h < H) {
@@ -220,16 +221,15 @@ void launch_route_plan(const void* logits, const void* mix, DType dtype, std::in
 
 void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                     std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out,
-                    DType dtype, const RouteBuffers& b, cudaStream_t stream) {
+                    DType dtype, const RouteBuffers& b, bool pdl, cudaStream_t stream) {
   const unsigned threads = hidden >= 256 ? 256 : static_cast<unsigned>(round_up(hidden, 32));
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(hidden, threads)));
   if (dtype == DType::f16)
-    combine_kernel<__half><<<grid, threads, 0, stream>>>(
-        y2, splits, split_stride, bias2, bias_stride, k, hidden, static_cast<__half*>(out), b);
+    launch_kernel(combine_kernel<__half>, grid, dim3(threads), 0, stream, pdl, y2, splits, split_stride, bias2,
+                  bias_stride, k, hidden, static_cast<__half*>(out), b);
   else
-    combine_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
-        y2, splits, split_stride, bias2, bias_stride, k, hidden, static_cast<__nv_bfloat16*>(out), b);
-  QMOE_CUDA_CHECK(cudaGetLastError());
+    launch_kernel(combine_kernel<__nv_bfloat16>, grid, dim3(threads), 0, stream, pdl, y2, splits, split_stride, bias2,
+                  bias_stride, k, hidden, static_cast<__nv_bfloat16*>(out), b);
 }
 
 }  // namespace qmoe::cuda

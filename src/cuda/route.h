@@ -28,8 +28,9 @@ struct RouteBuffers {
 void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
                        bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream);
 /// out[t] = sum_j w_j (bias2[e_j] + sum_s y2[s][pos(t, j)]), in j order; out in `dtype`.
+/// `pdl`: launched as a programmatic dependent of the FC2 GEMM (common.cuh).
 void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                     std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out,
-                    DType dtype, const RouteBuffers& b, cudaStream_t stream);
+                    DType dtype, const RouteBuffers& b, bool pdl, cudaStream_t stream);
 
 }  // namespace qmoe::cuda
