@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <string>
 
 #include "helpers.h"
@@ -53,23 +54,27 @@ struct GpuCase {
   const char* gemm = "auto";  ///< QMOE_CUDA_GEMM while the Layer is created
 };
 
-// Sets QMOE_CUDA_GEMM for the lifetime of the guard (read at Layer creation).
-class GemmMode {
+// Sets an environment variable for the lifetime of the guard (the backend
+// reads QMOE_CUDA_GEMM and QMOE_CUDA_PDL at Layer creation).
+class EnvGuard {
  public:
-  explicit GemmMode(const char* mode) {
-    const char* v = std::getenv("QMOE_CUDA_GEMM");
+  EnvGuard(const char* name, const char* value) : name_(name) {
+    const char* v = std::getenv(name);
     had_ = v != nullptr;
     if (had_) old_ = v;
-    setenv("QMOE_CUDA_GEMM", mode, 1);
+    setenv(name, value, 1);
   }
-  ~GemmMode() {
+  ~EnvGuard() {
     if (had_)
-      setenv("QMOE_CUDA_GEMM", old_.c_str(), 1);
+      setenv(name_.c_str(), old_.c_str(), 1);
     else
-      unsetenv("QMOE_CUDA_GEMM");
+      unsetenv(name_.c_str());
   }
+  EnvGuard(const EnvGuard&) = delete;
+  EnvGuard& operator=(const EnvGuard&) = delete;
 
  private:
+  std::string name_;
   bool had_ = false;
   std::string old_;
 };
@@ -112,7 +117,7 @@ TEST_P(CudaParity, MatchesReference) {
   LayerOptions o;
   o.backend = Backend::cuda;
   const Layer layer = [&] {
-    const GemmMode mode(g.gemm);
+    const EnvGuard mode("QMOE_CUDA_GEMM", g.gemm);
     return Layer(s.views(), a, o);
   }();
   Dev dx(xh), dl(lh), dm(mh), dy(xh.size() * 2);
@@ -262,9 +267,57 @@ TEST_F(CudaLayer, BadInputsGiveClearErrors) {
             std::string::npos);
   // An unknown GEMM override is refused by name.
   o.device = 0;
-  const GemmMode bogus("fastest");
-  EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma"),
+  {
+    const EnvGuard bogus("QMOE_CUDA_GEMM", "fastest");
+    EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma"),
+              std::string::npos);
+  }
+  const EnvGuard bogus("QMOE_CUDA_PDL", "yes");
+  EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("QMOE_CUDA_PDL: expected 0 or 1, got \"yes\""),
             std::string::npos);
+}
+
+// Programmatic dependent launches (on by default where the device has them)
+// change only when kernels start: calls of every regime issued back to back
+// on one stream, with no host synchronization between them, give the bits of
+// plain launches (a missing wait would race with the previous kernel or call).
+TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
+  const Case c{4, 128, true, Activation::swiglu, 1, 2, 256, 384, 8, 300};
+  const MoeAttributes a = c.attrs();
+  const tools::SynthLayer s = c.layer();
+  const Inputs in = random_inputs(c.t, c.h, c.e, 11);
+  const DType dt = DType::bf16;
+  const auto xh = to_half(in.x, dt), lh = to_half(in.logits, dt);
+  Dev dx(xh), dl(lh);
+  const std::int64_t counts[] = {1, 3, 16, 60, 100, 160, 300, 2};  // every GEMM regime
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  auto run = [&](const char* pdl) {
+    LayerOptions o;
+    o.backend = Backend::cuda;
+    const Layer layer = [&] {
+      const EnvGuard mode("QMOE_CUDA_PDL", pdl);
+      return Layer(s.views(), a, o);
+    }();
+    std::vector<std::vector<std::uint16_t>> outs;
+    std::deque<Dev> ys;  // Dev is not movable
+    for (int rep = 0; rep < 3; ++rep)
+      for (std::int64_t t : counts) {
+        // Each call reads rows from a different offset, so stale data would show.
+        const std::int64_t r0 = (rep * 7 + t) % (c.t - t + 1);
+        ys.emplace_back(static_cast<std::size_t>(t * c.h * 2));
+        layer.forward_async(TensorView(static_cast<std::uint16_t*>(dx.p) + r0 * c.h, dt, {t, c.h}),
+                            TensorView(static_cast<std::uint16_t*>(dl.p) + r0 * c.e, dt, {t, c.e}), {},
+                            MutableTensorView(ys.back().p, dt, {t, c.h}), st);
+      }
+    EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+    for (const Dev& y : ys) outs.push_back(y.get<std::uint16_t>());
+    return outs;
+  };
+  const auto plain = run("0"), dependent = run("1");
+  ASSERT_EQ(plain.size(), dependent.size());
+  for (std::size_t i = 0; i < plain.size(); ++i) EXPECT_EQ(plain[i], dependent[i]) << "call " << i;
+  CK(cudaStreamDestroy(st));
 }
 
 TEST(CudaAbsent, ClearErrorWithoutGpu) {
