@@ -192,7 +192,8 @@ void BM_Tile(benchmark::State& state) {
   std::normal_distribution<float> nd(0.f, 1.f);
   for (std::int64_t t = 0; t < ntok; ++t)
     for (std::int64_t c = 0; c < g.cols; ++c) x[static_cast<std::size_t>(t * kp + c)] = nd(rng);
-  std::vector<float> y(static_cast<std::size_t>(ntok * 32)), scratch(static_cast<std::size_t>(kc.scratch_floats + 1024));
+  std::vector<float> y(static_cast<std::size_t>(ntok * 32));
+  std::vector<float> scratch(static_cast<std::size_t>(kc.scratch_floats + qmoe::cpu::kBf16ScratchBytes / 4 + 16));
   qmoe::cpu::QuantRowsBuffer qb;
   std::vector<std::uint16_t> xb;
   if (kind == kQd8) {

@@ -35,7 +35,8 @@ using QuantizeRowsFn = void (*)(const float* x, std::int64_t ldx, std::int64_t r
 /// tiles like GemmTileFn. x holds the ntok activation rows in A-tile order (see
 /// amx_bf16_driver.h): blocks of 16 rows (the last zero-padded), each block K steps of
 /// 16 x 32 bf16, block b step s at x + b * 16 * ldx + s * 512, ldx = K padded to a
-/// multiple of 32 (zeros). scratch holds at least 4 KiB (two K steps of two bf16 B tiles).
+/// multiple of 32 (zeros). scratch holds at least kBf16ScratchBytes.
+constexpr std::int64_t kBf16ScratchBytes = 8192;  ///< the decoded B tiles: 4 K steps of 2 tiles x 1 KiB
 using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles,
                                 const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy,
                                 void* scratch);

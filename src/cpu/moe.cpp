@@ -99,8 +99,8 @@ std::size_t CpuMoe::packed_bytes() const {
 
 struct CpuMoe::Workspace {
   std::vector<float> xbuf, lbuf, mbuf, obuf;  // float32 copies of half-precision inputs / output
-  std::vector<float> xg, act, y2;             // gathered FC1 inputs, FC1 outputs (FC2 inputs), FC2 outputs
-  std::vector<std::uint16_t> xb;              // bf16 activations (AMX path)
+  std::vector<float> xg, act, y2;             // gathered FC1 inputs, FC1 outputs (both off the AMX path), FC2 outputs
+  std::vector<std::uint16_t> xb1, xb2;        // bf16 FC1 and FC2 inputs (AMX path), blocked
   QuantRowsBuffer qbuf;                       // int8 activations (accuracy_level 4)
   std::vector<std::vector<float>> scratch;    // per thread: kernel scratch + tile outputs
 };
@@ -200,12 +200,20 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const std::int64_t nt = t1 - t0, nrows = nt * k;
 
   PhaseClock clock;
-  // Route, then plan: the (token, slot) rows of each expert, contiguous and in token order.
+  // Route (in parallel over tokens: serially, a 512-token prefill spent ~0.2 ms here on a
+  // 4.3 GHz core while the other threads waited), then plan: the (token, slot) rows of each
+  // expert, contiguous and in token order.
   std::vector<int> chosen(static_cast<std::size_t>(nrows));
   std::vector<double> wts(static_cast<std::size_t>(nrows));
-  for (std::int64_t i = 0; i < nt; ++i)
-    detail::route_token(logits + (t0 + i) * e_count, mix ? mix + (t0 + i) * e_count : nullptr,
-                        static_cast<int>(e_count), k, attrs_.normalize_routing_weights != 0, &chosen[i * k], &wts[i * k]);
+  {
+    const std::int64_t per = 16, items = (nt + per - 1) / per;
+    pool_->parallel_for(items, [&](std::int64_t item, int) {
+      for (std::int64_t i = item * per; i < std::min(nt, (item + 1) * per); ++i)
+        detail::route_token(logits + (t0 + i) * e_count, mix ? mix + (t0 + i) * e_count : nullptr,
+                            static_cast<int>(e_count), k, attrs_.normalize_routing_weights != 0, &chosen[i * k],
+                            &wts[i * k]);
+    });
+  }
   std::vector<std::int64_t> count(static_cast<std::size_t>(e_count), 0), offset(static_cast<std::size_t>(e_count + 1), 0);
   for (int e : chosen) ++count[e];
   for (std::int64_t e = 0; e < e_count; ++e) offset[e + 1] = offset[e] + count[e];
@@ -233,11 +241,12 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   // Kernels read whole code groups: activation rows are zero-padded to the packed width.
   const std::int64_t hp = g1.padded_cols(), ip = g2.padded_cols();
 
-  // accuracy_level 3 with AMX: activation rows converted to bf16 once per call, in A-tile
-  // order (kernels.h): per expert, blocks of 16 rows (zero-padded) of K steps of 16 x 32
-  // bf16, kp = K padded to a multiple of 32; expert e's blocks start at row boff[e]. Experts
-  // with fewer than kAmxMinTokens tokens take the float32 path: a mostly empty tile product
-  // costs more than it saves.
+  // accuracy_level 3 with AMX: the FC1 and FC2 input rows in bf16, in A-tile order (kernels.h):
+  // per expert, blocks of 16 rows (zero-padded) of K steps of 16 x 32 bf16, kp = K padded to
+  // a multiple of 32 (zeros); expert e's blocks start at row boff[e]. FC1's come from the
+  // gather below, FC2's straight from the FC1 epilogue (two buffers: FC1 still reads its
+  // inputs while epilogues write FC2's). Experts with fewer than kAmxMinTokens tokens take the
+  // float32 path: a mostly empty tile product costs more than it saves.
   constexpr std::int64_t kAmxMinTokens = 16;
   const std::int64_t kp1 = (hp + 31) / 32 * 32, kp2 = (ip + 31) / 32 * 32;
   auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
@@ -246,45 +255,57 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   std::vector<std::int64_t> boff(static_cast<std::size_t>(e_count + 1), 0);
   for (std::int64_t e = 0; e < e_count; ++e)
     boff[e + 1] = boff[e] + (use_bf16(static_cast<int>(e)) ? (count[e] + 15) / 16 * 16 : 0);
-  // Allocates the blocked bf16 buffer for rows of kp columns, zeroing the padding rows
-  // (64-byte aligned like every grow(): each 64-byte A tile row is one cache line).
-  auto blocked_bf16 = [&](std::int64_t kp) {
-    std::uint16_t* b = grow(ws.xb, std::max<std::int64_t>(1, boff[e_count] * kp));
-    for (int e : active)
-      for (std::int64_t i = count[e]; use_bf16(e) && i < boff[e + 1] - boff[e]; ++i)
-        for (std::int64_t s0 = 0; s0 < kp; s0 += 32)
-          std::fill_n(b + (boff[e] + i / 16 * 16) * kp + s0 * 16 + i % 16 * 32, 32, std::uint16_t{0});
-    return b;
+  // Row i of expert e in a blocked buffer b of kp columns; its column c is at row + c / 32 * 512 + c % 32.
+  auto blocked_row = [&](std::uint16_t* b, std::int64_t kp, int e, std::int64_t i) {
+    return b + (boff[e] + i / 16 * 16) * kp + i % 16 * 32;
   };
-  // Writes plan row r (n floats, zero-padded to kp) into its place in the blocked buffer b;
-  // tmp holds kp bf16.
-  auto put_bf16 = [&](const float* src, std::int64_t n, std::int64_t r, std::int64_t kp, std::uint16_t* b,
-                      std::uint16_t* tmp) {
-    const int e = row_expert[r];
-    const std::int64_t i = r - offset[e];
-    kc_->to_bf16(src, tmp, n);
-    std::fill(tmp + n, tmp + kp, std::uint16_t{0});
-    std::uint16_t* dst = b + (boff[e] + i / 16 * 16) * kp + i % 16 * 32;
-    for (std::int64_t s0 = 0; s0 < kp; s0 += 32) std::memcpy(dst + s0 * 16, tmp + s0, 64);
+  // Zeroes columns [c0, c1) of a blocked row.
+  auto zero_bf16 = [](std::uint16_t* row, std::int64_t c0, std::int64_t c1) {
+    for (std::int64_t c = c0; c < c1; c = c / 32 * 32 + 32)
+      std::fill(row + c / 32 * 512 + c % 32, row + c / 32 * 512 + std::min<std::int64_t>(32, c1 - c / 32 * 32),
+                std::uint16_t{0});
+  };
+  // Writes n floats as bf16 into columns [0, n) of a blocked row (columns up to the next
+  // multiple of 32 become zeros), converted by the table's to_bf16 a stack buffer at a time.
+  auto put_bf16 = [&](const float* src, std::int64_t n, std::uint16_t* row) {
+    constexpr std::int64_t kSpan = 512;
+    alignas(64) std::uint16_t tmp[kSpan];
+    for (std::int64_t c0 = 0; c0 < n; c0 += kSpan) {
+      const std::int64_t len = std::min(kSpan, n - c0), steps = (len + 31) / 32;
+      kc_->to_bf16(src + c0, tmp, len);
+      std::fill(tmp + len, tmp + steps * 32, std::uint16_t{0});
+      for (std::int64_t s = 0; s < steps; ++s) std::memcpy(row + (c0 / 32 + s) * 512, tmp + s * 32, 64);
+    }
   };
   // Gather the tokens of each expert into contiguous rows (in parallel), zeroing the padding
   // columns of the FC1 and FC2 input rows (the kernels read whole code groups). Rows of
-  // experts on the AMX path go straight to bf16 (the FC1 input rows of the other paths are float32).
+  // experts on the AMX path go straight to bf16 (the FC1 input rows of the other paths are
+  // float32); there the last row of an expert also zeroes the padding rows of its last block.
   float* xg = grow(ws.xg, nrows * hp);
   float* act = grow(ws.act, nrows * ip);
-  std::uint16_t* xb = bf16_ ? blocked_bf16(kp1) : nullptr;
+  std::uint16_t* xb1 = bf16_ ? grow(ws.xb1, boff[e_count] * kp1) : nullptr;
+  std::uint16_t* xb2 = bf16_ ? grow(ws.xb2, boff[e_count] * kp2) : nullptr;
   {
     const std::int64_t per = 32, items = (nrows + per - 1) / per;
-    pool_->parallel_for(items, [&](std::int64_t i, int) {
-      std::vector<std::uint16_t> tmp(static_cast<std::size_t>(bf16_ ? kp1 : 0));
-      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r) {
-        if (use_bf16(row_expert[r])) {
-          put_bf16(x + row_token[r] * h, h, r, kp1, xb, tmp.data());
+    pool_->parallel_for(items, [&](std::int64_t item, int) {
+      for (std::int64_t r = item * per; r < std::min(nrows, (item + 1) * per); ++r) {
+        const int e = row_expert[r];
+        if (use_bf16(e)) {
+          const std::int64_t i = r - offset[e];
+          std::uint16_t* row1 = blocked_row(xb1, kp1, e, i);
+          put_bf16(x + row_token[r] * h, h, row1);
+          zero_bf16(row1, h, kp1);
+          zero_bf16(blocked_row(xb2, kp2, e, i), in, kp2);  // the FC1 epilogue writes columns [0, in)
+          if (i == count[e] - 1)
+            for (std::int64_t p = count[e]; p < boff[e + 1] - boff[e]; ++p) {
+              zero_bf16(blocked_row(xb1, kp1, e, p), 0, kp1);
+              zero_bf16(blocked_row(xb2, kp2, e, p), 0, kp2);
+            }
         } else {
           std::memcpy(xg + r * hp, x + row_token[r] * h, static_cast<std::size_t>(h) * 4);
           std::fill(xg + r * hp + h, xg + (r + 1) * hp, 0.f);
+          std::fill(act + r * ip + in, act + (r + 1) * ip, 0.f);
         }
-        std::fill(act + r * ip + in, act + (r + 1) * ip, 0.f);
       }
     });
   }
@@ -304,17 +325,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   auto rows_of = [&](const QuantRows& q, std::int64_t first) {
     return QuantRows{q.q + first * q.ldq, q.scale + first * q.lds, q.zsum + first * q.ldz, q.ldq, q.lds, q.ldz};
   };
-  // FC2 inputs of the experts on the AMX path, to blocked bf16.
-  auto to_bf16_all = [&](const float* rows, std::int64_t ld, std::int64_t kp) {
-    xb = blocked_bf16(kp);
-    const std::int64_t per = 16, items = (nrows + per - 1) / per;
-    pool_->parallel_for(items, [&](std::int64_t i, int) {
-      std::vector<std::uint16_t> tmp(static_cast<std::size_t>(kp));
-      for (std::int64_t r = i * per; r < std::min(nrows, (i + 1) * per); ++r)
-        if (use_bf16(row_expert[r])) put_bf16(rows + r * ld, ld, r, kp, xb, tmp.data());
-    });
-  };
-  const std::int64_t bf16_scratch = bf16_ ? 1024 + 16 : 0;  // four 1 KiB bf16 B tiles (+ slack to align), in floats
+  const std::int64_t bf16_scratch = bf16_ ? kBf16ScratchBytes / 4 + 16 : 0;  // B tiles (+ slack to align), in floats
   if (ws.scratch.size() < static_cast<std::size_t>(nthreads)) ws.scratch.resize(static_cast<std::size_t>(nthreads));
   // Kernels take runs of consecutive tiles (so they can work on several at once): FC1 calls
   // cover up to kFc1Tiles tiles, whose outputs (rows of kFc1Tiles * nr floats) follow the
@@ -345,9 +356,10 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     });
   };
   // One kernel call: y = W x for tiles [tile, tile + n) of expert e of m, whose inputs are
-  // the blocked bf16 rows (kp columns), the int8 rows q or the float32 rows xf (ldf).
-  auto run_kernel = [&](const PackedMatrix& m, int e, std::int64_t tile, std::int64_t n, std::int64_t kp,
-                        const QuantRows& q, const float* xf, std::int64_t ldf, float* y, std::int64_t ldy, int tid) {
+  // the blocked bf16 rows xb (kp columns), the int8 rows q or the float32 rows xf (ldf).
+  auto run_kernel = [&](const PackedMatrix& m, int e, std::int64_t tile, std::int64_t n, const std::uint16_t* xb,
+                        std::int64_t kp, const QuantRows& q, const float* xf, std::int64_t ldf, float* y,
+                        std::int64_t ldy, int tid) {
     float* scr = thread_scratch(tid);
     if (use_bf16(e))
       bgemm(m.geometry(), m.tile(e, tile), n, xb + boff[e] * kp, kp, count[e], y, ldy,
@@ -358,7 +370,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       gemm(m.geometry(), m.tile(e, tile), n, xf + offset[e] * ldf, ldf, count[e], y, ldy, scr);
   };
 
-  // FC1 + bias + activation -> act[row][0..I).
+  // FC1 + bias + activation -> the FC2 inputs: act[row][0..I), or xb2 on the AMX path.
   const std::int64_t pad1 = g1.tiles() * nr;
   QuantRows q1;
   if (int8_) quantize_all(xg, hp, g1), q1 = qbuf.view(g1);
@@ -367,12 +379,17 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   for_each_run(g1.tiles(), kFc1Tiles, [&](int e, std::int64_t tile, std::int64_t n, int tid) {
     float* y = thread_scratch(tid) + kc_->scratch_floats;  // outputs of up to kFc1Tiles tiles
     const std::int64_t ldy = kFc1Tiles * nr;
-    run_kernel(fc1_, e, tile, n, kp1, q1, xg, hp, y, ldy, tid);
-    // Epilogue per tile: bias + activation into the FC2 input rows.
+    run_kernel(fc1_, e, tile, n, xb1, kp1, q1, xg, hp, y, ldy, tid);
+    // Epilogue per tile: bias + activation into the FC2 input rows (outs divides 32, so a
+    // tile's outputs lie within one K step of the blocked layout).
     for (std::int64_t j = 0; j < n; ++j) {
       const std::int64_t outs = gated_ ? nr / 2 : nr, first = (tile + j) * outs;
-      fc1_epilogue(epi, y + j * nr, ldy, count[e], &bias1_[e * pad1 + (tile + j) * nr], act + offset[e] * ip + first,
-                   ip, static_cast<int>(std::min<std::int64_t>(outs, in - first)));
+      const Fc1Dst dst = use_bf16(e) ? Fc1Dst{.bf16 = blocked_row(xb2, kp2, e, 0) + first / 32 * 512 + first % 32,
+                                              .ld = kp2,
+                                              .to_bf16 = kc_->to_bf16}
+                                     : Fc1Dst{.f32 = act + offset[e] * ip + first, .ld = ip};
+      fc1_epilogue(epi, y + j * nr, ldy, count[e], &bias1_[e * pad1 + (tile + j) * nr], dst,
+                   static_cast<int>(std::min<std::int64_t>(outs, in - first)));
     }
   });
 
@@ -382,11 +399,10 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const std::int64_t pad2 = g2.tiles() * nr;
   QuantRows q2;
   if (int8_) quantize_all(act, ip, g2), q2 = qbuf.view(g2);
-  if (bf16_) to_bf16_all(act, ip, kp2);
   float* y2 = grow(ws.y2, nrows * pad2);
   clock.mark("fc2-inputs");
   for_each_run(g2.tiles(), g2.tiles(), [&](int e, std::int64_t tile, std::int64_t n, int tid) {
-    run_kernel(fc2_, e, tile, n, kp2, q2, act, ip, y2 + offset[e] * pad2 + tile * nr, pad2, tid);
+    run_kernel(fc2_, e, tile, n, xb2, kp2, q2, act, ip, y2 + offset[e] * pad2 + tile * nr, pad2, tid);
   });
   clock.mark("fc2");
   // out[token] = sum over its experts, in ascending expert order, of weight * (y2 + bias):

@@ -2,6 +2,9 @@
 // elsewhere level 3 runs in float32). Against the float64 reference.
 #include <gtest/gtest.h>
 
+#include <cstring>
+
+#include "cpu/epilogue.h"
 #include "cpu/kernels.h"
 #include "cpu/moe.h"
 #include "helpers.h"
@@ -64,6 +67,46 @@ TEST(Bf16Amx, Level3WithoutAmxIsFloat32) {
     moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {40, 64}), 40);
     EXPECT_LE(rel_max_error(out, ref), 1e-5) << kc->name;
   }
+}
+
+// The FC1 epilogue writing the FC2 input of the AMX path (A-tile order, bf16) must place the
+// very float32 values it writes on the float path, through the given conversion, and touch
+// nothing else. Runs on every CPU (with a portable conversion), unlike the AMX kernels.
+TEST(Bf16Amx, EpilogueWritesBlockedBf16) {
+  // Round to nearest even (finite inputs), standing in for the table's to_bf16.
+  auto to_bf16 = [](const float* src, std::uint16_t* dst, std::int64_t n) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      std::uint32_t u;
+      std::memcpy(&u, &src[i], 4);
+      dst[i] = static_cast<std::uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+  };
+  constexpr std::int64_t kLd = 96;         // padded K of the blocked output: 3 K steps
+  constexpr std::uint16_t kUntouched = 0xABCD;
+  std::mt19937_64 rng(5);
+  for (Activation act : {Activation::swiglu, Activation::gelu})
+    for (std::int64_t rows : {5, 16, 37, 70})  // within a block, one block, across blocks and 32-row passes
+      for (int valid : {16, 3}) {
+        const int outs = act == Activation::swiglu ? 8 : 16;
+        const std::int64_t first = 32 + outs;  // the tile's first output: in the second K step, not at its start
+        const cpu::Fc1Epilogue epi{act, 1.702f, 1.f, 7.f};
+        std::vector<float> y(static_cast<std::size_t>(rows * 16)), bias(16), ref(y.size(), NAN);
+        tools::fill_normal(y, rng, 2.f);
+        tools::fill_normal(bias, rng, 1.f);
+        cpu::fc1_epilogue(epi, y.data(), 16, rows, bias.data(), cpu::Fc1Dst{.f32 = ref.data(), .ld = 16}, valid);
+        const std::int64_t blocks = (rows + 15) / 16;
+        std::vector<std::uint16_t> out(static_cast<std::size_t>(blocks * 16 * kLd), kUntouched);
+        const cpu::Fc1Dst dst{.bf16 = out.data() + first / 32 * 512 + first % 32, .ld = kLd, .to_bf16 = to_bf16};
+        cpu::fc1_epilogue(epi, y.data(), 16, rows, bias.data(), dst, valid);
+        const int n = std::min(valid, outs);
+        std::vector<std::uint16_t> want(out.size(), kUntouched);
+        for (std::int64_t r = 0; r < rows; ++r)
+          for (int q = 0; q < n; ++q) {
+            const std::int64_t c = first + q;
+            to_bf16(&ref[r * 16 + q], &want[(r / 16 * 16) * kLd + c / 32 * 512 + r % 16 * 32 + c % 32], 1);
+          }
+        EXPECT_EQ(out, want) << "act " << static_cast<int>(act) << " rows " << rows << " valid " << valid;
+      }
 }
 
 }  // namespace
