@@ -179,6 +179,18 @@ std::vector<GpuCase> sweep() {
 
 INSTANTIATE_TEST_SUITE_P(Sweep, CudaParity, testing::ValuesIn(sweep()), case_name);
 
+// A case's layer and its bfloat16 inputs (host).
+struct Bf16Case {
+  Case c;
+  MoeAttributes a;
+  tools::SynthLayer s;
+  std::vector<std::uint16_t> xh, lh;
+  Bf16Case(const Case& cs, std::uint64_t seed) : c(cs), a(cs.attrs()), s(cs.layer()) {
+    const Inputs in = random_inputs(c.t, c.h, c.e, seed);
+    xh = to_half(in.x, DType::bf16), lh = to_half(in.logits, DType::bf16);
+  }
+};
+
 class CudaLayer : public testing::Test {
  protected:
   void SetUp() override {
@@ -189,12 +201,12 @@ class CudaLayer : public testing::Test {
 // A forward captured into a CUDA graph replays to the same bits as the eager
 // call; repeated calls give the same bits; T > max_tokens runs in passes.
 TEST_F(CudaLayer, GraphReplayAndPasses) {
-  const Case c{4, 32, true, Activation::swiglu, 1, 4, 256, 128, 8, 50};
-  const MoeAttributes a = c.attrs();
-  const tools::SynthLayer s = c.layer();
-  const Inputs in = random_inputs(c.t, c.h, c.e, 3);
+  const Bf16Case p({4, 32, true, Activation::swiglu, 1, 4, 256, 128, 8, 50}, 3);
+  const Case& c = p.c;
+  const MoeAttributes& a = p.a;
+  const tools::SynthLayer& s = p.s;
   const DType dt = DType::bf16;
-  const auto xh = to_half(in.x, dt), lh = to_half(in.logits, dt);
+  const auto &xh = p.xh, &lh = p.lh;
   LayerOptions o;
   o.backend = Backend::cuda;
   o.max_tokens = 16;
@@ -282,13 +294,10 @@ TEST_F(CudaLayer, BadInputsGiveClearErrors) {
 // on one stream, with no host synchronization between them, give the bits of
 // plain launches (a missing wait would race with the previous kernel or call).
 TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
-  const Case c{4, 128, true, Activation::swiglu, 1, 2, 256, 384, 8, 300};
-  const MoeAttributes a = c.attrs();
-  const tools::SynthLayer s = c.layer();
-  const Inputs in = random_inputs(c.t, c.h, c.e, 11);
+  const Bf16Case p({4, 128, true, Activation::swiglu, 1, 2, 256, 384, 8, 300}, 11);
+  const Case& c = p.c;
   const DType dt = DType::bf16;
-  const auto xh = to_half(in.x, dt), lh = to_half(in.logits, dt);
-  Dev dx(xh), dl(lh);
+  Dev dx(p.xh), dl(p.lh);
   const std::int64_t counts[] = {1, 3, 16, 60, 100, 160, 300, 2};  // every GEMM regime
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -297,7 +306,7 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
     o.backend = Backend::cuda;
     const Layer layer = [&] {
       const EnvGuard mode("QMOE_CUDA_PDL", pdl);
-      return Layer(s.views(), a, o);
+      return Layer(p.s.views(), p.a, o);
     }();
     std::vector<std::vector<std::uint16_t>> outs;
     std::deque<Dev> ys;  // Dev is not movable
