@@ -156,6 +156,7 @@ std::vector<GpuCase> sweep() {
     v.push_back({{4, 0, true, Activation::swiglu, 1, 1, 40, 20, 4, 1}, dt, false});
     v.push_back({{4, 0, false, Activation::gelu, 0, 4, 36, 24, 4, 9}, dt, false});
     v.push_back({{8, 16, true, Activation::relu, 0, 4, 48, 16, 4, 3}, dt, true});
+    v.push_back({{4, 0, true, Activation::relu, 0, 2, 42, 24, 4, 5}, dt, false});  // H % 4 != 0: scalar combine
     v.push_back({{4, 32, true, Activation::swiglu, 2, 2, 192, 96, 8, 300}, dt, false});
     v.push_back({{4, 64, false, Activation::swiglu, 0, 8, 128, 64, 16, 130}, dt, true});
   }
