@@ -49,7 +49,9 @@ inline constexpr int kTileRows = 16;
 inline constexpr int kRowAlign = 128;
 inline constexpr int kKAlign = 64;
 
-/// The tag at the start of every packed matrix on the device.
+/// The tag at the start of every packed matrix on the device (pack.h make_tag /
+/// check_tag): what the bytes after it are, so packed data from another format,
+/// version or shape is refused by name instead of read.
 struct GpuPackTag {
   static constexpr char kMagic[8] = {'Q', 'M', 'O', 'E', 'C', 'U', 'D', 'A'};
   static constexpr std::uint32_t kVersion = 1;
@@ -58,6 +60,8 @@ struct GpuPackTag {
   std::uint32_t bits;
   std::int32_t block_size;  ///< 0 = row-wise
   std::uint32_t gated;
+  std::uint32_t zero_points;
+  std::uint32_t reserved;
   std::int64_t experts, rows, cols, padded_rows, padded_cols;
 };
 

@@ -182,6 +182,7 @@ GpuGeometry geometry(int bits, int block_size, bool gated, bool zp, std::int64_t
 
 PackedGpu carve_packed(Carver& c, const GpuGeometry& g, std::int64_t E) {
   PackedGpu p;
+  p.tag = c.take<GpuPackTag>(1);
   p.codes = c.take<std::uint8_t>(E * g.code_bytes_per_expert());
   p.rel_scales = g.block_size ? c.take<std::uint16_t>(E * g.rel_scale_words_per_expert() * 2) : nullptr;
   p.zero_points = g.zero_points ? c.take<std::uint8_t>(E * g.zp_pairs_per_expert() * 2) : nullptr;
@@ -280,7 +281,17 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
       pack_expert(st.g1, a.swiglu_fusion, I, fc1, use_fc3 ? &fc3 : nullptr, e, st.p1, stream);
       pack_expert(st.g2, 0, I, fc2, nullptr, e, st.p2, stream);
     }
+    // The tags, written last and read back: the packed matrices are complete and are what
+    // this Layer's kernels will read.
+    const GpuPackTag tags[2] = {make_tag(st.g1, E), make_tag(st.g2, E)};
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(st.p1.tag, &tags[0], sizeof tags[0], cudaMemcpyHostToDevice, stream));
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(st.p2.tag, &tags[1], sizeof tags[1], cudaMemcpyHostToDevice, stream));
+    GpuPackTag back[2];
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(&back[0], st.p1.tag, sizeof back[0], cudaMemcpyDeviceToHost, stream));
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(&back[1], st.p2.tag, sizeof back[1], cudaMemcpyDeviceToHost, stream));
     QMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    check_tag(back[0], st.g1, E, "fc1_experts_weights");
+    check_tag(back[1], st.g2, E, "fc2_experts_weights");
   } catch (...) {
     cudaStreamDestroy(stream);
     throw;

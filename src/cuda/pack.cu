@@ -2,6 +2,8 @@
 // layout.h, one expert per call, entirely on the device.
 #include <cuda_fp16.h>
 
+#include <cstring>
+
 #include "cuda/common.cuh"
 #include "cuda/pack.h"
 
@@ -162,6 +164,40 @@ void pack_expert(const GpuGeometry& g, int swiglu_fusion, std::int64_t inter, co
   QMOE_CUDA_CHECK(cudaGetLastError());
   pack_rows_kernel<<<static_cast<unsigned>(ceil_div(g.padded_rows, 128)), 128, 0, stream>>>(args);
   QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+GpuPackTag make_tag(const GpuGeometry& g, std::int64_t E) {
+  GpuPackTag t{};
+  std::memcpy(t.magic, GpuPackTag::kMagic, sizeof t.magic);
+  t.version = GpuPackTag::kVersion;
+  t.bits = static_cast<std::uint32_t>(g.bits);
+  t.block_size = g.block_size;
+  t.gated = g.gated ? 1 : 0;
+  t.zero_points = g.zero_points ? 1 : 0;
+  t.experts = E;
+  t.rows = g.rows, t.cols = g.cols, t.padded_rows = g.padded_rows, t.padded_cols = g.padded_cols;
+  return t;
+}
+
+void check_tag(const GpuPackTag& t, const GpuGeometry& g, std::int64_t E, const char* what) {
+  if (std::memcmp(t.magic, GpuPackTag::kMagic, sizeof t.magic) != 0)
+    detail::fail(what, ": the packed data on the device is not qmoe CUDA data (no tag)");
+  if (t.version != GpuPackTag::kVersion)
+    detail::fail(what, ": packed format version ", t.version, ", this build reads version ", GpuPackTag::kVersion);
+  const GpuPackTag want = make_tag(g, E);
+  auto same = [&](const char* field, std::int64_t got, std::int64_t expected) {
+    if (got != expected)
+      detail::fail(what, ": packed data on the device has ", field, " ", got, ", this Layer expects ", expected);
+  };
+  same("bits", t.bits, want.bits);
+  same("block_size", t.block_size, want.block_size);
+  same("zero points (0/1)", t.zero_points, want.zero_points);
+  same("gated (0/1)", t.gated, want.gated);
+  same("experts", t.experts, want.experts);
+  same("rows", t.rows, want.rows);
+  same("cols", t.cols, want.cols);
+  same("padded rows", t.padded_rows, want.padded_rows);
+  same("padded cols", t.padded_cols, want.padded_cols);
 }
 
 }  // namespace qmoe::cuda

@@ -8,6 +8,7 @@
 #include <deque>
 #include <string>
 
+#include "cuda/pack.h"
 #include "helpers.h"
 
 namespace qmoe::test {
@@ -328,6 +329,38 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
   ASSERT_EQ(plain.size(), dependent.size());
   for (std::size_t i = 0; i < plain.size(); ++i) EXPECT_EQ(plain[i], dependent[i]) << "call " << i;
   CK(cudaStreamDestroy(st));
+}
+
+// The tag of a packed matrix (host logic, runs without a GPU): the tag of the same
+// geometry passes; another format, version or geometry is refused by name.
+TEST(CudaPackTag, RefusesForeignOrMismatchedData) {
+  cuda::GpuGeometry g;
+  g.bits = 4, g.block_size = 128, g.gated = true, g.zero_points = false;
+  g.rows = 2 * 1408, g.cols = 2048, g.padded_rows = 2816, g.padded_cols = 2048;
+  const cuda::GpuPackTag good = cuda::make_tag(g, 64);
+  EXPECT_NO_THROW(cuda::check_tag(good, g, 64, "fc1_experts_weights"));
+  auto message = [&](const cuda::GpuPackTag& t, std::int64_t experts) -> std::string {
+    try {
+      cuda::check_tag(t, g, experts, "fc1_experts_weights");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  cuda::GpuPackTag t = good;
+  t.magic[0] = 'X';
+  EXPECT_NE(message(t, 64).find("fc1_experts_weights: the packed data on the device is not qmoe CUDA data"),
+            std::string::npos);
+  t = good, t.version = 99;
+  EXPECT_NE(message(t, 64).find("packed format version 99, this build reads version 1"), std::string::npos);
+  t = good, t.bits = 8;
+  EXPECT_NE(message(t, 64).find("fc1_experts_weights: packed data on the device has bits 8, this Layer expects 4"),
+            std::string::npos);
+  t = good, t.zero_points = 1;
+  EXPECT_NE(message(t, 64).find("zero points (0/1) 1, this Layer expects 0"), std::string::npos);
+  EXPECT_NE(message(good, 32).find("experts 64, this Layer expects 32"), std::string::npos);
+  t = good, t.padded_cols = 2112;
+  EXPECT_NE(message(t, 64).find("padded cols 2112, this Layer expects 2048"), std::string::npos);
 }
 
 TEST(CudaAbsent, ClearErrorWithoutGpu) {
