@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "core/check.h"
@@ -123,6 +124,15 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 #endif
+
+/// Compile-time values for the host-side kernel dispatch (a generic lambda
+/// receives them and instantiates the kernel they name).
+template <int V>
+using IntC = std::integral_constant<int, V>;
+template <class T>
+struct TypeC {
+  using type = T;
+};
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 inline std::int64_t ceil_div(std::int64_t x, std::int64_t m) { return (x + m - 1) / m; }

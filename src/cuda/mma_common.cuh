@@ -10,6 +10,7 @@
 
 #include <type_traits>
 
+#include "cuda/common.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/gemm.h"
 
@@ -145,13 +146,7 @@ __device__ __forceinline__ bool tile_work(const GemmProblem& p, int bm, TileWork
 // 0 = one scale per row (row-wise), 1 = blocks of a slab or more (new scale
 // words once per slab at most), 2 = blocks narrower than a slab (new words
 // every k16 step or two). A template parameter so each kind holds only the
-// registers it needs.
-template <int V>
-using IntC = std::integral_constant<int, V>;
-template <class T>
-struct TypeC {
-  using type = T;
-};
+// registers it needs. (IntC and TypeC, compile-time values for the dispatch: common.cuh.)
 
 // Calls launch(TypeC<T>{}, IntC<BITS>{}, IntC<SK>{}) with the token dtype, the
 // weight bits and the scale kind of p as compile-time values (host side).

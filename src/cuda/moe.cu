@@ -97,14 +97,19 @@ bool available() noexcept {
 
 constexpr double kNever = std::numeric_limits<double>::infinity();
 
+// The value of environment variable `name`; `fallback` when it is unset or empty.
+static std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : fallback;
+}
+
 // QMOE_CUDA_GEMM=auto (default) | mma | wgmma: which GEMM serves prefill
 // (many tokens per expert). Returns the average tokens per expert from which
 // the wgmma kernel runs (infinity: never).
-double pick_gemm_regime(int cc) {
+static double pick_gemm_regime(int cc) {
   constexpr double kWgmmaFrom = 48;  // below it, mma.sync's narrower token tiles waste less
   const bool have = wgmma_available(cc);
-  const char* v = std::getenv("QMOE_CUDA_GEMM");
-  const std::string mode = v && *v ? v : "auto";
+  const std::string mode = env_or("QMOE_CUDA_GEMM", "auto");
   if (mode == "auto") return have ? kWgmmaFrom : kNever;
   if (mode == "mma") return kNever;
   if (mode == "wgmma") {
@@ -119,9 +124,8 @@ double pick_gemm_regime(int cc) {
 // dependents of the kernel before them (compute capability 9.0 and newer), so
 // each one's launch and prologue (FC2: filling its weight ring) overlap the
 // tail of the one before. 0 is for diagnosis: the results are the same bits.
-bool pick_pdl(int cc) {
-  const char* v = std::getenv("QMOE_CUDA_PDL");
-  const std::string mode = v && *v ? v : "1";
+static bool pick_pdl(int cc) {
+  const std::string mode = env_or("QMOE_CUDA_PDL", "1");
   detail::require(mode == "0" || mode == "1", "QMOE_CUDA_PDL: expected 0 or 1, got \"", mode, "\"");
   return mode == "1" && cc >= 90;
 }

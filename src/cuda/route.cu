@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
@@ -253,17 +252,13 @@ void launch_combine(const float* y2, int splits, std::int64_t split_stride, cons
   const std::int64_t groups = vec ? hidden / 4 : hidden;
   const unsigned threads = groups >= 256 ? 256 : static_cast<unsigned>(round_up(groups, 32));
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(groups, threads)));
-  auto go = [&](auto* o, auto v) {
-    using T = std::remove_pointer_t<decltype(o)>;
+  auto go = [&](auto t, auto v) {
+    using T = typename decltype(t)::type;
     launch_kernel(combine_kernel<T, decltype(v)::value>, grid, dim3(threads), 0, stream, pdl, y2, splits,
-                  split_stride, bias2, bias_stride, k, hidden, o, b);
+                  split_stride, bias2, bias_stride, k, hidden, static_cast<T*>(out), b);
   };
-  if (dtype == DType::f16)
-    vec ? go(static_cast<__half*>(out), std::integral_constant<int, 4>{})
-        : go(static_cast<__half*>(out), std::integral_constant<int, 1>{});
-  else
-    vec ? go(static_cast<__nv_bfloat16*>(out), std::integral_constant<int, 4>{})
-        : go(static_cast<__nv_bfloat16*>(out), std::integral_constant<int, 1>{});
+  auto by_dtype = [&](auto v) { dtype == DType::f16 ? go(TypeC<__half>{}, v) : go(TypeC<__nv_bfloat16>{}, v); };
+  vec ? by_dtype(IntC<4>{}) : by_dtype(IntC<1>{});
 }
 
 }  // namespace qmoe::cuda
