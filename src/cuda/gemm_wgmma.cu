@@ -57,7 +57,11 @@ namespace qmoe::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;                    // two warpgroups
+constexpr int kConsumers = 256;                  // two warpgroups: dequantize + wgmma + epilogue
+constexpr int kProducers = 128;                  // one warpgroup: the cp.async copies
+constexpr int kThreads = kConsumers + kProducers;
+constexpr int kProducerRegs = 96, kConsumerRegs = 208;  // setmaxnreg split of the 64K registers
+static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= 65536, "over the register file");
 constexpr int kTok = kWgmmaTileTokens;           // token columns per block (wgmma N)
 constexpr int kRows = kWgmmaBlockRows;           // weight rows per block
 constexpr int kTiles = kRows / kTileRows;        // 16-row tiles of layout.h per block
@@ -96,6 +100,15 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // (the wgmma asm statements "write" them at issue; they are final only after
 // wgmma.wait_group).
 __device__ __forceinline__ void touch(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Register reallocation between the warpgroups (per warp, all its threads).
+template <int N>
+__device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+// Named barriers: 1 = the stage barrier of all threads, 2 = the producers only.
+template <int ID, int COUNT>
+__device__ __forceinline__ void bar_sync() { asm volatile("bar.sync %0, %1;" ::"n"(ID), "n"(COUNT) : "memory"); }
 
 // Matrix descriptor of a K-major, 128B-swizzled B tile at shared address
 // `saddr` (1024-byte aligned, so the base offset is 0): start address >> 4 in
@@ -161,7 +174,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
-  const int g = lane / 4, c = lane % 4;
 
   // Shared memory: [stage] tokens | [stage] codes | [stage] rel words | [stage] zp pairs.
   const unsigned raw_s = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
@@ -171,12 +183,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   unsigned char* const ws0 = xs0 + kStages * S::kXBytes;
   unsigned char* const rs0 = ws0 + kStages * S::kWBytes;
   unsigned char* const zs0 = rs0 + kStages * S::kRelBytes;
-
-  if (tid < kTok) {
-    long long off = -1;
-    if (tid < rows_here) off = static_cast<long long>(p.gather ? p.gather[pos0 + tid] : pos0 + tid) * p.x_stride;
-    s_row[tid] = off;
-  }
 
   const std::int64_t kp = p.g.padded_cols;
   const std::int64_t k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
@@ -190,81 +196,109 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   const bool full = rt0 + kTiles <= tiles_total;
   auto tile_of = [&](int tl) { return rt0 + (full ? tl : (tl & 7)); };
 
-  const std::int64_t slabs_total = p.g.slabs();
-  const unsigned char* const codes = p.codes + e * p.g.code_bytes_per_expert();
+  const unsigned char* const zp =
+      p.zero_points ? p.zero_points + e * p.g.zp_pairs_per_expert() * 2 : nullptr;
   const unsigned char* const rel =
       p.rel_scales ? reinterpret_cast<const unsigned char*>(p.rel_scales) + e * p.g.rel_scale_words_per_expert() * 4
                    : nullptr;
-  const unsigned char* const zp =
-      p.zero_points ? p.zero_points + e * p.g.zp_pairs_per_expert() * 2 : nullptr;
-  const bool scaled = rel != nullptr;
   const int bs = p.g.block_size;
   const std::int64_t nb = p.g.blocks();
   const int bshift = bs ? __ffs(bs) - 1 : 0;  // block_size is a power of two
-  // Scale blocks per stage: 1 for blocks of >= 64 columns, else 64 / bs.
-  const int nbc_shift = bs && bs < kKC ? 6 - bshift : 0;
-  const bool per_step = bs && bs < kKC;  // scale block changes inside a stage
 
-  const T* const x = static_cast<const T*>(p.x);
-  const std::int64_t kvalid = p.g.cols;
-
-  // Stage `cc` of the K loop -> shared memory stage cc % kStages, as one cp.async group.
-  auto issue = [&](int cc) {
-    if (cc < nchunks) {
-      const int st = cc % kStages;
-      const std::int64_t k0 = k_begin + static_cast<std::int64_t>(cc) * kKC;
-      unsigned char* const xs = xs0 + st * S::kXBytes;
-      if (p.x_vec16) {
-        // Thread -> 16-byte chunk q = tid % 8 of tokens tid / 8 + 32 i (same n % 8).
-        const int q = tid & 7, n0 = tid >> 3;
-        const int swz = (q ^ (n0 & 7)) << 4;
-        const std::int64_t kk = k0 + 8 * q;
-        const bool in = kk < kvalid;
-#pragma unroll
-        for (int i = 0; i < kTok / 32; ++i) {
-          const int n = n0 + 32 * i;
-          const long long off = s_row[n];
-          if (off < 0) continue;
-          cp_async16(xs + n * 128 + swz, x + off + (in ? kk : 0), in ? 16 : 0);
-        }
-      } else {
-        for (int v = tid; v < kTok * kKC; v += kThreads) {
-          const int n = v / kKC, kc = v % kKC;
-          const long long off = s_row[n];
-          if (off < 0) continue;
-          const std::int64_t kk = k0 + kc;
-          const T val = kk < kvalid ? x[off + kk] : from_float<T>(0.f);
-          *reinterpret_cast<T*>(xs + n * 128 + ((((kc >> 3) ^ (n & 7)) << 4) | ((kc & 7) * 2))) = val;
-        }
-      }
-      // Codes: per row tile, kSlabs slabs of 512 bytes, contiguous in global memory.
-      unsigned char* const ws = ws0 + st * S::kWBytes;
-      const std::int64_t slab0 = k0 / SC;
-#pragma unroll
-      for (int i = 0; i < kTiles * S::kSlabs * 32 / kThreads; ++i) {
-        const int v = tid + kThreads * i;
-        const int tl = v / (S::kSlabs * 32), within = v % (S::kSlabs * 32);
-        cp_async16(ws + v * 16, codes + ((tile_of(tl) * slabs_total + slab0) * 32 + within) * 16, 16);
-      }
-      if (bs) {
-        // Scale-block words of the stage's blocks (consecutive blocks of a tile are contiguous).
-        const std::int64_t blk0 = k0 >> bshift;
-        const int nbc = 1 << nbc_shift;
-        if (rel && tid < kTiles * 2 * nbc) {  // relative scales: 32 bytes per (tile, block)
-          const int tl = tid >> (1 + nbc_shift), w = tid & (2 * nbc - 1);
-          cp_async16(rs0 + st * S::kRelBytes + tl * (kMaxScaleBlocks * 32) + w * 16,
-                     rel + ((tile_of(tl) * nb + blk0) * 8) * 4 + w * 16, 16);
-        }
-        if (zp && tid >= 128 && tid < 128 + kTiles * nbc) {  // zero points: 16 bytes per (tile, block)
-          const int v = tid - 128;
-          const int tl = v >> nbc_shift, bl = v & (nbc - 1);
-          cp_async16(zs0 + st * S::kZpBytes + (tl * kMaxScaleBlocks + bl) * 16,
-                     zp + ((tile_of(tl) * nb + blk0 + bl) * 8) * 2, 16);
-        }
-      }
+  if (wg == 2) {
+    // ---- Producer warpgroup: the copies of stage ch + kStages - 2 while the
+    // consumers compute stage ch; one stage barrier (bar 1) per stage.
+    regs_dec<kProducerRegs>();
+    const int ptid = tid - kConsumers;
+    {
+      long long off = -1;
+      if (ptid < rows_here) off = static_cast<long long>(p.gather ? p.gather[pos0 + ptid] : pos0 + ptid) * p.x_stride;
+      s_row[ptid] = off;
     }
-    cp_async_commit();
-  };
+    bar_sync<2, kProducers>();  // s_row, among the producers
+
+    const std::int64_t slabs_total = p.g.slabs();
+    const unsigned char* const codes = p.codes + e * p.g.code_bytes_per_expert();
+    // Scale blocks per stage: 1 for blocks of >= 64 columns, else 64 / bs.
+    const int nbc_shift = bs && bs < kKC ? 6 - bshift : 0;
+    const T* const x = static_cast<const T*>(p.x);
+    const std::int64_t kvalid = p.g.cols;
+
+    // Stage `cc` of the K loop -> shared memory stage cc % kStages, as one cp.async group.
+    auto issue = [&](int cc) {
+      if (cc < nchunks) {
+        const int st = cc % kStages;
+        const std::int64_t k0 = k_begin + static_cast<std::int64_t>(cc) * kKC;
+        unsigned char* const xs = xs0 + st * S::kXBytes;
+        if (p.x_vec16) {
+          // Thread -> 16-byte chunk q = ptid % 8 of tokens ptid / 8 + 16 i (same n % 8).
+          const int q = ptid & 7, n0 = ptid >> 3;
+          const int swz = (q ^ (n0 & 7)) << 4;
+          const std::int64_t kk = k0 + 8 * q;
+          const bool in = kk < kvalid;
+#pragma unroll
+          for (int i = 0; i < kTok / 16; ++i) {
+            const int n = n0 + 16 * i;
+            const long long off = s_row[n];
+            if (off < 0) continue;
+            cp_async16(xs + n * 128 + swz, x + off + (in ? kk : 0), in ? 16 : 0);
+          }
+        } else {
+          for (int v = ptid; v < kTok * kKC; v += kProducers) {
+            const int n = v / kKC, kc = v % kKC;
+            const long long off = s_row[n];
+            if (off < 0) continue;
+            const std::int64_t kk = k0 + kc;
+            const T val = kk < kvalid ? x[off + kk] : from_float<T>(0.f);
+            *reinterpret_cast<T*>(xs + n * 128 + ((((kc >> 3) ^ (n & 7)) << 4) | ((kc & 7) * 2))) = val;
+          }
+        }
+        // Codes: per row tile, kSlabs slabs of 512 bytes, contiguous in global memory.
+        unsigned char* const ws = ws0 + st * S::kWBytes;
+        const std::int64_t slab0 = k0 / SC;
+#pragma unroll
+        for (int i = 0; i < kTiles * S::kSlabs * 32 / kProducers; ++i) {
+          const int v = ptid + kProducers * i;
+          const int tl = v / (S::kSlabs * 32), within = v % (S::kSlabs * 32);
+          cp_async16(ws + v * 16, codes + ((tile_of(tl) * slabs_total + slab0) * 32 + within) * 16, 16);
+        }
+        if (bs) {
+          // Scale-block words of the stage's blocks (consecutive blocks of a tile are contiguous).
+          const std::int64_t blk0 = k0 >> bshift;
+          const int nbc = 1 << nbc_shift;
+          if (rel && ptid < kTiles * 2 * nbc) {  // relative scales: 32 bytes per (tile, block)
+            const int tl = ptid >> (1 + nbc_shift), w = ptid & (2 * nbc - 1);
+            cp_async16(rs0 + st * S::kRelBytes + tl * (kMaxScaleBlocks * 32) + w * 16,
+                       rel + ((tile_of(tl) * nb + blk0) * 8) * 4 + w * 16, 16);
+          }
+          if (zp && ptid < kTiles * nbc) {  // zero points: 16 bytes per (tile, block)
+            const int tl = ptid >> nbc_shift, bl = ptid & (nbc - 1);
+            cp_async16(zs0 + st * S::kZpBytes + (tl * kMaxScaleBlocks + bl) * 16,
+                       zp + ((tile_of(tl) * nb + blk0 + bl) * 8) * 2, 16);
+          }
+        }
+      }
+      cp_async_commit();
+    };
+
+#pragma unroll 1
+    for (int cc = 0; cc < kStages - 2; ++cc) issue(cc);
+#pragma unroll 1
+    for (int ch = 0; ch < nchunks; ++ch) {
+      cp_async_wait<kStages - 3>();  // this thread's copies of stage ch have landed
+      fence_proxy_async();           // cp.async wrote through the generic proxy, wgmma reads through the async one
+      bar_sync<1, kThreads>();       // everyone's copies of stage ch landed; stage ch - 2 is no longer read
+      issue(ch + kStages - 2);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  // ---- Consumer warpgroups 0 and 1.
+  regs_inc<kConsumerRegs>();
+  const int g = lane / 4, c = lane % 4;
+  const bool scaled = rel != nullptr;
+  const bool per_step = bs && bs < kKC;  // scale block changes inside a stage
 
   // This thread's two m64 tiles: local row tiles wg * 8 + m * 4 + warp.
   int tl_of[2];
@@ -286,18 +320,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[m][i] = 0.f;
 
-  __syncthreads();  // s_row
-#pragma unroll 1
-  for (int cc = 0; cc < kStages - 2; ++cc) issue(cc);
-
   unsigned afr[2][2][4];  // [step parity][m64 tile][register]: two A sets, used alternately
   int st = 0;
 #pragma unroll 1
   for (int ch = 0; ch < nchunks; ++ch) {
-    cp_async_wait<kStages - 3>();  // this thread's copies of stage ch have landed
-    fence_proxy_async();
-    __syncthreads();  // everyone's copies landed; stage ch - 2 is no longer read by any wgmma
-    issue(ch + kStages - 2);
+    bar_sync<1, kThreads>();  // stage ch is in shared memory (the producers' side of bar 1)
 
     const unsigned char* const ws = ws0 + st * S::kWBytes;
     const unsigned* const rsw = reinterpret_cast<const unsigned*>(rs0 + st * S::kRelBytes);
@@ -340,7 +367,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
     st = st + 1 == kStages ? 0 : st + 1;
   }
   wgmma_wait<0>();
-  cp_async_wait<0>();
 #pragma unroll
   for (int m = 0; m < 2; ++m)
 #pragma unroll
