@@ -60,8 +60,14 @@ namespace {
 constexpr int kConsumers = 256;                  // two warpgroups: dequantize + wgmma + epilogue
 constexpr int kProducers = 128;                  // one warpgroup: the cp.async copies
 constexpr int kThreads = kConsumers + kProducers;
-constexpr int kProducerRegs = 96, kConsumerRegs = 208;  // setmaxnreg split of the 64K registers
-static_assert(kProducers * kProducerRegs + kConsumers * kConsumerRegs <= 65536, "over the register file");
+// setmaxnreg split. The block starts with kLaunchRegs per thread (the
+// __launch_bounds__ cap, which the kernel reaches); setmaxnreg.inc draws only
+// on what this block's own .dec released, so the consumers' increase must fit
+// in the producers' decrease, or the consumers wait forever.
+constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // 168
+constexpr int kProducerRegs = 88, kConsumerRegs = 208;
+static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kProducers * (kLaunchRegs - kProducerRegs),
+              "the consumers' setmaxnreg.inc must fit in what the producers release");
 constexpr int kTok = kWgmmaTileTokens;           // token columns per block (wgmma N)
 constexpr int kRows = kWgmmaBlockRows;           // weight rows per block
 constexpr int kTiles = kRows / kTileRows;        // 16-row tiles of layout.h per block
@@ -415,7 +421,9 @@ bool wgmma_available(int cc) {
     cudaGetLastError();  // clear
     return false;
   }
-  return a.sharedSizeBytes >= sizeof(long long) * kTok;
+  // The register split assumes the kernel was allocated kLaunchRegs per
+  // thread; with fewer the consumers' setmaxnreg.inc could never be granted.
+  return a.sharedSizeBytes >= sizeof(long long) * kTok && a.numRegs == kLaunchRegs;
 }
 
 void launch_gemm_wgmma(const GemmProblem& p, DType dtype, std::int64_t tile_capacity, cudaStream_t stream) {
