@@ -7,7 +7,11 @@
 // tokens 2, so a block covers many weight rows: 256 rows (two warpgroups, each
 // two m64 tiles: 2 x 64 float accumulators per thread) x 128 tokens (the wgmma
 // N). A token byte brought into shared memory then feeds 256 rows and a weight
-// byte 128 tokens. One block per SM (<= 255 registers x 256 threads).
+// byte 128 tokens. One block per SM: the two consumer warpgroups (dequantize,
+// wgmma, epilogue; 208 registers each thread) and one producer warpgroup that
+// only issues the cp.async copies (88 registers), split by setmaxnreg. Taking
+// the copies' address arithmetic off the consumers cut their stage loop from
+// ~400 to ~225 instructions per warp (mixtral T = 4096: 7.40 -> 6.70 ms).
 //
 // Why the A operand comes from registers. wgmma's register A fragment of warp
 // w (rows 16w..16w+15 of the m64 tile) is the mma.m16n8k16 A fragment, which is
@@ -21,7 +25,7 @@
 // token = one 128B swizzle atom row): tokens (gathered rows, 16 KB), the codes
 // of the block's 16 row tiles (8 or 16 KB) and their scale-block words are
 // copied global -> shared with cp.async, kStages deep, so every load is in
-// flight kStages - 2 stages ahead; one __syncthreads per stage. Tokens are
+// flight kStages - 2 stages ahead; one 384-thread named barrier per stage. Tokens are
 // stored in the canonical K-major 128B-swizzle layout of the wgmma matrix
 // descriptor: token n, 16-byte chunk q at n * 128 + ((q ^ (n % 8)) * 16) in a
 // 1024-byte aligned 16 KB tile (8-row groups 1024 bytes apart = SBO).
