@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -329,6 +330,31 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
   ASSERT_EQ(plain.size(), dependent.size());
   for (std::size_t i = 0; i < plain.size(); ++i) EXPECT_EQ(plain[i], dependent[i]) << "call " << i;
   CK(cudaStreamDestroy(st));
+}
+
+// An output that is not 8-byte aligned (a bfloat16 view one element into a
+// buffer) takes the combine's scalar path: the same bits as an aligned output.
+TEST_F(CudaLayer, MisalignedOutputGivesTheSameBits) {
+  const Bf16Case p({4, 128, true, Activation::swiglu, 1, 2, 256, 384, 8, 40}, 13);
+  const Case& c = p.c;
+  const DType dt = DType::bf16;
+  LayerOptions o;
+  o.backend = Backend::cuda;
+  const Layer layer(p.s.views(), p.a, o);
+  Dev dx(p.xh), dl(p.lh), ya(p.xh.size() * 2), yb(p.xh.size() * 2 + 8);
+  std::uint16_t* const shifted = static_cast<std::uint16_t*>(yb.p) + 1;  // 2 bytes past an aligned base
+  ASSERT_NE(reinterpret_cast<std::uintptr_t>(shifted) % 8, 0u);
+  const TensorView xv(dx.p, dt, {c.t, c.h}), lv(dl.p, dt, {c.t, c.e});
+  layer.forward_async(xv, lv, {}, MutableTensorView(ya.p, dt, {c.t, c.h}), nullptr);
+  layer.forward_async(xv, lv, {}, MutableTensorView(shifted, dt, {c.t, c.h}), nullptr);
+  CK(cudaDeviceSynchronize());
+  const std::vector<std::uint16_t> a = ya.get<std::uint16_t>(), b = yb.get<std::uint16_t>();
+  ASSERT_EQ(b.size(), a.size() + 4);
+  EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin() + 1)) << "the scalar combine differs";
+  // And both match the float64 reference.
+  const std::vector<double> ref = reference_forward(p.s.views(), p.a, TensorView(p.xh.data(), dt, {c.t, c.h}),
+                                                    TensorView(p.lh.data(), dt, {c.t, c.e}), {});
+  EXPECT_LE(rel_l2(from_half(std::vector<std::uint16_t>(b.begin() + 1, b.begin() + 1 + a.size()), dt), ref), 1e-2);
 }
 
 // The tag of a packed matrix (host logic, runs without a GPU): the tag of the same
