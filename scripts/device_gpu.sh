@@ -11,6 +11,9 @@ set -uo pipefail
 OUT="${OUT:-$PWD/out/device}"
 mkdir -p "$OUT"
 tests=1 pytest=1 bench=1
+# Each test step is cut off after this many seconds, so a kernel that hangs
+# costs minutes of device time, not the whole lease (the suites take ~10 s).
+step_limit="${QMOE_STEP_LIMIT:-180}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) tests=0 ;;
@@ -36,11 +39,13 @@ echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/build-gpu/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$tests" = 1 ]; then
   echo "== C++ CUDA tests"
-  build-gpu/tests/cpp/qmoe_tests --gtest_filter='*Cuda*' --gtest_brief=1 2>&1 | tail -15
+  timeout "$step_limit" build-gpu/tests/cpp/qmoe_tests --gtest_filter='*Cuda*' --gtest_brief=1 2>&1 | tail -15
+  [ "${PIPESTATUS[0]}" = 124 ] && echo "C++ CUDA tests: stopped after $step_limit s (a kernel that never finishes?)"
 fi
 if [ "$tests" = 1 ] && [ "$pytest" = 1 ]; then
   echo "== Python CUDA tests"
-  python3 -m pytest tests/python/test_cuda.py -q -x 2>&1 | tail -8
+  timeout "$step_limit" python3 -m pytest tests/python/test_cuda.py -q -x 2>&1 | tail -8
+  [ "${PIPESTATUS[0]}" = 124 ] && echo "Python CUDA tests: stopped after $step_limit s (a kernel that never finishes?)"
 fi
 [ "$bench" = 1 ] || exit 0
 echo "== benchmark"
