@@ -116,9 +116,12 @@ template <int N>
 __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
 template <int N>
 __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
-// Named barriers: 1 = the stage barrier of all threads, 2 = the producers only.
+// Named barriers (0 is __syncthreads, unused here): the per-stage barrier of
+// all threads, and one among the producers.
+enum Barrier : int { kStageBarrier = 1, kProducerBarrier = 2 };
 template <int ID, int COUNT>
 __device__ __forceinline__ void bar_sync() { asm volatile("bar.sync %0, %1;" ::"n"(ID), "n"(COUNT) : "memory"); }
+__device__ __forceinline__ void stage_barrier() { bar_sync<kStageBarrier, kThreads>(); }
 
 // Matrix descriptor of a K-major, 128B-swizzled B tile at shared address
 // `saddr` (1024-byte aligned, so the base offset is 0): start address >> 4 in
@@ -217,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 
   if (wg == 2) {
     // ---- Producer warpgroup: the copies of stage ch + kStages - 2 while the
-    // consumers compute stage ch; one stage barrier (bar 1) per stage.
+    // consumers compute stage ch; one stage_barrier() per stage.
     regs_dec<kProducerRegs>();
     const int ptid = tid - kConsumers;
     {
@@ -225,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
       if (ptid < rows_here) off = static_cast<long long>(p.gather ? p.gather[pos0 + ptid] : pos0 + ptid) * p.x_stride;
       s_row[ptid] = off;
     }
-    bar_sync<2, kProducers>();  // s_row, among the producers
+    bar_sync<kProducerBarrier, kProducers>();  // s_row, among the producers
 
     const std::int64_t slabs_total = p.g.slabs();
     const unsigned char* const codes = p.codes + e * p.g.code_bytes_per_expert();
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
     for (int ch = 0; ch < nchunks; ++ch) {
       cp_async_wait<kStages - 3>();  // this thread's copies of stage ch have landed
       fence_proxy_async();           // cp.async wrote through the generic proxy, wgmma reads through the async one
-      bar_sync<1, kThreads>();       // everyone's copies of stage ch landed; stage ch - 2 is no longer read
+      stage_barrier();               // everyone's copies of stage ch landed; stage ch - 2 is no longer read
       issue(ch + kStages - 2);
     }
     cp_async_wait<0>();
@@ -334,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   int st = 0;
 #pragma unroll 1
   for (int ch = 0; ch < nchunks; ++ch) {
-    bar_sync<1, kThreads>();  // stage ch is in shared memory (the producers' side of bar 1)
+    stage_barrier();  // stage ch is in shared memory (the producers' side of the same barrier)
 
     const unsigned char* const ws = ws0 + st * S::kWBytes;
     const unsigned* const rsw = reinterpret_cast<const unsigned*>(rs0 + st * S::kRelBytes);

@@ -351,7 +351,7 @@ TEST_F(CudaLayer, MisalignedOutputGivesTheSameBits) {
   const std::vector<std::uint16_t> a = ya.get<std::uint16_t>(), b = yb.get<std::uint16_t>();
   ASSERT_EQ(b.size(), a.size() + 4);
   EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin() + 1)) << "the scalar combine differs";
-  // And both match the float64 reference.
+  // And the shifted output (so the aligned one too) matches the float64 reference.
   const std::vector<double> ref = reference_forward(p.s.views(), p.a, TensorView(p.xh.data(), dt, {c.t, c.h}),
                                                     TensorView(p.lh.data(), dt, {c.t, c.e}), {});
   EXPECT_LE(rel_l2(from_half(std::vector<std::uint16_t>(b.begin() + 1, b.begin() + 1 + a.size()), dt), ref), 1e-2);
