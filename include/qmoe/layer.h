@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -10,6 +11,10 @@
 #include "qmoe/weights.h"
 
 namespace qmoe {
+
+namespace detail {
+struct LayerBuilder;
+}
 
 /// Where a Layer runs.
 enum class Backend {
@@ -96,6 +101,11 @@ class Layer {
   struct Impl;
 
  private:
+  friend struct detail::LayerBuilder;
+  /// As the public constructor; `release(p, n)`, when given, is told (from any
+  /// thread) that the packer has finished reading raw bytes [p, p + n).
+  Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options,
+        const std::function<void(const void*, std::size_t)>* release);
   const Impl& impl() const;
   std::unique_ptr<Impl> impl_;
 };

@@ -21,6 +21,10 @@ struct Layer::Impl {
 bool cuda_available() noexcept { return cuda::available(); }
 
 Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options)
+    : Layer(weights, attrs, options, nullptr) {}
+
+Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options,
+             const std::function<void(const void*, std::size_t)>* release)
     : impl_(std::make_unique<Impl>()) {
   using detail::require;
   require(options.threads >= 0 && options.threads <= kMaxThreads, "threads: expected 0..", kMaxThreads,
@@ -32,7 +36,8 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
   impl_->backend = options.backend;
   switch (options.backend) {
     case Backend::cpu:
-      impl_->cpu = std::make_unique<cpu::CpuMoe>(weights, attrs, impl_->shape, options.threads, options.accuracy_level);
+      impl_->cpu = std::make_unique<cpu::CpuMoe>(weights, attrs, impl_->shape, options.threads, options.accuracy_level,
+                                                 cpu::CpuMoe::kDefaultChunkBytes, nullptr, release);
       break;
     case Backend::cuda:
       require(options.max_tokens >= 1 && options.max_tokens <= (std::int64_t{1} << 24),

@@ -36,7 +36,8 @@ int resolve_threads(int threads) {
 }  // namespace
 
 CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level,
-               std::int64_t chunk_bytes, const KernelConfig* kernels)
+               std::int64_t chunk_bytes, const KernelConfig* kernels,
+               const std::function<void(const void*, std::size_t)>* release)
     : attrs_(a),
       shape_(s),
       kc_(kernels ? kernels : &kernel_config()),
@@ -71,9 +72,47 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
   pool_ = std::make_unique<ThreadPool>(resolve_threads(threads));
   // Stream expert by expert (in parallel over experts): nothing but the packed
   // form is kept, so the caller can release the raw weights right after.
+  // With `release`, the raw rows a run of tiles read are handed back right
+  // after it is packed (weights, scales and block-wise zero points are row
+  // major, so the rows of one source form one byte range per tensor).
+  auto release_rows = [&](const RawMatrix& m, std::int64_t e, std::int64_t r0, std::int64_t r1) {
+    if (r1 <= r0) return;
+    const std::int64_t row = e * m.rows + r0, n = r1 - r0;
+    const std::int64_t wb = m.cols * m.bits / 8, sb = m.blocks() * static_cast<std::int64_t>(dtype_size(m.scale_dtype));
+    (*release)(m.weights + row * wb, static_cast<std::size_t>(n * wb));
+    (*release)(static_cast<const std::uint8_t*>(m.scales) + row * sb, static_cast<std::size_t>(n * sb));
+    if (m.zero_points && bs) {
+      const std::int64_t zb = (m.blocks() * bits + 7) / 8;
+      (*release)(m.zero_points + row * zb, static_cast<std::size_t>(n * zb));
+    }
+  };
+  // Packed rows [p0, p1) of a matrix read raw rows [p0, p1) of one source, or for
+  // swiglu (gate at even, up at odd packed rows) half as many rows of two.
+  auto release_packed = [&](std::int64_t e, std::int64_t p0, std::int64_t p1, auto&& source, bool gated) {
+    for (int parity = 0; parity < (gated ? 2 : 1); ++parity) {
+      std::int64_t q0 = p0, q1 = p1 - 1;
+      if (gated) {
+        if (q0 % 2 != parity) ++q0;
+        if (q1 % 2 != parity) --q1;
+      }
+      if (q1 < q0) continue;
+      const RowSource a = source(q0), b = source(q1);
+      release_rows(*a.src, e, a.row, b.row + 1);
+    }
+  };
   pool_->parallel_for(e_count, [&](std::int64_t e, int) {
-    pack_expert(g1, e, fc1_source, fc1_.expert(e));
-    pack_expert(g2, e, [&](std::int64_t p) { return RowSource{&fc2, p}; }, fc2_.expert(e));
+    auto src2 = [&](std::int64_t p) { return RowSource{&fc2, p}; };
+    if (!release) {
+      pack_expert(g1, e, fc1_source, fc1_.expert(e));
+      pack_expert(g2, e, src2, fc2_.expert(e));
+      return;
+    }
+    pack_expert(g1, e, fc1_source, fc1_.expert(e), [&](std::int64_t t0, std::int64_t t1) {
+      release_packed(e, t0 * nr, std::min(t1 * nr, g1.rows), fc1_source, gated_);
+    });
+    pack_expert(g2, e, src2, fc2_.expert(e), [&](std::int64_t t0, std::int64_t t1) {
+      release_packed(e, t0 * nr, std::min(t1 * nr, g2.rows), src2, false);
+    });
   });
 
   // Biases in packed row order (FC3's bias becomes the "up" rows' bias).

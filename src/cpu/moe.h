@@ -1,6 +1,7 @@
 // Internal: the CPU backend of a Layer.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -22,8 +23,12 @@ class CpuMoe {
   /// accuracy_level 4: int8 activations (quant_act.h); 3: bf16 activations and
   /// weights on AMX where the table has it (else float32); anything else: float32.
   /// `kernels` = null: the process-wide table (kernel_config()).
+  /// `release(p, n)`, when given, is told that packing has finished reading
+  /// raw bytes [p, p + n) (called from the packing threads, in pieces of about
+  /// a MiB), so a memory-mapped source can drop those pages as it goes.
   CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level = 0,
-         std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr);
+         std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr,
+         const std::function<void(const void*, std::size_t)>* release = nullptr);
 
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                const MutableTensorView& out, std::int64_t tokens) const;

@@ -95,4 +95,20 @@ void pack_block(const PackGeometry& g, const std::uint8_t* const* row_codes, con
     }
 }
 
+void pack_block_bytes(const PackGeometry& g, const std::uint8_t* const* row_bytes, const int* zeros,
+                      const float* scales, std::uint8_t* dst) {
+  const int nr = g.nr;
+  std::memcpy(dst, scales, static_cast<std::size_t>(nr) * 4);
+  for (int r = 0; r < nr; ++r) dst[nr * 4 + r] = static_cast<std::uint8_t>(zeros[r]);
+  std::uint8_t* lane = dst + nr * 5;
+  const std::int64_t groups = g.block_len / g.group_cols();
+  for (std::int64_t grp = 0; grp < groups; ++grp)
+    for (int r = 0; r < nr; ++r, lane += 4) {
+      if (row_bytes[r])
+        std::memcpy(lane, row_bytes[r] + 4 * grp, 4);
+      else
+        std::memset(lane, 0, 4);
+    }
+}
+
 }  // namespace qmoe::cpu
