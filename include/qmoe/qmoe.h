@@ -2,6 +2,7 @@
 #pragma once
 #include "qmoe/config.h"
 #include "qmoe/error.h"
+#include "qmoe/file.h"
 #include "qmoe/layer.h"
 #include "qmoe/quantize.h"
 #include "qmoe/sysinfo.h"
