@@ -9,6 +9,7 @@
 # (see `python bench/vs_onnxruntime.py --help`). QMOE_PY_BUILD_DIR=DIR builds the
 # package in DIR instead of the default build-py/.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+ensure_deb nlohmann-json3-dev
 ensure_venv "$ROOT/scripts/requirements-build.txt" "$ROOT/tests/python/requirements.txt"
 
 say "Python package (pip install .)"

@@ -5,6 +5,7 @@
 #   scripts/demo.sh --model mixtral-8x7b --bits 4 --block 32 --threads 2
 # Extra arguments go to `qmoe bench` (see `build/qmoe bench --help`).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+ensure_deb nlohmann-json3-dev
 ensure_venv "$ROOT/scripts/requirements-build.txt"
 say "building (Release)"
 configure_build "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF

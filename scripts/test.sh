@@ -13,6 +13,7 @@ for a in "$@"; do
     *) echo "usage: scripts/test.sh [--quick]" >&2; exit 2 ;;
   esac
 done
+ensure_deb nlohmann-json3-dev
 ensure_venv "$ROOT/scripts/requirements-build.txt" "$ROOT/tests/python/requirements.txt"
 
 say "C++ build + tests (Release)"
