@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "bindings.h"
 #include "convert.h"
 #include "qmoe/qmoe.h"
 
@@ -44,6 +45,8 @@ namespace {
 struct PyLayer : qmoe::Layer {
   PyLayer(const qmoe::ExpertWeights& w, const qmoe::MoeAttributes& a, const qmoe::LayerOptions& o)
       : qmoe::Layer(w, a, o), device(o.backend == qmoe::Backend::cuda ? o.device : -1) {}
+  PyLayer(qmoe::Layer&& l, const qmoe::LayerOptions& o)
+      : qmoe::Layer(std::move(l)), device(o.backend == qmoe::Backend::cuda ? o.device : -1) {}
   int device;  ///< CUDA ordinal; -1 on the CPU backend
 };
 
@@ -76,12 +79,7 @@ void layer_init(PyLayer* self, const std::map<std::string, TaggedIn>& weights, c
                 int threads, int accuracy_level, nb::handle backend, int device, std::int64_t max_tokens) {
   qmoe_py::WeightArgs args{weights};  // holds the arrays (GIL held) until this returns
   const qmoe::ExpertWeights views = args.views();
-  qmoe::LayerOptions opts;
-  opts.backend = parse_backend(backend);
-  opts.threads = threads;
-  opts.accuracy_level = accuracy_level;
-  opts.device = device;
-  opts.max_tokens = max_tokens;
+  const qmoe::LayerOptions opts = qmoe_py::layer_options(threads, accuracy_level, backend, device, max_tokens);
   nb::gil_scoped_release release;
   new (self) PyLayer(views, attrs, opts);
 }
@@ -172,6 +170,25 @@ double peak_flops(int threads, double seconds) {
 
 }  // namespace
 
+namespace qmoe_py {
+
+qmoe::LayerOptions layer_options(int threads, int accuracy_level, nb::handle backend, int device,
+                                 std::int64_t max_tokens) {
+  qmoe::LayerOptions opts;
+  opts.backend = parse_backend(backend);
+  opts.threads = threads;
+  opts.accuracy_level = accuracy_level;
+  opts.device = device;
+  opts.max_tokens = max_tokens;
+  return opts;
+}
+
+nb::object wrap_layer(qmoe::Layer&& layer, const qmoe::LayerOptions& o) {
+  return nb::cast(PyLayer(std::move(layer), o), nb::rv_policy::move);
+}
+
+}  // namespace qmoe_py
+
 NB_MODULE(_core, m) {
   m.doc() = "qmoe C++ bindings (use the qmoe package, not this module directly)";
 
@@ -237,6 +254,8 @@ NB_MODULE(_core, m) {
                    "CUDA: device memory the layer holds (packed weights, scales, biases); 0 on the CPU.")
       .def_prop_ro("workspace_bytes", [](const PyLayer& l) { return l.workspace_bytes(); },
                    "CUDA: bytes of the per-device working memory the layer uses (shared); 0 on the CPU.");
+
+  qmoe_py::bind_file(m);
 
   m.def("reference", &reference, "weights"_a, "attrs"_a, "input"_a, "router_probs"_a, "router_weights"_a.none(),
         "The float64 reference forward; returns [T, H] float64.");

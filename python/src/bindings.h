@@ -1,0 +1,20 @@
+// Internal to the extension: what module.cpp and file.cpp share.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+#include "qmoe/qmoe.h"
+
+namespace qmoe_py {
+
+namespace nb = nanobind;
+
+/// LayerOptions from the Python arguments (backend "cpu"/"cuda" or BACKEND_*).
+qmoe::LayerOptions layer_options(int threads, int accuracy_level, nb::handle backend, int device,
+                                 std::int64_t max_tokens);
+/// A built Layer as an instance of the bound Layer class.
+nb::object wrap_layer(qmoe::Layer&& layer, const qmoe::LayerOptions& o);
+/// Defines File and save_file on `m` (after Layer).
+void bind_file(nb::module_& m);
+
+}  // namespace qmoe_py
