@@ -57,6 +57,14 @@ options:
                      1 GiB buffer and float32 FMA peak, with the same threads;
                      a few seconds). Alias: --no-bandwidth
   --json FILE        also write the results as JSON to FILE
+  --file FILE        run a layer stored in a qmoe file instead of a synthetic one
+                     (its shape, bits, block and attributes come from the file;
+                     --model, --bits, --block and --zero-points do not apply):
+                     reports the load speed (from the page cache: the file is read
+                     once before) and the peak RSS growth while prepacking
+  --layer NAME       with --file: the layer to run (default: the file's first)
+  --write-file FILE  synthesize the layer, write it to FILE as a qmoe file, free
+                     it, then run it from FILE as with --file
   --help             this text
 
 Inputs are N(0,1); router logits are N(0,1.5^2). For each T the tool draws R
@@ -194,6 +202,43 @@ void rotate(Sample& s, std::int64_t h, std::int64_t e, int k, double bytes_per_e
   s.union_experts = static_cast<double>(std::count(all.begin(), all.end(), 1));
 }
 
+// What loading a stored layer cost.
+struct LoadFigures {
+  double seconds = 0, gbps = 0;
+  std::uint64_t bytes = 0;        // the layer's stored (raw) bytes
+  std::size_t rss_before = 0, peak = 0;
+  std::int64_t peak_growth = 0;   // peak RSS during the load - RSS before
+  bool peak_reset = false;
+};
+
+// Builds `layer` from the file, after reading the file into the page cache
+// (unmapped), with the RSS peak reset right before: the peak growth is what
+// prepacking from the map costs in memory, the speed what it costs in time.
+LoadFigures load_from_file(const File& f, const std::string& name, int threads, int accuracy_level,
+                           std::optional<Layer>& layer) {
+  LoadFigures r;
+  {
+    Progress p("reading the file into the page cache", true);
+    read_into_page_cache(f.path());
+    p.finish();
+  }
+  release_free_memory();
+  r.rss_before = rss_bytes();
+  r.peak_reset = reset_peak_rss();
+  LayerOptions lo;
+  lo.threads = threads;
+  lo.accuracy_level = accuracy_level;
+  Progress p("prepacking from the file", true);
+  layer.emplace(f.load(name, lo));
+  r.seconds = p.elapsed();
+  p.finish();
+  r.peak = peak_rss_bytes();
+  r.bytes = f.layer(name).weight_bytes;
+  r.gbps = static_cast<double>(r.bytes) / r.seconds / 1e9;
+  r.peak_growth = static_cast<std::int64_t>(r.peak) - static_cast<std::int64_t>(r.rss_before);
+  return r;
+}
+
 }  // namespace
 
 int run_bench(const std::vector<std::string>& argv) {
@@ -201,33 +246,59 @@ int run_bench(const std::vector<std::string>& argv) {
                   {{"--help", false}, {"--model", true}, {"--bits", true}, {"--block", true}, {"--zero-points", false},
                    {"--threads", true}, {"--accuracy-level", true}, {"--tokens", true}, {"--ref-tokens", true}, {"--seed", true},
                    {"--min-time", true}, {"--max-time", true}, {"--no-ceilings", false}, {"--no-bandwidth", false},
-                   {"--json", true}});
+                   {"--json", true}, {"--file", true}, {"--layer", true}, {"--write-file", true}});
   if (args.flag("--help")) {
     std::fputs(kBenchHelp, stdout);
     return 0;
   }
   // ---- arguments (every check before any work)
-  const std::string model = args.value("--model").value_or("gpt-oss-20b");
+  const std::optional<std::string> file_arg = args.value("--file"), layer_arg = args.value("--layer"),
+                                   write_arg = args.value("--write-file");
+  if (file_arg && write_arg) throw args.error("--file and --write-file exclude each other");
+  if (layer_arg && !file_arg) throw args.error("--layer needs --file");
+  if (file_arg && (args.value("--model") || args.value("--bits") || args.value("--block") || args.flag("--zero-points")))
+    throw args.error("--file: the shape and quantization come from the file (drop --model, --bits, --block, "
+                     "--zero-points)");
+  // A stored layer: opened (and validated) before any work.
+  std::optional<File> file;
+  std::string layer_name;
+  if (file_arg) {
+    file.emplace(File::open(*file_arg));
+    if (file->layers().empty()) throw Error(*file_arg + ": the file holds no layer");
+    layer_name = layer_arg.value_or(file->layers().front().name);
+    (void)file->layer(layer_name);  // throws, listing the layers, when absent
+  }
+  const std::string model = file ? *file_arg + ":" + layer_name : args.value("--model").value_or("gpt-oss-20b");
   std::string names;
   bool known = false;
   for (const auto& m : tools::model_shapes(4, -1)) {
     known |= m.name == model;
     names += (names.empty() ? "" : ", ") + m.name;
   }
-  if (!known) throw args.error("--model: expected one of " + names + ", got '" + model + "'");
-  const int bits = static_cast<int>(args.integer("--bits", 4, 0, 64));
+  if (!known && !file) throw args.error("--model: expected one of " + names + ", got '" + model + "'");
+  const int bits = file ? file->layer(layer_name).attributes.expert_weight_bits
+                        : static_cast<int>(args.integer("--bits", 4, 0, 64));
   if (bits != 4 && bits != 8) throw args.error("--bits: expected 4 or 8, got " + std::to_string(bits));
   const int block_arg = static_cast<int>(args.integer("--block", -1, 0, 1 << 20));
-  const tools::ModelShape m = tools::model_shape(model, bits, block_arg);
+  tools::ModelShape m;
+  if (file) {
+    const FileLayer& fl = file->layer(layer_name);
+    m = tools::ModelShape{model, fl.shape.hidden, fl.shape.inter, fl.shape.num_experts, fl.attributes};
+  } else {
+    m = tools::model_shape(model, bits, block_arg);
+  }
   const int block = m.attrs.block_size;
-  if (block != 0) {
+  if (block != 0 && !file) {
     if (block < 16 || (block & (block - 1)) != 0)
       throw args.error("--block: expected 0 or a power of two >= 16, got " + std::to_string(block));
     if (m.hidden % block != 0 || m.inter % block != 0)
       throw args.error(fmt("--block: %d must divide both H = %lld and I = %lld of %s", block,
                            static_cast<long long>(m.hidden), static_cast<long long>(m.inter), model.c_str()));
   }
-  const bool zero_points = args.flag("--zero-points");
+  bool zero_points = args.flag("--zero-points");
+  if (file)
+    for (const FileTensor& t : file->layer(layer_name).tensors)
+      zero_points |= t.name.size() > 12 && t.name.compare(t.name.size() - 12, 12, "_zero_points") == 0;
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   const int threads = static_cast<int>(args.integer("--threads", hw, 1, 4096));
   const int accuracy_level = static_cast<int>(args.integer("--accuracy-level", 0, 0, 4));
@@ -282,16 +353,28 @@ int run_bench(const std::vector<std::string>& argv) {
   so.symmetric = !zero_points;
   so.seed = seed;
   tools::SynthLayer raw;
-  {
+  if (!file) {
     Progress p(fmt("synthesizing + quantizing %lld experts", static_cast<long long>(e)));
     so.progress = [&](std::int64_t d, std::int64_t t) { p.update(d, t); };
     raw = tools::synth_layer(e, h, in, m.attrs, so);
     p.finish(fmt("weight quantization rel. L2 error %.3g", raw.quant_rel_l2));
   }
-  const std::size_t raw_bytes = raw.raw_bytes();
+  if (write_arg) {  // store it, free it, and run it from the file
+    {
+      Progress p("writing " + *write_arg, true);
+      save_file(*write_arg, {{"synthetic." + model, raw.views(), m.attrs, {}, {{"source", "qmoe bench --write-file"}}}});
+      p.finish();
+    }
+    raw = tools::SynthLayer{};
+    release_free_memory();
+    file.emplace(File::open(*write_arg));
+    layer_name = file->layers().front().name;
+  }
+  const std::size_t raw_bytes = file ? file->layer(layer_name).weight_bytes : raw.raw_bytes();
+  const std::int64_t fc1_rows = file ? file->layer(layer_name).shape.fc1_rows : raw.shape.fc1_rows;
   // Multiply-adds per routed (token, expert) pair: FC1 (+ FC3) and FC2.
   const bool separate_up = m.attrs.activation == Activation::swiglu && m.attrs.swiglu_fusion == 0;
-  const double macs_per_row = static_cast<double>(raw.shape.fc1_rows * h + h * in + (separate_up ? in * h : 0));
+  const double macs_per_row = static_cast<double>(fc1_rows * h + h * in + (separate_up ? in * h : 0));
   const double bytes_per_expert = static_cast<double>(raw_bytes) / static_cast<double>(e);
 
   // ---- 2. inputs (R rotating sets per T) and the float64 reference on sample rows
@@ -319,37 +402,58 @@ int run_bench(const std::vector<std::string>& argv) {
   }
   std::vector<double> ref;
   const std::int64_t ref_rows = static_cast<std::int64_t>(ref_x.size()) / h;
-  if (ref_rows > 0) {
+  auto compute_reference = [&](const ExpertWeights& w) {
+    if (ref_rows == 0) return;
     Progress p(fmt("float64 reference on %lld sample tokens", static_cast<long long>(ref_rows)), true);
-    ref = reference_forward(raw.views(), m.attrs, view_f32(ref_x.data(), {ref_rows, h}),
-                            view_f32(ref_l.data(), {ref_rows, e}));
+    ref = reference_forward(w, m.attrs, view_f32(ref_x.data(), {ref_rows, h}), view_f32(ref_l.data(), {ref_rows, e}));
     p.finish();
-  }
+  };
 
   // ---- 3. Layer creation and memory
-  release_free_memory();
-  const std::size_t rss_before = rss_bytes();
-  double pack_s = 0;
   std::optional<Layer> layer;
-  {
-    Progress p("prepacking into a qmoe Layer", true);
-    LayerOptions lo;
-    lo.threads = threads;
-    lo.accuracy_level = accuracy_level;
-    layer.emplace(raw.views(), m.attrs, lo);
-    pack_s = p.elapsed();
-    p.finish();
+  std::optional<LoadFigures> lf;
+  std::size_t rss_before = 0, rss_after_layer = 0, rss_after_free = 0;
+  double pack_s = 0;
+  if (file) {
+    lf = load_from_file(*file, layer_name, threads, accuracy_level, layer);
+    pack_s = lf->seconds;
+    // The reference reads the stored weights through the map (after the load
+    // figures, so its page reads do not count in them).
+    compute_reference(file->weights(layer_name));
+  } else {
+    compute_reference(raw.views());
+    release_free_memory();
+    rss_before = rss_bytes();
+    {
+      Progress p("prepacking into a qmoe Layer", true);
+      LayerOptions lo;
+      lo.threads = threads;
+      lo.accuracy_level = accuracy_level;
+      layer.emplace(raw.views(), m.attrs, lo);
+      pack_s = p.elapsed();
+      p.finish();
+    }
+    rss_after_layer = rss_bytes();
+    raw = tools::SynthLayer{};  // frees every raw buffer; the Layer must not need them
+    release_free_memory();
+    rss_after_free = rss_bytes();
   }
-  const std::size_t rss_after_layer = rss_bytes();
-  raw = tools::SynthLayer{};  // frees every raw buffer; the Layer must not need them
-  release_free_memory();
-  const std::size_t rss_after_free = rss_bytes();
   const std::size_t packed = layer->packed_bytes();
   const double growth = static_cast<double>(rss_after_layer) - static_cast<double>(rss_before);
   const double drop = static_cast<double>(rss_after_layer) - static_cast<double>(rss_after_free);
   const bool no_copy = drop >= 0.9 * static_cast<double>(raw_bytes);
 
   std::printf("  kernel: %s   threads: %d   prepack: %.2f s\n", layer->kernel_name(), layer->threads(), pack_s);
+  if (lf) {
+    std::printf("load from %s (layer %s, %s file):\n", file->path().c_str(), layer_name.c_str(),
+                human_bytes(static_cast<double>(file->size_bytes())).c_str());
+    std::printf("  stored weights %s prepacked in %.3f s = %.2f GB/s (from the page cache, %d threads)\n",
+                human_bytes(static_cast<double>(lf->bytes)).c_str(), lf->seconds, lf->gbps, threads);
+    std::printf("  peak RSS growth while loading %s = packed %s %s%s\n", human_delta(static_cast<double>(lf->peak_growth)).c_str(),
+                human_bytes(static_cast<double>(packed)).c_str(),
+                human_delta(static_cast<double>(lf->peak_growth) - static_cast<double>(packed)).c_str(),
+                lf->peak_reset ? "" : " (the peak could not be reset: it is the process's)");
+  } else {
   std::printf("memory:\n");
   std::printf("  raw quantized weights          %11s  (ORT layout: codes, scales, zero points, biases)\n",
               human_bytes(static_cast<double>(raw_bytes)).c_str());
@@ -364,6 +468,7 @@ int run_bench(const std::vector<std::string>& argv) {
               human_bytes(static_cast<double>(rss_after_free)).c_str(), human_delta(-drop).c_str(),
               drop / static_cast<double>(raw_bytes),
               no_copy ? "no copy of the raw weights kept" : "WARNING: less memory returned than the raw weights");
+  }
   std::fflush(stdout);
 
   // ---- 4. timing, call by call through the input sets
@@ -502,6 +607,21 @@ int run_bench(const std::vector<std::string>& argv) {
         .field("rss_drop_over_raw", drop / static_cast<double>(raw_bytes))
         .field("no_copy_of_raw_kept", no_copy)
         .end_object();
+    if (lf) {
+      j.begin_object("load")
+          .field("file", file->path())
+          .field("layer", layer_name)
+          .field("file_bytes", static_cast<std::size_t>(file->size_bytes()))
+          .field("stored_bytes", static_cast<std::size_t>(lf->bytes))
+          .field("seconds", lf->seconds)
+          .field("gbps", lf->gbps)
+          .field("rss_before", lf->rss_before)
+          .field("peak_rss", lf->peak)
+          .field("peak_rss_growth", lf->peak_growth)
+          .field("peak_growth_minus_packed", lf->peak_growth - static_cast<std::int64_t>(packed))
+          .field("peak_was_reset", lf->peak_reset)
+          .end_object();
+    }
     j.begin_array("results");
     for (std::size_t i = 0; i < samples.size(); ++i) {
       const Sample& s = samples[i];

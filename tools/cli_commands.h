@@ -16,5 +16,10 @@ namespace qmoe::cli {
 int run_bench(const std::vector<std::string>& args);
 /// `qmoe info`: version, CPU features, kernels chosen, hardware threads.
 int run_info(const std::vector<std::string>& args);
+/// `qmoe info FILE [--tensors]`: the layers, shapes, bits, blocks and bytes of a qmoe file.
+int run_info_file(const std::string& path, const std::vector<std::string>& args);
+/// Replaces this process by `python3 -m <module> <args>` (the interpreter
+/// installed beside this tool, else python3 on PATH); returns only on failure.
+int run_python(const std::string& module, const std::vector<std::string>& args);
 
 }  // namespace qmoe::cli

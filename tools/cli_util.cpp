@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <vector>
+#include <cstring>
 #include <fstream>
 
 #if defined(__GLIBC__)
@@ -102,17 +104,41 @@ std::vector<std::int64_t> Args::integer_list(const std::string& name, std::vecto
 
 // ---------------------------------------------------------------- memory
 
-std::size_t rss_bytes() {
+namespace {
+std::size_t status_bytes(const char* key) {
   std::ifstream f("/proc/self/status");
   std::string line;
+  const std::size_t n = std::strlen(key);
   while (std::getline(f, line)) {
-    if (line.compare(0, 6, "VmRSS:") == 0) {
+    if (line.compare(0, n, key) == 0) {
       std::size_t kb = 0;
-      std::sscanf(line.c_str() + 6, "%zu", &kb);
+      std::sscanf(line.c_str() + n, "%zu", &kb);
       return kb * 1024;
     }
   }
   return 0;
+}
+}  // namespace
+
+std::size_t rss_bytes() { return status_bytes("VmRSS:"); }
+std::size_t peak_rss_bytes() { return status_bytes("VmHWM:"); }
+
+bool reset_peak_rss() {
+  std::ofstream f("/proc/self/clear_refs");
+  f << "5";
+  f.flush();
+  return static_cast<bool>(f);
+}
+
+std::uint64_t read_into_page_cache(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::vector<char> buf(std::size_t{8} << 20);
+  std::uint64_t total = 0;
+  while (f) {
+    f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    total += static_cast<std::uint64_t>(f.gcount());
+  }
+  return total;
 }
 
 double load_average() {

@@ -57,6 +57,14 @@ std::optional<std::int64_t> parse_int(const std::string& s);
 
 /// Resident set size of this process (VmRSS of /proc/self/status), bytes; 0 if unknown.
 std::size_t rss_bytes();
+/// Peak resident set size (VmHWM), bytes; 0 if unknown.
+std::size_t peak_rss_bytes();
+/// Resets the peak to the current RSS (/proc/self/clear_refs "5"); false where
+/// the kernel does not allow it (then peak_rss_bytes() is the process's peak).
+bool reset_peak_rss();
+/// Reads a whole file through a small buffer (not mapped: this process's RSS
+/// does not grow), so that it sits in the page cache. Returns the bytes read.
+std::uint64_t read_into_page_cache(const std::string& path);
 /// Returns freed heap memory to the system (glibc malloc_trim), so that RSS
 /// measurements see frees of small and medium allocations too.
 void release_free_memory();

@@ -34,13 +34,20 @@ commands:
   bench     synthesize a layer of a reference shape, prepack it, time forward()
             and check it against the float64 reference (default: gpt-oss-20b,
             4-bit row-wise, all hardware threads, T = 1, 16, 512)
+            --file FILE runs a layer stored in a qmoe file (and reports its load
+            speed and memory); --write-file FILE stores the synthetic layer first
   demo      the same as bench
   info      version, CPU features, the kernels chosen, hardware threads
+  info FILE the layers of a qmoe file: shapes, bits, block, bytes (--tensors: each tensor)
+  onnx      ONNX models (runs the Python package's 'python3 -m qmoe.onnx'):
+            'qmoe onnx offload MODEL.onnx -o OUT.onnx' moves every QMoE node's
+            weights into a qmoe file beside OUT.onnx and has ONNX Runtime call qmoe
 
 'qmoe <command> --help' describes a command's options; 'qmoe --version' prints the version.
 )";
 
 constexpr const char* kInfoHelp = R"(usage: qmoe info [--help]
+       qmoe info FILE [--tensors]
 
 Prints the version, the CPU features, the CPU kernels a Layer picks on this
 machine (QMOE_CPU_ISA=<name> forces a kernel table), the hardware threads and
@@ -144,8 +151,12 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (cmd == "bench" || cmd == "demo") return run_bench(rest);
+    if (cmd == "info" && !rest.empty() && rest[0].rfind("--", 0) != 0)
+      return run_info_file(rest[0], std::vector<std::string>(rest.begin() + 1, rest.end()));
     if (cmd == "info") return run_info(rest);
-    std::fprintf(stderr, "qmoe: unknown command '%s' (commands: bench, demo, info; see 'qmoe --help')\n", cmd.c_str());
+    if (cmd == "onnx") return run_python("qmoe.onnx", rest);
+    std::fprintf(stderr, "qmoe: unknown command '%s' (commands: bench, demo, info, onnx; see 'qmoe --help')\n",
+                 cmd.c_str());
     return 2;
   } catch (const UsageError& e) {
     std::fprintf(stderr, "%s\n", e.what());
