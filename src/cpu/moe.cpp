@@ -100,19 +100,28 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
       release_rows(*a.src, e, a.row, b.row + 1);
     }
   };
-  pool_->parallel_for(e_count, [&](std::int64_t e, int) {
-    auto src2 = [&](std::int64_t p) { return RowSource{&fc2, p}; };
-    if (!release) {
-      pack_expert(g1, e, fc1_source, fc1_.expert(e));
-      pack_expert(g2, e, src2, fc2_.expert(e));
-      return;
-    }
-    pack_expert(g1, e, fc1_source, fc1_.expert(e), [&](std::int64_t t0, std::int64_t t1) {
-      release_packed(e, t0 * nr, std::min(t1 * nr, g1.rows), fc1_source, gated_);
-    });
-    pack_expert(g2, e, src2, fc2_.expert(e), [&](std::int64_t t0, std::int64_t t1) {
-      release_packed(e, t0 * nr, std::min(t1 * nr, g2.rows), src2, false);
-    });
+  // Work items of at most kPackChunkTiles tiles of one expert's FC1 or FC2, so
+  // that every thread has work even with few experts (mixtral has 8).
+  auto src2 = [&](std::int64_t p) { return RowSource{&fc2, p}; };
+  const std::int64_t chunks1 = (g1.tiles() + kPackChunkTiles - 1) / kPackChunkTiles;
+  const std::int64_t chunks2 = (g2.tiles() + kPackChunkTiles - 1) / kPackChunkTiles;
+  pool_->parallel_for(e_count * (chunks1 + chunks2), [&](std::int64_t item, int) {
+    const std::int64_t e = item / (chunks1 + chunks2), c = item % (chunks1 + chunks2);
+    const bool first = c < chunks1;
+    const PackGeometry& g = first ? g1 : g2;
+    const std::int64_t t0 = (first ? c : c - chunks1) * kPackChunkTiles;
+    const std::int64_t t1 = std::min(t0 + kPackChunkTiles, g.tiles());
+    auto progress = [&](std::int64_t a0, std::int64_t a1) {
+      if (!release) return;
+      if (first)
+        release_packed(e, a0 * nr, std::min(a1 * nr, g1.rows), fc1_source, gated_);
+      else
+        release_packed(e, a0 * nr, std::min(a1 * nr, g2.rows), src2, false);
+    };
+    if (first)
+      pack_tiles(g1, e, fc1_source, fc1_.expert(e), t0, t1, progress);
+    else
+      pack_tiles(g2, e, src2, fc2_.expert(e), t0, t1, progress);
   });
 
   // Biases in packed row order (FC3's bias becomes the "up" rows' bias).

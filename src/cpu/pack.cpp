@@ -1,5 +1,7 @@
 #include "cpu/pack.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -11,9 +13,17 @@ void PackedMatrix::Free::operator()(std::uint8_t* p) const noexcept { std::free(
 
 PackedMatrix::PackedMatrix(const PackGeometry& g, Isa isa, std::int64_t experts) : geom_(g) {
   size_ = kHeaderBytes + static_cast<std::size_t>(experts * g.expert_bytes());
-  const std::size_t alloc = (size_ + 63) / 64 * 64;
-  data_.reset(static_cast<std::uint8_t*>(std::aligned_alloc(64, alloc)));
+  // Large matrices on 2 MiB boundaries, marked for transparent huge pages:
+  // prepacking then takes one page fault per 2 MiB instead of per 4 KiB, and
+  // the kernels' weight streams miss the TLB less.
+  constexpr std::size_t kHuge = std::size_t{2} << 20;
+  const std::size_t align = size_ >= 2 * kHuge ? kHuge : 64;
+  const std::size_t alloc = (size_ + align - 1) / align * align;
+  data_.reset(static_cast<std::uint8_t*>(std::aligned_alloc(align, alloc)));
   if (!data_) detail::fail("prepack: out of memory allocating ", alloc, " bytes of packed weights");
+#ifdef MADV_HUGEPAGE
+  if (align == kHuge) ::madvise(data_.get(), alloc, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
   std::memset(data_.get(), 0, kHeaderBytes);
   write_tag(data_.get(), g, isa, experts);
 }

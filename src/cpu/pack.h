@@ -17,18 +17,24 @@ struct RowSource {
   std::int64_t row = 0;
 };
 
-/// Packs rows [0, g.rows) of expert e into `dst` (g.expert_bytes() bytes).
+/// Packs the tiles [t_begin, t_end) (rows [t_begin * nr, t_end * nr)) of
+/// expert e into `dst`, the start of the expert's packed data
+/// (g.expert_bytes() bytes; the range's tiles are written in place).
 /// `source(p)` maps packed row p to its raw row. `progress(t0, t1)` is called
 /// after tiles [t0, t1) are written (every kProgressTiles tiles and at the end),
 /// so a caller can drop raw memory the packer will not read again.
 template <typename SourceFn, typename ProgressFn>
-void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst, ProgressFn&& progress);
+void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst, std::int64_t t_begin,
+                std::int64_t t_end, ProgressFn&& progress);
+/// All tiles of expert e.
 template <typename SourceFn>
 void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst) {
-  pack_expert(g, e, source, dst, [](std::int64_t, std::int64_t) {});
+  pack_tiles(g, e, source, dst, 0, g.tiles(), [](std::int64_t, std::int64_t) {});
 }
 
 inline constexpr std::int64_t kProgressTiles = 64;
+/// Tiles one prepack work item packs (items are spread over the threads).
+inline constexpr std::int64_t kPackChunkTiles = 64;
 
 /// Writes the tag of a packed matrix.
 void write_tag(std::uint8_t* dst, const PackGeometry& g, Isa isa, std::int64_t experts);
@@ -47,15 +53,17 @@ void pack_block_bytes(const PackGeometry& g, const std::uint8_t* const* row_byte
                       const float* scales, std::uint8_t* dst);
 
 template <typename SourceFn, typename ProgressFn>
-void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst, ProgressFn&& progress) {
+void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst, std::int64_t t_begin,
+                std::int64_t t_end, ProgressFn&& progress) {
   const int nr = g.nr;
   const bool whole_groups = g.block_len % g.group_cols() == 0;
   std::vector<std::uint8_t> codes(whole_groups ? 0 : static_cast<std::size_t>(nr * g.cols));
   std::vector<const std::uint8_t*> rows(static_cast<std::size_t>(nr));
   std::vector<int> zeros(static_cast<std::size_t>(nr));
   std::vector<float> scales(static_cast<std::size_t>(nr));
-  std::int64_t done = 0;
-  for (std::int64_t t = 0; t < g.tiles(); ++t) {
+  std::int64_t done = t_begin;
+  dst += t_begin * g.tile_bytes();
+  for (std::int64_t t = t_begin; t < t_end; ++t) {
     RowSource src[64];
     for (int r = 0; r < nr; ++r) {
       const std::int64_t p = t * nr + r;
@@ -84,7 +92,7 @@ void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::
       }
       dst += g.block_bytes();
     }
-    if (t + 1 - done >= kProgressTiles || t + 1 == g.tiles()) {
+    if (t + 1 - done >= kProgressTiles || t + 1 == t_end) {
       progress(done, t + 1);
       done = t + 1;
     }
