@@ -43,7 +43,7 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
       require(options.max_tokens >= 1 && options.max_tokens <= (std::int64_t{1} << 24),
               "max_tokens: expected 1..16777216, got ", options.max_tokens);
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
-      impl_->gpu = std::make_unique<cuda::CudaMoe>(weights, attrs, impl_->shape, options);
+      impl_->gpu = std::make_unique<cuda::CudaMoe>(weights, attrs, impl_->shape, options, release);
       break;
     default: detail::fail("backend: expected Backend::cpu or Backend::cuda, got ", static_cast<int>(options.backend));
   }

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -17,8 +18,12 @@ bool available() noexcept;
 
 class CudaMoe {
  public:
-  /// Validated raw weights (host memory) -> packed on `options.device`.
-  CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& options);
+  /// Validated raw weights (host memory) -> packed on `options.device`, one
+  /// expert's tensors at a time copied to the device and packed there.
+  /// `release(p, n)`, when given, is told that raw bytes [p, p + n) have been
+  /// copied (so a memory-mapped source can drop them).
+  CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& options,
+          const std::function<void(const void*, std::size_t)>* release = nullptr);
   ~CudaMoe();
   CudaMoe(const CudaMoe&) = delete;
   CudaMoe& operator=(const CudaMoe&) = delete;

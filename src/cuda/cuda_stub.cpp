@@ -13,7 +13,10 @@ namespace {
 struct CudaMoe::State {};
 
 bool available() noexcept { return false; }
-CudaMoe::CudaMoe(const ExpertWeights&, const MoeAttributes&, const MoeShape&, const LayerOptions&) { unavailable(); }
+CudaMoe::CudaMoe(const ExpertWeights&, const MoeAttributes&, const MoeShape&, const LayerOptions&,
+                 const std::function<void(const void*, std::size_t)>*) {
+  unavailable();
+}
 CudaMoe::~CudaMoe() = default;
 void CudaMoe::forward(const TensorView&, const TensorView&, const TensorView&, const MutableTensorView&,
                       std::int64_t) const {

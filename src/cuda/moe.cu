@@ -209,7 +209,8 @@ std::size_t slice_bytes(const TensorView& v, std::int64_t E) {
 
 }  // namespace
 
-CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& o)
+CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& o,
+                 const std::function<void(const void*, std::size_t)>* release)
     : s_(std::make_unique<State>()) {
   State& st = *s_;
   st.attrs = a;
@@ -268,6 +269,10 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
         if (n) {
           char* dst = stage.get<char>() + off;
           QMOE_CUDA_CHECK(cudaMemcpyAsync(dst, slice(*raw[i], e, E), n, cudaMemcpyHostToDevice, stream));
+          // From pageable memory the call returns once the bytes are staged
+          // (the DMA may still run from CUDA's own pinned buffer), so the
+          // source is no longer needed.
+          if (release) (*release)(slice(*raw[i], e, E), n);
           dev[i] = dst;
         }
         off += align_up(n);
