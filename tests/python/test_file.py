@@ -132,3 +132,23 @@ def test_save_refuses_bad_layers(tmp_path):
         qmoe.load(path, layers=["nope"])
     with pytest.raises(ValueError, match="cannot open"):
         qmoe.open(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.skipif(not qmoe.cuda_available(), reason="needs the CUDA backend and a GPU (run on the GPU host)")
+def test_cuda_load_same_bits_as_in_memory(tmp_path):
+    import ml_dtypes
+    layers, cases = {}, {}
+    for i, cfg in enumerate(CONFIGS):
+        w, a, _ = _case(i, cfg)
+        layers[f"l{i}"] = dict(w, **a)
+        cases[f"l{i}"] = (w, a)
+    path = tmp_path / "cuda.safetensors"
+    qmoe.save(path, layers)
+    loaded = qmoe.load(path, device="cuda", max_tokens=64)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((T, H)).astype(ml_dtypes.bfloat16)
+    lg = rng.standard_normal((T, E)).astype(ml_dtypes.bfloat16)
+    for name, (w, a) in cases.items():
+        mem = qmoe.Layer(**w, **a, device="cuda", max_tokens=64)
+        assert loaded[name].device_bytes == mem.device_bytes
+        assert np.array_equal(loaded[name](x, lg).view(np.uint16), mem(x, lg).view(np.uint16)), name
