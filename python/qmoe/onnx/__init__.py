@@ -20,5 +20,6 @@ from __future__ import annotations
 
 from ._export import export
 from ._load import load
+from ._offload import offload, session
 
-__all__ = ["load", "export"]
+__all__ = ["load", "export", "offload", "session"]
