@@ -106,6 +106,7 @@ def test_gpt_oss_small_vs_onnxruntime(tmp_path, bits, block):
     want_sess = ort_session(src)
     sess = qmoe.onnx.session(dst, threads=2)
     assert isinstance(sess, ort.InferenceSession)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert sorted(sess.qmoe_layers) == sorted(s[0] for s in specs)
     for T in (1, 16, 37):
         x = hidden(T)
