@@ -369,3 +369,44 @@ def test_cli(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error:") and "missing.onnx" in r.stderr
     r = _cli("offload", src, "-o", src)
     assert r.returncode == 1 and "overwrite" in r.stderr
+
+
+def test_bfloat16_node(tmp_path):
+    """ORT's CPU EP has no bfloat16 QMoE, but Cast works: the offloaded node runs (oracle: the
+    in-memory bfloat16 layer)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(15)
+    w, a, _ = make_layer(rng, E=4, H=64, I=32, bits=4, block=0, bias=True, activation_type="silu",
+                         quantizer=quantizer, float_dtype=bf16)
+    a.update(k=2, normalize_routing_weights=1)
+    node, inits = qmoe_node("moe", "input", "router_probs", "output", w, a)
+    model = make_model([node], inits, [vi("input", ["T", 64], TensorProto.BFLOAT16),
+                                       vi("router_probs", ["T", 4], TensorProto.BFLOAT16)],
+                       [vi("output", ["T", 64], TensorProto.BFLOAT16)])
+    src = save(model, str(tmp_path / "b.onnx"))
+    qmoe.onnx.offload(src, str(tmp_path / "o.onnx"))
+    x = rng.standard_normal((5, 64)).astype(bf16)
+    lg = rng.standard_normal((5, 4)).astype(bf16)
+    # ORT's Python API takes bfloat16 as OrtValues of the raw 16-bit words
+    feed = {n: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v.view(np.uint16), TensorProto.BFLOAT16)
+            for n, v in (("input", x), ("router_probs", lg))}
+    # ... and gives none back: read the output through an exact Cast to float32
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    out.graph.node.append(helper.make_node("Cast", ["output"], ["output_f32"], to=TensorProto.FLOAT))
+    del out.graph.output[:]
+    out.graph.output.append(vi("output_f32", ["T", 64]))
+    onnx.save_model(out, str(tmp_path / "o32.onnx"))
+    (y,) = qmoe.onnx.session(str(tmp_path / "o32.onnx")).run_with_ort_values(None, feed)
+    want = qmoe.Layer(**w, **a)(x, lg)
+    assert np.array_equal(y.numpy(), want.astype(np.float32))
+
+
+def test_qmoe_imports_without_onnx():
+    """import qmoe / qmoe.onnx must not need onnx, onnxruntime, onnxruntime-extensions or torch."""
+    code = ("import sys\n"
+            "for m in ('onnx', 'onnxruntime', 'onnxruntime_extensions', 'torch'): sys.modules[m] = None\n"
+            "import qmoe, qmoe.onnx\n"
+            "assert callable(qmoe.onnx.load) and callable(qmoe.onnx.session)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
