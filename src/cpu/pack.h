@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/check.h"
 #include "cpu/packed.h"
 #include "quant/raw.h"
 
@@ -61,6 +62,12 @@ void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::u
   std::vector<const std::uint8_t*> rows(static_cast<std::size_t>(nr));
   std::vector<int> zeros(static_cast<std::size_t>(nr));
   std::vector<float> scales(static_cast<std::size_t>(nr));
+  // Whole-group blocks: a tile's scales (all blocks, float32) and zero points
+  // gathered once per row, so the block loop only indexes arrays.
+  const std::int64_t nb = g.blocks();
+  std::vector<float> tile_scales(whole_groups ? static_cast<std::size_t>(nr * nb) : 0);
+  std::vector<int> tile_zeros(whole_groups ? static_cast<std::size_t>(nr * nb) : 0);
+  std::vector<const std::uint8_t*> row_base(static_cast<std::size_t>(nr));
   std::int64_t done = t_begin;
   dst += t_begin * g.tile_bytes();
   for (std::int64_t t = t_begin; t < t_end; ++t) {
@@ -68,26 +75,48 @@ void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::u
     for (int r = 0; r < nr; ++r) {
       const std::int64_t p = t * nr + r;
       src[r] = p < g.rows ? source(p) : RowSource{};
-      if (whole_groups) continue;
+      const detail::RawMatrix* m = src[r].src;
+      if (whole_groups) {
+        float* ts = tile_scales.data() + r * nb;
+        int* tz = tile_zeros.data() + r * nb;
+        if (!m) {
+          row_base[r] = nullptr;
+          std::fill(ts, ts + nb, 0.f);
+          std::fill(tz, tz + nb, 0);
+          continue;
+        }
+        const std::int64_t row = e * m->rows + src[r].row;
+        row_base[r] = m->weights + row * m->cols * m->bits / 8;
+        const std::size_t esize = dtype_size(m->scale_dtype);
+        detail::to_f32(static_cast<const std::uint8_t*>(m->scales) + static_cast<std::size_t>(row * nb) * esize,
+                       m->scale_dtype, nb, ts);
+        if (m->zero_points)
+          for (std::int64_t b = 0; b < nb; ++b) tz[b] = m->zero(e, src[r].row, b);
+        else
+          std::fill(tz, tz + nb, 1 << (m->bits - 1));
+        continue;
+      }
       std::uint8_t* rc = codes.data() + static_cast<std::size_t>(r) * g.cols;
-      if (src[r].src)
-        raw_row_codes(*src[r].src, e, src[r].row, rc);
+      if (m)
+        raw_row_codes(*m, e, src[r].row, rc);
       else
         std::fill(rc, rc + g.cols, std::uint8_t{0});
       rows[r] = rc;
     }
-    for (std::int64_t b = 0; b < g.blocks(); ++b) {
-      for (int r = 0; r < nr; ++r) {
-        zeros[r] = src[r].src ? src[r].src->zero(e, src[r].row, b) : 0;
-        scales[r] = src[r].src ? src[r].src->scale(e, src[r].row, b) : 0.f;
-      }
+    const std::int64_t block_row_bytes = g.block_len * g.bits / 8;
+    for (std::int64_t b = 0; b < nb; ++b) {
       if (whole_groups) {
         for (int r = 0; r < nr; ++r) {
-          const detail::RawMatrix* m = src[r].src;
-          rows[r] = m ? m->weights + ((e * m->rows + src[r].row) * m->cols + b * g.block_len) * m->bits / 8 : nullptr;
+          zeros[r] = tile_zeros[static_cast<std::size_t>(r * nb + b)];
+          scales[r] = tile_scales[static_cast<std::size_t>(r * nb + b)];
+          rows[r] = row_base[r] ? row_base[r] + b * block_row_bytes : nullptr;
         }
         pack_block_bytes(g, rows.data(), zeros.data(), scales.data(), dst);
       } else {
+        for (int r = 0; r < nr; ++r) {
+          zeros[r] = src[r].src ? src[r].src->zero(e, src[r].row, b) : 0;
+          scales[r] = src[r].src ? src[r].src->scale(e, src[r].row, b) : 0.f;
+        }
         pack_block(g, rows.data(), zeros.data(), scales.data(), b * g.block_len, dst);
       }
       dst += g.block_bytes();
