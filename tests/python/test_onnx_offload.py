@@ -97,7 +97,8 @@ def test_gpt_oss_small_vs_onnxruntime(tmp_path, bits, block):
     moe = [n for n in out.graph.node if n.op_type == "QmoeLayer"]
     assert [n.name for n in moe] == [s[0] for s in specs]
     attrs = {a.name: a.s.decode() for a in moe[0].attribute}
-    assert attrs == {"qmoe_file": "model.qmoe.safetensors", "qmoe_layer": specs[0][0], "qmoe_session": ""}
+    assert attrs == {"qmoe_file": "model.qmoe.safetensors", "qmoe_layer": specs[0][0], "qmoe_session": "",
+                     "qmoe_dtype": "float32"}
     assert os.path.getsize(dst) < 16384
     f = qmoe.open(qfile)
     assert list(f.layers) == [s[0] for s in specs]
@@ -216,8 +217,11 @@ def test_float16_model(tmp_path):
     model, _ = gpt_oss_small(7, layers=2, elem=TensorProto.FLOAT16)
     src = save(model, str(tmp_path / "h.onnx"))
     qmoe.onnx.offload(src, str(tmp_path / "o.onnx"))
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node]
+    nodes = onnx.load(str(tmp_path / "o.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("Cast") == 6 and ops.count("QmoeLayer") == 2
+    assert all({a.name: a.s for a in n.attribute}["qmoe_dtype"] == b"float16" for n in nodes
+               if n.op_type == "QmoeLayer")
     x = hidden(9, dtype=np.float16)
     got = qmoe.onnx.session(str(tmp_path / "o.onnx"), threads=2).run(None, {"hidden": x})[0]
     want = ort_session(src).run(None, {"hidden": x})[0]
@@ -331,6 +335,9 @@ def test_session_refusals(tmp_path):
         qmoe.onnx.session(str(tmp_path / "bad.onnx"))
     with pytest.raises(TypeError, match="not_an_option"):
         qmoe.onnx.session(dst, not_an_option=1)
+    # qmoe's CUDA backend computes in float16/bfloat16: a float32 node is refused by name
+    with pytest.raises(ValueError, match="'moe'.*qmoe_dtype.*float32"):
+        qmoe.onnx.session(dst, device="cuda")
 
 
 def test_offload_refusals(tmp_path):

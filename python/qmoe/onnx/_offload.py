@@ -10,7 +10,8 @@ How it fits together:
   router_weights) whose only inputs are input, router_probs
   [, router_weights] and whose string attributes name the file
   (``qmoe_file``, relative to the model) and the layer (``qmoe_layer``),
-  plus an empty ``qmoe_session``.
+  the node's element type in the source (``qmoe_dtype``), plus an empty
+  ``qmoe_session``.
 * :func:`session` loads every referenced qmoe file once (``qmoe.load``:
   layers prepacked once), files the layers in a process-wide registry under
   a fresh token, writes the token into each node's ``qmoe_session``
@@ -62,6 +63,7 @@ OP_DOMAIN = "ai.onnx.contrib"       # onnxruntime-extensions' Python custom-op d
 OP_TYPE = "QmoeLayer"               # inputs: input, router_probs
 OP_TYPE_WEIGHTED = "QmoeLayerWeighted"  # inputs: input, router_probs, router_weights
 ATTR_FILE, ATTR_LAYER, ATTR_SESSION = "qmoe_file", "qmoe_layer", "qmoe_session"
+ATTR_DTYPE = "qmoe_dtype"  # the node's element type in the source model (the op itself runs float32)
 _OP_TYPES = (OP_TYPE, OP_TYPE_WEIGHTED)
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 _SPIN_KEY = "session.intra_op.allow_spinning"
@@ -70,6 +72,7 @@ _log = logging.getLogger("qmoe.onnx")
 
 # TensorProto element types the QMoE input may have.
 _FLOAT, _FLOAT16, _BFLOAT16 = 1, 10, 16
+_TYPE_NAMES = {_FLOAT: "float32", _FLOAT16: "float16", _BFLOAT16: "bfloat16"}
 # Above this the rewritten model's inline tensors move to external data.
 _PROTO_LIMIT = 2 ** 31 - 64 * 2 ** 20
 _ALIGN_BIG, _ALIGN_SMALL, _BIG = 65536, 64, 1 << 20
@@ -203,7 +206,8 @@ def _replacement(nl: NodeLayer, t: int, file_attr: str, taken: Set[str]) -> List
         op_out = fresh(f"{out}/qmoe_f32")
     nodes.append(helper.make_node(OP_TYPE_WEIGHTED if weighted else OP_TYPE, op_in, [op_out],
                                   name=node.name or nl.name, domain=OP_DOMAIN,
-                                  **{ATTR_FILE: file_attr, ATTR_LAYER: nl.name, ATTR_SESSION: ""}))
+                                  **{ATTR_FILE: file_attr, ATTR_LAYER: nl.name, ATTR_SESSION: "",
+                                     ATTR_DTYPE: _TYPE_NAMES[t]}))
     if t != _FLOAT:
         nodes.append(helper.make_node("Cast", [op_out], [out], name=fresh(f"{nl.name}/qmoe_cast_out"), to=t))
     return nodes
@@ -425,6 +429,16 @@ def _fail(x: Any, msg: str, token: str) -> np.ndarray:
     return np.full(shape, np.nan, dtype=np.float32)
 
 
+def _half_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    if name == "float16":
+        return np.dtype(np.float16)
+    raise ValueError(f"the CUDA backend needs a float16/bfloat16 node, got {ATTR_DTYPE} = {name!r}")
+
+
 def _make_body(weighted: bool):
     nin = 3 if weighted else 2
 
@@ -444,7 +458,14 @@ def _make_body(weighted: bool):
             if layer is None:
                 return _fail(x, f"{entry.model}: qmoe layer {key[1]!r} of {key[0]!r} was not loaded", token)
             try:
-                y = layer(x, feed[1], feed[2] if weighted else None)
+                args = [x, feed[1], feed[2] if weighted else None]
+                if layer.backend == "cuda":
+                    # The CUDA backend takes float16/bfloat16 only; these float32 values came
+                    # from the node's own float16/bfloat16 through a Cast (session() refuses
+                    # float32 nodes on CUDA), so converting back is exact.
+                    dt = _half_dtype(attrs.get(ATTR_DTYPE, ""))
+                    args = [None if a is None else a.astype(dt) for a in args]
+                y = layer(*args)
             except Exception as e:  # noqa: BLE001 - reported through the session
                 return _fail(x, f"{entry.model}: qmoe layer {key[1]!r} of {key[0]!r}: {e}", token)
             return np.ascontiguousarray(y, dtype=np.float32)
@@ -467,7 +488,7 @@ def _ensure_ops() -> None:
             raise ImportError(f"qmoe.onnx.session needs onnxruntime-extensions (pip install "
                               f"onnxruntime-extensions): {e}") from None
         attrs = {ATTR_FILE: PyCustomOpDef.dt_string, ATTR_LAYER: PyCustomOpDef.dt_string,
-                 ATTR_SESSION: PyCustomOpDef.dt_string}
+                 ATTR_SESSION: PyCustomOpDef.dt_string, ATTR_DTYPE: PyCustomOpDef.dt_string}
         for op_type, weighted in ((OP_TYPE, False), (OP_TYPE_WEIGHTED, True)):
             n = 3 if weighted else 2
             opdef = onnx_op(op_type=op_type, inputs=[PyCustomOpDef.dt_float] * n,
@@ -598,6 +619,12 @@ def session(path: "os.PathLike[str] | str", threads: Optional[int] = None, devic
     ``sess_options`` is left as it is). ``providers`` defaults to
     ``["CPUExecutionProvider"]``.
 
+    ``device="cuda"`` runs the layers on qmoe's CUDA backend, which computes
+    in float16/bfloat16: nodes that were float16/bfloat16 in the source run
+    there exactly (the op converts their float32-cast values back); float32
+    nodes are refused. The op itself always takes host arrays: with ONNX
+    Runtime's CUDA EP, ONNX Runtime copies its inputs and output.
+
     The session is built from an in-memory copy of the model (each qmoe
     node's ``qmoe_session`` attribute set to this session's token); tensors
     in external data are read from the model's folder. Returns a subclass of
@@ -619,12 +646,20 @@ def session(path: "os.PathLike[str] | str", threads: Optional[int] = None, devic
     where: Dict[str, str] = {}
     for n in nodes:
         attrs = {a.name: a for a in n.attribute}
-        for a in (ATTR_FILE, ATTR_LAYER, ATTR_SESSION):
+        for a in (ATTR_FILE, ATTR_LAYER, ATTR_SESSION, ATTR_DTYPE):
             if a not in attrs or attrs[a].type != 3:  # STRING
                 raise ctx.err(n.name, f"attribute {a!r}", "missing or not a string (expected the attributes "
                                                           "qmoe.onnx.offload writes)")
         file_attr = attrs[ATTR_FILE].s.decode("utf-8")
         layer = attrs[ATTR_LAYER].s.decode("utf-8")
+        dtype = attrs[ATTR_DTYPE].s.decode("utf-8")
+        if dtype not in _TYPE_NAMES.values():
+            raise ctx.err(n.name, f"attribute {ATTR_DTYPE!r}", f"expected one of {sorted(_TYPE_NAMES.values())}, "
+                                                               f"got {dtype!r}")
+        if device != "cpu" and dtype == "float32":
+            raise ctx.err(n.name, f"attribute {ATTR_DTYPE!r}",
+                          f"device={device!r}: qmoe's CUDA backend computes in float16/bfloat16, and this node is "
+                          f"float32 (run it on the CPU, or export the model in float16/bfloat16)")
         full = ctx.resolve(n.name, f"attribute {ATTR_FILE!r}", file_attr, kind="qmoe file")
         if not os.path.isfile(full):
             raise ctx.err(n.name, f"attribute {ATTR_FILE!r}", f"qmoe file {file_attr!r} ({full!r}) does not exist")
