@@ -39,7 +39,10 @@ Limits (onnxruntime-extensions 0.15 Python custom ops):
   input's shape, and the session returned by :func:`session` raises
   ``ValueError`` with that message when ``run`` (``run_with_ort_values``,
   ``run_with_iobinding``) returns. Other entry points (``run_async``) and
-  sessions built by hand only log.
+  sessions built by hand only log. Errors are kept per session: with
+  concurrent runs of one session, the first run to finish reports them.
+* onnxruntime-extensions imports torch when it is installed (about 2 s and
+  300 MiB, once per process, on the first :func:`session`).
 """
 
 from __future__ import annotations
