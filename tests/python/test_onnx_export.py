@@ -238,3 +238,19 @@ def test_refusals(tmp_path):
     qmoe.onnx.export(p, {"L": dict(d, extra={"router.weight": np.zeros((6, 64), np.float32)},
                                    metadata={"source": "test"})})
     assert {t.name for t in onnx.load(p).graph.initializer} == {f"L.{n}" for n in split(d)[0]}
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_bfloat16_roundtrip(tmp_path, external):
+    """bfloat16 scales/biases and activations: written (inline or external) and loaded to the same bits
+    (ONNX Runtime's CPU EP has no bfloat16 QMoE: no ORT run here)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    d = layer_dict(13, float_dtype=bf16, block=16, zp=True)
+    path = qmoe.onnx.export(str(tmp_path / "m.onnx"), {"L": d}, external_data=external)
+    assert onnx.load(path).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+    w, a = split(d)
+    x, lg, _ = acts(14, 5, 64, 6)
+    x, lg = x.astype(bf16), lg.astype(bf16)
+    y = qmoe.onnx.load(path)["L"](x, lg)
+    assert y.dtype == bf16 and np.array_equal(y.view(np.uint16), qmoe.Layer(**w, **a)(x, lg).view(np.uint16))
