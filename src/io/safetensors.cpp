@@ -20,7 +20,10 @@ namespace qmoe::io {
 
 using detail::fail;
 using detail::require;
-using json = nlohmann::ordered_json;  // keeps the header order
+// std::map objects: ordered_json looks a key up linearly, so parsing a header
+// of n tensors with it takes O(n^2) (20 s for a crafted 8 MB header, about an
+// hour at the 100 MB limit); parse_header records the header order itself.
+using json = nlohmann::json;
 
 namespace {
 
@@ -37,6 +40,39 @@ bool parse_dtype(const std::string& s, DType* t) {
   if (s == "U8") return *t = DType::u8, true;
   return false;
 }
+
+// parse_header's first pass (nlohmann's SAX interface): the top-level keys in
+// order, the first one repeated, and a nesting limit that stops the parse.
+// (A parse callback cannot do it: nlohmann then scans the enclosing object at
+// the end of each object, O(n^2) in the tensors.)
+struct HeaderScan {
+  std::set<std::string> seen;
+  std::vector<std::string> order;
+  std::string duplicate;
+  int depth = 0;
+  bool too_deep = false;
+
+  bool open() { return !(too_deep = too_deep || ++depth > 4); }
+  bool start_object(std::size_t) { return open(); }
+  bool start_array(std::size_t) { return open(); }
+  bool end_object() { return --depth, true; }
+  bool end_array() { return --depth, true; }
+  bool key(std::string& k) {
+    if (depth == 1) {
+      if (seen.insert(k).second) order.push_back(k);
+      else if (duplicate.empty()) duplicate = k;
+    }
+    return true;
+  }
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(json::number_integer_t) { return true; }
+  bool number_unsigned(json::number_unsigned_t) { return true; }
+  bool number_float(json::number_float_t, const std::string&) { return true; }
+  bool string(std::string&) { return true; }
+  bool binary(json::binary_t&) { return true; }
+  bool parse_error(std::size_t, const std::string&, const json::exception&) { return false; }
+};
 
 }  // namespace
 
@@ -104,28 +140,22 @@ Header parse_header(const std::uint8_t* data, std::uint64_t size, const std::str
   const char* text = reinterpret_cast<const char*>(data + 8);
   require(text[0] == '{', path, ": the header does not start with '{' (not a safetensors file)");
 
-  // Names must be unique; nlohmann keeps the last of duplicate keys silently,
-  // so count the top-level keys as the parser meets them.
-  std::set<std::string> seen;
-  std::string duplicate;
-  bool too_deep = false;
-  auto cb = [&](int depth, json::parse_event_t ev, json& parsed) {
-    if (depth > 4) too_deep = true;
-    if (ev == json::parse_event_t::key && depth == 1 && !seen.insert(parsed.get<std::string>()).second &&
-        duplicate.empty())
-      duplicate = parsed.get<std::string>();
-    return !too_deep;
-  };
-  json j = json::parse(text, text + len, cb, /*allow_exceptions=*/false);
-  require(!too_deep, path, ": header JSON nests deeper than a safetensors header can");
+  // Names must be unique (nlohmann keeps the last of duplicate keys silently)
+  // and nesting shallow: a first pass meets the top-level keys in order.
+  HeaderScan scan;
+  const bool well_formed = json::sax_parse(text, text + len, &scan);
+  require(!scan.too_deep, path, ": header JSON nests deeper than a safetensors header can");
+  require(well_formed, path, ": the header is not a valid JSON object");
+  const json j = json::parse(text, text + len, nullptr, /*allow_exceptions=*/false);
   require(!j.is_discarded() && j.is_object(), path, ": the header is not a valid JSON object");
-  require(duplicate.empty(), path, ": tensor name \"", duplicate, "\" appears twice in the header");
+  require(scan.duplicate.empty(), path, ": tensor name \"", scan.duplicate, "\" appears twice in the header");
 
   Header h;
   const std::uint64_t base = 8 + len, data_bytes = size - base;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const std::string& name = it.key();
-    const json& v = it.value();
+  for (const std::string& name : scan.order) {
+    const auto found = j.find(name);
+    require(found != j.end(), path, ": tensor \"", name, "\" is lost parsing the header");
+    const json& v = *found;
     if (name == "__metadata__") {
       require(v.is_object(), path, ": __metadata__ must be an object of strings");
       for (auto m = v.begin(); m != v.end(); ++m) {
