@@ -25,6 +25,9 @@ namespace qmoe {
 using detail::fail;
 using detail::require;
 using json = nlohmann::ordered_json;
+// For text read from a file: std::map objects (ordered_json looks a key up
+// linearly, which makes a parse O(n^2) in the keys of an object).
+using ujson = nlohmann::json;
 
 namespace io {
 
@@ -44,8 +47,39 @@ TensorView* weight_slot(ExpertWeights& w, std::string_view name) {
   return slot;
 }
 
+// The deepest nesting of [ and { in JSON text (strings skipped; exact for
+// valid JSON).
+std::size_t json_nesting(const std::string& s) {
+  std::size_t depth = 0, most = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      most = std::max(most, ++depth);
+    } else if ((c == ']' || c == '}') && depth) {
+      --depth;
+    }
+  }
+  return most;
+}
+
+// JSON text from a file's __metadata__ (`key` names it in errors), its nesting
+// limited first: the messages that quote a value use nlohmann's dump(), which
+// recurses (a 2 MB "[[[[...]]]]" overflowed the stack). Discarded if invalid.
+ujson parse_metadata_json(const std::string& text, const std::string& where, const std::string& key) {
+  constexpr std::size_t kMaxNesting = 16;
+  require(json_nesting(text) <= kMaxNesting, where, ": __metadata__[\"", key, "\"] nests deeper than ", kMaxNesting,
+          " levels");
+  return ujson::parse(text, nullptr, false);
+}
+
 template <typename T>
-T get_attr(const json& v, const std::string& where, const char* name) {
+T get_attr(const ujson& v, const std::string& where, const char* name) {
   if constexpr (std::is_same_v<T, int>) {
     require(v.is_number_integer(), where, ": attribute ", name, ": expected an integer, got ", v.dump());
     const auto i = v.get<std::int64_t>();
@@ -85,12 +119,14 @@ json attributes_to_json(const MoeAttributes& a) {
   return j;
 }
 
-MoeAttributes attributes_from_json(const json& j, const std::string& where) {
+namespace {
+
+MoeAttributes attributes_from(const ujson& j, const std::string& where) {
   require(j.is_object(), where, ": \"attributes\" must be a JSON object, got ", j.dump());
   MoeAttributes a;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
-    const json& v = it.value();
+    const ujson& v = it.value();
     if (k == "k") a.k = get_attr<int>(v, where, "k");
     else if (k == "activation_type") {
       require(v.is_string(), where, ": attribute activation_type: expected a string, got ", v.dump());
@@ -114,6 +150,10 @@ MoeAttributes attributes_from_json(const json& j, const std::string& where) {
   return a;
 }
 
+}  // namespace
+
+MoeAttributes attributes_from_json(const json& j, const std::string& where) { return attributes_from(ujson(j), where); }
+
 ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::string& path) {
   ParsedFile pf;
   Header h = parse_header(data, size, path);
@@ -126,11 +166,11 @@ ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::s
           "\" is not one this qmoe reads (it reads version ", kFileFormatVersion, ")");
   const auto list = h.metadata.find(kLayersKey);
   require(list != h.metadata.end(), path, ": __metadata__ has no \"", kLayersKey, "\" (the layer names)");
-  const json names = json::parse(list->second, nullptr, false);
+  const ujson names = parse_metadata_json(list->second, path, kLayersKey);
   require(!names.is_discarded() && names.is_array(), path, ": __metadata__[\"", kLayersKey,
           "\"] must be a JSON array of layer names, got \"", list->second.substr(0, 200), "\"");
   std::set<std::string> layer_names;
-  for (const json& n : names) {
+  for (const ujson& n : names) {
     require(n.is_string() && !n.get<std::string>().empty(), path, ": ", kLayersKey,
             " holds a non-string or empty layer name: ", n.dump());
     require(layer_names.insert(n.get<std::string>()).second, path, ": layer \"", n.get<std::string>(),
@@ -148,20 +188,45 @@ ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::s
   }
 
   // Each tensor belongs to the layer with the longest name that prefixes it
-  // followed by '.', so layers "a" and "a.b" can live in one file.
+  // followed by '.', so layers "a" and "a.b" can live in one file. With the
+  // tensor names sorted, those under layer L are the range [L + ".", L + "/")
+  // ('/' follows '.'): the longest layers claim theirs first and a skip list
+  // passes over claimed ones, so this is O(n log n) (comparing every tensor
+  // with every layer spun for an hour on a crafted 100 MB header).
   std::vector<std::vector<const FileTensor*>> owned(names.size());
   std::vector<std::string> ordered;
-  for (const json& n : names) ordered.push_back(n.get<std::string>());
-  for (const FileTensor& t : pf.tensors) {
-    int best = -1;
-    for (std::size_t i = 0; i < ordered.size(); ++i) {
-      const std::string& ln = ordered[i];
-      if (t.name.size() > ln.size() + 1 && t.name.compare(0, ln.size(), ln) == 0 && t.name[ln.size()] == '.' &&
-          (best < 0 || ln.size() > ordered[static_cast<std::size_t>(best)].size()))
-        best = static_cast<int>(i);
+  for (const ujson& n : names) ordered.push_back(n.get<std::string>());
+  const std::size_t nt = pf.tensors.size();
+  std::vector<std::size_t> sorted(nt), next(nt + 1), by_length(ordered.size());
+  std::vector<std::ptrdiff_t> owner(nt, -1);
+  for (std::size_t i = 0; i < nt; ++i) sorted[i] = i;
+  for (std::size_t i = 0; i <= nt; ++i) next[i] = i;  // next[i] == i: position i is unclaimed
+  for (std::size_t i = 0; i < ordered.size(); ++i) by_length[i] = i;
+  const auto name_of = [&](std::size_t t) -> const std::string& { return pf.tensors[t].name; };
+  std::sort(sorted.begin(), sorted.end(), [&](std::size_t a, std::size_t b) { return name_of(a) < name_of(b); });
+  std::stable_sort(by_length.begin(), by_length.end(),
+                   [&](std::size_t a, std::size_t b) { return ordered[a].size() > ordered[b].size(); });
+  const auto unclaimed = [&](std::size_t i) {  // the first unclaimed position >= i
+    while (next[i] != i) i = next[i] = next[next[i]];
+    return i;
+  };
+  const auto position = [&](const std::string& key) {
+    return static_cast<std::size_t>(
+        std::lower_bound(sorted.begin(), sorted.end(), key,
+                         [&](std::size_t t, const std::string& k) { return name_of(t) < k; }) -
+        sorted.begin());
+  };
+  for (const std::size_t l : by_length) {
+    const std::string& ln = ordered[l];
+    const std::size_t hi = position(ln + "/");
+    for (std::size_t k = unclaimed(position(ln + ".")); k < hi; k = unclaimed(k + 1)) {
+      if (name_of(sorted[k]).size() == ln.size() + 1) continue;  // "<layer>." alone: no suffix
+      owner[sorted[k]] = static_cast<std::ptrdiff_t>(l);
+      next[k] = k + 1;
     }
-    if (best >= 0) owned[static_cast<std::size_t>(best)].push_back(&t);
   }
+  for (std::size_t t = 0; t < nt; ++t)
+    if (owner[t] >= 0) owned[static_cast<std::size_t>(owner[t])].push_back(&pf.tensors[t]);
 
   for (std::size_t i = 0; i < ordered.size(); ++i) {
     FileLayer L;
@@ -170,7 +235,7 @@ ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::s
     const auto desc = h.metadata.find(kLayerKeyPrefix + L.name);
     require(desc != h.metadata.end(), where, ": __metadata__ has no \"", kLayerKeyPrefix, L.name,
             "\" (its attributes)");
-    const json d = json::parse(desc->second, nullptr, false);
+    const ujson d = parse_metadata_json(desc->second, where, kLayerKeyPrefix + L.name);
     require(!d.is_discarded() && d.is_object(), where, ": __metadata__[\"", kLayerKeyPrefix, L.name,
             "\"] is not a JSON object");
     for (auto it = d.begin(); it != d.end(); ++it)
@@ -178,7 +243,7 @@ ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::s
               "\" in its description");
     const auto attrs = d.find("attributes");
     require(attrs != d.end(), where, ": its description has no \"attributes\"");
-    L.attributes = attributes_from_json(*attrs, where);
+    L.attributes = attributes_from(*attrs, where);
     if (const auto md = d.find("metadata"); md != d.end()) {
       require(md->is_object(), where, ": \"metadata\" must be an object of strings");
       for (auto it = md->begin(); it != md->end(); ++it) {
@@ -195,6 +260,11 @@ ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::s
         L.weight_bytes += t->nbytes;
         // An empty shape means "absent" to the API: a rank-0 weight would vanish.
         require(!t->shape.empty(), where, ": tensor \"", t->name, "\" is a scalar (expected its ORT shape)");
+        // Every dimension of a QMoE input is at least 1; an empty tensor may
+        // carry any other dimension (up to 2^63), which validate()'s size
+        // arithmetic must never see.
+        require(t->nbytes > 0, where, ": tensor \"", t->name, "\" is empty (shape ", shape_str(t->shape),
+                "); every dimension of a QMoE input is at least 1");
       } else {
         L.extra.push_back(*t);
       }
