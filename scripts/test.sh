@@ -4,7 +4,7 @@
 # Python suite (pytest: differential against ONNX Runtime's QMoE kernel and
 # against the float64 reference). Sets up its own venv with pinned versions.
 #   scripts/test.sh             # everything
-#   scripts/test.sh --quick     # skip the sanitizer build
+#   scripts/test.sh --quick     # skip the sanitizer build and the 60 s fuzz run
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 quick=0
 for a in "$@"; do
@@ -28,6 +28,9 @@ if [ "$quick" = 0 ]; then
   cmake --build "$ROOT/build-asan" --target qmoe_tests -j "$JOBS"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     "$ROOT/build-asan/tests/cpp/qmoe_tests" --gtest_brief=1
+
+  # libFuzzer on the file reader (clang, ASan + UBSan) from tests/fuzz/corpus.
+  "$ROOT/scripts/fuzz.sh" 60
 fi
 
 say "Python package (pip install .) + pytest"
