@@ -192,6 +192,10 @@ def main(argv=None):
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # ORT keeps its own spinning during its runs, but its workers stop spinning when run()
+    # returns: otherwise they would spin on beside the other session's run (the two
+    # sessions alternate here; a deployment has one).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     rss0 = rss()
     t0 = time.perf_counter()
     plain = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
