@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from typing import Dict, List
@@ -59,17 +60,21 @@ def main(argv: List[str]) -> int:
     for r in range(a.runs):
         before = _status("VmRSS:")
         reset = _reset_peak()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         layers = qmoe.load(a.file, device=a.device, threads=a.threads)
         dt = time.perf_counter() - t
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
         peak = _status("VmHWM:")
         packed = sum(L.packed_bytes for L in layers.values())
         run = dict(seconds=dt, gbps=stored / dt / 1e9, peak_rss_growth=peak - before, packed_bytes=packed,
                    host_growth_minus_packed=(peak - before) - (packed if a.device == "cpu" else 0),
-                   peak_reset=reset)
+                   peak_reset=reset, user_s=user, sys_s=system)
         runs.append(run)
         print(f"  run {r}: {dt:.3f} s = {run['gbps']:.2f} GB/s; peak RSS growth {(peak - before) / 2**20:.1f} MiB"
-              f" (packed {packed / 2**20:.1f} MiB{' on the host' if a.device == 'cpu' else ' on the device'})")
+              f" (packed {packed / 2**20:.1f} MiB{' on the host' if a.device == 'cpu' else ' on the device'});"
+              f" CPU time user {user:.2f} s, system {system:.2f} s")
         del layers
     best = max(runs, key=lambda x: x["gbps"])
     print(f"best {best['gbps']:.2f} GB/s")
