@@ -81,7 +81,16 @@ int run_python(const std::string& module, const std::vector<std::string>& argv) 
   for (auto& a : args) cargs.push_back(a.data());
   cargs.push_back(nullptr);
   for (const std::string& c : candidates)
-    if (::access(c.c_str(), X_OK) == 0) ::execv(c.c_str(), cargs.data());
+    if (::access(c.c_str(), X_OK) == 0) {
+      // argv[0] must be the path itself: Python finds its environment (a
+      // venv's pyvenv.cfg) from argv[0], and a bare "python3" is looked up
+      // on PATH, which may be another interpreter.
+      args[0] = c;
+      cargs[0] = args[0].data();
+      ::execv(c.c_str(), cargs.data());
+    }
+  args[0] = "python3";
+  cargs[0] = args[0].data();
   ::execvp("python3", cargs.data());
   std::fprintf(stderr, "qmoe: cannot run python3 -m %s: %s (install the qmoe Python package: pip install .)\n",
                module.c_str(), std::strerror(errno));
