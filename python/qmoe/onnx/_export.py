@@ -21,19 +21,8 @@ _REQUIRED = ("fc1_experts_weights", "fc1_scales", "fc2_experts_weights", "fc2_sc
 _UINT8 = frozenset(n for n in _WEIGHTS if n.endswith(("_experts_weights", "_zero_points")))
 _BIASES = ("fc1_experts_bias", "fc2_experts_bias", "fc3_experts_bias")
 
-# Attribute -> (Python kind, ONNX Runtime's default).
-_ATTRS: Dict[str, Tuple[type, Any]] = {
-    "k": (int, 1),
-    "activation_type": (str, "relu"),
-    "normalize_routing_weights": (int, 0),
-    "use_sparse_mixer": (int, 0),
-    "expert_weight_bits": (int, 4),
-    "block_size": (int, 0),
-    "swiglu_fusion": (int, 0),
-    "swiglu_limit": (float, float("inf")),
-    "activation_alpha": (float, 1.0),
-    "activation_beta": (float, 0.0),
-}
+# Attribute -> (Python kind, ONNX Runtime's default), from the defaults qmoe.Layer uses.
+_ATTRS: Dict[str, Tuple[type, Any]] = {n: (type(d), d) for n, d in qmoe._ATTR_DEFAULTS.items()}
 # Keys of qmoe.save's layer dicts that have no place in an ONNX QMoE node.
 _IGNORED = ("extra", "metadata")
 
