@@ -5,7 +5,8 @@
 #   * load speed and peak RSS growth of a >= 1 GiB qmoe file (mixtral-8x7b,
 #     8-bit block 32) on 16 threads and onto the GPU (bench/load_file.py);
 #   * a 4-layer gpt-oss-20b-shaped ONNX model, plain ONNX Runtime against the
-#     offloaded session, alternating, 16 threads and 2 (bench/onnx_offload.py).
+#     offloaded session, alternating, 16 threads (and 2 pinned to two cores
+#     with --two-threads) (bench/onnx_offload.py).
 # Needs: the nlohmann headers carried in .deps (see -Dnlohmann_json_DIR) and
 # wheels of onnxruntime 1.32.0 + onnxruntime-extensions 0.15.2 in .whl.
 # Logs and JSON under $OUT (default ./out/device).
@@ -33,5 +34,5 @@ for d in cpu cuda; do timeout 60 python3 bench/load_file.py /tmp/m8.safetensors 
 rm -f /tmp/m8.safetensors
 echo "== ONNX Runtime vs offloaded session, 4 gpt-oss-20b layers"
 timeout 120 python3 bench/onnx_offload.py --threads 16 --tokens 1,16 --seconds 12 --dir /tmp/oo --json "$OUT/onnx_offload_16.json" 2>&1 | grep -v "^  run"
-timeout 100 taskset -c 0,1 python3 bench/onnx_offload.py --threads 2 --tokens 1,16 --seconds 12 --dir /tmp/oo --json "$OUT/onnx_offload_2.json" 2>&1 | grep -v "^  run"
+[ "${1:-}" = "--two-threads" ] && timeout 100 taskset -c 0,1 python3 bench/onnx_offload.py --threads 2 --tokens 1,16 --seconds 12 --dir /tmp/oo --json "$OUT/onnx_offload_2.json" 2>&1 | grep -v "^  run"
 date
