@@ -45,7 +45,9 @@ namespace qmoe::detail {
 /// range), times 2^n built in the exponent bits. Inputs are clamped to
 /// [-87.3, 88.7] (the float range); NaN stays NaN.
 inline float fast_exp(float x) {
-  const float xc = x > 88.7f ? 88.7f : (x < -87.3f ? -87.3f : x);
+  // Written so that NaN fails both tests and becomes -87.3 (the int conversion
+  // below is undefined for NaN); the last line returns the NaN.
+  const float xc = x >= -87.3f ? (x <= 88.7f ? x : 88.7f) : -87.3f;
   // Round to nearest (even) by adding and subtracting 1.5 * 2^23 (|v| <= 128): the same
   // result as nearbyint, without a libm call, so loops over it vectorize on any target.
   const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;

@@ -35,6 +35,16 @@ TEST(Activation, SwigluWithGptOssConstants) {
   EXPECT_TRUE(std::isnan(swiglu<double>(NAN, 1.0, 1.0, 0.0, inf)));
 }
 
+TEST(Activation, FastExpOfNanAndInfinities) {
+  // NaN must stay NaN without reaching the float -> int conversion (undefined
+  // behaviour, which UBSan stopped on when the fuzzer fed a file with NaN scales).
+  EXPECT_TRUE(std::isnan(fast_exp(NAN)));
+  EXPECT_TRUE(std::isnan(fast_activate(Activation::silu, NAN)));
+  EXPECT_TRUE(std::isnan(fast_activate(Activation::gelu, NAN)));
+  EXPECT_EQ(fast_exp(-INFINITY), fast_exp(-87.3f));  // clamped to the float range
+  EXPECT_GT(fast_exp(INFINITY), 1e38f);
+}
+
 TEST(Activation, FastExpAgainstLibm) {
   double worst = 0;
   for (float x = -87.f; x <= 88.f; x += 0.0137f) {
