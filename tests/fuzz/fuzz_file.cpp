@@ -19,7 +19,7 @@
 // row/block, zero points, f16/bf16 scales, fc3, fusion 2, two layers "a" and
 // "a.b", misaligned tensors, extra tensors, metadata); bad_empty_weight_huge_dims
 // and bad_layer_list_deep_nesting reproduce reader bugs fixed; nan_scales_silu
-// reaches the NaN in fast_exp with QMOE_FUZZ_ANY_VALUES=1.
+// reached the NaN in fast_exp (fixed) with QMOE_FUZZ_ANY_VALUES=1.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -62,8 +62,10 @@ std::uint64_t checksum(const std::uint8_t* p, std::uint64_t n) {
 }
 
 // Forward runs only on layers whose float values are tame (finite, |v| <= 1e3,
-// so no sum overflows): the CPU epilogue's fast_exp converts NaN to int (UB
-// that UBSan reports) when a file's scales are NaN or overflow. Set
+// so no sum overflows). The fuzzer found the CPU epilogue's fast_exp turning a
+// NaN into an int (undefined; fixed, and unit-tested in test_activation.cpp);
+// non-finite values through the other paths (int8 activations at level 4) are
+// not yet claimed clean, so CI keeps to tame values. Set
 // QMOE_FUZZ_ANY_VALUES=1 to run forward on every layer anyway.
 constexpr float kTame = 1e3f;
 const bool g_any_values = [] {
