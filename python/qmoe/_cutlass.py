@@ -131,6 +131,15 @@ def _k_perm(k: int, bits: int) -> np.ndarray:
     return (np.arange(k, dtype=np.intp) // r) * r + p[np.arange(k, dtype=np.intp) % r]
 
 
+def _checked(arr: np.ndarray, bits: int, name: str) -> Tuple[np.ndarray, int, int, int, int, int, int]:
+    """(contiguous uint8 array, E, N, K, K/pack, column interleave, codes per
+    32-bit group) of a weight tensor whose shape the layout supports."""
+    a = _as_u8(arr, name)
+    check_cutlass_shape(a.shape, bits, name)
+    e, n, kp = (int(s) for s in a.shape)
+    return a, e, n, kp * (8 // bits), kp, _interleave(bits), 32 // bits
+
+
 def cutlass_to_raw(packed: np.ndarray, bits: int, name: str) -> np.ndarray:
     """Convert CUTLASS-prepacked QMoE weights back to ORT's raw layout.
 
@@ -153,13 +162,7 @@ def cutlass_to_raw(packed: np.ndarray, bits: int, name: str) -> np.ndarray:
             constraints (``K % 64 == 0`` and ``N % (8 * pack) == 0``); the
             message names ``name``, the shape and the reason.
     """
-    a = _as_u8(packed, name)
-    check_cutlass_shape(a.shape, bits, name)
-    e, n, kp = (int(s) for s in a.shape)
-    pack = 8 // bits
-    k = kp * pack
-    il = _interleave(bits)
-    g = 32 // bits
+    a, e, n, k, kp, il, g = _checked(packed, bits, name)
 
     codes = _unpack(a.reshape(e, n * kp), bits)          # [E, N*K] stored order
     # undo step 5: stored[i] = before[perm[i]]  =>  before[perm] = stored
@@ -179,13 +182,7 @@ def raw_to_cutlass(raw: np.ndarray, bits: int, name: str) -> np.ndarray:
     the SM80 CUTLASS prepacked bytes, returned under the same ``[E, N, K/pack]``
     shape (each expert's bytes are the ``[K, N/pack]`` CUTLASS matrix). Same
     errors as :func:`cutlass_to_raw`."""
-    a = _as_u8(raw, name)
-    check_cutlass_shape(a.shape, bits, name)
-    e, n, kp = (int(s) for s in a.shape)
-    pack = 8 // bits
-    k = kp * pack
-    il = _interleave(bits)
-    g = 32 // bits
+    a, e, n, k, kp, il, g = _checked(raw, bits, name)
 
     w = _unpack(a, bits)                                  # [E, N, K]
     m = w[:, :, _k_perm(k, bits)]                         # steps 1-3
