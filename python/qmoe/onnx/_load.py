@@ -233,6 +233,20 @@ def _source(graph: Any, tensor: str) -> str:
     return "not defined in the graph"
 
 
+def _node_inputs(ctx: _Ctx, node: Any, name: str, names: Tuple[str, ...]) -> List[str]:
+    """A QMoE/MoE node's input names, checked against the op's input list
+    ``names``: not too many, and input, router_probs, fc1_experts_weights and
+    fc2_experts_weights present."""
+    inputs = list(node.input)
+    if len(inputs) > len(names):
+        raise ctx.err(name, "inputs", f"expected at most {len(names)} inputs, got {len(inputs)}")
+    fc2 = names.index("fc2_experts_weights")
+    if len(inputs) <= fc2 or not inputs[0] or not inputs[1] or not inputs[2] or not inputs[fc2]:
+        raise ctx.err(name, "inputs", "expected input, router_probs, fc1_experts_weights and "
+                                      f"fc2_experts_weights (inputs 0, 1, 2, {fc2}), got {inputs!r}")
+    return inputs
+
+
 def _layout(ctx: _Ctx, name: str, attrs: Dict[str, Any], prepacked_layout: Optional[str]) -> str:
     wp = attrs["weights_prepacked"]
     if wp == 0:
@@ -269,12 +283,7 @@ def _qmoe_node(ctx: _Ctx, graph: Any, node: Any, name: str, tensors,
     if attrs["block_size"] < 0:
         raise ctx.err(name, "attribute 'block_size'", f"expected 0 (row-wise) or a power of two >= 16, "
                                                       f"got {attrs['block_size']}")
-    inputs = list(node.input)
-    if len(inputs) > len(QMOE_INPUTS):
-        raise ctx.err(name, "inputs", f"expected at most {len(QMOE_INPUTS)} inputs, got {len(inputs)}")
-    if len(inputs) < 6 or not inputs[0] or not inputs[1] or not inputs[2] or not inputs[5]:
-        raise ctx.err(name, "inputs", "expected input, router_probs, fc1_experts_weights and "
-                                      f"fc2_experts_weights (inputs 0, 1, 2, 5), got {inputs!r}")
+    inputs = _node_inputs(ctx, node, name, QMOE_INPUTS)
     for i in range(15, len(inputs)):
         if inputs[i]:
             raise ctx.err(name, f"input {i} ({QMOE_INPUTS[i]})",
@@ -306,12 +315,7 @@ def _moe_node(ctx: _Ctx, graph: Any, node: Any, name: str, tensors,
     """(raw weights quantized from the float ones, qmoe.Layer attributes) of a float MoE node."""
     attrs = _attributes(ctx, node, name, _MOE_ATTRS)
     _check_common(ctx, name, attrs)
-    inputs = list(node.input)
-    if len(inputs) > len(MOE_INPUTS):
-        raise ctx.err(name, "inputs", f"expected at most {len(MOE_INPUTS)} inputs, got {len(inputs)}")
-    if len(inputs) < 5 or not inputs[0] or not inputs[1] or not inputs[2] or not inputs[4]:
-        raise ctx.err(name, "inputs", "expected input, router_probs, fc1_experts_weights and "
-                                      f"fc2_experts_weights (inputs 0, 1, 2, 4), got {inputs!r}")
+    inputs = _node_inputs(ctx, node, name, MOE_INPUTS)
     floats = _weight_arrays(ctx, graph, name, inputs, MOE_INPUTS, range(2, 8), tensors)
     weights: Dict[str, np.ndarray] = {}
     for fc in ("fc1", "fc2", "fc3"):
