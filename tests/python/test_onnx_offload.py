@@ -246,6 +246,43 @@ def test_float16_model(tmp_path):
     assert y.dtype == np.float16 and np.array_equal(y, qmoe.Layer(**w, **a)(x, lg))
 
 
+@pytest.mark.skipif(not qmoe.cuda_available(), reason="needs the CUDA backend and a GPU (run on the GPU host)")
+def test_cuda_session(tmp_path):
+    # device="cuda": a float16 node gives the bits of the in-memory CUDA layer built from the
+    # same arrays (the op hands host arrays to the CUDA layer), and of qmoe.onnx.load's layer
+    rng = np.random.default_rng(15)
+    w, a, _ = make_layer(rng, E=8, H=64, I=64, bits=4, block=32, bias=True, activation_type="swiglu",
+                         swiglu_fusion=1, quantizer=quantizer, float_dtype=np.float16, **GPT_OSS_SWIGLU)
+    a.update(k=4, normalize_routing_weights=1)
+    node, inits = qmoe_node("moe", "input", "router_probs", "output", w, a)
+    one = make_model([node], inits, [vi("input", ["T", 64], TensorProto.FLOAT16),
+                                     vi("router_probs", ["T", 8], TensorProto.FLOAT16)],
+                     [vi("output", ["T", 64], TensorProto.FLOAT16)])
+    src = save(one, str(tmp_path / "one.onnx"))
+    qmoe.onnx.offload(src, str(tmp_path / "one_o.onnx"))
+    sess = qmoe.onnx.session(str(tmp_path / "one_o.onnx"), device="cuda", max_tokens=64)
+    mem = qmoe.Layer(**w, **a, device="cuda", max_tokens=64)
+    direct = qmoe.onnx.load(src, device="cuda", max_tokens=64)["moe"]
+    for T in (1, 16, 70):
+        x = rng.standard_normal((T, 64)).astype(np.float16)
+        lg = rng.standard_normal((T, 8)).astype(np.float16)
+        y = sess.run(None, {"input": x, "router_probs": lg})[0]
+        want = mem(x, lg)
+        assert y.dtype == np.float16 and y.shape == (T, 64)
+        assert np.array_equal(y, want), f"T={T}"
+        assert np.array_equal(direct(x, lg), want), f"T={T}"
+    # the stacked float16 model on the GPU against ONNX Runtime's float16 CPU run
+    model, _ = gpt_oss_small(8, layers=2, elem=TensorProto.FLOAT16)
+    src2 = save(model, str(tmp_path / "h.onnx"))
+    qmoe.onnx.offload(src2, str(tmp_path / "h_o.onnx"))
+    x = hidden(9, dtype=np.float16)
+    got = qmoe.onnx.session(str(tmp_path / "h_o.onnx"), device="cuda").run(None, {"hidden": x})[0]
+    want = ort_session(src2).run(None, {"hidden": x})[0]
+    err = rel_max_err(got, want)
+    record("onnx offload: float16 CUDA session vs ORT float16 (CPU)", err)
+    assert got.dtype == np.float16 and err <= 1e-2, err
+
+
 # --------------------------------------------------------------------------- sessions
 
 def test_sessions_share_layers_and_are_released(tmp_path):
