@@ -1,6 +1,7 @@
 // Internal: raw ONNX Runtime layout -> CPU packed layout (see packed.h).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -22,8 +23,10 @@ struct RowSource {
 /// expert e into `dst`, the start of the expert's packed data
 /// (g.expert_bytes() bytes; the range's tiles are written in place).
 /// `source(p)` maps packed row p to its raw row. `progress(t0, t1)` is called
-/// after tiles [t0, t1) are written (every kProgressTiles tiles and at the end),
-/// so a caller can drop raw memory the packer will not read again.
+/// after tiles [t0, t1) are written (about every kProgressBytes of raw weights
+/// read, and at the end), so a caller can drop raw memory the packer will not
+/// read again: with many threads packing at once, what they hold mapped stays
+/// near threads x kProgressBytes.
 template <typename SourceFn, typename ProgressFn>
 void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst, std::int64_t t_begin,
                 std::int64_t t_end, ProgressFn&& progress);
@@ -33,7 +36,7 @@ void pack_expert(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::
   pack_tiles(g, e, source, dst, 0, g.tiles(), [](std::int64_t, std::int64_t) {});
 }
 
-inline constexpr std::int64_t kProgressTiles = 64;
+inline constexpr std::int64_t kProgressBytes = std::int64_t{1} << 20;
 /// Tiles one prepack work item packs (items are spread over the threads).
 inline constexpr std::int64_t kPackChunkTiles = 64;
 
@@ -69,6 +72,8 @@ void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::u
   std::vector<int> tile_zeros(whole_groups ? static_cast<std::size_t>(nr * nb) : 0);
   std::vector<const std::uint8_t*> row_base(static_cast<std::size_t>(nr));
   std::int64_t done = t_begin;
+  const std::int64_t tile_raw_bytes = std::max<std::int64_t>(1, nr * g.cols * g.bits / 8);
+  const std::int64_t progress_tiles = std::max<std::int64_t>(1, kProgressBytes / tile_raw_bytes);
   dst += t_begin * g.tile_bytes();
   for (std::int64_t t = t_begin; t < t_end; ++t) {
     RowSource src[64];
@@ -121,7 +126,7 @@ void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::u
       }
       dst += g.block_bytes();
     }
-    if (t + 1 - done >= kProgressTiles || t + 1 == t_end) {
+    if (t + 1 - done >= progress_tiles || t + 1 == t_end) {
       progress(done, t + 1);
       done = t + 1;
     }
