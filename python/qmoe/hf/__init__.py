@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints and transformers models on qmoe (work in progress in this commit series)."""
