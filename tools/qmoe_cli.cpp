@@ -42,6 +42,9 @@ commands:
   onnx      ONNX models (runs the Python package's 'python3 -m qmoe.onnx'):
             'qmoe onnx offload MODEL.onnx -o OUT.onnx' moves every QMoE node's
             weights into a qmoe file beside OUT.onnx and has ONNX Runtime call qmoe
+  convert   a Hugging Face MoE checkpoint folder into a qmoe file (runs the
+            Python package's 'python3 -m qmoe.hf convert'):
+            'qmoe convert CHECKPOINT_DIR -o OUT.safetensors --bits 4 --block 128'
 
 'qmoe <command> --help' describes a command's options; 'qmoe --version' prints the version.
 )";
@@ -155,7 +158,13 @@ int main(int argc, char** argv) {
       return run_info_file(rest[0], std::vector<std::string>(rest.begin() + 1, rest.end()));
     if (cmd == "info") return run_info(rest);
     if (cmd == "onnx") return run_python("qmoe.onnx", rest);
-    std::fprintf(stderr, "qmoe: unknown command '%s' (commands: bench, demo, info, onnx; see 'qmoe --help')\n",
+    if (cmd == "convert") {
+      std::vector<std::string> args{"convert"};
+      args.insert(args.end(), rest.begin(), rest.end());
+      return run_python("qmoe.hf", args);
+    }
+    std::fprintf(stderr,
+                 "qmoe: unknown command '%s' (commands: bench, convert, demo, info, onnx; see 'qmoe --help')\n",
                  cmd.c_str());
     return 2;
   } catch (const UsageError& e) {

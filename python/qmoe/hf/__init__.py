@@ -19,5 +19,6 @@ from __future__ import annotations
 from ._convert import convert
 from ._families import FAMILIES
 from ._model import quantize_model
+from ._pretrained import from_pretrained
 
-__all__ = ["convert", "quantize_model", "FAMILIES"]
+__all__ = ["convert", "quantize_model", "from_pretrained", "FAMILIES"]
