@@ -104,9 +104,18 @@ class _Sources:
             if tuple(ssh) != want:
                 raise ValueError(f"{self.where}: tensor {sname!r}: expected shape {list(want)} (blocks of "
                                  f"{bn}x{bk}), got {list(ssh)}")
-            return lambda: dequant_fp8_block(self.ck.raw(name), _decode(self.ck.raw(sname), sdt, sname),
-                                             (bn, bk))
-        return lambda: _decode(self.ck.raw(name), dt, name)
+
+            def fp8() -> np.ndarray:
+                out = dequant_fp8_block(self.ck.raw(name), _decode(self.ck.raw(sname), sdt, sname), (bn, bk))
+                self.ck.release(name)
+                return out
+            return fp8
+
+        def plain() -> np.ndarray:  # each expert matrix is read once: its pages go right after
+            out = _decode(self.ck.raw(name), dt, name)
+            self.ck.release(name)
+            return out
+        return plain
 
     def _slice(self, name: str, e: int, dt: str) -> np.ndarray:
         return _decode(self.ck.raw(name)[e], dt, name)
