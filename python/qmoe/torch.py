@@ -287,18 +287,25 @@ class QmoeExperts(_Wrapper):
     experts the layer's top-k adds get weight 0. Ids outside 0..E are an
     error (on CUDA, a device-side assertion: nothing is checked on the host).
 
-    The layer must have ``normalize_routing_weights=0``, and its ``k`` must
-    equal ``top_k`` (when given) and, at each call, ``top_k_index.shape[-1]``;
+    The layer must have ``normalize_routing_weights=0``, unless
+    ``normalized=True`` says the router's ``top_k_weights`` of each token
+    already sum to 1 (softmax over the chosen experts, as Mixtral's or
+    gpt-oss's routers give): the layer's renormalization then divides by that
+    sum, changing the weights by rounding only. This lets a layer stored with
+    the model's own routing attributes (a converted file: router_probs alone
+    reproduce the routing) also serve a model's router. Its ``k`` must equal
+    ``top_k`` (when given) and, at each call, ``top_k_index.shape[-1]``;
     ``ValueError`` otherwise. Inference only, like :class:`QmoeMoE`.
     """
 
-    def __init__(self, layer: qmoe.Layer, top_k: Optional[int] = None):
+    def __init__(self, layer: qmoe.Layer, top_k: Optional[int] = None, normalized: bool = False):
         super().__init__(layer)
         a = layer.attributes
-        if a["normalize_routing_weights"] != 0:
+        if a["normalize_routing_weights"] != 0 and not normalized:
             raise ValueError("layer: QmoeExperts needs a layer with normalize_routing_weights=0 (it mixes the experts "
                              "with the given top_k_weights as they are), got normalize_routing_weights="
-                             f"{a['normalize_routing_weights']}")
+                             f"{a['normalize_routing_weights']} (pass normalized=True if the router's weights "
+                             "already sum to 1 per token)")
         if top_k is not None and top_k != a["k"]:
             raise ValueError(f"top_k: the model routes each token to {top_k} experts, but the layer was built with "
                              f"k={a['k']}")

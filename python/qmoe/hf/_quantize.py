@@ -104,11 +104,12 @@ def quantize_matrix(get: ExpertGetter, E: int, N: int, K: int, *, bits: int, blo
         if w.shape != (N, K):
             raise ValueError(f"{name}: expert {e}: expected a [{N}, {K}] matrix, got {list(w.shape)}")
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if not np.isfinite(w).all():
-            raise ValueError(f"{name}: expert {e} has non-finite weights (NaN or infinity)")
-        q = qmoe.quantize(w[None], bits=bits, block_size=block_size, symmetric=symmetric)
+        try:
+            q = qmoe.quantize(w[None], bits=bits, block_size=block_size, symmetric=symmetric)
+        except ValueError as err:  # e.g. "w: non-finite value nan at [0, 5, 5]"
+            raise ValueError(f"{name}: expert {e} has non-finite weights ({err})") from None
         flat = w.reshape(-1)
-        ref = float(np.dot(flat, flat))  # float32 BLAS: the error figure needs no more
+        ref = float(np.einsum("i,i->", flat, flat))  # single-threaded (a BLAS dot would start its own threads)
         return e, (q, ref)
 
     for e, (q, ref) in pool.map(one, range(E)):
