@@ -163,6 +163,53 @@ def timed_decode(model: Any, prompt: Any, steps: int, sync: Any, timer: Any = No
     return res
 
 
+def graph_decode(model: Any, prompt: Any, steps: int) -> Dict[str, Any]:
+    """Greedy decoding with a static KV cache, each step one replay of a CUDA
+    graph holding the whole step (forward, argmax, position += 1): what a
+    serving stack does at batch 1. Returns decode seconds per token and the
+    tokens, or {"error": ...} when the model cannot be captured."""
+    import torch
+    from transformers import StaticCache
+
+    dev = prompt.device
+    P = prompt.shape[1]
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=P + steps + 8)
+        with torch.no_grad():
+            out = model(prompt, past_key_values=cache, cache_position=torch.arange(P, device=dev), use_cache=True)
+            first = out.logits[:, -1:].argmax(-1)
+            ids, pos = first.clone(), torch.tensor([P], device=dev)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: writes the same K/V at the same position
+                    model(ids, past_key_values=cache, cache_position=pos)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = model(ids, past_key_values=cache, cache_position=pos).logits[:, -1]
+                ids.copy_(logits.argmax(-1).view(1, 1))
+                pos.add_(1)
+            ids.copy_(first)
+            pos.fill_(P)
+            tokens = []
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            # the tokens of a second pass, one at a time (not timed)
+            ids.copy_(first)
+            pos.fill_(P)
+            for _ in range(min(steps, 8)):
+                graph.replay()
+                tokens.append(int(ids))
+        return {"decode_s": (t1 - t0) / steps, "tokens": tokens}
+    except Exception as e:  # noqa: BLE001 - e.g. a host synchronization inside the step
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+
 def expert_bytes(model: Any) -> int:
     from qmoe.hf._model import iter_experts
 
@@ -217,6 +264,28 @@ def run_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
                 peak[side] = max(peak.get(side, 0), torch.cuda.max_memory_allocated())
     res: Dict[str, Any] = {"model": name, "layers": args.layers, "block": block, "impl": best, "impl_decode_ms":
                            {k: v * 1e3 for k, v in impls.items()}}
+    if cuda and args.graph:
+        # CUDA graphs: transformers' fastest implementation that captures, against qmoe
+        gres: Dict[str, Any] = {}
+        for impl in ("batched_mm", "grouped_mm", "eager"):
+            base.set_experts_implementation(impl)
+            g = graph_decode(base, prompt, args.tokens)
+            gres[f"transformers/{impl}"] = g
+            print(f"  graph decode, transformers {impl}: " + (f"{g['decode_s'] * 1e3:.2f} ms/token" if "decode_s"
+                                                               in g else g["error"]))
+        base.set_experts_implementation(best)
+        qs = [graph_decode(q, prompt, args.tokens) for _ in range(args.reps)]
+        okq = [g for g in qs if "decode_s" in g]
+        gq = min(okq, key=lambda g: g["decode_s"]) if okq else qs[0]
+        gres["qmoe"] = gq
+        print("  graph decode, qmoe: " + (f"{gq['decode_s'] * 1e3:.2f} ms/token" if "decode_s" in gq else gq["error"]))
+        ok = {k: v for k, v in gres.items() if k.startswith("transformers") and "decode_s" in v}
+        if ok and "decode_s" in gq:
+            bk = min(ok, key=lambda k: ok[k]["decode_s"])
+            res["graph"] = {"runs": gres, "baseline": bk, "transformers_ms": ok[bk]["decode_s"] * 1e3,
+                            "qmoe_ms": gq["decode_s"] * 1e3, "speedup": ok[bk]["decode_s"] / gq["decode_s"]}
+        else:
+            res["graph"] = {"runs": gres}
     for side in runs:
         d = statistics.median(x["decode_s"] for x in runs[side])
         p = statistics.median(x["prefill_s"] for x in runs[side])
@@ -249,6 +318,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--graph", action="store_true", help="CUDA: also decode with each step in a CUDA graph")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -296,6 +366,13 @@ def main() -> int:
         print(f"{'':8} qmoe/transformers: decode {r['decode_speedup']:.2f}x (experts alone "
               f"{r['decode_experts_speedup']:.2f}x), prefill {r['prefill_speedup']:.2f}x, expert memory "
               f"{r['expert_memory_ratio']:.3f}x")
+        if "graph" in r and "speedup" in r["graph"]:
+            gr = r["graph"]
+            print(f"{'':8} CUDA graphs (static cache): transformers ({gr['baseline']}) {gr['transformers_ms']:.2f} "
+                  f"ms/token, qmoe {gr['qmoe_ms']:.2f} ms/token: {gr['speedup']:.2f}x")
+        elif "graph" in r:
+            errs = "; ".join(f"{k}: {v.get('error', 'ok')}" for k, v in r["graph"]["runs"].items())
+            print(f"{'':8} CUDA graphs: {errs}")
     print("(ms/token: a whole decode step; in experts: the part inside the experts modules, the only part qmoe "
           "replaces; floor: the active experts' weights read once at the measured bandwidth)")
     if args.json:

@@ -15,9 +15,9 @@ timeout 300 ninja -C build-gpu _core qmoe_cli >"$OUT/build.txt" 2>&1 || { tail -
 export PYTHONPATH="$PWD/build-gpu/python" PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers, qmoe; print('torch', torch.__version__, 'transformers', transformers.__version__, 'qmoe cuda', qmoe.cuda_available())"
 echo "== tests"
-timeout ${QMOE_TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/python/test_hf_cuda.py tests/python/test_torch.py tests/python/test_hf_model.py 2>&1 | tail -25
+timeout ${QMOE_TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short ${QMOE_TESTS:-tests/python/test_hf_cuda.py tests/python/test_torch.py tests/python/test_hf_model.py} 2>&1 | tail -${QMOE_TEST_TAIL:-60}
 echo "== hf_generate (GPU, bf16)"
-timeout ${QMOE_BENCH_LIMIT:-240} python3 bench/hf_generate.py --device cuda --layers ${QMOE_LAYERS:-8} --tokens 32 --reps 3 --json "$OUT/hf_generate_cuda.json" 2>&1 | grep -v "^\[transformers\]"
+timeout ${QMOE_BENCH_LIMIT:-240} python3 bench/hf_generate.py --device cuda --graph --layers ${QMOE_LAYERS:-8} --tokens 32 --reps 3 --json "$OUT/hf_generate_cuda.json" 2>&1 | grep -v "^\[transformers\]"
 echo "== convert_checkpoint (all cores)"
-timeout 180 python3 bench/convert_checkpoint.py --layers 2 --json "$OUT/convert_16.json" 2>&1 | tail -4
+[ "${QMOE_SKIP_CONVERT:-0}" = 1 ] || timeout 180 python3 bench/convert_checkpoint.py --layers 2 --json "$OUT/convert_16.json" 2>&1 | tail -4
 date
