@@ -17,7 +17,7 @@ python3 -c "import torch, transformers, qmoe; print('torch', torch.__version__, 
 echo "== tests"
 timeout ${QMOE_TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short ${QMOE_TESTS:-tests/python/test_hf_cuda.py tests/python/test_torch.py tests/python/test_hf_model.py} 2>&1 | tail -${QMOE_TEST_TAIL:-60}
 echo "== hf_generate (GPU, bf16)"
-timeout ${QMOE_BENCH_LIMIT:-240} python3 bench/hf_generate.py --device cuda --graph --layers ${QMOE_LAYERS:-8} --tokens 32 --reps 3 --json "$OUT/hf_generate_cuda.json" 2>&1 | grep -v "^\[transformers\]"
+timeout ${QMOE_BENCH_LIMIT:-240} python3 bench/hf_generate.py --device cuda --graph --graph-impls ${QMOE_GRAPH_IMPLS:-batched_mm,grouped_mm} --layers ${QMOE_LAYERS:-8} --tokens 32 --reps 3 --json "$OUT/hf_generate_cuda.json" 2>&1 | grep -v "^\[transformers\]"
 echo "== convert_checkpoint (all cores)"
 [ "${QMOE_SKIP_CONVERT:-0}" = 1 ] || timeout 180 python3 bench/convert_checkpoint.py --layers 2 --json "$OUT/convert_16.json" 2>&1 | tail -4
 date

@@ -62,3 +62,47 @@ def tiny_model(family: str, seed: int = 0, dtype: Any = None) -> Any:
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def experts_modules(model: Any) -> list:
+    """The experts modules of a model, transformers' or qmoe's, in module order."""
+    return [m for m in model.modules()
+            if type(m).__name__ == "QmoeExperts" or (hasattr(m, "is_transposed") and hasattr(m, "down_proj"))]
+
+
+class PinnedRouting:
+    """Makes models route every token as a reference model did.
+
+    In bfloat16, a token whose k-th and (k+1)-th router scores differ by less
+    than the rounding noise goes to other experts in one model than in
+    another; that token's logits then differ by O(1), which says nothing
+    about the experts' arithmetic. ``record(ref, ids)`` runs ``ref`` and keeps
+    what its routers handed each experts module (top_k_index, top_k_weights);
+    ``pin(model)`` makes ``model``'s experts modules receive exactly those
+    (the weights in the dtype the model's router gives). Everything else --
+    attention, norms, the experts' arithmetic -- stays each model's own.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def record(self, ref: Any, ids: Any) -> Any:
+        import torch
+
+        hooks = [m.register_forward_pre_hook(lambda m, a: self.calls.append((a[1].clone(), a[2].clone())))
+                 for m in experts_modules(ref)]
+        with torch.no_grad():
+            out = ref(ids).logits
+        for h in hooks:
+            h.remove()
+        return out
+
+    def pin(self, model: Any) -> None:
+        it = iter(range(len(self.calls)))
+
+        def hook(m: Any, a: tuple) -> tuple:
+            idx, w = self.calls[next(it)]
+            return (a[0], idx.to(a[1].device), w.to(a[2].device, a[2].dtype))
+
+        for m in experts_modules(model):
+            m.register_forward_pre_hook(hook)

@@ -19,7 +19,7 @@ import qmoe
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hf_models import FAMILIES, tiny_model  # noqa: E402
+from hf_models import FAMILIES, PinnedRouting, tiny_model  # noqa: E402
 from qmoe_np import np_dequantize, record  # noqa: E402
 
 import qmoe.hf  # noqa: E402
@@ -116,3 +116,36 @@ def test_quantize_model_refusals():
         m.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="model.layers.1.mlp.experts FC2: expert 2 has non-finite"):
         qmoe.hf.quantize_model(m, bits=4, block_size=0)
+
+
+BF16_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "granitemoe"]
+
+
+def bf16_logits_error(family: str, device: str) -> float:
+    """qmoe bfloat16 against the dequantized model in bfloat16 (transformers), routing pinned to the
+    float32 dequantized model's (see PinnedRouting), relative L2 of the logits."""
+    # master weights that bfloat16 holds exactly, so both sides quantize the same values
+    model = tiny_model(family, seed=7).to(torch.bfloat16).float()
+    ref32 = dequantized_model(model, 4, 32, True)
+    want_model = copy.deepcopy(ref32).to(device, torch.bfloat16)
+    got_model = qmoe.hf.quantize_model(copy.deepcopy(model).to(device, torch.bfloat16), bits=4, block_size=32,
+                                       threads=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
+    pins = []
+    for m in (want_model, got_model):
+        p = PinnedRouting()
+        p.record(ref32, ids)
+        p.pin(m)
+        pins.append(p)
+    with torch.no_grad():
+        want = want_model(ids.to(device)).logits.float()
+        got = got_model(ids.to(device)).logits
+    assert got.dtype == torch.bfloat16
+    return float((got.float() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("family", BF16_FAMILIES)
+def test_bf16_cpu_vs_dequantized(family):
+    err = bf16_logits_error(family, "cpu")
+    record(f"hf bf16 CPU quantize_model vs dequantized (rel L2, routing pinned; {family})", err)
+    assert err <= 2e-2, err
