@@ -49,7 +49,10 @@ class Gating:
 
 #: transformers' ``hidden_act`` names that QMoE computes exactly, gated (act(gate) * up) or not.
 SILU_NAMES = ("silu", "swish")
-PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "linear": "identity"}
+# QMoE's gelu is the tanh approximation (transformers' "gelu_new" / "gelu_pytorch_tanh"); transformers'
+# "gelu" is the exact erf form, which QMoE does not compute, so it is refused.
+PLAIN_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu_new": "gelu",
+                     "gelu_pytorch_tanh": "gelu", "linear": "identity"}
 
 
 def gating_for(hidden_act: str, gated: bool, fusion: int, where: str) -> Gating:
