@@ -477,10 +477,15 @@ def test_bad_file(tmp_path, case):
     content, fragments = BAD_FILES[case]
     file = tmp_path / f"{case}.safetensors"
     file.write_bytes(content)
+    _refused(file, fragments)
+
+
+def _refused(path, fragments) -> None:
+    """Checkpoint(path) raises a ValueError naming the path and every fragment."""
     with pytest.raises(ValueError) as err:
-        Checkpoint(file)
+        Checkpoint(path)
     msg = str(err.value)
-    assert str(file) in msg, msg
+    assert str(path) in msg, msg
     for fragment in fragments:
         assert fragment in msg, f"{fragment!r} not in {msg!r}"
 
@@ -576,12 +581,7 @@ def test_bad_folder(tmp_path, case):
     folder = _folder(tmp_path, **kwargs)
     if case == "bad_shard_inside":
         (folder / "s2.safetensors").write_bytes(b"\x00")
-    with pytest.raises(ValueError) as err:
-        Checkpoint(folder)
-    msg = str(err.value)
-    assert str(folder) in msg, msg
-    for fragment in fragments:
-        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+    _refused(folder, fragments)
 
 
 def test_bad_index(tmp_path):

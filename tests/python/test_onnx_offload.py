@@ -212,6 +212,18 @@ def test_float_moe_source(tmp_path):
     assert np.array_equal(qmoe.onnx.session(dst).run(None, {"input": x, "router_probs": lg})[0], layer(x, lg))
 
 
+def _one_float16_node(rng, *, E: int, k: int):
+    """A one-node float16 QMoE model (gpt-oss-style swiglu, block 32, H = I = 64): (weights, attrs, model)."""
+    w, a, _ = make_layer(rng, E=E, H=64, I=64, bits=4, block=32, bias=True, activation_type="swiglu",
+                         swiglu_fusion=1, quantizer=quantizer, float_dtype=np.float16, **GPT_OSS_SWIGLU)
+    a.update(k=k, normalize_routing_weights=1)
+    node, inits = qmoe_node("moe", "input", "router_probs", "output", w, a)
+    model = make_model([node], inits, [vi("input", ["T", 64], TensorProto.FLOAT16),
+                                       vi("router_probs", ["T", E], TensorProto.FLOAT16)],
+                       [vi("output", ["T", 64], TensorProto.FLOAT16)])
+    return w, a, model
+
+
 def test_float16_model(tmp_path):
     # the stacked model: Casts around each offloaded node, float16 out
     model, _ = gpt_oss_small(7, layers=2, elem=TensorProto.FLOAT16)
@@ -231,13 +243,7 @@ def test_float16_model(tmp_path):
     assert err <= 2e-3  # float16 rounding of the residual stream (ORT's own MatMul/Add in float16)
     # one float16 node: the session gives the in-memory float16 layer's bits
     rng = np.random.default_rng(14)
-    w, a, _ = make_layer(rng, E=4, H=64, I=64, bits=4, block=32, bias=True, activation_type="swiglu",
-                         swiglu_fusion=1, quantizer=quantizer, float_dtype=np.float16, **GPT_OSS_SWIGLU)
-    a.update(k=2, normalize_routing_weights=1)
-    node, inits = qmoe_node("moe", "input", "router_probs", "output", w, a)
-    one = make_model([node], inits, [vi("input", ["T", 64], TensorProto.FLOAT16),
-                                     vi("router_probs", ["T", 4], TensorProto.FLOAT16)],
-                     [vi("output", ["T", 64], TensorProto.FLOAT16)])
+    w, a, one = _one_float16_node(rng, E=4, k=2)
     src1 = save(one, str(tmp_path / "one.onnx"))
     qmoe.onnx.offload(src1, str(tmp_path / "one_o.onnx"))
     x = rng.standard_normal((6, 64)).astype(np.float16)
@@ -251,13 +257,7 @@ def test_cuda_session(tmp_path):
     # device="cuda": a float16 node gives the bits of the in-memory CUDA layer built from the
     # same arrays (the op hands host arrays to the CUDA layer), and of qmoe.onnx.load's layer
     rng = np.random.default_rng(15)
-    w, a, _ = make_layer(rng, E=8, H=64, I=64, bits=4, block=32, bias=True, activation_type="swiglu",
-                         swiglu_fusion=1, quantizer=quantizer, float_dtype=np.float16, **GPT_OSS_SWIGLU)
-    a.update(k=4, normalize_routing_weights=1)
-    node, inits = qmoe_node("moe", "input", "router_probs", "output", w, a)
-    one = make_model([node], inits, [vi("input", ["T", 64], TensorProto.FLOAT16),
-                                     vi("router_probs", ["T", 8], TensorProto.FLOAT16)],
-                     [vi("output", ["T", 64], TensorProto.FLOAT16)])
+    w, a, one = _one_float16_node(rng, E=8, k=4)
     src = save(one, str(tmp_path / "one.onnx"))
     qmoe.onnx.offload(src, str(tmp_path / "one_o.onnx"))
     sess = qmoe.onnx.session(str(tmp_path / "one_o.onnx"), device="cuda", max_tokens=64)
