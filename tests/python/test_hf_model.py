@@ -107,6 +107,16 @@ def test_quantize_model_refusals():
         qmoe.hf.quantize_model(copy.deepcopy(model), bits=4, block_size=24)
     with pytest.raises(ValueError, match="no transformers sparse-MoE experts module"):
         qmoe.hf.quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+    class LegacyBlock(torch.nn.Module):  # transformers 4.x style: a ModuleList of per-expert MLPs
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    legacy = torch.nn.Module()
+    legacy.block_sparse_moe = LegacyBlock()
+    with pytest.raises(ValueError, match="'block_sparse_moe.experts' is a per-expert nn.ModuleList"):
+        qmoe.hf.quantize_model(legacy)
     m = copy.deepcopy(model)
     m.config.hidden_act = "gelu_pytorch_tanh"
     with pytest.raises(ValueError, match="model.layers.0.mlp.experts.*gelu_pytorch_tanh"):

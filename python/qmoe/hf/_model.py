@@ -157,9 +157,14 @@ def quantize_model(model: Any, bits: int = 4, block_size: int = 128, device: Any
 
     found = list(iter_experts(model))
     if not found:
+        legacy = [n for n, m in model.named_modules()
+                  if n.endswith(".experts") and type(m).__name__ == "ModuleList"]
+        hint = (f"; {legacy[0]!r} is a per-expert nn.ModuleList (transformers < 5 or remote code), whose block "
+                f"runs its own expert loop: load the model with transformers >= 5 (its fused experts modules), or "
+                f"convert the checkpoint with qmoe.hf.convert") if legacy else ""
         raise ValueError(f"{type(model).__name__}: no transformers sparse-MoE experts module found (qmoe knows the "
                          f"fused experts modules of transformers >= 5: Mixtral, Qwen2/3-MoE, gpt-oss, DeepSeek-V3, "
-                         f"OLMoE, Granite-MoE, Phi-3.5-MoE, ...)")
+                         f"OLMoE, Granite-MoE, Phi-3.5-MoE, ...){hint}")
     k = _top_k(model, type(model).__name__)
     errors: Dict[str, Dict[str, float]] = {}
     for i in range(len(found)):
