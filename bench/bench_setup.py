@@ -278,8 +278,8 @@ def ort_model_file(W, offsets, cfg, bits, block, weight_path):
          helper.make_tensor_value_info("router_probs", TensorProto.FLOAT, ["T", E])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["T", H])],
         initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     path = os.path.join(os.path.dirname(weight_path), "qmoe_bench.onnx")
     onnx.save_model(model, path)
     return path

@@ -20,7 +20,7 @@ Layer's device memory.
     python bench/gpu_vs_torch.py --baseline both                  # + the per-expert loop, speed-up vs the faster
     python bench/gpu_vs_torch.py --baseline-only                  # the PyTorch side alone (no qmoe needed)
     python bench/gpu_vs_torch.py --fake-qmoe --ref-max-tokens 1   # harness self-test: qmoe replaced by the baseline
-    python bench/gpu_vs_torch.py --dry-run                        # CPU: tiny shapes, the baseline's math vs numpy float64
+    python bench/gpu_vs_torch.py --dry-run                        # CPU: tiny shapes, baseline math vs numpy float64
     python bench/gpu_vs_torch.py --plot-only out/gpu_vs_torch.json --png out/gpu_vs_torch.png
 
 Why rotate weight sets: a decode call (T = 1) reads k experts only (gpt-oss-20b
@@ -211,7 +211,7 @@ def oracle_np(W, cfg, bits, block, fusion, x, lg):
         chosen = sorted(range(E), key=lambda e: (-lg[t, e], e))[:k]
         for e in chosen:
             h = {}
-            for pre, rows, cols in mat_names(fusion):
+            for pre, _rows, cols in mat_names(fusion):
                 if pre == "fc2":
                     continue
                 w = dequant_np(W[f"{pre}_experts_weights"][e], W[f"{pre}_scales"][e], bits, block, d[cols])
@@ -471,7 +471,7 @@ def run_model(name, a, dev, dtype, gmm, ceil0, l2):
     mm_key = f"matmul_{dtname(dtype)}_flops"
     d, pack = dims(cfg, fusion), 8 // bits
     raw_set = 0
-    for pre, rows, cols in mat_names(fusion):
+    for _pre, rows, cols in mat_names(fusion):
         n, kk = d[rows], d[cols]
         raw_set += E * n * (kk // pack + 4 * (kk // block if block else 1) + (4 if cfg["bias"] else 0))
     base_set = E * (2 * I * H + H * I + (2 * I + H if cfg["bias"] else 0)) * dtype.itemsize
@@ -715,8 +715,8 @@ def print_report(data):
             if loop:
                 le = r.get("baseline_loop", {}).get("eager", {})
                 line += f" | {fmt(le.get('ms'), '.4f'):>9} {times(sp.get('eager_vs_best')):>7}"
-            line += (f" | {fmt(r.get('rel_l2_qmoe_vs_baseline'), '.1e'):>7} {fmt(r.get('rel_l2_qmoe_vs_f64'), '.1e'):>7} "
-                     f"{fmt(r.get('rel_l2_baseline_vs_f64'), '.1e'):>8}")
+            line += (f" | {fmt(r.get('rel_l2_qmoe_vs_baseline'), '.1e'):>7} "
+                     f"{fmt(r.get('rel_l2_qmoe_vs_f64'), '.1e'):>7} {fmt(r.get('rel_l2_baseline_vs_f64'), '.1e'):>8}")
             if "error" in r:
                 line += f"  ({r['error']})"
             print(line)
@@ -726,13 +726,14 @@ def print_report(data):
                 if "error" in g:
                     print(f"  T={r['tokens']} {s}: CUDA graph capture failed: {g['error']}")
     print("\n(ms: median over rotating weight sets, CUDA events around each whole layer call, routing included;"
-          "\n GB/s: expert bytes the call's routing touches (qmoe: packed_bytes/E each; baseline: its bf16 weights) / time,"
+          "\n GB/s: expert bytes the call's routing touches (qmoe: packed_bytes/E each; baseline: its bf16 weights)"
+          " / time,"
           "\n BW%: of the copy bandwidth (bytes read+written / time); TF/s: 2*T*k*H*3I flops / time, mm%: of the"
           "\n measured matmul rate; q~base, q~f64, base~f64: relative L2 errors on weight set 0 (f64: qmoe.reference))")
     if data.get("acceptance"):
         print("\nacceptance targets (eager; graph beside):")
         for e in data["acceptance"]:
-            val = lambda mode: ("-" if mode not in e else  # noqa: E731
+            val = lambda mode, e=e: ("-" if mode not in e else  # noqa: E731
                                 f"{100 * e[mode]:.0f}%" if e["metric"] == "bw_fraction" else f"{e[mode]:.2f}x")
             print(f"  {e['model']:<14} T={e['tokens']:<5} {e['text']:<36} {e['status']:<8} eager {val('eager'):>7}"
                   f"  graph {val('graph'):>7}" + (f"  vs the faster baseline {val('eager_vs_best')}"
@@ -769,10 +770,12 @@ def plot(data, path):
     for row, m in enumerate(models):
         sh = m["shape"]
         layout = f"block {m['block_size']}" if m["block_size"] else "row-wise"
-        name = f"{m['model']} (H={sh['hidden']}, I={sh['inter']}, E={sh['experts']}, k={sh['k']}; {m['bits']}-bit {layout})"
+        name = (f"{m['model']} (H={sh['hidden']}, I={sh['inter']}, E={sh['experts']}, k={sh['k']}; "
+                f"{m['bits']}-bit {layout})")
         tokens = [r["tokens"] for r in m["results"]]
         for col, (key, ylabel, title, ceil_v, ceil_txt, scale, frac) in enumerate([
-                ("ms", "time per call [ms] (median)", "time per call (labels: speed-up vs PyTorch)", None, None, 1, None),
+                ("ms", "time per call [ms] (median)", "time per call (labels: speed-up vs PyTorch)", None, None, 1,
+                 None),
                 ("gbps", "GB/s (touched expert bytes / time)", "active-weight bandwidth (labels: % of copy BW)",
                  c["copy_rw_Bps"], "copy {:.0f} GB/s", 1e9, "bw_fraction"),
                 ("tflops", "TFLOP/s (2 T k H 3I / time)", "compute rate (labels: % of matmul rate)",
@@ -880,7 +883,7 @@ def dry_run(a):
         x, lg, used = make_inputs(np.random.default_rng(6), 9, cfg["H"], cfg["E"], cfg["k"])
         ref = oracle_np(W, cfg, bits, block, fusion, x, lg)
         if bf16 is not None:  # the dequantized weights and the logits survive a round trip through bf16
-            for pre, rows, cols in mat_names(fusion):
+            for pre, _rows, cols in mat_names(fusion):
                 w = dequant_np(W[f"{pre}_experts_weights"][0], W[f"{pre}_scales"][0], bits, block,
                                dims(cfg, fusion)[cols])
                 check(f"{pre} weights exact in bf16", float(np.abs(w.astype(bf16).astype(np.float64) - w).max()), 0)
@@ -910,7 +913,7 @@ def dry_run(a):
                     name = f"torch baseline {dev} {dtname(dtype)} {'grouped_mm' if use else 'loop'}"
                     check(name + " vs oracle", float(np.linalg.norm(y - ref_d) / np.linalg.norm(ref_d)), tol)
                     if dev == "cuda" and use is not None:
-                        g, out = capture_graph(lambda: moe(xt, lt))
+                        g, out = capture_graph(lambda moe=moe, xt=xt, lt=lt: moe(xt, lt))
                         g.replay()
                         torch.cuda.synchronize()
                         g_out = out.double().cpu().numpy()
@@ -949,8 +952,8 @@ def dry_run(a):
                 lp = [(s_, t * (1.3 if T == 1 else 0.8)) for s_, t in calls]
                 row["baseline_loop"] = dict(eager=summarize(lp, [ex * pe_b] * 3, row["flops"], ceil,
                                                             "matmul_bfloat16_flops"))
-                row["speedup"]["eager_vs_best"] = (min(row["baseline"]["eager"]["ms"], row["baseline_loop"]["eager"]["ms"])
-                                                   / row["qmoe"]["eager"]["ms"])
+                best_eager = min(row["baseline"]["eager"]["ms"], row["baseline_loop"]["eager"]["ms"])
+                row["speedup"]["eager_vs_best"] = best_eager / row["qmoe"]["eager"]["ms"]
             row.update(rel_l2_qmoe_vs_baseline=3e-3, rel_l2_qmoe_vs_f64=2e-3 if T <= 16 else None,
                        rel_l2_baseline_vs_f64=3e-3 if T <= 16 else None)
             m["results"].append(row)

@@ -246,13 +246,13 @@ def run_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
             print(f"  experts_implementation={impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
     best = min(impls, key=impls.get)
     base.set_experts_implementation(best)
-    print(f"  transformers experts implementations, decode ms: "
+    print("  transformers experts implementations, decode ms: "
           + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in impls.items()) + f" -> {best}")
     timed_decode(q, prompt[:, :8], 2, sync)  # warm-up
     runs: Dict[str, List[Dict[str, float]]] = {"transformers": [], "qmoe": []}
     timers = {"transformers": ExpertTimer(base, cuda), "qmoe": ExpertTimer(q, cuda)}
     peak: Dict[str, int] = {}
-    for r in range(args.reps):
+    for _ in range(args.reps):
         for side, m in (("transformers", base), ("qmoe", q)):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

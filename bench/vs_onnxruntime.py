@@ -57,8 +57,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_setup import (MAX_SETS, MODELS, ORT_MEMORY_FACTOR, cpu_competition, cpu_snapshot,  # noqa: E402
-                         load_average, log, machine_info, measure_ceilings, meminfo, ort_model_file, ort_session, qmoe, qmoe_kwargs,
-                         rotating_sets, rss, synth_weights)
+                         load_average, log, machine_info, measure_ceilings, meminfo, ort_model_file, ort_session, qmoe,
+                         qmoe_kwargs, rotating_sets, rss, synth_weights)
 
 # --------------------------------------------------------------------------- timing and errors
 
@@ -305,7 +305,8 @@ def print_table(res, ceilings, levels):
     if "skipped" in o:
         print(f"ONNX Runtime: skipped ({o['skipped']})")
     else:
-        print(f"ONNX Runtime {o['version']}: session {o['session_s']:.1f} s, RSS +{o['rss_anon_growth'] / 2**20:.0f} MiB")
+        print(f"ONNX Runtime {o['version']}: session {o['session_s']:.1f} s, "
+              f"RSS +{o['rss_anon_growth'] / 2**20:.0f} MiB")
     for lvl, q in res["qmoe"].items():
         print(f"qmoe accuracy_level {lvl}: Layer {q['layer_s']:.2f} s, RSS +{q['rss_anon_growth'] / 2**20:.0f} MiB "
               f"(packed {q['packed_bytes'] / 2**20:.1f} MiB), {q['kernel']}")
@@ -330,7 +331,8 @@ def print_table(res, ceilings, levels):
             sp = s.get("speedup_vs_ort")
             busy = s.get("other_processes_cores", 0) + s.get("steal_cores", 0) > BUSY_MARK
             noisy |= busy
-            print(f"{lead}  {side:<8} {s['ms']:>9.2f}{'*' if busy else ' '} {('%.1fx' % sp) if sp else '-':>8} {s['tokens_per_s']:>9.1f} "
+            print(f"{lead}  {side:<8} {s['ms']:>9.2f}{'*' if busy else ' '} {('%.1fx' % sp) if sp else '-':>8} "
+                  f"{s['tokens_per_s']:>9.1f} "
                   f"{s['weight_gbps']:>7.2f} {fmt_pct(s['bandwidth_fraction']):>4} {s['gflops']:>8.1f} "
                   f"{fmt_pct(s['peak_fraction']):>5} {fmt_e(s.get('max_err_vs_ort')):>13} "
                   f"{fmt_e(s['rel_l2_vs_ref']):>12}")

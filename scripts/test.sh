@@ -16,6 +16,9 @@ done
 ensure_deb nlohmann-json3-dev
 ensure_venv "$ROOT/scripts/requirements-build.txt" "$ROOT/tests/python/requirements.txt"
 
+say "ruff (Python lint, pyproject.toml)"
+"$VENV/bin/ruff" check "$ROOT"
+
 say "C++ build + tests (Release)"
 configure_build "$ROOT/build-test" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS=ON
 cmake --build "$ROOT/build-test" -j "$JOBS"

@@ -127,7 +127,8 @@ def _sweep():
         k = r.choice((1, 2, E))
         zp, bias, rw = r.random() < 0.5, r.random() < 0.5, r.random() < 0.5
         normalize = r.randint(0, 1)
-        name = "-".join([dt, f"q{bits}", f"b{block}" if block else "row", act + (str(fusion) if act == "swiglu" else ""),
+        name = "-".join([dt, f"q{bits}", f"b{block}" if block else "row",
+                         act + (str(fusion) if act == "swiglu" else ""),
                          "zp" if zp else "sym", "bias" if bias else "nobias", "kE" if k == E else f"k{k}",
                          "rw" if rw else "norw", f"norm{normalize}", f"E{E}H{H}I{I}"])
         cases.append(Case(name, seed, dt, bits, block, act, fusion, zp, bias, k, rw, normalize, E, H, I))

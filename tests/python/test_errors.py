@@ -63,7 +63,8 @@ def _mutate(case):
 
 CASES = {
     # --- activations / call arguments
-    "input wrong hidden size": dict(call={"input": lambda c: c["input"][:, :48].copy()}, match=r"^input: .*hidden_size 64"),
+    "input wrong hidden size": dict(call={"input": lambda c: c["input"][:, :48].copy()},
+                                    match=r"^input: .*hidden_size 64"),
     "input rank 1": dict(call={"input": lambda c: c["input"][0]}, match=r"^input: expected rank 2"),
     "input float64": dict(call={"input": lambda c: c["input"].astype(np.float64)}, exc=TypeError,
                           match=r"^input: expected dtype float32, float16 or bfloat16, got float64"),
@@ -87,7 +88,8 @@ CASES = {
     "fc1 weights rank 2": dict(weights={"fc1_experts_weights": lambda w: w["fc1_experts_weights"][0]},
                                match=r"^fc1_experts_weights: expected rank 3"),
     "fc2 weights missing": dict(weights={"fc2_experts_weights": None}, match=r"^fc2_experts_weights: required"),
-    "fc2 weights other expert count": dict(weights={"fc2_experts_weights": lambda w: w["fc2_experts_weights"][:3].copy()},
+    "fc2 weights other expert count": dict(weights={"fc2_experts_weights":
+                                                    lambda w: w["fc2_experts_weights"][:3].copy()},
                                            match=r"^fc2_experts_weights: expected shape \[4, 64, 16\]"),
     "fc1 scales wrong shape": dict(weights={"fc1_scales": lambda w: w["fc1_scales"][:, :31].copy()},
                                    match=r"^fc1_scales: expected shape \[4, 32\], got \[4, 31\]"),

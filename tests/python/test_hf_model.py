@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 
 import qmoe
@@ -19,7 +18,7 @@ import qmoe
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from hf_models import FAMILIES, PinnedRouting, tiny_model  # noqa: E402
+from hf_models import PinnedRouting, tiny_model  # noqa: E402
 from qmoe_np import np_dequantize, record  # noqa: E402
 
 import qmoe.hf  # noqa: E402

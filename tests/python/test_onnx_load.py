@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import pytest

@@ -35,8 +35,9 @@ import pytest
 import qmoe
 from qmoe_np import make_layer, np_moe, record, rel_max_err
 
-torch = pytest.importorskip("torch")
-import torch._dynamo.testing  # noqa: E402
+pytest.importorskip("torch")
+import torch  # noqa: E402
+import torch._dynamo.testing  # noqa: E402,F401
 
 qt = pytest.importorskip("qmoe.torch")
 

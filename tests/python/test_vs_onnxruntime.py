@@ -57,7 +57,8 @@ def _configs():
     out = []
     for bits, block, zp, bias, act, k in itertools.product(BITS, BLOCKS, ZPS, BIASES, ACTS, KS):
         out.append(pytest.param(bits, block, zp, bias, act, k,
-                                id=f"b{bits}-blk{block}-{'zp' if zp else 'sym'}-{'bias' if bias else 'nobias'}-{act}-k{k}"))
+                                id=f"b{bits}-blk{block}-{'zp' if zp else 'sym'}-"
+                                   f"{'bias' if bias else 'nobias'}-{act}-k{k}"))
     return out
 
 

@@ -10,7 +10,6 @@ for float16 and bfloat16 outputs. qmoe.reference and the NumPy forward are
 both float64 and must agree to 1e-10.
 """
 
-import itertools
 
 import numpy as np
 import pytest

@@ -186,7 +186,7 @@ class _Shard:
                 )
             entries[name] = _Entry(dtype, tuple(shape), data_start + begin, data_start + end)
         spans = sorted((e.begin, e.end, name) for name, e in entries.items() if e.end > e.begin)
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise ValueError(
                     f"{path}: tensors {n0!r} and {n1!r} overlap: {n1!r} begins at data byte "
