@@ -17,7 +17,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only before the package exists
     qmoe = None
 
-# The reference shapes of DESIGN.md §3 (H, I, E, k, swiglu attributes, default block size).
+# The reference shapes (H, I, E, k, swiglu attributes, default block size), as tools/synth.cpp has them.
 MODELS = {
     "gpt-oss-20b": dict(H=2880, I=2880, E=32, k=4, alpha=1.702, beta=1.0, limit=7.0, block=0, bias=True),
     "qwen3-30b-a3b": dict(H=2048, I=768, E=128, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),

@@ -72,7 +72,7 @@ try:
 except ImportError:
     qmoe = None
 
-MODELS = {  # DESIGN.md §3; block: default block size (0 = one scale per row)
+MODELS = {  # the reference shapes; block: default block size (0 = one scale per row)
     "gpt-oss-20b": dict(H=2880, I=2880, E=32, k=4, alpha=1.702, beta=1.0, limit=7.0, block=0, bias=True),
     "qwen3-30b-a3b": dict(H=2048, I=768, E=128, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),
     "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A whole ONNX model on ONNX Runtime, plain against offloaded to qmoe (qmoe.onnx).
 
-The model is a stack of gpt-oss-20b-shaped MoE layers (DESIGN.md §3: H = I =
+The model is a stack of gpt-oss-20b-shaped MoE layers (H = I =
 2880, E = 32, k = 4, swiglu fusion 1 with alpha 1.702 / beta 1 / limit 7,
 biases, normalize_routing_weights = 1; 4-bit row-wise by default), each
 

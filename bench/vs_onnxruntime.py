@@ -365,7 +365,7 @@ def dequantize_np(wq, s, bits, block_size, k):
 
 
 def reference_np(W, cfg, bits, block_size, x, logits):
-    """float64 forward of DESIGN §1 (swiglu fusion 1, normalized routing), written apart from qmoe."""
+    """float64 QMoE forward (swiglu fusion 1, normalized routing), written apart from qmoe."""
     H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
     # The attributes are float32 in ONNX (1.702 is 1.70200002...), and so are they in both kernels.
     alpha, beta, limit = (float(np.float32(cfg[n])) for n in ("alpha", "beta", "limit"))

@@ -40,7 +40,7 @@ struct SynthOptions {
 SynthLayer synth_layer(std::int64_t experts, std::int64_t hidden, std::int64_t inter, const MoeAttributes& attrs,
                        const SynthOptions& opt = {});
 
-/// A named reference shape of DESIGN §3 (gpt-oss-20b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3).
+/// A named reference shape (gpt-oss-20b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3).
 struct ModelShape {
   std::string name;
   std::int64_t hidden, inter, experts;

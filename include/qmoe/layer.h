@@ -33,7 +33,7 @@ struct LayerOptions {
   /// The minimum accuracy of the expert GEMMs, with ONNX Runtime's meaning:
   /// 0 or 1 = float32 activations and accumulation (weights dequantized in
   /// registers; exact to float32 rounding); 4 = activations quantized to int8
-  /// at run time per block of 32 columns, exact int32 dot products, float32
+  /// at run time per block of 16 columns, exact int32 dot products, float32
   /// scaling (relative L2 error ~0.5% against float64 for Gaussian activations);
   /// 3 = bfloat16 activations and weights (dequantized to bf16 tiles) on CPUs
   /// with AMX (relative L2 error ~0.3%), float32 elsewhere; 2 runs in float32.

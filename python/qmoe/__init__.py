@@ -240,7 +240,9 @@ class Layer:
     ``accuracy_level`` follows ONNX Runtime: 0 and 1 = float32 activations
     (exact to float32 rounding); 4 = activations quantized to int8 per 16
     columns at run time, int8 dot products (relative L2 error ~1e-2 or less
-    against float64); 2 and 3 run as float32. Calling the layer is thread-safe.
+    against float64); 3 = bfloat16 activations and weights on CPUs with AMX
+    (relative L2 error ~3e-3), float32 elsewhere; 2 runs as float32. Calling
+    the layer is thread-safe.
 
     ``device`` chooses the backend: ``"cpu"`` (default), or ``"cuda"`` /
     ``"cuda:N"`` (``"cuda"`` is device 0; a ``torch.device`` works too) for an

@@ -1,4 +1,4 @@
-// The float64 reference forward: the contract of DESIGN §1, literally.
+// The float64 reference forward: the operator contract (README, "Supported features"), literally.
 // Slow on purpose and simple on purpose: it is the oracle for every backend.
 #include <vector>
 

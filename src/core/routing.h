@@ -1,4 +1,4 @@
-// Internal: top-k routing of one token (the contract of DESIGN §1 "Route").
+// Internal: top-k routing of one token (softmax top-k, ties to the lower index; README "Supported features").
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 """Independent NumPy oracles for the qmoe tests.
 
 Nothing here calls qmoe: the quantizer, the unpacker/dequantizer and the
-float64 MoE forward are written from the operator contract (DESIGN.md §1),
+float64 MoE forward are written from the operator contract (ONNX Runtime's QMoE),
 not from the C++ sources, so that a shared misunderstanding cannot hide.
 
 * ``np_quantize`` mirrors the documented quantization rule with float32
