@@ -24,6 +24,13 @@ configure_build "$ROOT/build-test" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS
 cmake --build "$ROOT/build-test" -j "$JOBS"
 (cd "$ROOT/build-test" && ctest --output-on-failure -j "$JOBS")
 
+say "find_package(qmoe): install, then build and run examples/quickstart.cpp against the installed tree"
+rm -rf "$ROOT/build-install" "$ROOT/build-consumer"
+cmake --install "$ROOT/build-test" --prefix "$ROOT/build-install" >/dev/null
+cmake -S "$ROOT/tests/consumer" -B "$ROOT/build-consumer" -G Ninja -DCMAKE_PREFIX_PATH="$ROOT/build-install" >/dev/null
+cmake --build "$ROOT/build-consumer"
+"$ROOT/build-consumer/quickstart"
+
 if [ "$quick" = 0 ]; then
   say "C++ tests under ASan + UBSan"
   configure_build "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=Debug -DQMOE_SANITIZE=ON -DQMOE_BUILD_TESTS=ON \
