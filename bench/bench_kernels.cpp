@@ -169,7 +169,8 @@ const qmoe::cpu::CpuMoe& packed_for(int bits) {
     so.seed = 5;
     so.bias = false;
     const auto raw = qmoe::tools::synth_layer(kTileExperts, kHidden, kInter, attributes(bits), so);
-    slot = std::make_unique<qmoe::cpu::CpuMoe>(raw.views(), raw.attrs, qmoe::MoeShape{kTileExperts, kHidden, kInter, kTileRows}, 1);
+    slot = std::make_unique<qmoe::cpu::CpuMoe>(raw.views(), raw.attrs,
+                                               qmoe::MoeShape{kTileExperts, kHidden, kInter, kTileRows}, 1);
   }
   return *slot;
 }
@@ -220,11 +221,15 @@ void BM_Tile(benchmark::State& state) {
       const std::int64_t n = std::min<std::int64_t>(2, tiles - t);
       const std::uint8_t* tile = m.tile(e, t);
       switch (kind) {
-        case kF32: f32(g, tile, n, x.data(), kp, ntok, y.data(), 32, scratch.data()); break;
+        case kF32:
+          f32(g, tile, n, x.data(), kp, ntok, y.data(), 32, scratch.data());
+          break;
         case kQd8:
           for (std::int64_t j = 0; j < n; ++j) qd8(g, m.tile(e, t + j), qr, ntok, y.data() + 16 * j, 32);
           break;
-        case kBf16: bf16(g, tile, n, xb.data(), kb, ntok, y.data(), 32, scratch.data()); break;
+        case kBf16:
+          bf16(g, tile, n, xb.data(), kb, ntok, y.data(), 32, scratch.data());
+          break;
       }
     }
     benchmark::DoNotOptimize(y.data());
@@ -240,9 +245,9 @@ void BM_Tile(benchmark::State& state) {
   state.counters["GFLOP/s"] = gflops;
   state.counters["BW%"] = 100 * gbs / c.read_gbs;
   state.counters["peak%"] = 100 * gflops / c.peak_gflops;
-  state.SetLabel(std::string(kc.name) + " " + kKindNames[kind] + " q" + std::to_string(bits) + " T=" +
-                 std::to_string(ntok) + " (ceilings 1 thread: " + std::to_string(c.read_gbs).substr(0, 5) + " GB/s, " +
-                 std::to_string(c.peak_gflops).substr(0, 6) + " GFLOP/s)");
+  state.SetLabel(std::string(kc.name) + " " + kKindNames[kind] + " q" + std::to_string(bits) +
+                 " T=" + std::to_string(ntok) + " (ceilings 1 thread: " + std::to_string(c.read_gbs).substr(0, 5) +
+                 " GB/s, " + std::to_string(c.peak_gflops).substr(0, 6) + " GFLOP/s)");
 }
 
 // Registered at start-up for every table this CPU runs (names: BM_Tile/<table>/<kind>/q<bits>/T:<n>).

@@ -38,7 +38,8 @@ int main() {
     const std::vector<double> ref =
         qmoe::reference_forward(w, attrs, qmoe::view_f32(x.data(), {T, H}), qmoe::view_f32(logits.data(), {T, E}));
     double err = 0, mx = 0;
-    for (std::size_t i = 0; i < ref.size(); ++i) err = std::fmax(err, std::fabs(y[i] - ref[i])), mx = std::fmax(mx, std::fabs(ref[i]));
+    for (std::size_t i = 0; i < ref.size(); ++i)
+      err = std::fmax(err, std::fabs(y[i] - ref[i])), mx = std::fmax(mx, std::fabs(ref[i]));
     std::printf("kernel %s, packed %zu bytes, max|y - ref| / max|ref| = %.2e\n", layer.kernel_name(),
                 layer.packed_bytes(), err / mx);
     return err / mx <= 1e-5 ? 0 : 1;

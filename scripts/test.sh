@@ -13,10 +13,11 @@ for a in "$@"; do
     *) echo "usage: scripts/test.sh [--quick]" >&2; exit 2 ;;
   esac
 done
-ensure_deb nlohmann-json3-dev
+ensure_deb nlohmann-json3-dev clang-format-14
 ensure_venv "$ROOT/scripts/requirements-build.txt" "$ROOT/tests/python/requirements.txt"
 
-say "ruff (Python lint, pyproject.toml)"
+say "clang-format (.clang-format) and ruff (pyproject.toml)"
+CLANG_FORMAT=clang-format-14 "$ROOT/scripts/format.sh" --check
 "$VENV/bin/ruff" check "$ROOT"
 
 say "C++ build + tests (Release)"

@@ -91,18 +91,18 @@ struct InputSet {
 };
 
 struct Sample {
-  std::int64_t tokens;             // T
-  std::vector<InputSet> sets;      // R sets, used in turn call by call
-  double touched_mean = 0;         // mean distinct experts per call (over the sets)
-  double union_experts = 0;        // distinct experts of all sets together
+  std::int64_t tokens;                                     // T
+  std::vector<InputSet> sets;                              // R sets, used in turn call by call
+  double touched_mean = 0;                                 // mean distinct experts per call (over the sets)
+  double union_experts = 0;                                // distinct experts of all sets together
   std::vector<std::pair<std::size_t, std::int64_t>> rows;  // (set, row) checked against the reference
-  std::int64_t ref_offset = 0;     // first row of this T in the reference batch
+  std::int64_t ref_offset = 0;                             // first row of this T in the reference batch
 };
 
 struct Timing {
   std::int64_t runs = 0;
   double median_s = 0, min_s = 0, warmup_s = 0;
-  double median_gbps = 0;  // median over the calls of (that call's touched bytes / its time)
+  double median_gbps = 0;   // median over the calls of (that call's touched bytes / its time)
   Competition competition;  // what other processes used while the calls were timed
   double max_rel = NAN, rel_l2 = NAN;
 };
@@ -187,9 +187,10 @@ void rotate(Sample& s, std::int64_t h, std::int64_t e, int k, double bytes_per_e
   if (s.sets.size() > 2) {  // the cycle wraps: redraw the last set avoiding the first one as well
     const std::vector<const InputSet*> avoid{&s.sets[s.sets.size() - 2], &s.sets.front()};
     InputSet last = draw(avoid);
-    const std::int64_t old_ov = overlap(s.sets.back().used, s.sets[s.sets.size() - 2].used) +
-                          overlap(s.sets.back().used, s.sets.front().used);
-    const std::int64_t new_ov = overlap(last.used, s.sets[s.sets.size() - 2].used) + overlap(last.used, s.sets.front().used);
+    const std::int64_t old_ov =
+        overlap(s.sets.back().used, s.sets[s.sets.size() - 2].used) + overlap(s.sets.back().used, s.sets.front().used);
+    const std::int64_t new_ov =
+        overlap(last.used, s.sets[s.sets.size() - 2].used) + overlap(last.used, s.sets.front().used);
     if (new_ov < old_ov) s.sets.back() = std::move(last);
   }
   std::fill(all.begin(), all.end(), 0);
@@ -205,9 +206,9 @@ void rotate(Sample& s, std::int64_t h, std::int64_t e, int k, double bytes_per_e
 // What loading a stored layer cost.
 struct LoadFigures {
   double seconds = 0, gbps = 0;
-  std::uint64_t bytes = 0;        // the layer's stored (raw) bytes
+  std::uint64_t bytes = 0;  // the layer's stored (raw) bytes
   std::size_t rss_before = 0, peak = 0;
-  std::int64_t peak_growth = 0;   // peak RSS during the load - RSS before
+  std::int64_t peak_growth = 0;  // peak RSS during the load - RSS before
   bool peak_reset = false;
 };
 
@@ -243,10 +244,24 @@ LoadFigures load_from_file(const File& f, const std::string& name, int threads, 
 
 int run_bench(const std::vector<std::string>& argv) {
   const Args args("bench", argv,
-                  {{"--help", false}, {"--model", true}, {"--bits", true}, {"--block", true}, {"--zero-points", false},
-                   {"--threads", true}, {"--accuracy-level", true}, {"--tokens", true}, {"--ref-tokens", true}, {"--seed", true},
-                   {"--min-time", true}, {"--max-time", true}, {"--no-ceilings", false}, {"--no-bandwidth", false},
-                   {"--json", true}, {"--file", true}, {"--layer", true}, {"--write-file", true}});
+                  {{"--help", false},
+                   {"--model", true},
+                   {"--bits", true},
+                   {"--block", true},
+                   {"--zero-points", false},
+                   {"--threads", true},
+                   {"--accuracy-level", true},
+                   {"--tokens", true},
+                   {"--ref-tokens", true},
+                   {"--seed", true},
+                   {"--min-time", true},
+                   {"--max-time", true},
+                   {"--no-ceilings", false},
+                   {"--no-bandwidth", false},
+                   {"--json", true},
+                   {"--file", true},
+                   {"--layer", true},
+                   {"--write-file", true}});
   if (args.flag("--help")) {
     std::fputs(kBenchHelp, stdout);
     return 0;
@@ -256,9 +271,11 @@ int run_bench(const std::vector<std::string>& argv) {
                                    write_arg = args.value("--write-file");
   if (file_arg && write_arg) throw args.error("--file and --write-file exclude each other");
   if (layer_arg && !file_arg) throw args.error("--layer needs --file");
-  if (file_arg && (args.value("--model") || args.value("--bits") || args.value("--block") || args.flag("--zero-points")))
-    throw args.error("--file: the shape and quantization come from the file (drop --model, --bits, --block, "
-                     "--zero-points)");
+  if (file_arg &&
+      (args.value("--model") || args.value("--bits") || args.value("--block") || args.flag("--zero-points")))
+    throw args.error(
+        "--file: the shape and quantization come from the file (drop --model, --bits, --block, "
+        "--zero-points)");
   // A stored layer: opened (and validated) before any work.
   std::optional<File> file;
   std::string layer_name;
@@ -276,8 +293,8 @@ int run_bench(const std::vector<std::string>& argv) {
     names += (names.empty() ? "" : ", ") + m.name;
   }
   if (!known && !file) throw args.error("--model: expected one of " + names + ", got '" + model + "'");
-  const int bits = file ? file->layer(layer_name).attributes.expert_weight_bits
-                        : static_cast<int>(args.integer("--bits", 4, 0, 64));
+  const int bits =
+      file ? file->layer(layer_name).attributes.expert_weight_bits : static_cast<int>(args.integer("--bits", 4, 0, 64));
   if (bits != 4 && bits != 8) throw args.error("--bits: expected 4 or 8, got " + std::to_string(bits));
   const int block_arg = static_cast<int>(args.integer("--block", -1, 0, 1 << 20));
   tools::ModelShape m;
@@ -336,8 +353,9 @@ int run_bench(const std::vector<std::string>& argv) {
     bandwidth = measure_read_bandwidth(threads);
     peak = measure_peak_flops(threads);
     p.finish();
-    std::printf("  ceilings (%d threads): read bandwidth %.1f GB/s (1 GiB buffer), float32 FMA peak %.1f GFLOP/s (%s)\n",
-                threads, bandwidth / 1e9, peak / 1e9, cpu_kernel_isa());
+    std::printf(
+        "  ceilings (%d threads): read bandwidth %.1f GB/s (1 GiB buffer), float32 FMA peak %.1f GFLOP/s (%s)\n",
+        threads, bandwidth / 1e9, peak / 1e9, cpu_kernel_isa());
   }
   const std::size_t llc_sys = llc_bytes();
   const std::size_t llc = llc_sys ? llc_sys : std::size_t{64} << 20;
@@ -362,7 +380,8 @@ int run_bench(const std::vector<std::string>& argv) {
   if (write_arg) {  // store it, free it, and run it from the file
     {
       Progress p("writing " + *write_arg, true);
-      save_file(*write_arg, {{"synthetic." + model, raw.views(), m.attrs, {}, {{"source", "qmoe bench --write-file"}}}});
+      save_file(*write_arg,
+                {{"synthetic." + model, raw.views(), m.attrs, {}, {{"source", "qmoe bench --write-file"}}}});
       p.finish();
     }
     raw = tools::SynthLayer{};
@@ -449,25 +468,27 @@ int run_bench(const std::vector<std::string>& argv) {
                 human_bytes(static_cast<double>(file->size_bytes())).c_str());
     std::printf("  stored weights %s prepacked in %.3f s = %.2f GB/s (from the page cache, %d threads)\n",
                 human_bytes(static_cast<double>(lf->bytes)).c_str(), lf->seconds, lf->gbps, threads);
-    std::printf("  peak RSS growth while loading %s = packed %s %s%s\n", human_delta(static_cast<double>(lf->peak_growth)).c_str(),
+    std::printf("  peak RSS growth while loading %s = packed %s %s%s\n",
+                human_delta(static_cast<double>(lf->peak_growth)).c_str(),
                 human_bytes(static_cast<double>(packed)).c_str(),
                 human_delta(static_cast<double>(lf->peak_growth) - static_cast<double>(packed)).c_str(),
                 lf->peak_reset ? "" : " (the peak could not be reset: it is the process's)");
   } else {
-  std::printf("memory:\n");
-  std::printf("  raw quantized weights          %11s  (ORT layout: codes, scales, zero points, biases)\n",
-              human_bytes(static_cast<double>(raw_bytes)).c_str());
-  std::printf("  packed weights (Layer)         %11s  (%.3f x raw)\n", human_bytes(static_cast<double>(packed)).c_str(),
-              static_cast<double>(packed) / static_cast<double>(raw_bytes));
-  std::printf("  RSS before Layer creation      %11s  (raw weights alive)\n",
-              human_bytes(static_cast<double>(rss_before)).c_str());
-  std::printf("  RSS after Layer creation       %11s  (%s = %.2f x packed size)\n",
-              human_bytes(static_cast<double>(rss_after_layer)).c_str(), human_delta(growth).c_str(),
-              growth / static_cast<double>(packed));
-  std::printf("  RSS after freeing raw weights  %11s  (%s = %.2f x raw size: %s)\n",
-              human_bytes(static_cast<double>(rss_after_free)).c_str(), human_delta(-drop).c_str(),
-              drop / static_cast<double>(raw_bytes),
-              no_copy ? "no copy of the raw weights kept" : "WARNING: less memory returned than the raw weights");
+    std::printf("memory:\n");
+    std::printf("  raw quantized weights          %11s  (ORT layout: codes, scales, zero points, biases)\n",
+                human_bytes(static_cast<double>(raw_bytes)).c_str());
+    std::printf("  packed weights (Layer)         %11s  (%.3f x raw)\n",
+                human_bytes(static_cast<double>(packed)).c_str(),
+                static_cast<double>(packed) / static_cast<double>(raw_bytes));
+    std::printf("  RSS before Layer creation      %11s  (raw weights alive)\n",
+                human_bytes(static_cast<double>(rss_before)).c_str());
+    std::printf("  RSS after Layer creation       %11s  (%s = %.2f x packed size)\n",
+                human_bytes(static_cast<double>(rss_after_layer)).c_str(), human_delta(growth).c_str(),
+                growth / static_cast<double>(packed));
+    std::printf("  RSS after freeing raw weights  %11s  (%s = %.2f x raw size: %s)\n",
+                human_bytes(static_cast<double>(rss_after_free)).c_str(), human_delta(-drop).c_str(),
+                drop / static_cast<double>(raw_bytes),
+                no_copy ? "no copy of the raw weights kept" : "WARNING: less memory returned than the raw weights");
   }
   std::fflush(stdout);
 
@@ -536,10 +557,11 @@ int run_bench(const std::vector<std::string>& argv) {
     bandwidth2 = measure_read_bandwidth(threads);
     peak2 = measure_peak_flops(threads);
     p.finish();
-    std::printf("\nceilings: read bandwidth %.1f GB/s, FMA peak %.1f GFLOP/s (%d threads; the higher of two "
-                "measurements: %.1f, %.1f GB/s; %.1f, %.1f GFLOP/s)\n",
-                std::max(bandwidth, bandwidth2) / 1e9, std::max(peak, peak2) / 1e9, threads, bandwidth / 1e9,
-                bandwidth2 / 1e9, peak / 1e9, peak2 / 1e9);
+    std::printf(
+        "\nceilings: read bandwidth %.1f GB/s, FMA peak %.1f GFLOP/s (%d threads; the higher of two "
+        "measurements: %.1f, %.1f GB/s; %.1f, %.1f GFLOP/s)\n",
+        std::max(bandwidth, bandwidth2) / 1e9, std::max(peak, peak2) / 1e9, threads, bandwidth / 1e9, bandwidth2 / 1e9,
+        peak / 1e9, peak2 / 1e9);
   }
   const double bandwidth1 = bandwidth, peak1 = peak;
   bandwidth = std::max(bandwidth, bandwidth2), peak = std::max(peak, peak2);
@@ -557,8 +579,9 @@ int run_bench(const std::vector<std::string>& argv) {
                 pct(gflops * 1e9, peak).c_str(), std::isnan(tm.max_rel) ? "-" : fmt("%.2e", tm.max_rel).c_str(),
                 std::isnan(tm.rel_l2) ? "-" : fmt("%.2e", tm.rel_l2).c_str());
   }
-  std::printf("(sets: input sets cycled call by call; experts: distinct experts per call, mean over the sets; weight\n"
-              " GB/s: a call's touched expert bytes / its time, median over the calls)\n");
+  std::printf(
+      "(sets: input sets cycled call by call; experts: distinct experts per call, mean over the sets; weight\n"
+      " GB/s: a call's touched expert bytes / its time, median over the calls)\n");
   if (ref_tokens > 0)
     std::printf("(error: qmoe float32 vs the float64 reference on up to %lld sampled token(s) per T)\n",
                 static_cast<long long>(ref_tokens));
@@ -568,8 +591,10 @@ int run_bench(const std::vector<std::string>& argv) {
   double worst = 0;
   for (const Timing& tm : timings) worst = std::max(worst, tm.competition.other_cores + tm.competition.steal_cores);
   if (worst > 0.2)
-    std::printf("*: other processes (or the hypervisor) kept more than 0.2 cores busy while that T was timed "
-                "(up to %.2f): the figures are noisy\n", worst);
+    std::printf(
+        "*: other processes (or the hypervisor) kept more than 0.2 cores busy while that T was timed "
+        "(up to %.2f): the figures are noisy\n",
+        worst);
 
   if (json_path) {
     Json j;

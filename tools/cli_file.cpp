@@ -39,8 +39,9 @@ int run_info_file(const std::string& path, const std::vector<std::string>& argv)
                 static_cast<long long>(l.shape.num_experts), static_cast<long long>(l.shape.hidden),
                 static_cast<long long>(l.shape.inter), a.k, a.expert_weight_bits,
                 a.block_size ? ("block " + std::to_string(a.block_size)).c_str() : "row-wise",
-                l.tensors.size() && std::any_of(l.tensors.begin(), l.tensors.end(),
-                                                [](const FileTensor& t) { return t.name.find("zero_points") != std::string::npos; })
+                l.tensors.size() &&
+                        std::any_of(l.tensors.begin(), l.tensors.end(),
+                                    [](const FileTensor& t) { return t.name.find("zero_points") != std::string::npos; })
                     ? " with zero points"
                     : "",
                 human_bytes(static_cast<double>(l.weight_bytes)).c_str());

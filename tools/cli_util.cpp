@@ -8,9 +8,9 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
-#include <vector>
 #include <cstring>
 #include <fstream>
+#include <vector>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -196,7 +196,10 @@ std::size_t llc_bytes() {
     const auto n = parse_int(text.substr(0, pos));
     if (!n || *n <= 0) return 0;
     const std::string unit = text.substr(pos);
-    const std::size_t mult = unit == "K" ? 1024 : unit == "M" ? std::size_t{1} << 20 : unit == "G" ? std::size_t{1} << 30 : 1;
+    const std::size_t mult = unit == "K"   ? 1024
+                             : unit == "M" ? std::size_t{1} << 20
+                             : unit == "G" ? std::size_t{1} << 30
+                                           : 1;
     return static_cast<std::size_t>(*n) * mult;
   }
   return 0;
@@ -272,22 +275,27 @@ void Progress::update(std::int64_t done, std::int64_t total) {
   if (total > 0) {
     constexpr int kWidth = 30;
     const int fill = static_cast<int>(frac * kWidth);
-    line += " [" + std::string(static_cast<std::size_t>(fill), '#') + std::string(static_cast<std::size_t>(kWidth - fill), ' ') +
-            "] " + fmt("%lld/%lld %3.0f%%  %.1f s, ~%.0f s left", static_cast<long long>(done),
-                       static_cast<long long>(total), 100 * frac, el, eta);
+    line += " [" + std::string(static_cast<std::size_t>(fill), '#') +
+            std::string(static_cast<std::size_t>(kWidth - fill), ' ') + "] " +
+            fmt("%lld/%lld %3.0f%%  %.1f s, ~%.0f s left", static_cast<long long>(done), static_cast<long long>(total),
+                100 * frac, el, eta);
   } else {
     line += fmt(" ... %.1f s", el);
   }
-  if (tty_) std::fprintf(stderr, "\r\033[K%s", line.c_str());
-  else std::fprintf(stderr, "%s\n", line.c_str());
+  if (tty_)
+    std::fprintf(stderr, "\r\033[K%s", line.c_str());
+  else
+    std::fprintf(stderr, "%s\n", line.c_str());
   std::fflush(stderr);
   drawn_ = true;
 }
 
 void Progress::finish(const std::string& detail) {
   const std::string msg = label_ + fmt(" ... done in %.1f s", elapsed()) + (detail.empty() ? "" : " (" + detail + ")");
-  if (tty_ && drawn_) std::fprintf(stderr, "\r\033[K%s\n", msg.c_str());
-  else std::fprintf(stderr, "%s\n", msg.c_str());
+  if (tty_ && drawn_)
+    std::fprintf(stderr, "\r\033[K%s\n", msg.c_str());
+  else
+    std::fprintf(stderr, "%s\n", msg.c_str());
   std::fflush(stderr);
 }
 
@@ -296,10 +304,14 @@ void Progress::finish(const std::string& detail) {
 std::string Json::quote(const std::string& s) {
   std::string o = "\"";
   for (unsigned char c : s) {
-    if (c == '"' || c == '\\') o += '\\', o += static_cast<char>(c);
-    else if (c == '\n') o += "\\n";
-    else if (c < 0x20) o += fmt("\\u%04x", c);
-    else o += static_cast<char>(c);
+    if (c == '"' || c == '\\')
+      o += '\\', o += static_cast<char>(c);
+    else if (c == '\n')
+      o += "\\n";
+    else if (c < 0x20)
+      o += fmt("\\u%04x", c);
+    else
+      o += static_cast<char>(c);
   }
   return o + "\"";
 }
@@ -349,8 +361,10 @@ Json& Json::field(const std::string& key, const std::string& v) {
 
 Json& Json::field(const std::string& key, double v) {
   prefix(key);
-  if (std::isfinite(v)) out_ << fmt("%.9g", v);
-  else out_ << "null";
+  if (std::isfinite(v))
+    out_ << fmt("%.9g", v);
+  else
+    out_ << "null";
   return *this;
 }
 

@@ -163,8 +163,7 @@ int main(int argc, char** argv) {
       args.insert(args.end(), rest.begin(), rest.end());
       return run_python("qmoe.hf", args);
     }
-    std::fprintf(stderr,
-                 "qmoe: unknown command '%s' (commands: bench, convert, demo, info, onnx; see 'qmoe --help')\n",
+    std::fprintf(stderr, "qmoe: unknown command '%s' (commands: bench, convert, demo, info, onnx; see 'qmoe --help')\n",
                  cmd.c_str());
     return 2;
   } catch (const UsageError& e) {

@@ -102,7 +102,8 @@ SynthLayer synth_layer(std::int64_t experts, std::int64_t hidden, std::int64_t i
   };
   s.fc1 = quantize_experts(experts, n1, hidden, q, opt.seed, 1, err2, ref2, tick);
   s.fc2 = quantize_experts(experts, hidden, inter, q, opt.seed, 2, err2, ref2, tick);
-  if (swiglu && attrs.swiglu_fusion == 0) s.fc3 = quantize_experts(experts, inter, hidden, q, opt.seed, 3, err2, ref2, tick);
+  if (swiglu && attrs.swiglu_fusion == 0)
+    s.fc3 = quantize_experts(experts, inter, hidden, q, opt.seed, 3, err2, ref2, tick);
   s.quant_rel_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : 0;
   if (opt.bias) {
     s.b1.resize(static_cast<std::size_t>(experts * n1));

@@ -17,9 +17,9 @@ namespace qmoe::tools {
 struct SynthLayer {
   MoeAttributes attrs;
   MoeShape shape;
-  QuantizedWeights fc1, fc2, fc3;      // fc3 only for swiglu fusion 0
-  std::vector<float> b1, b2, b3;       // empty when without biases
-  double quant_rel_l2 = 0;             // quantization error of the weights (rel. L2, all matrices)
+  QuantizedWeights fc1, fc2, fc3;  // fc3 only for swiglu fusion 0
+  std::vector<float> b1, b2, b3;   // empty when without biases
+  double quant_rel_l2 = 0;         // quantization error of the weights (rel. L2, all matrices)
 
   /// Views in the ONNX Runtime layout.
   ExpertWeights views() const;

@@ -38,7 +38,7 @@ inline constexpr int kFileFormatVersion = 1;
 
 /// One tensor of a file (where it lies; reading it touches nothing).
 struct FileTensor {
-  std::string name;          ///< full safetensors name
+  std::string name;  ///< full safetensors name
   DType dtype = DType::u8;
   Shape shape;
   std::uint64_t offset = 0;  ///< from the start of the file
@@ -49,11 +49,11 @@ struct FileTensor {
 struct FileLayer {
   std::string name;
   MoeAttributes attributes;
-  MoeShape shape;                                ///< validated against the attributes
-  std::vector<FileTensor> tensors;               ///< the ONNX Runtime inputs present, in input order
-  std::vector<FileTensor> extra;                 ///< other `<name>.<suffix>` tensors (router, ...)
-  std::map<std::string, std::string> metadata;   ///< the layer's free-form metadata
-  std::uint64_t weight_bytes = 0;                ///< bytes of `tensors`
+  MoeShape shape;                               ///< validated against the attributes
+  std::vector<FileTensor> tensors;              ///< the ONNX Runtime inputs present, in input order
+  std::vector<FileTensor> extra;                ///< other `<name>.<suffix>` tensors (router, ...)
+  std::map<std::string, std::string> metadata;  ///< the layer's free-form metadata
+  std::uint64_t weight_bytes = 0;               ///< bytes of `tensors`
 };
 
 /// An open qmoe file: memory-mapped read-only; the header is parsed and every

@@ -114,8 +114,7 @@ class Layer {
 /// (dequantize, route, FC1, activation, FC2, mix), following the operator
 /// contract literally. Returns [T, H] float64 values, T = input rows.
 /// router_weights may be an absent view. Validates like Layer and forward().
-std::vector<double> reference_forward(const ExpertWeights& weights, const MoeAttributes& attrs,
-                                      const TensorView& input, const TensorView& router_probs,
-                                      const TensorView& router_weights = {});
+std::vector<double> reference_forward(const ExpertWeights& weights, const MoeAttributes& attrs, const TensorView& input,
+                                      const TensorView& router_probs, const TensorView& router_weights = {});
 
 }  // namespace qmoe

@@ -10,10 +10,10 @@ namespace qmoe {
 
 /// How to quantize.
 struct QuantizeOptions {
-  int bits = 4;          ///< 4 or 8
-  int block_size = 0;    ///< 0 = one scale per row; else a power of two >= 16 dividing K
-  bool symmetric = true; ///< true: scale = absmax/(2^(bits-1)-1), stored q + 2^(bits-1), no zero points;
-                         ///< false: scale = (max-min)/(2^bits-1) with zero points
+  int bits = 4;           ///< 4 or 8
+  int block_size = 0;     ///< 0 = one scale per row; else a power of two >= 16 dividing K
+  bool symmetric = true;  ///< true: scale = absmax/(2^(bits-1)-1), stored q + 2^(bits-1), no zero points;
+                          ///< false: scale = (max-min)/(2^bits-1) with zero points
 };
 
 /// The result, in ONNX Runtime's layout (see weights.h), owning its buffers.
@@ -23,8 +23,8 @@ struct QuantizedWeights {
   std::vector<std::uint8_t> weights;      ///< [E, N, K/pack]
   std::vector<float> scales;              ///< [E, N] or [E, N, K/block]
   std::vector<std::uint8_t> zero_points;  ///< empty when symmetric
-  double max_abs_error = 0;  ///< max |dequantized - original|
-  double rel_l2_error = 0;   ///< ||dequantized - original|| / ||original||
+  double max_abs_error = 0;               ///< max |dequantized - original|
+  double rel_l2_error = 0;                ///< ||dequantized - original|| / ||original||
 
   TensorView weights_view() const;
   TensorView scales_view() const;
@@ -37,7 +37,7 @@ QuantizedWeights quantize(const TensorView& w, const QuantizeOptions& options);
 
 /// Dequantizes one raw matrix (scalar, the oracle used by the reference):
 /// returns [E, N, K] float64. scales/zero_points as in weights.h.
-std::vector<double> dequantize(const TensorView& weights, const TensorView& scales,
-                               const TensorView& zero_points, int bits, int block_size, std::int64_t cols);
+std::vector<double> dequantize(const TensorView& weights, const TensorView& scales, const TensorView& zero_points,
+                               int bits, int block_size, std::int64_t cols);
 
 }  // namespace qmoe

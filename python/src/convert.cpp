@@ -49,12 +49,18 @@ constexpr std::int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLROCM = 10, k
 
 std::string device_type_name(std::int32_t t) {
   switch (t) {
-    case kDLCPU: return "cpu";
-    case kDLCUDA: return "cuda";
-    case kDLCUDAHost: return "cuda host (pinned) memory";
-    case kDLROCM: return "rocm";
-    case kDLCUDAManaged: return "cuda managed memory";
-    default: return "DLPack device type " + std::to_string(t);
+    case kDLCPU:
+      return "cpu";
+    case kDLCUDA:
+      return "cuda";
+    case kDLCUDAHost:
+      return "cuda host (pinned) memory";
+    case kDLROCM:
+      return "rocm";
+    case kDLCUDAManaged:
+      return "cuda managed memory";
+    default:
+      return "DLPack device type " + std::to_string(t);
   }
 }
 
@@ -62,13 +68,26 @@ std::string dl_dtype_name(nb::dlpack::dtype d) {
   using code = nb::dlpack::dtype_code;
   std::string base;
   switch (static_cast<code>(d.code)) {
-    case code::Int: base = "int"; break;
-    case code::UInt: base = "uint"; break;
-    case code::Float: base = "float"; break;
-    case code::Bfloat: base = "bfloat"; break;
-    case code::Complex: base = "complex"; break;
-    case code::Bool: return "bool";
-    default: base = "DLPack type code " + std::to_string(d.code) + " bits "; break;
+    case code::Int:
+      base = "int";
+      break;
+    case code::UInt:
+      base = "uint";
+      break;
+    case code::Float:
+      base = "float";
+      break;
+    case code::Bfloat:
+      base = "bfloat";
+      break;
+    case code::Complex:
+      base = "complex";
+      break;
+    case code::Bool:
+      return "bool";
+    default:
+      base = "DLPack type code " + std::to_string(d.code) + " bits ";
+      break;
   }
   std::string s = base + std::to_string(d.bits);
   if (d.lanes != 1) s += "x" + std::to_string(d.lanes);

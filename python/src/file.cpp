@@ -1,4 +1,6 @@
 // Bindings of qmoe's file format (qmoe/file.h): open (inspect), load, save.
+#include "qmoe/file.h"
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
@@ -10,7 +12,6 @@
 
 #include "bindings.h"
 #include "convert.h"
-#include "qmoe/file.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -66,7 +67,8 @@ nb::object tensor_copy(const qmoe::File& f, const std::string& name) {
       std::memcpy(out.data(), v.data, n);
       return nb::cast(to_numpy(std::move(out), shape));
     }
-    case qmoe::DType::u8: break;
+    case qmoe::DType::u8:
+      break;
   }
   std::vector<std::uint8_t> out(n);
   std::memcpy(out.data(), v.data, n);
@@ -100,35 +102,43 @@ void save(const std::string& path, const std::vector<PyLayerToSave>& layers,
 
 void bind_file(nb::module_& m) {
   nb::class_<qmoe::File>(m, "File", "An open qmoe file (memory-mapped; use qmoe.open).")
-      .def_static("open", [](const std::string& p) {
-        nb::gil_scoped_release release;
-        return qmoe::File::open(p);
-      }, "path"_a)
+      .def_static(
+          "open",
+          [](const std::string& p) {
+            nb::gil_scoped_release release;
+            return qmoe::File::open(p);
+          },
+          "path"_a)
       .def_prop_ro("path", &qmoe::File::path)
       .def_prop_ro("size_bytes", &qmoe::File::size_bytes)
       .def_prop_ro("metadata", &qmoe::File::metadata)
-      .def_prop_ro("layers", [](const qmoe::File& f) {
-        nb::list out;
-        for (const auto& l : f.layers()) out.append(layer_info(l));
-        return out;
-      })
-      .def_prop_ro("tensors", [](const qmoe::File& f) {
-        nb::list out;
-        for (const auto& t : f.tensors()) out.append(tensor_info(t));
-        return out;
-      })
+      .def_prop_ro("layers",
+                   [](const qmoe::File& f) {
+                     nb::list out;
+                     for (const auto& l : f.layers()) out.append(layer_info(l));
+                     return out;
+                   })
+      .def_prop_ro("tensors",
+                   [](const qmoe::File& f) {
+                     nb::list out;
+                     for (const auto& t : f.tensors()) out.append(tensor_info(t));
+                     return out;
+                   })
       .def("tensor", &tensor_copy, "name"_a, "A copy of a stored tensor (2-byte floats as uint16).")
-      .def("load", [](const qmoe::File& f, const std::string& name, int threads, int accuracy_level,
-                                nb::handle backend, int device, std::int64_t max_tokens) {
-        const qmoe::LayerOptions o = layer_options(threads, accuracy_level, backend, device, max_tokens);
-        std::unique_ptr<qmoe::Layer> l;
-        {
-          nb::gil_scoped_release release;
-          l = std::make_unique<qmoe::Layer>(f.load(name, o));
-        }
-        return wrap_layer(std::move(*l), o);
-      }, "name"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
-         "Builds a Layer from a stored layer, prepacking from the map (GIL released).");
+      .def(
+          "load",
+          [](const qmoe::File& f, const std::string& name, int threads, int accuracy_level, nb::handle backend,
+             int device, std::int64_t max_tokens) {
+            const qmoe::LayerOptions o = layer_options(threads, accuracy_level, backend, device, max_tokens);
+            std::unique_ptr<qmoe::Layer> l;
+            {
+              nb::gil_scoped_release release;
+              l = std::make_unique<qmoe::Layer>(f.load(name, o));
+            }
+            return wrap_layer(std::move(*l), o);
+          },
+          "name"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
+          "Builds a Layer from a stored layer, prepacking from the map (GIL released).");
   m.def("save_file", &save, "path"_a, "layers"_a, "metadata"_a,
         "Writes a qmoe file: layers = [(name, weights, attrs, extra, metadata)].");
 }

@@ -70,9 +70,8 @@ qmoe::Backend parse_backend(nb::handle b) {
                            std::to_string(static_cast<int>(qmoe::Backend::cuda)) + " (cuda), got " + std::to_string(v))
                               .c_str());
   }
-  throw nb::type_error(("backend: expected \"cpu\", \"cuda\" or an int, got " +
-                        nb::cast<std::string>(nb::repr(b)))
-                           .c_str());
+  throw nb::type_error(
+      ("backend: expected \"cpu\", \"cuda\" or an int, got " + nb::cast<std::string>(nb::repr(b))).c_str());
 }
 
 void layer_init(PyLayer* self, const std::map<std::string, TaggedIn>& weights, const qmoe::MoeAttributes& attrs,
@@ -210,7 +209,8 @@ NB_MODULE(_core, m) {
       .def(nb::init<>())
       .def_rw("k", &qmoe::MoeAttributes::k)
       .def_prop_rw(
-          "activation_type", [](const qmoe::MoeAttributes& a) { return std::string(qmoe::activation_name(a.activation)); },
+          "activation_type",
+          [](const qmoe::MoeAttributes& a) { return std::string(qmoe::activation_name(a.activation)); },
           [](qmoe::MoeAttributes& a, const std::string& s) { a.activation = qmoe::parse_activation(s); })
       .def_rw("normalize_routing_weights", &qmoe::MoeAttributes::normalize_routing_weights)
       .def_rw("use_sparse_mixer", &qmoe::MoeAttributes::use_sparse_mixer)
@@ -226,8 +226,8 @@ NB_MODULE(_core, m) {
   m.attr("BACKEND_CUDA") = static_cast<int>(qmoe::Backend::cuda);
 
   nb::class_<PyLayer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
-      .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a,
-           "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
+      .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu",
+           "device"_a = 0, "max_tokens"_a = 4096,
            "Validates and prepacks the raw weights (GIL released); keeps no reference to them. "
            "backend: \"cpu\", \"cuda\" or BACKEND_*; device: CUDA ordinal; max_tokens: tokens per CUDA pass.")
       .def("forward", &layer_forward, "input"_a, "router_probs"_a, "router_weights"_a.none(), "out"_a,
@@ -247,13 +247,16 @@ NB_MODULE(_core, m) {
       .def_prop_ro("packed_bytes", [](const PyLayer& l) { return l.packed_bytes(); })
       .def_prop_ro("threads", [](const PyLayer& l) { return l.threads(); })
       .def_prop_ro("kernel_name", [](const PyLayer& l) { return std::string(l.kernel_name()); })
-      .def_prop_ro("backend", [](const PyLayer& l) { return std::string(backend_name(l.backend())); },
-                   "\"cpu\" or \"cuda\".")
-      .def_prop_ro("device", [](const PyLayer& l) { return l.device; }, "The CUDA ordinal; -1 on the CPU backend.")
-      .def_prop_ro("device_bytes", [](const PyLayer& l) { return l.device_bytes(); },
-                   "CUDA: device memory the layer holds (packed weights, scales, biases); 0 on the CPU.")
-      .def_prop_ro("workspace_bytes", [](const PyLayer& l) { return l.workspace_bytes(); },
-                   "CUDA: bytes of the per-device working memory the layer uses (shared); 0 on the CPU.");
+      .def_prop_ro(
+          "backend", [](const PyLayer& l) { return std::string(backend_name(l.backend())); }, "\"cpu\" or \"cuda\".")
+      .def_prop_ro(
+          "device", [](const PyLayer& l) { return l.device; }, "The CUDA ordinal; -1 on the CPU backend.")
+      .def_prop_ro(
+          "device_bytes", [](const PyLayer& l) { return l.device_bytes(); },
+          "CUDA: device memory the layer holds (packed weights, scales, biases); 0 on the CPU.")
+      .def_prop_ro(
+          "workspace_bytes", [](const PyLayer& l) { return l.workspace_bytes(); },
+          "CUDA: bytes of the per-device working memory the layer uses (shared); 0 on the CPU.");
 
   qmoe_py::bind_file(m);
 
@@ -267,6 +270,7 @@ NB_MODULE(_core, m) {
         "float32 FMA rate in flop/s of `threads` threads with the CPU kernels' ISA (GIL released).");
   m.def("cuda_available", &qmoe::cuda_available,
         "True when this build has the CUDA backend and a CUDA device is present.");
-  m.def("cpu_kernel_isa", [] { return std::string(qmoe::cpu_kernel_isa()); },
-        "The CPU kernel table Layer uses in this process, e.g. 'avx512vnni'.");
+  m.def(
+      "cpu_kernel_isa", [] { return std::string(qmoe::cpu_kernel_isa()); },
+      "The CPU kernel table Layer uses in this process, e.g. 'avx512vnni'.");
 }

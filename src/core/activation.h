@@ -14,14 +14,18 @@ namespace qmoe::detail {
 template <typename T>
 inline T activate(Activation a, T h) {
   switch (a) {
-    case Activation::relu: return h < T(0) ? T(0) : h;  // NaN stays NaN: never a silent 0
+    case Activation::relu:
+      return h < T(0) ? T(0) : h;  // NaN stays NaN: never a silent 0
     case Activation::gelu: {
       const T c = T(0.7978845608028654);  // sqrt(2/pi)
       return T(0.5) * h * (T(1) + std::tanh(c * (h + T(0.044715) * h * h * h)));
     }
-    case Activation::silu: return h / (T(1) + std::exp(-h));
-    case Activation::identity: return h;
-    case Activation::swiglu: break;
+    case Activation::silu:
+      return h / (T(1) + std::exp(-h));
+    case Activation::identity:
+      return h;
+    case Activation::swiglu:
+      break;
   }
   return h;
 }
@@ -73,15 +77,19 @@ inline float fast_exp(float x) {
 /// activate / swiglu, with fast_exp.
 inline float fast_activate(Activation a, float h) {
   switch (a) {
-    case Activation::relu: return h < 0.f ? 0.f : h;
+    case Activation::relu:
+      return h < 0.f ? 0.f : h;
     case Activation::gelu: {
       const float u = 0.7978845608028654f * (h + 0.044715f * h * h * h);
       const float t = 1.f - 2.f / (fast_exp(2.f * u) + 1.f);  // tanh(u)
       return 0.5f * h * (1.f + t);
     }
-    case Activation::silu: return h / (1.f + fast_exp(-h));
-    case Activation::identity: return h;
-    case Activation::swiglu: break;
+    case Activation::silu:
+      return h / (1.f + fast_exp(-h));
+    case Activation::identity:
+      return h;
+    case Activation::swiglu:
+      break;
   }
   return h;
 }

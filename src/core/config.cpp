@@ -1,7 +1,8 @@
+#include "qmoe/config.h"
+
 #include <sstream>
 
 #include "core/check.h"
-#include "qmoe/config.h"
 
 namespace qmoe {
 
@@ -16,19 +17,24 @@ Activation parse_activation(std::string_view name) {
 
 const char* activation_name(Activation a) noexcept {
   switch (a) {
-    case Activation::relu: return "relu";
-    case Activation::gelu: return "gelu";
-    case Activation::silu: return "silu";
-    case Activation::swiglu: return "swiglu";
-    case Activation::identity: return "identity";
+    case Activation::relu:
+      return "relu";
+    case Activation::gelu:
+      return "gelu";
+    case Activation::silu:
+      return "silu";
+    case Activation::swiglu:
+      return "swiglu";
+    case Activation::identity:
+      return "identity";
   }
   return "?";
 }
 
 std::string describe(const MoeAttributes& a) {
   std::ostringstream os;
-  os << "k=" << a.k << " activation_type=" << activation_name(a.activation) << " expert_weight_bits="
-     << a.expert_weight_bits << " block_size=" << a.block_size
+  os << "k=" << a.k << " activation_type=" << activation_name(a.activation)
+     << " expert_weight_bits=" << a.expert_weight_bits << " block_size=" << a.block_size
      << " normalize_routing_weights=" << a.normalize_routing_weights;
   if (a.activation == Activation::swiglu)
     os << " swiglu_fusion=" << a.swiglu_fusion << " swiglu_limit=" << a.swiglu_limit

@@ -1,8 +1,9 @@
+#include "qmoe/layer.h"
+
 #include "core/check.h"
 #include "core/validate.h"
 #include "cpu/moe.h"
 #include "cuda/cuda_moe.h"
-#include "qmoe/layer.h"
 
 namespace qmoe {
 
@@ -45,7 +46,8 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
       impl_->gpu = std::make_unique<cuda::CudaMoe>(weights, attrs, impl_->shape, options, release);
       break;
-    default: detail::fail("backend: expected Backend::cpu or Backend::cuda, got ", static_cast<int>(options.backend));
+    default:
+      detail::fail("backend: expected Backend::cpu or Backend::cuda, got ", static_cast<int>(options.backend));
   }
 }
 

@@ -29,7 +29,8 @@ std::vector<double> reference_forward(const ExpertWeights& w, const MoeAttribute
   std::vector<double> mixw(static_cast<std::size_t>(t * a.k));
   std::vector<float> lg(static_cast<std::size_t>(e_count)), mx(static_cast<std::size_t>(e_count));
   for (std::int64_t i = 0; i < t; ++i) {
-    for (std::int64_t e = 0; e < e_count; ++e) lg[e] = load_float(router_probs.data, router_probs.dtype, i * e_count + e);
+    for (std::int64_t e = 0; e < e_count; ++e)
+      lg[e] = load_float(router_probs.data, router_probs.dtype, i * e_count + e);
     if (router_weights.present())
       for (std::int64_t e = 0; e < e_count; ++e)
         mx[e] = load_float(router_weights.data, router_weights.dtype, i * e_count + e);
@@ -73,9 +74,12 @@ std::vector<double> reference_forward(const ExpertWeights& w, const MoeAttribute
           if (separate_up) matvec(w3, in, h, x.data(), w.fc3_bias, up);
           for (std::int64_t r = 0; r < in; ++r) {
             double g, l;
-            if (a.swiglu_fusion == 1) g = hid[2 * r], l = hid[2 * r + 1];
-            else if (a.swiglu_fusion == 2) g = hid[r], l = hid[in + r];
-            else g = hid[r], l = up[r];
+            if (a.swiglu_fusion == 1)
+              g = hid[2 * r], l = hid[2 * r + 1];
+            else if (a.swiglu_fusion == 2)
+              g = hid[r], l = hid[in + r];
+            else
+              g = hid[r], l = up[r];
             act[r] = swiglu<double>(g, l, a.activation_alpha, a.activation_beta, a.swiglu_limit);
           }
         } else {

@@ -1,28 +1,37 @@
+#include "qmoe/tensor.h"
+
 #include <bit>
 #include <cstring>
 #include <sstream>
 
 #include "core/check.h"
-#include "qmoe/tensor.h"
 
 namespace qmoe {
 
 std::size_t dtype_size(DType t) noexcept {
   switch (t) {
-    case DType::f32: return 4;
-    case DType::f16: return 2;
-    case DType::bf16: return 2;
-    case DType::u8: return 1;
+    case DType::f32:
+      return 4;
+    case DType::f16:
+      return 2;
+    case DType::bf16:
+      return 2;
+    case DType::u8:
+      return 1;
   }
   return 1;
 }
 
 const char* dtype_name(DType t) noexcept {
   switch (t) {
-    case DType::f32: return "float32";
-    case DType::f16: return "float16";
-    case DType::bf16: return "bfloat16";
-    case DType::u8: return "uint8";
+    case DType::f32:
+      return "float32";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::u8:
+      return "uint8";
   }
   return "?";
 }
@@ -99,8 +108,7 @@ void require_dtype(const TensorView& t, const char* name, DType want) {
 }
 
 void require_float(const TensorView& t, const char* name) {
-  if (t.dtype == DType::u8)
-    fail(name, ": expected dtype float32, float16 or bfloat16, got ", dtype_name(t.dtype));
+  if (t.dtype == DType::u8) fail(name, ": expected dtype float32, float16 or bfloat16, got ", dtype_name(t.dtype));
 }
 
 void require_data(const TensorView& t, const char* name) {
@@ -111,10 +119,14 @@ void require_data(const TensorView& t, const char* name) {
 
 float load_float(const void* data, DType t, std::int64_t i) noexcept {
   switch (t) {
-    case DType::f32: return static_cast<const float*>(data)[i];
-    case DType::f16: return f16_to_f32(static_cast<const std::uint16_t*>(data)[i]);
-    case DType::bf16: return bf16_to_f32(static_cast<const std::uint16_t*>(data)[i]);
-    case DType::u8: return static_cast<const std::uint8_t*>(data)[i];
+    case DType::f32:
+      return static_cast<const float*>(data)[i];
+    case DType::f16:
+      return f16_to_f32(static_cast<const std::uint16_t*>(data)[i]);
+    case DType::bf16:
+      return bf16_to_f32(static_cast<const std::uint16_t*>(data)[i]);
+    case DType::u8:
+      return static_cast<const std::uint8_t*>(data)[i];
   }
   return 0.f;
 }
@@ -129,14 +141,17 @@ void to_f32(const void* src, DType t, std::int64_t n, float* dst) noexcept {
 
 void from_f32(const float* src, std::int64_t n, DType t, void* dst) noexcept {
   switch (t) {
-    case DType::f32: std::memcpy(dst, src, static_cast<std::size_t>(n) * 4); return;
+    case DType::f32:
+      std::memcpy(dst, src, static_cast<std::size_t>(n) * 4);
+      return;
     case DType::f16:
       for (std::int64_t i = 0; i < n; ++i) static_cast<std::uint16_t*>(dst)[i] = f32_to_f16(src[i]);
       return;
     case DType::bf16:
       for (std::int64_t i = 0; i < n; ++i) static_cast<std::uint16_t*>(dst)[i] = f32_to_bf16(src[i]);
       return;
-    case DType::u8: return;
+    case DType::u8:
+      return;
   }
 }
 

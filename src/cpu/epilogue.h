@@ -9,7 +9,7 @@
 namespace qmoe::cpu {
 
 struct Fc1Epilogue {
-  Activation kind = Activation::identity;  ///< swiglu: the tile's rows are interleaved gate/up pairs
+  Activation kind = Activation::identity;      ///< swiglu: the tile's rows are interleaved gate/up pairs
   float alpha = 1.f, beta = 0.f, limit = 0.f;  ///< swiglu constants (MoeAttributes)
 };
 

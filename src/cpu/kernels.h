@@ -43,13 +43,13 @@ using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile,
 
 struct KernelConfig {
   Isa isa;
-  const char* name;      ///< e.g. "scalar"
-  int nr;                ///< rows per tile: the packer's NR
-  GemmTileFn gemm_q4;    ///< 4-bit tiles
-  GemmTileFn gemm_q8;    ///< 8-bit tiles
-  std::int64_t scratch_floats;  ///< scratch a GemmTileFn call needs
-  GemmTileI8Fn igemm_q4;        ///< 4-bit tiles, int8 activations
-  GemmTileI8Fn igemm_q8;        ///< 8-bit tiles, int8 activations
+  const char* name;              ///< e.g. "scalar"
+  int nr;                        ///< rows per tile: the packer's NR
+  GemmTileFn gemm_q4;            ///< 4-bit tiles
+  GemmTileFn gemm_q8;            ///< 8-bit tiles
+  std::int64_t scratch_floats;   ///< scratch a GemmTileFn call needs
+  GemmTileI8Fn igemm_q4;         ///< 4-bit tiles, int8 activations
+  GemmTileI8Fn igemm_q8;         ///< 8-bit tiles, int8 activations
   QuantizeRowsFn quantize_rows;  ///< activation rows -> int8 for igemm_q4 / igemm_q8
   /// Runs `iterations` rounds of independent FMA chains; returns the flops done (the ceiling probe).
   double (*peak_fma)(std::int64_t iterations, float seed);
@@ -68,7 +68,7 @@ const KernelConfig& kernel_config();
 std::vector<const KernelConfig*> supported_kernel_configs();
 
 // Kernels (one ISA per translation unit; the file name is the function name).
-#define QMOE_GEMM_TILE_FN(name)                                                                                    \
+#define QMOE_GEMM_TILE_FN(name)                                                                                       \
   void name(const PackGeometry&, const std::uint8_t*, std::int64_t, const float*, std::int64_t, std::int64_t, float*, \
             std::int64_t, float*)
 QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__scalar);
@@ -87,10 +87,10 @@ QMOE_IGEMM_TILE_FN(gemm_qd8_q8_8x16__avx512vnni);
 #undef QMOE_IGEMM_TILE_FN
 void quantize_rows__avx512(const float*, std::int64_t, std::int64_t, std::int64_t, const PackGeometry&,
                            QuantRowsBuffer&);
-void gemm_bf16_q4_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*,
-                             std::int64_t, std::int64_t, float*, std::int64_t, void*);
-void gemm_bf16_q8_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*,
-                             std::int64_t, std::int64_t, float*, std::int64_t, void*);
+void gemm_bf16_q4_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*, std::int64_t,
+                             std::int64_t, float*, std::int64_t, void*);
+void gemm_bf16_q8_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*, std::int64_t,
+                             std::int64_t, float*, std::int64_t, void*);
 void convert_f32_bf16__amx(const float*, std::uint16_t*, std::int64_t);
 double peak_f32_fma__scalar(std::int64_t, float);
 double peak_f32_fma__avx2(std::int64_t, float);

@@ -12,8 +12,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <cstring>
+#include <string>
 #include <thread>
 
 #include "core/check.h"
@@ -59,9 +59,12 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
     const std::int64_t i = p / 2;
     const bool up = p % 2 == 1;
     switch (a.swiglu_fusion) {
-      case 1: return {&fc1, p};
-      case 2: return {&fc1, up ? in + i : i};
-      default: return up ? RowSource{&fc3, i} : RowSource{&fc1, i};
+      case 1:
+        return {&fc1, p};
+      case 2:
+        return {&fc1, up ? in + i : i};
+      default:
+        return up ? RowSource{&fc3, i} : RowSource{&fc1, i};
     }
   };
   const int nr = kc_->nr;
@@ -135,7 +138,8 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
       if (b.present()) bias1_[e * pad1 + p] = detail::load_float(b.data, b.dtype, e * src.src->rows + src.row);
     }
     if (w.fc2_bias.present())
-      for (std::int64_t p = 0; p < h; ++p) bias2_[e * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
+      for (std::int64_t p = 0; p < h; ++p)
+        bias2_[e * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
   }
   name_ = std::string("cpu/") + kc_->name + " nr=" + std::to_string(nr) + (int8_ ? " int8-activations" : "") +
           (bf16_ ? " bf16-amx" : "");
@@ -165,12 +169,14 @@ bool profile_on() {
 }
 struct PhaseClock {
   bool on = profile_on();
-  std::chrono::steady_clock::time_point t = on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  std::chrono::steady_clock::time_point t =
+      on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   std::string line;
   void mark(const char* what) {
     if (!on) return;
     const auto now = std::chrono::steady_clock::now();
-    line += std::string(what) + " " + std::to_string(std::chrono::duration<double, std::milli>(now - t).count()) + " ms  ";
+    line +=
+        std::string(what) + " " + std::to_string(std::chrono::duration<double, std::milli>(now - t).count()) + " ms  ";
     t = now;
   }
   ~PhaseClock() {
@@ -262,7 +268,8 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
                             &wts[i * k]);
     });
   }
-  std::vector<std::int64_t> count(static_cast<std::size_t>(e_count), 0), offset(static_cast<std::size_t>(e_count + 1), 0);
+  std::vector<std::int64_t> count(static_cast<std::size_t>(e_count), 0),
+      offset(static_cast<std::size_t>(e_count + 1), 0);
   for (int e : chosen) ++count[e];
   for (std::int64_t e = 0; e < e_count; ++e) offset[e + 1] = offset[e] + count[e];
   std::vector<std::int64_t> row_token(static_cast<std::size_t>(nrows)), slot_pos(static_cast<std::size_t>(nrows));
@@ -462,7 +469,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       for (std::int64_t i = item * per; i < std::min(nt, (item + 1) * per); ++i) {
         for (int j = 0; j < k; ++j) slots[j] = {chosen[i * k + j], slot_pos[i * k + j]};
         std::sort(slots.begin(), slots.end());  // the experts of a token are distinct
-        float* dst = out + (t0 + i) * h;  // every token of the chunk is written here, whole
+        float* dst = out + (t0 + i) * h;        // every token of the chunk is written here, whole
         for (std::size_t j = 0; j < slots.size(); ++j) {
           const auto [e, pos] = slots[j];
           const float* yr = y2 + pos * pad2;

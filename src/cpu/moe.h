@@ -50,8 +50,8 @@ class CpuMoe {
   using WorkspacePtr = std::unique_ptr<Workspace, WorkspaceDeleter>;
   WorkspacePtr acquire() const;
   void release(WorkspacePtr w) const;
-  void run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0,
-                 std::int64_t t1, float* out) const;
+  void run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
+                 float* out) const;
 
   MoeAttributes attrs_;
   MoeShape shape_;

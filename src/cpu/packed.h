@@ -46,8 +46,8 @@ struct PackTag {
   std::uint32_t bits;       ///< 4 or 8
   std::uint32_t block_len;  ///< columns per scale block (K when row-wise)
   std::int64_t experts;
-  std::int64_t rows;        ///< logical rows (before padding to NR)
-  std::int64_t cols;        ///< K
+  std::int64_t rows;            ///< logical rows (before padding to NR)
+  std::int64_t cols;            ///< K
   std::uint64_t expert_stride;  ///< bytes per expert
 };
 

@@ -34,9 +34,9 @@ namespace qmoe::cpu {
 
 /// Quantized activation rows, as the int8 kernels read them.
 struct QuantRows {
-  const std::int8_t* q = nullptr;     ///< [rows][ldq] codes (ldq = padded_cols)
-  const float* scale = nullptr;       ///< [rows][lds] per activation block
-  const float* zsum = nullptr;         ///< [rows][ldz] per weight block: sum_a scale_a * sum(q in a)
+  const std::int8_t* q = nullptr;  ///< [rows][ldq] codes (ldq = padded_cols)
+  const float* scale = nullptr;    ///< [rows][lds] per activation block
+  const float* zsum = nullptr;     ///< [rows][ldz] per weight block: sum_a scale_a * sum(q in a)
   std::int64_t ldq = 0, lds = 0, ldz = 0;
 };
 

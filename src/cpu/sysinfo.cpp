@@ -77,7 +77,8 @@ double measure_peak_flops(int threads, double seconds) {
   const double t0 = now_s();
   kc.peak_fma(iters, 1.f);
   const double per = now_s() - t0;
-  const std::int64_t run = std::max<std::int64_t>(1, static_cast<std::int64_t>(static_cast<double>(iters) * seconds / per));
+  const std::int64_t run =
+      std::max<std::int64_t>(1, static_cast<std::int64_t>(static_cast<double>(iters) * seconds / per));
   std::vector<double> flops(static_cast<std::size_t>(threads));
   const double dt = timed_parallel(threads, [&](int t) { flops[t] = kc.peak_fma(run, 1.f + static_cast<float>(t)); });
   double total = 0;

@@ -100,9 +100,7 @@ void ThreadPool::post(std::uint64_t state) {
 void ThreadPool::worker(int index) {
   std::uint64_t seen = 0;  // generation of the last job this worker looked at
   for (;;) {
-    auto fresh = [&](std::memory_order mo) {
-      return stop_.load(mo) || generation(state_.load(mo)) != seen;
-    };
+    auto fresh = [&](std::memory_order mo) { return stop_.load(mo) || generation(state_.load(mo)) != seen; };
     if (!spin_until([&] { return fresh(std::memory_order_acquire); }, kWorkerSpin)) {
       sleepers_.fetch_add(1, std::memory_order_seq_cst);
       {

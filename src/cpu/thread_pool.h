@@ -15,8 +15,8 @@ namespace qmoe::cpu {
 /// `threads - 1` workers plus the calling thread run each job. Items are handed
 /// out one at a time from an atomic counter (dynamic scheduling), so uneven
 /// items still keep every thread busy. Jobs from different callers that need
-/// the workers are serialized by a mutex (single-item jobs run on the caller); a job must not submit another job to the same pool
-/// (nothing in qmoe does), which rules out nested-parallelism deadlock.
+/// the workers are serialized by a mutex (single-item jobs run on the caller); a job must not submit another job to the
+/// same pool (nothing in qmoe does), which rules out nested-parallelism deadlock.
 ///
 /// Why it spins: one forward call runs ~5 parallel regions back to back, and a
 /// condition-variable wake-up per region (futex wake, scheduler, cache-cold
@@ -68,8 +68,8 @@ class ThreadPool {
   std::exception_ptr error_;  // guarded by m_
   alignas(64) std::atomic<std::uint64_t> state_{0};
   alignas(64) std::atomic<std::int64_t> next_{0};
-  alignas(64) std::atomic<int> sleepers_{0};     // workers in (or entering) wake_.wait
-  std::atomic<bool> caller_sleeping_{false};     // the caller is in (or entering) done_.wait
+  alignas(64) std::atomic<int> sleepers_{0};  // workers in (or entering) wake_.wait
+  std::atomic<bool> caller_sleeping_{false};  // the caller is in (or entering) done_.wait
   std::atomic<bool> stop_{false};
   std::mutex m_;
   std::condition_variable wake_, done_;

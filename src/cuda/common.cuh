@@ -75,9 +75,7 @@ void opt_in_smem(int bytes) {
   static std::once_flag once[kMaxDevices];
   int dev = 0;
   QMOE_CUDA_CHECK(cudaGetDevice(&dev));
-  auto set = [&] {
-    QMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  };
+  auto set = [&] { QMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)); };
   if (dev >= 0 && dev < kMaxDevices)
     std::call_once(once[dev], set);
   else

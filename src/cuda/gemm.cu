@@ -25,14 +25,14 @@ constexpr int kThreads = 32 * kWarps;
 // SK: how scales change along K (mma_common.cuh).
 template <int MT, int SK>
 struct Shape {
-  static constexpr int BM = 8 * MT;               // token columns per block
-  static constexpr int WR = MT >= 8 ? 2 : 1;      // 16-row tiles per warp
-  static constexpr int BN = kWarps * 16 * WR;     // output rows per block
-  static constexpr int KC = MT >= 8 ? 256 : 512;  // K columns per shared-memory chunk
-  static constexpr int LDS = KC + 8;              // row stride: B fragment loads hit 32 distinct banks
+  static constexpr int BM = 8 * MT;                    // token columns per block
+  static constexpr int WR = MT >= 8 ? 2 : 1;           // 16-row tiles per warp
+  static constexpr int BN = kWarps * 16 * WR;          // output rows per block
+  static constexpr int KC = MT >= 8 ? 256 : 512;       // K columns per shared-memory chunk
+  static constexpr int LDS = KC + 8;                   // row stride: B fragment loads hit 32 distinct banks
   static constexpr int D = WR == 1 && SK < 2 ? 4 : 2;  // slabs of weights loaded ahead
   static constexpr int kSmemBytes = 2 * BM * LDS * 2;
-  static constexpr bool kBlockAcc = MT <= 4;      // block scales on float32 per-block accumulators
+  static constexpr bool kBlockAcc = MT <= 4;  // block scales on float32 per-block accumulators
 };
 
 template <class T, int BITS, int MT, int SK>
@@ -58,8 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmProblem p) 
   const unsigned* rel =
       p.rel_scales ? reinterpret_cast<const unsigned*>(p.rel_scales) + e * p.g.rel_scale_words_per_expert() : nullptr;
   const unsigned short* zp =
-      p.zero_points ? reinterpret_cast<const unsigned short*>(p.zero_points) + e * p.g.zp_pairs_per_expert()
-                    : nullptr;
+      p.zero_points ? reinterpret_cast<const unsigned short*>(p.zero_points) + e * p.g.zp_pairs_per_expert() : nullptr;
 
   // Tokens of this tile -> rows of x, loaded K chunk by K chunk into shared
   // memory (double-buffered). Columns past K are zero (they meet zero
@@ -177,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmProblem p) 
           const bool boundary = ((kc0 + kl + 16 * j) & (bs - 1)) == 0;
           if (boundary || first) {
             if (block_acc && !first) flush();
-            // (select values, not an index: a run-time index would put the arrays in local memory)
+              // (select values, not an index: a run-time index would put the arrays in local memory)
 #pragma unroll
             for (int r = 0; r < S::WR; ++r) {
               const unsigned zw = zp ? gr.zpw[d][per_step ? j : 0][r] : 0u;
@@ -240,10 +239,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmProblem p) 
   }
   if constexpr (block_acc) flush();
 
-  // Epilogue: each warp's 16-row tiles, MT groups of 8 token columns.
+    // Epilogue: each warp's 16-row tiles, MT groups of 8 token columns.
 #pragma unroll
-  for (int r = 0; r < S::WR; ++r)
-    store_tile<T, MT>(p, &acc[r][0][0], e, row0 / 16 + r, pos0, rows_here, g, c);
+  for (int r = 0; r < S::WR; ++r) store_tile<T, MT>(p, &acc[r][0][0], e, row0 / 16 + r, pos0, rows_here, g, c);
 }
 
 template <class T, int BITS, int MT, int SK>

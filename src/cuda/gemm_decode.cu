@@ -61,8 +61,8 @@ __device__ __forceinline__ void ring_wait() {
 // per slab for SK = 1 and one per k16 step for SK = 2.
 template <int BITS, int SK>
 struct Ring {
-  static constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
-  static constexpr int STEPS = SC / 16;           // k16 steps per slab
+  static constexpr int SC = BITS == 4 ? 64 : 32;               // columns per slab
+  static constexpr int STEPS = SC / 16;                        // k16 steps per slab
   static constexpr int W = SK == 0 ? 0 : SK == 1 ? 1 : STEPS;  // scale words per lane and slab, per kind
   // Stages (slabs) per warp, a power of two: 8 keeps ~3.5 KiB per warp and, at
   // 4-5 blocks of 4 warps per SM, 60-70 KiB per SM in flight (measured: the
@@ -79,9 +79,9 @@ struct Ring {
 template <int MT>
 struct XTile {
   static constexpr int BM = 8 * MT;
-  static constexpr int KC = 512 / MT;    // K columns per chunk: BM * KC / 8 = 4 16-byte loads per thread
-  static constexpr int LDS = KC + 8;     // row stride: the B fragment loads hit 32 distinct banks
-  static constexpr int VPR = KC / 8;     // 16-byte vectors per row
+  static constexpr int KC = 512 / MT;  // K columns per chunk: BM * KC / 8 = 4 16-byte loads per thread
+  static constexpr int LDS = KC + 8;   // row stride: the B fragment loads hit 32 distinct banks
+  static constexpr int VPR = KC / 8;   // 16-byte vectors per row
   static constexpr int NV = BM * VPR / kThreads;
   static constexpr int kBytes = 2 * BM * LDS * 2;
 };
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   // Zero points are pairs of bytes (rows g, g + 8) per lane: copied as the
   // aligned 32-bit word that holds the pair, the half picked on use.
   const unsigned short* zpsrc = ZP ? reinterpret_cast<const unsigned short*>(p.zero_points) +
-                                                    e * p.g.zp_pairs_per_expert() + tile * nb * 8 + (g & ~1)
-                                              : nullptr;
+                                         e * p.g.zp_pairs_per_expert() + tile * nb * 8 + (g & ~1)
+                                   : nullptr;
   const int zshift = (g & 1) * 16;
   const int kb = static_cast<int>(k_begin);  // K < 2^30 (CudaMoe refuses larger shapes)
   unsigned char* ring = smem_raw + XT::kBytes + warp * R * RG::kStageBytes;
@@ -219,11 +219,13 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
           if (((kabs + 16 * j) & bmask) == 0 || first) {
             if (!first) flush();
             const int w = SK == 2 ? j : 0;
-            const unsigned rw = has_rel ? *reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + (w * 32 + lane) * 4) : 0u;
+            const unsigned rw =
+                has_rel ? *reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + (w * 32 + lane) * 4) : 0u;
             const unsigned zw =
-                has_zp ? (*reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + ((W + w) * 32 + lane) * 4) >> zshift) &
-                            0xffffu
-                      : 0u;
+                has_zp
+                    ? (*reinterpret_cast<const unsigned*>(st + RG::kCodeBytes + ((W + w) * 32 + lane) * 4) >> zshift) &
+                          0xffffu
+                    : 0u;
             bc.set(zw, has_zp, rw, false);
             bscale[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw & 0xffff)));
             bscale[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw >> 16)));
@@ -284,8 +286,9 @@ void launch_gemm_decode(const GemmProblem& p, DType dtype, int mt, std::int64_t 
   dispatch_mma(p, dtype, [&](auto t, auto bits, auto sk) {
     using T = typename decltype(t)::type;
     constexpr int B = decltype(bits)::value, SK = decltype(sk)::value;
-    if (mt == 1) return zp ? launch_one<T, B, 1, SK, true>(p, tile_capacity, stream)
-                           : launch_one<T, B, 1, SK, false>(p, tile_capacity, stream);
+    if (mt == 1)
+      return zp ? launch_one<T, B, 1, SK, true>(p, tile_capacity, stream)
+                : launch_one<T, B, 1, SK, false>(p, tile_capacity, stream);
     return zp ? launch_one<T, B, 2, SK, true>(p, tile_capacity, stream)
               : launch_one<T, B, 2, SK, false>(p, tile_capacity, stream);
   });

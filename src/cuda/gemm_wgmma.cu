@@ -37,8 +37,6 @@
 //
 // Determinism: an output value depends only on its own token's column; the K
 // order is fixed.
-#include "cuda/gemm_wgmma.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -46,6 +44,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/gemm_wgmma.h"
 #include "cuda/mma_common.cuh"
 
 // The kernel body exists only in the sm_90a device pass (wgmma is an
@@ -61,8 +60,8 @@ namespace qmoe::cuda {
 
 namespace {
 
-constexpr int kConsumers = 256;                  // two warpgroups: dequantize + wgmma + epilogue
-constexpr int kProducers = 128;                  // one warpgroup: the cp.async copies
+constexpr int kConsumers = 256;  // two warpgroups: dequantize + wgmma + epilogue
+constexpr int kProducers = 128;  // one warpgroup: the cp.async copies
 constexpr int kThreads = kConsumers + kProducers;
 // setmaxnreg split. The block starts with kLaunchRegs per thread (the
 // __launch_bounds__ cap, which the kernel reaches); setmaxnreg.inc draws only
@@ -72,24 +71,24 @@ constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // 168
 constexpr int kProducerRegs = 88, kConsumerRegs = 208;
 static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kProducers * (kLaunchRegs - kProducerRegs),
               "the consumers' setmaxnreg.inc must fit in what the producers release");
-constexpr int kTok = kWgmmaTileTokens;           // token columns per block (wgmma N)
-constexpr int kRows = kWgmmaBlockRows;           // weight rows per block
-constexpr int kTiles = kRows / kTileRows;        // 16-row tiles of layout.h per block
-constexpr int kKC = 64;                          // K columns per pipeline stage
-constexpr int kGroup = 8;                        // m-tiles per L2 group (grid order)
-constexpr int kMaxScaleBlocks = 4;               // scale blocks per stage (block size 16)
+constexpr int kTok = kWgmmaTileTokens;     // token columns per block (wgmma N)
+constexpr int kRows = kWgmmaBlockRows;     // weight rows per block
+constexpr int kTiles = kRows / kTileRows;  // 16-row tiles of layout.h per block
+constexpr int kKC = 64;                    // K columns per pipeline stage
+constexpr int kGroup = 8;                  // m-tiles per L2 group (grid order)
+constexpr int kMaxScaleBlocks = 4;         // scale blocks per stage (block size 16)
 static_assert(kTok == 128 && kRows == 256, "the kernel is written for 128 tokens x 256 rows");
 
 template <int BITS>
 struct WShape {
   static constexpr int kSlabs = BITS == 4 ? 1 : 2;  // layout.h slabs per stage (64 K columns)
   static constexpr int kStages = BITS == 4 ? 6 : 5;
-  static constexpr int kXBytes = kTok * kKC * 2;                      // tokens, 128B-swizzled
-  static constexpr int kWBytes = kTiles * kSlabs * 512;               // codes, [tile][slab][lane][16 B]
-  static constexpr int kRelBytes = kTiles * kMaxScaleBlocks * 32;     // [tile][block][g] u32
-  static constexpr int kZpBytes = kTiles * kMaxScaleBlocks * 16;      // [tile][block][g] u8 pair
+  static constexpr int kXBytes = kTok * kKC * 2;                   // tokens, 128B-swizzled
+  static constexpr int kWBytes = kTiles * kSlabs * 512;            // codes, [tile][slab][lane][16 B]
+  static constexpr int kRelBytes = kTiles * kMaxScaleBlocks * 32;  // [tile][block][g] u32
+  static constexpr int kZpBytes = kTiles * kMaxScaleBlocks * 16;   // [tile][block][g] u8 pair
   static constexpr int kStageBytes = kXBytes + kWBytes + kRelBytes + kZpBytes;
-  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;     // + room to align to 1024
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align to 1024
   static_assert(kKC * 2 == 128, "a stage is one 128-byte swizzle row per token");
   static_assert(kXBytes % 1024 == 0, "token stages must stay 1024-byte aligned (128B swizzle atoms)");
   static_assert(kSmemBytes <= 227 * 1024, "over the sm_90 shared memory per block");
@@ -113,14 +112,20 @@ __device__ __forceinline__ void touch(float& r) { asm volatile("" : "+f"(r)::"me
 
 // Register reallocation between the warpgroups (per warp, all its threads).
 template <int N>
-__device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+__device__ __forceinline__ void regs_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+}
 template <int N>
-__device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+__device__ __forceinline__ void regs_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+}
 // Named barriers (0 is __syncthreads, unused here): the per-stage barrier of
 // all threads, and one among the producers.
 enum Barrier : int { kStageBarrier = 1, kProducerBarrier = 2 };
 template <int ID, int COUNT>
-__device__ __forceinline__ void bar_sync() { asm volatile("bar.sync %0, %1;" ::"n"(ID), "n"(COUNT) : "memory"); }
+__device__ __forceinline__ void bar_sync() {
+  asm volatile("bar.sync %0, %1;" ::"n"(ID), "n"(COUNT) : "memory");
+}
 __device__ __forceinline__ void stage_barrier() { bar_sync<kStageBarrier, kThreads>(); }
 
 // Matrix descriptor of a K-major, 128B-swizzled B tile at shared address
@@ -133,18 +138,18 @@ __device__ __forceinline__ std::uint64_t b_desc(unsigned saddr) {
          (std::uint64_t{1024 >> 4} << 32) | (std::uint64_t{1} << 62);
 }
 
-#define QMOE_D8(b)                                                                                           \
+#define QMOE_D8(b)                                                                                            \
   "+f"(d[(b) + 0]), "+f"(d[(b) + 1]), "+f"(d[(b) + 2]), "+f"(d[(b) + 3]), "+f"(d[(b) + 4]), "+f"(d[(b) + 5]), \
       "+f"(d[(b) + 6]), "+f"(d[(b) + 7])
 #define QMOE_WGMMA_M64N128K16_RS(TY)                                                                              \
   asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                               \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                \
       "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY                                                    \
-      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
       "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
       "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}," \
       " {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                              \
-      : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24), QMOE_D8(32), QMOE_D8(40), QMOE_D8(48), QMOE_D8(56)     \
+      : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24), QMOE_D8(32), QMOE_D8(40), QMOE_D8(48), QMOE_D8(56)      \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
 // D[64 x 128] += A[64 x 16] (registers, mma.m16n8k16 A fragment per warp) x
@@ -209,8 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   const bool full = rt0 + kTiles <= tiles_total;
   auto tile_of = [&](int tl) { return rt0 + (full ? tl : (tl & 7)); };
 
-  const unsigned char* const zp =
-      p.zero_points ? p.zero_points + e * p.g.zp_pairs_per_expert() * 2 : nullptr;
+  const unsigned char* const zp = p.zero_points ? p.zero_points + e * p.g.zp_pairs_per_expert() * 2 : nullptr;
   const unsigned char* const rel =
       p.rel_scales ? reinterpret_cast<const unsigned char*>(p.rel_scales) + e * p.g.rel_scale_words_per_expert() * 4
                    : nullptr;
@@ -321,8 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
     tl_of[m] = wg * 8 + m * 4 + warp;
     // Row-wise weights: one set of constants for the whole K range.
     if (!bs) {
-      const unsigned zw =
-          zp ? reinterpret_cast<const unsigned short*>(zp)[tile_of(tl_of[m]) * nb * 8 + g] : 0u;
+      const unsigned zw = zp ? reinterpret_cast<const unsigned short*>(zp)[tile_of(tl_of[m]) * nb * 8 + g] : 0u;
       bc[m].set(zw, zp != nullptr, 0u, false);
     }
   }

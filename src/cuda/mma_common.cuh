@@ -205,18 +205,21 @@ __device__ __forceinline__ float sigmoid_mul(float x, float s) { return x / (1.f
 
 __device__ __forceinline__ float activate(const GemmProblem& p, float h) {
   switch (p.act) {
-    case Activation::relu: return h < 0.f ? 0.f : h;
+    case Activation::relu:
+      return h < 0.f ? 0.f : h;
     case Activation::gelu: {
       const float u = 0.7978845608028654f * (h + 0.044715f * h * h * h);
       return 0.5f * h * (1.f + tanhf(u));
     }
-    case Activation::silu: return sigmoid_mul(h, 1.f);
-    default: return h;
+    case Activation::silu:
+      return sigmoid_mul(h, 1.f);
+    default:
+      return h;
   }
 }
 
 __device__ __forceinline__ float swiglu(const GemmProblem& p, float g, float l) {
-  const float gg = p.limit < g ? p.limit : g;                             // min(g, limit), NaN stays NaN
+  const float gg = p.limit < g ? p.limit : g;                              // min(g, limit), NaN stays NaN
   const float ll = l < -p.limit ? -p.limit : (p.limit < l ? p.limit : l);  // clamp, NaN stays NaN
   return sigmoid_mul(gg, p.alpha) * (ll + p.beta);
 }
@@ -228,8 +231,8 @@ __device__ __forceinline__ float swiglu(const GemmProblem& p, float g, float l) 
 // the activation, stored in the token dtype; FC2: scaled float32 partials of
 // K split blockIdx.z. Columns at or past rows_here are not stored.
 template <class T, int NG>
-__device__ __forceinline__ void store_tile(const GemmProblem& p, const float* acc, int e, std::int64_t rtile,
-                                           int pos0, int rows_here, int g, int c) {
+__device__ __forceinline__ void store_tile(const GemmProblem& p, const float* acc, int e, std::int64_t rtile, int pos0,
+                                           int rows_here, int g, int c) {
   const std::int64_t ra = rtile * 16 + g, rb = ra + 8;
   const float* rs = p.row_scales + e * p.g.padded_rows;
   const float sa = rs[ra], sb = rs[rb];

@@ -142,7 +142,7 @@ struct CudaMoe::State {
   // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
   // runs instead of mma.sync; infinity when it is unavailable or turned off.
   double wgmma_from = kNever;
-  bool pdl = false;  // programmatic dependent launches (pick_pdl)
+  bool pdl = false;        // programmatic dependent launches (pick_pdl)
   std::int64_t chunk = 0;  // tokens per pass
   GpuGeometry g1, g2;
   DeviceBuffer packed;
@@ -231,8 +231,10 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   const std::int64_t E = s.num_experts, H = s.hidden, I = s.inter;
   // The GEMMs index K columns and slabs with 32-bit integers.
   constexpr std::int64_t kMaxDim = std::int64_t{1} << 30;
-  detail::require(H < kMaxDim && I < kMaxDim, "fc1_experts_weights: the CUDA backend takes hidden and inter sizes "
-                  "below 2^30, got hidden ", H, ", inter ", I);
+  detail::require(H < kMaxDim && I < kMaxDim,
+                  "fc1_experts_weights: the CUDA backend takes hidden and inter sizes "
+                  "below 2^30, got hidden ",
+                  H, ", inter ", I);
   const bool gated = a.activation == Activation::swiglu;
   const bool zp1 = w.fc1_zero_points.present() || w.fc3_zero_points.present();
   st.g1 = geometry(a.expert_weight_bits, a.block_size, gated, zp1, s.fc1_rows, H, I);
@@ -321,8 +323,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.arena = acquire_arena(o.device, st.ws_bytes);
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
-            std::to_string(a.expert_weight_bits) +
-            (st.wgmma_from < kNever ? " mma.sync+wgmma" : " mma.sync");
+            std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNever ? " mma.sync+wgmma" : " mma.sync");
 }
 
 CudaMoe::~CudaMoe() = default;
@@ -428,8 +429,8 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.splits = static_cast<int>(splits), p2.split_cols = split_cols, p2.split_stride = pairs * H;
     gemm(p2, capacity);
 
-    launch_combine(ws.y2, static_cast<int>(splits), pairs * H, st.has_bias2 ? st.p2.bias : nullptr,
-                   st.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, st.pdl, stream);
+    launch_combine(ws.y2, static_cast<int>(splits), pairs * H, st.has_bias2 ? st.p2.bias : nullptr, st.g2.padded_rows,
+                   tc, a.k, H, y, dt, ws.rb, st.pdl, stream);
   }
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));

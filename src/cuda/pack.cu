@@ -24,9 +24,12 @@ struct PackArgs {
 
 __device__ float load_any(const void* p, DType t, std::int64_t i) {
   switch (t) {
-    case DType::f16: return __half2float(__ushort_as_half(static_cast<const unsigned short*>(p)[i]));
-    case DType::bf16: return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(p)[i]) << 16);
-    default: return static_cast<const float*>(p)[i];
+    case DType::f16:
+      return __half2float(__ushort_as_half(static_cast<const unsigned short*>(p)[i]));
+    case DType::bf16:
+      return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(p)[i]) << 16);
+    default:
+      return static_cast<const float*>(p)[i];
   }
 }
 
@@ -41,9 +44,12 @@ __device__ RowSource source_row(const PackArgs& a, std::int64_t p) {
   const bool up = p % 16 >= 8;
   if (i >= a.inter) return {&a.a, -1};
   switch (a.fusion) {
-    case 1: return {&a.a, 2 * i + (up ? 1 : 0)};
-    case 2: return {&a.a, i + (up ? a.inter : 0)};
-    default: return {up ? &a.b : &a.a, i};
+    case 1:
+      return {&a.a, 2 * i + (up ? 1 : 0)};
+    case 2:
+      return {&a.a, i + (up ? a.inter : 0)};
+    default:
+      return {up ? &a.b : &a.a, i};
   }
 }
 
@@ -147,8 +153,8 @@ __global__ void pack_rows_kernel(PackArgs a) {
 
 }  // namespace
 
-void pack_expert(const GpuGeometry& g, int swiglu_fusion, std::int64_t inter, const RawExpert& a,
-                 const RawExpert* b, std::int64_t e, const PackedGpu& dst, cudaStream_t stream) {
+void pack_expert(const GpuGeometry& g, int swiglu_fusion, std::int64_t inter, const RawExpert& a, const RawExpert* b,
+                 std::int64_t e, const PackedGpu& dst, cudaStream_t stream) {
   PackArgs args{};
   args.g = g;
   args.fusion = swiglu_fusion;

@@ -22,8 +22,8 @@ struct RawExpert {
 
 /// Device pointers of a packed matrix (all experts); see layout.h.
 struct PackedGpu {
-  GpuPackTag* tag = nullptr;          ///< make_tag(g, E), first in the allocation
-  std::uint8_t* codes = nullptr;      ///< [E][code_bytes_per_expert]
+  GpuPackTag* tag = nullptr;            ///< make_tag(g, E), first in the allocation
+  std::uint8_t* codes = nullptr;        ///< [E][code_bytes_per_expert]
   std::uint16_t* rel_scales = nullptr;  ///< float16 bits, [E][tiles][blocks][8][2] (block-wise only)
   std::uint8_t* zero_points = nullptr;  ///< [E][tiles][blocks][8][2] (with zero points only)
   float* row_scales = nullptr;          ///< [E][padded_rows]
@@ -32,8 +32,8 @@ struct PackedGpu {
 
 /// Packs expert `e`. `a` holds the rows of FC1 (or FC2); for gated FC1 with
 /// swiglu_fusion 0, `b` holds FC3's (the up projection), else null. `inter` is I.
-void pack_expert(const GpuGeometry& g, int swiglu_fusion, std::int64_t inter, const RawExpert& a,
-                 const RawExpert* b, std::int64_t e, const PackedGpu& dst, cudaStream_t stream);
+void pack_expert(const GpuGeometry& g, int swiglu_fusion, std::int64_t inter, const RawExpert& a, const RawExpert* b,
+                 std::int64_t e, const PackedGpu& dst, cudaStream_t stream);
 
 /// The tag of a matrix of geometry g packed for E experts.
 GpuPackTag make_tag(const GpuGeometry& g, std::int64_t E);

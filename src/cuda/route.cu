@@ -23,9 +23,12 @@ constexpr int kFusedRouteExperts = 256;
 
 __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i) {
   switch (t) {
-    case DType::f16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+    case DType::f16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::bf16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
   }
 }
 
@@ -34,8 +37,8 @@ __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i
 // to the lower index; the softmax runs over all E logits; a +inf maximum
 // splits the mass evenly over the +inf logits; any NaN logit makes the
 // weights NaN (never a silent answer).
-__device__ void route_token(const void* logits, const void* mix, DType dt, std::int64_t t, int E, int k,
-                            bool normalize, float* keys, int* counts, const RouteBuffers& b) {
+__device__ void route_token(const void* logits, const void* mix, DType dt, std::int64_t t, int E, int k, bool normalize,
+                            float* keys, int* counts, const RouteBuffers& b) {
   const int lane = static_cast<int>(threadIdx.x) % 32;
   float mx = -INFINITY;
   bool has_nan = false;
@@ -90,7 +93,6 @@ __device__ void route_token(const void* logits, const void* mix, DType dt, std::
   if (normalize && lane == 0)
     for (int j = 0; j < k; ++j) b.topk_weight[t * k + j] /= wsum;
 }
-
 
 __global__ void route_kernel(const void* logits, const void* mix, DType dt, std::int64_t tokens, int E, int k,
                              bool normalize, RouteBuffers b) {
@@ -168,7 +170,8 @@ __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt,
   const int warps = nthreads / 32, warp = tid / 32;
   for (int e = tid; e < E; e += nthreads) counts[e] = 0;
   __syncthreads();
-  for (int t = warp; t < tokens; t += warps) route_token(logits, mix, dt, t, E, k, normalize, keys + warp * E, counts, b);
+  for (int t = warp; t < tokens; t += warps)
+    route_token(logits, mix, dt, t, E, k, normalize, keys + warp * E, counts, b);
   __syncthreads();
   plan_block(E, bm, counts, b);
   __syncthreads();
@@ -185,7 +188,7 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
   const std::int64_t t = blockIdx.x;
   const std::int64_t h0 = (static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   if (h0 >= H) return;
-  auto load = [](const float* p, float (&v)[V]) {
+  auto load = [](const float* p, float(&v)[V]) {
     if constexpr (V == 4) {
       const float4 q = *reinterpret_cast<const float4*>(p);
       v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
@@ -232,8 +235,8 @@ void launch_route_plan(const void* logits, const void* mix, DType dtype, std::in
   QMOE_CUDA_CHECK(cudaMemsetAsync(b.counts, 0, sizeof(int) * static_cast<std::size_t>(experts), stream));
   const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts) * kRouteWarps;
   if (smem > 48 * 1024)  // past the default dynamic shared-memory limit (E > 3072)
-    QMOE_CUDA_CHECK(cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
+    QMOE_CUDA_CHECK(
+        cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   route_kernel<<<static_cast<unsigned>(ceil_div(tokens, kRouteWarps)), 32 * kRouteWarps, smem, stream>>>(
       logits, mix, dtype, tokens, experts, k, normalize, b);
   QMOE_CUDA_CHECK(cudaGetLastError());
@@ -244,8 +247,8 @@ void launch_route_plan(const void* logits, const void* mix, DType dtype, std::in
 }
 
 void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
-                    std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out,
-                    DType dtype, const RouteBuffers& b, bool pdl, cudaStream_t stream) {
+                    std::int64_t bias_stride, std::int64_t tokens, int k, std::int64_t hidden, void* out, DType dtype,
+                    const RouteBuffers& b, bool pdl, cudaStream_t stream) {
   // 16-byte partial rows and 8-byte output groups need H % 4 == 0 and an 8-byte aligned
   // output (the workspace and the packed biases are 256-byte aligned, bias rows padded).
   const bool vec = hidden % 4 == 0 && reinterpret_cast<std::uintptr_t>(out) % 8 == 0 && bias_stride % 4 == 0;
@@ -254,8 +257,8 @@ void launch_combine(const float* y2, int splits, std::int64_t split_stride, cons
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(groups, threads)));
   auto go = [&](auto t, auto v) {
     using T = typename decltype(t)::type;
-    launch_kernel(combine_kernel<T, decltype(v)::value>, grid, dim3(threads), 0, stream, pdl, y2, splits,
-                  split_stride, bias2, bias_stride, k, hidden, static_cast<T*>(out), b);
+    launch_kernel(combine_kernel<T, decltype(v)::value>, grid, dim3(threads), 0, stream, pdl, y2, splits, split_stride,
+                  bias2, bias_stride, k, hidden, static_cast<T*>(out), b);
   };
   auto by_dtype = [&](auto v) { dtype == DType::f16 ? go(TypeC<__half>{}, v) : go(TypeC<__nv_bfloat16>{}, v); };
   vec ? by_dtype(IntC<4>{}) : by_dtype(IntC<1>{});

@@ -55,8 +55,10 @@ std::size_t json_nesting(const std::string& s) {
   for (std::size_t i = 0; i < s.size(); ++i) {
     const char c = s[i];
     if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
+      if (c == '\\')
+        ++i;
+      else if (c == '"')
+        in_string = false;
     } else if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {
@@ -83,8 +85,8 @@ T get_attr(const ujson& v, const std::string& where, const char* name) {
   if constexpr (std::is_same_v<T, int>) {
     require(v.is_number_integer(), where, ": attribute ", name, ": expected an integer, got ", v.dump());
     const auto i = v.get<std::int64_t>();
-    require(i >= std::numeric_limits<int>::min() && i <= std::numeric_limits<int>::max(), where, ": attribute ",
-            name, ": ", i, " is out of range");
+    require(i >= std::numeric_limits<int>::min() && i <= std::numeric_limits<int>::max(), where, ": attribute ", name,
+            ": ", i, " is out of range");
     return static_cast<int>(i);
   } else {
     // JSON has no infinities: "inf" / "-inf" stand for them.
@@ -127,7 +129,8 @@ MoeAttributes attributes_from(const ujson& j, const std::string& where) {
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
     const ujson& v = it.value();
-    if (k == "k") a.k = get_attr<int>(v, where, "k");
+    if (k == "k")
+      a.k = get_attr<int>(v, where, "k");
     else if (k == "activation_type") {
       require(v.is_string(), where, ": attribute activation_type: expected a string, got ", v.dump());
       try {
@@ -135,14 +138,22 @@ MoeAttributes attributes_from(const ujson& j, const std::string& where) {
       } catch (const Error& e) {
         fail(where, ": ", e.what());
       }
-    } else if (k == "normalize_routing_weights") a.normalize_routing_weights = get_attr<int>(v, where, "normalize_routing_weights");
-    else if (k == "use_sparse_mixer") a.use_sparse_mixer = get_attr<int>(v, where, "use_sparse_mixer");
-    else if (k == "expert_weight_bits") a.expert_weight_bits = get_attr<int>(v, where, "expert_weight_bits");
-    else if (k == "block_size") a.block_size = get_attr<int>(v, where, "block_size");
-    else if (k == "swiglu_fusion") a.swiglu_fusion = get_attr<int>(v, where, "swiglu_fusion");
-    else if (k == "swiglu_limit") a.swiglu_limit = get_attr<float>(v, where, "swiglu_limit");
-    else if (k == "activation_alpha") a.activation_alpha = get_attr<float>(v, where, "activation_alpha");
-    else if (k == "activation_beta") a.activation_beta = get_attr<float>(v, where, "activation_beta");
+    } else if (k == "normalize_routing_weights")
+      a.normalize_routing_weights = get_attr<int>(v, where, "normalize_routing_weights");
+    else if (k == "use_sparse_mixer")
+      a.use_sparse_mixer = get_attr<int>(v, where, "use_sparse_mixer");
+    else if (k == "expert_weight_bits")
+      a.expert_weight_bits = get_attr<int>(v, where, "expert_weight_bits");
+    else if (k == "block_size")
+      a.block_size = get_attr<int>(v, where, "block_size");
+    else if (k == "swiglu_fusion")
+      a.swiglu_fusion = get_attr<int>(v, where, "swiglu_fusion");
+    else if (k == "swiglu_limit")
+      a.swiglu_limit = get_attr<float>(v, where, "swiglu_limit");
+    else if (k == "activation_alpha")
+      a.activation_alpha = get_attr<float>(v, where, "activation_alpha");
+    else if (k == "activation_beta")
+      a.activation_beta = get_attr<float>(v, where, "activation_beta");
     else
       fail(where, ": unknown attribute \"", k, "\" (a newer format? this reader knows format version ",
            kFileFormatVersion, ")");
@@ -271,8 +282,7 @@ ParsedFile parse_file(const std::uint8_t* data, std::uint64_t size, const std::s
     }
     for (const char* n : kWeightNames)
       for (const FileTensor* t : owned[i])
-        if (std::string_view(t->name).substr(L.name.size() + 1) == n)
-          L.tensors.push_back(*t);
+        if (std::string_view(t->name).substr(L.name.size() + 1) == n) L.tensors.push_back(*t);
     try {
       L.shape = validate(w, L.attributes);
     } catch (const Error& e) {
@@ -325,9 +335,7 @@ namespace {
 
 // Float tensors are read as typed arrays: one whose offset is not a multiple
 // of its element size (a foreign writer's) is copied to aligned memory.
-bool misaligned(const TensorView& v) {
-  return reinterpret_cast<std::uintptr_t>(v.data) % dtype_size(v.dtype) != 0;
-}
+bool misaligned(const TensorView& v) { return reinterpret_cast<std::uintptr_t>(v.data) % dtype_size(v.dtype) != 0; }
 
 }  // namespace
 
@@ -442,9 +450,8 @@ void save_file(const std::string& path, const std::vector<LayerToSave>& layers,
   // Widest elements first: with the data section 8-byte aligned, every tensor
   // then starts at a multiple of its element size, and there are no holes
   // (safetensors readers refuse gaps between tensors).
-  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return dtype_size(a.view.dtype) > dtype_size(b.view.dtype);
-  });
+  std::stable_sort(entries.begin(), entries.end(),
+                   [](const Entry& a, const Entry& b) { return dtype_size(a.view.dtype) > dtype_size(b.view.dtype); });
   json header;
   json jm = json::object();
   for (const auto& [k, v] : meta) jm[k] = v;

@@ -59,8 +59,10 @@ struct HeaderScan {
   bool end_array() { return --depth, true; }
   bool key(std::string& k) {
     if (depth == 1) {
-      if (seen.insert(k).second) order.push_back(k);
-      else if (duplicate.empty()) duplicate = k;
+      if (seen.insert(k).second)
+        order.push_back(k);
+      else if (duplicate.empty())
+        duplicate = k;
     }
     return true;
   }
@@ -78,10 +80,14 @@ struct HeaderScan {
 
 const char* safetensors_dtype(DType t) noexcept {
   switch (t) {
-    case DType::f32: return "F32";
-    case DType::f16: return "F16";
-    case DType::bf16: return "BF16";
-    case DType::u8: return "U8";
+    case DType::f32:
+      return "F32";
+    case DType::f16:
+      return "F16";
+    case DType::bf16:
+      return "BF16";
+    case DType::u8:
+      return "U8";
   }
   return "?";
 }
@@ -184,13 +190,14 @@ Header parse_header(const std::uint8_t* data, std::uint64_t size, const std::str
     std::uint64_t count = 1;
     bool zero = false;
     for (const json& d : *sh) {
-      require(d.is_number_unsigned() || (d.is_number_integer() && d.get<std::int64_t>() >= 0), where,
-              ": shape ", sh->dump(), " has an entry that is not a non-negative integer");
+      require(d.is_number_unsigned() || (d.is_number_integer() && d.get<std::int64_t>() >= 0), where, ": shape ",
+              sh->dump(), " has an entry that is not a non-negative integer");
       const std::uint64_t n = d.get<std::uint64_t>();
       require(n <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), where, ": dimension ", n,
               " is too large");
       t.shape.push_back(static_cast<std::int64_t>(n));
-      if (n == 0) zero = true;
+      if (n == 0)
+        zero = true;
       else if (!zero) {
         require(count <= size / n, where, ": shape ", sh->dump(), " holds more elements than the file has bytes (",
                 size, ")");

@@ -40,8 +40,8 @@ class Mapping {
 
 /// The parsed header of a safetensors file.
 struct Header {
-  std::vector<FileTensor> tensors;               ///< header order; offsets from the file start
-  std::map<std::string, std::string> metadata;   ///< `__metadata__`
+  std::vector<FileTensor> tensors;              ///< header order; offsets from the file start
+  std::map<std::string, std::string> metadata;  ///< `__metadata__`
 };
 
 /// Parses and validates the header of the `size` bytes at `data` (a whole

@@ -19,8 +19,8 @@ struct RawMatrix {
   std::int64_t experts = 0, rows = 0, cols = 0;
 
   RawMatrix() = default;
-  RawMatrix(const TensorView& w, const TensorView& s, const TensorView& z, int bits, int block_size,
-            std::int64_t rows, std::int64_t cols);
+  RawMatrix(const TensorView& w, const TensorView& s, const TensorView& z, int bits, int block_size, std::int64_t rows,
+            std::int64_t cols);
 
   std::int64_t pack() const { return 8 / bits; }
   std::int64_t blocks() const { return block_size ? cols / block_size : 1; }

@@ -27,8 +27,9 @@ TEST(Activation, SwigluWithGptOssConstants) {
     return gg / (1 + std::exp(-a * gg)) * (ll + b);
   };
   EXPECT_NEAR(swiglu<double>(0.5, -0.25, a, b, lim), expect(0.5, -0.25), 1e-15);
-  EXPECT_NEAR(swiglu<double>(9.0, 8.0, a, b, lim), 7.0 / (1 + std::exp(-a * 7.0)) * 8.0, 1e-12);   // both clamped
-  EXPECT_NEAR(swiglu<double>(-9.0, -8.0, a, b, lim), -9.0 / (1 + std::exp(a * 9.0)) * -6.0, 1e-12); // gate not clamped below
+  EXPECT_NEAR(swiglu<double>(9.0, 8.0, a, b, lim), 7.0 / (1 + std::exp(-a * 7.0)) * 8.0, 1e-12);  // both clamped
+  EXPECT_NEAR(swiglu<double>(-9.0, -8.0, a, b, lim), -9.0 / (1 + std::exp(a * 9.0)) * -6.0,
+              1e-12);  // gate not clamped below
   // Plain SwiGLU: alpha 1, beta 0, no limit -> silu(g) * l.
   const double inf = INFINITY;
   EXPECT_NEAR(swiglu<double>(2.0, 3.0, 1.0, 0.0, inf), 2.0 / (1 + std::exp(-2.0)) * 3.0, 1e-15);
@@ -54,7 +55,7 @@ TEST(Activation, FastExpAgainstLibm) {
   EXPECT_LE(worst, 4e-7);
   EXPECT_EQ(fast_exp(0.f), 1.f);
   EXPECT_TRUE(std::isnan(fast_exp(NAN)));
-  EXPECT_GT(fast_exp(1000.f), 1e38f);   // clamped to the float range, finite
+  EXPECT_GT(fast_exp(1000.f), 1e38f);  // clamped to the float range, finite
   EXPECT_LT(fast_exp(-1000.f), 1e-37f);
   // The epilogue forms agree with the reference formulas to float32 rounding.
   for (float h = -9.f; h <= 9.f; h += 0.01f) {

@@ -97,7 +97,10 @@ std::vector<BadFile> corpus() {
   auto raw = [](std::function<Bytes(const Parts&)> f) { return [f](Parts p) { return f(p); }; };
   return {
       {"empty", raw([](const Parts&) { return Bytes{}; }), "fewer than the 8-byte header length"},
-      {"five_bytes", raw([](const Parts&) { return Bytes{1, 2, 3, 4, 5}; }), "fewer than the 8-byte"},
+      {"five_bytes", raw([](const Parts&) {
+         return Bytes{1, 2, 3, 4, 5};
+       }),
+       "fewer than the 8-byte"},
       {"header_past_end", raw([](const Parts& p) { return assemble(p.header.dump(), {}, 1u << 20); }),
        "truncated: the header claims"},
       {"header_huge", raw([](const Parts& p) { return assemble(p.header.dump(), p.data, std::uint64_t{1} << 40); }),
@@ -113,11 +116,11 @@ std::vector<BadFile> corpus() {
          return b;
        }),
        "lie beyond the"},
-      {"no_version", edit([](Parts& p) { p.header["__metadata__"].erase("qmoe.format_version"); }),
-       "not a qmoe file"},
+      {"no_version", edit([](Parts& p) { p.header["__metadata__"].erase("qmoe.format_version"); }), "not a qmoe file"},
       {"version_2", edit([](Parts& p) { p.header["__metadata__"]["qmoe.format_version"] = "2"; }),
        "format version \"2\" is not one this qmoe reads"},
-      {"no_layer_list", edit([](Parts& p) { p.header["__metadata__"].erase("qmoe.layers"); }), "has no \"qmoe.layers\""},
+      {"no_layer_list", edit([](Parts& p) { p.header["__metadata__"].erase("qmoe.layers"); }),
+       "has no \"qmoe.layers\""},
       {"layer_list_not_array", edit([](Parts& p) { p.header["__metadata__"]["qmoe.layers"] = "L"; }),
        "must be a JSON array"},
       {"layer_listed_twice", edit([](Parts& p) { p.header["__metadata__"]["qmoe.layers"] = "[\"L\", \"L\"]"; }),
@@ -149,10 +152,17 @@ std::vector<BadFile> corpus() {
        "unknown field \"routing\""},
       {"unknown_dtype", edit([](Parts& p) { p.header["L.router.weight"]["dtype"] = "F64"; }),
        "dtype \"F64\" is not one qmoe reads"},
-      {"negative_dim", edit([](Parts& p) { p.header["L.router.weight"]["shape"] = {-3, 32}; }), "non-negative integer"},
-      {"huge_dims", edit([](Parts& p) { p.header["L.router.weight"]["shape"] = {1u << 31, 1u << 31, 1u << 31}; }),
+      {"negative_dim", edit([](Parts& p) {
+         p.header["L.router.weight"]["shape"] = {-3, 32};
+       }),
+       "non-negative integer"},
+      {"huge_dims", edit([](Parts& p) {
+         p.header["L.router.weight"]["shape"] = {1u << 31, 1u << 31, 1u << 31};
+       }),
        "more elements than the file has bytes"},
-      {"bytes_mismatch", edit([](Parts& p) { p.header["L.router.weight"]["shape"] = {3, 31}; }),
+      {"bytes_mismatch", edit([](Parts& p) {
+         p.header["L.router.weight"]["shape"] = {3, 31};
+       }),
        "bytes, but data_offsets span"},
       {"offsets_reversed", edit([](Parts& p) {
          auto& o = p.header["L.router.weight"]["data_offsets"];
@@ -164,7 +174,9 @@ std::vector<BadFile> corpus() {
          o = {o[0].get<std::uint64_t>() + (1u << 30), o[1].get<std::uint64_t>() + (1u << 30)};
        }),
        "lie beyond the"},
-      {"offsets_not_numbers", edit([](Parts& p) { p.header["L.router.weight"]["data_offsets"] = {"0", "4"}; }),
+      {"offsets_not_numbers", edit([](Parts& p) {
+         p.header["L.router.weight"]["data_offsets"] = {"0", "4"};
+       }),
        "must be [begin, end]"},
       {"overlap", edit([](Parts& p) {
          p.header["L.fc1_scales"]["data_offsets"] = p.header["L.fc2_scales"]["data_offsets"];

@@ -11,9 +11,7 @@
 #include "helpers.h"
 
 namespace qmoe::test {
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 bool amx_model_usable() {
   for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs())
@@ -112,7 +110,7 @@ TEST(Bf16Amx, EpilogueWritesBlockedBf16) {
       dst[i] = static_cast<std::uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
     }
   };
-  constexpr std::int64_t kLd = 96;         // padded K of the blocked output: 3 K steps
+  constexpr std::int64_t kLd = 96;  // padded K of the blocked output: 3 K steps
   constexpr std::uint16_t kUntouched = 0xABCD;
   std::mt19937_64 rng(5);
   for (Activation act : {Activation::swiglu, Activation::gelu})

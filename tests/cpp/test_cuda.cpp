@@ -148,9 +148,11 @@ std::vector<GpuCase> sweep() {
           for (int fusion : {0, 1, 2})
             v.push_back({{bits, block, sym, Activation::swiglu, fusion, 2, 128, block == 128 ? 128 : 96, 6,
                           fusion == 1 ? 33 : 5},
-                         dt, false});
+                         dt,
+                         false});
           v.push_back({{bits, block, sym, acts[(bits + block / 16) % 4], 0, 3, 256, block == 128 ? 384 : 160, 5, 17},
-                       dt, block == 32});
+                       dt,
+                       block == 32});
         }
       }
     }
@@ -238,8 +240,8 @@ TEST_F(CudaLayer, GraphReplayAndPasses) {
   CK(cudaGraphDestroy(graph));
   CK(cudaStreamDestroy(st));
 
-  const std::vector<double> ref = reference_forward(s.views(), a, TensorView(xh.data(), dt, {c.t, c.h}),
-                                                    TensorView(lh.data(), dt, {c.t, c.e}));
+  const std::vector<double> ref =
+      reference_forward(s.views(), a, TensorView(xh.data(), dt, {c.t, c.h}), TensorView(lh.data(), dt, {c.t, c.e}));
   EXPECT_LE(rel_l2(from_half(eager, dt), ref), 1e-2);
 }
 
@@ -259,22 +261,22 @@ TEST_F(CudaLayer, BadInputsGiveClearErrors) {
     return "no error";
   };
   // float32 is refused by name.
-  EXPECT_NE(message([&] { layer.forward(view_f32(x.data(), {3, 64}), view_f32(lg.data(), {3, 4}),
-                                        output_f32(y.data(), {3, 64})); })
-                .find("input: the CUDA backend takes float16 or bfloat16"),
+  EXPECT_NE(message([&] {
+              layer.forward(view_f32(x.data(), {3, 64}), view_f32(lg.data(), {3, 4}), output_f32(y.data(), {3, 64}));
+            }).find("input: the CUDA backend takes float16 or bfloat16"),
             std::string::npos);
   // Shapes: the same validation (and message) as the CPU backend.
   std::vector<std::uint16_t> xh(3 * 64), lh(3 * 5), yh(3 * 64);
-  EXPECT_NE(message([&] { layer.forward(TensorView(xh.data(), DType::f16, {3, 64}),
-                                        TensorView(lh.data(), DType::f16, {3, 5}),
-                                        MutableTensorView(yh.data(), DType::f16, {3, 64})); })
-                .find("router_probs"),
+  EXPECT_NE(message([&] {
+              layer.forward(TensorView(xh.data(), DType::f16, {3, 64}), TensorView(lh.data(), DType::f16, {3, 5}),
+                            MutableTensorView(yh.data(), DType::f16, {3, 64}));
+            }).find("router_probs"),
             std::string::npos);
   // forward_async needs device memory.
-  EXPECT_NE(message([&] { layer.forward_async(TensorView(xh.data(), DType::f16, {3, 64}),
-                                              TensorView(lh.data(), DType::f16, {3, 4}), {},
-                                              MutableTensorView(yh.data(), DType::f16, {3, 64}), nullptr); })
-                .find("input: expected memory on CUDA device 0"),
+  EXPECT_NE(message([&] {
+              layer.forward_async(TensorView(xh.data(), DType::f16, {3, 64}), TensorView(lh.data(), DType::f16, {3, 4}),
+                                  {}, MutableTensorView(yh.data(), DType::f16, {3, 64}), nullptr);
+            }).find("input: expected memory on CUDA device 0"),
             std::string::npos);
   // A device that does not exist.
   o.device = 1000;

@@ -25,7 +25,10 @@ const fs::path& scratch() {
   static const fs::path dir = [] {
     fs::path d = fs::temp_directory_path() / ("qmoe_test_file_" + std::to_string(::getpid()));
     fs::create_directories(d);
-    std::atexit([] { std::error_code ec; fs::remove_all(fs::temp_directory_path() / ("qmoe_test_file_" + std::to_string(::getpid())), ec); });
+    std::atexit([] {
+      std::error_code ec;
+      fs::remove_all(fs::temp_directory_path() / ("qmoe_test_file_" + std::to_string(::getpid())), ec);
+    });
     return d;
   }();
   return dir;
@@ -160,7 +163,9 @@ TEST(File, AnotherLayerAccuracyLevelAndUnalignedForeignScales) {
   for (int i = 7; i >= 0; --i) len = len << 8 | bytes[static_cast<std::size_t>(i)];
   json hdr = json::parse(std::string(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(len)));
   for (auto& [k, v] : hdr.items())
-    if (k != "__metadata__") v["data_offsets"] = {v["data_offsets"][0].get<std::uint64_t>() + 1, v["data_offsets"][1].get<std::uint64_t>() + 1};
+    if (k != "__metadata__")
+      v["data_offsets"] = {v["data_offsets"][0].get<std::uint64_t>() + 1,
+                           v["data_offsets"][1].get<std::uint64_t>() + 1};
   hdr["pad"] = {{"dtype", "U8"}, {"shape", {1}}, {"data_offsets", {0, 1}}};
   std::string text = hdr.dump();
   text.append((4 - text.size() % 4) % 4, ' ');  // data at a multiple of 4, so the +1 misaligns

@@ -104,7 +104,7 @@ TEST(Int8Activations, NonFiniteInputPropagates) {
   std::vector<float> out(128);
   moe.forward(view_f32(x.x.data(), {2, 64}), view_f32(x.logits.data(), {2, 3}), TensorView{},
               output_f32(out.data(), {2, 64}), 2);
-  EXPECT_TRUE(std::isnan(out[0]));   // token 0 saw the inf
+  EXPECT_TRUE(std::isnan(out[0]));      // token 0 saw the inf
   EXPECT_TRUE(std::isfinite(out[64]));  // token 1 did not
 }
 

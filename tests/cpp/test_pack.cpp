@@ -22,8 +22,8 @@ double unpack(const std::uint8_t* bytes, std::int64_t e, std::int64_t p, std::in
   const std::int64_t padded = (bl + group - 1) / group * group;
   const std::int64_t block_bytes = nr * 4 + nr + padded * nr * tag.bits / 8;
   const std::int64_t tile_bytes = blocks * block_bytes;
-  const std::uint8_t* blk = bytes + 128 + e * static_cast<std::int64_t>(tag.expert_stride) + (p / nr) * tile_bytes +
-                            (c / bl) * block_bytes;
+  const std::uint8_t* blk =
+      bytes + 128 + e * static_cast<std::int64_t>(tag.expert_stride) + (p / nr) * tile_bytes + (c / bl) * block_bytes;
   const std::int64_t r = p % nr, cc = c % bl;
   float scale;
   std::memcpy(&scale, blk + 4 * r, 4);
@@ -53,8 +53,7 @@ TEST_P(PackLayout, UnpackerAgreesWithRawDequantizer) {
   const auto w1 = dequantize(s.fc1.weights_view(), s.fc1.scales_view(), s.fc1.zero_points_view(), bits, block, h);
   const auto w2 = dequantize(s.fc2.weights_view(), s.fc2.scales_view(), s.fc2.zero_points_view(), bits, block, in);
   std::vector<double> w3;
-  if (fusion == 0)
-    w3 = dequantize(s.fc3.weights_view(), s.fc3.scales_view(), s.fc3.zero_points_view(), bits, block, h);
+  if (fusion == 0) w3 = dequantize(s.fc3.weights_view(), s.fc3.scales_view(), s.fc3.zero_points_view(), bits, block, h);
   const std::int64_t n1 = s.fc1.rows;
   for (std::int64_t ei = 0; ei < e; ++ei) {
     // FC1: packed row 2i is gate i, 2i+1 is up i.
@@ -81,8 +80,8 @@ TEST_P(PackLayout, UnpackerAgreesWithRawDequantizer) {
 }
 
 INSTANTIATE_TEST_SUITE_P(All, PackLayout,
-                         ::testing::Combine(::testing::Values(4, 8), ::testing::Values(0, 16, 32), ::testing::Values(0, 1, 2),
-                                            ::testing::Bool()));
+                         ::testing::Combine(::testing::Values(4, 8), ::testing::Values(0, 16, 32),
+                                            ::testing::Values(0, 1, 2), ::testing::Bool()));
 
 TEST(PackTag, RefusesForeignCorruptAndTruncatedData) {
   MoeAttributes a;
@@ -92,7 +91,8 @@ TEST(PackTag, RefusesForeignCorruptAndTruncatedData) {
   const auto& m = moe.fc2();
   const auto& g = m.geometry();
   auto check = [&](const std::vector<std::uint8_t>& bytes) {
-    cpu::check_tag(bytes.data(), bytes.size(), "fc2", cpu::kernel_config().isa, g.nr, g.bits, g.block_len, 2, g.rows, g.cols);
+    cpu::check_tag(bytes.data(), bytes.size(), "fc2", cpu::kernel_config().isa, g.nr, g.bits, g.block_len, 2, g.rows,
+                   g.cols);
   };
   std::vector<std::uint8_t> good(m.raw(), m.raw() + m.bytes());
   EXPECT_NO_THROW(check(good));

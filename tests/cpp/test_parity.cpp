@@ -60,8 +60,8 @@ TEST(Parity, ContractSweepAgainstFloat64Reference) {
   for (int bits : {4, 8})
     for (int block : {0, 16, 32, 64, 128})
       for (bool sym : {true, false})
-        for (auto act : {Activation::swiglu, Activation::relu, Activation::gelu, Activation::silu,
-                         Activation::identity}) {
+        for (auto act :
+             {Activation::swiglu, Activation::relu, Activation::gelu, Activation::silu, Activation::identity}) {
           const int fusion = act == Activation::swiglu ? (n % 3) : 0;
           const Case c{bits, block, sym, n % 2 == 0, act, fusion, 1 + n % 4, std::int64_t{1 + (n * 5) % 17}};
           ++n;

@@ -16,17 +16,17 @@ TEST(Quantize, PacksEvenElementInLowNibbleSymmetric) {
   const auto q = quantize(view_f32(w.data(), {1, 1, 16}), {4, 0, true});
   ASSERT_EQ(q.weights.size(), 8u);
   EXPECT_EQ(q.scales[0], 1.0f);
-  EXPECT_EQ(q.weights[0], 8 | (9 << 4));    // 0 -> 8, 1 -> 9
-  EXPECT_EQ(q.weights[1], 7 | (15 << 4));   // -1 -> 7, 7 -> 15
-  EXPECT_EQ(q.weights[2], 1 | (10 << 4));   // -7 -> 1, 2 -> 10
-  EXPECT_EQ(q.weights[7], 8 | (13 << 4));   // 0 -> 8, 5 -> 13
+  EXPECT_EQ(q.weights[0], 8 | (9 << 4));   // 0 -> 8, 1 -> 9
+  EXPECT_EQ(q.weights[1], 7 | (15 << 4));  // -1 -> 7, 7 -> 15
+  EXPECT_EQ(q.weights[2], 1 | (10 << 4));  // -7 -> 1, 2 -> 10
+  EXPECT_EQ(q.weights[7], 8 | (13 << 4));  // 0 -> 8, 5 -> 13
   EXPECT_TRUE(q.zero_points.empty());
   EXPECT_EQ(q.max_abs_error, 0.0);
 }
 
 TEST(Quantize, AsymmetricZeroPointsPackAcrossRows) {
   // Three rows, row-wise, 4-bit: zero points [E, ceil(3/2)] = 2 bytes, row 0 in the low nibble.
-  std::vector<float> w = {0, 15, 0, 15,  -15, 0, -15, 0,  -5, 10, -5, 10};
+  std::vector<float> w = {0, 15, 0, 15, -15, 0, -15, 0, -5, 10, -5, 10};
   const auto q = quantize(view_f32(w.data(), {1, 3, 4}), {4, 0, false});
   ASSERT_EQ(q.zero_points.size(), 2u);
   // Row 0: [0, 15] -> scale 1, zp 0. Row 1: [-15, 0] -> scale 1, zp 15. Row 2: [-5, 10] -> zp 5.
@@ -87,11 +87,11 @@ TEST(Quantize, Float16AndBFloat16InputsMatchFloat32) {
 
 TEST(Quantize, RejectsBadInput) {
   std::vector<float> w(64, 1.0f);
-  EXPECT_THROW(quantize(view_f32(w.data(), {1, 2, 32}), {3, 0, true}), Error);   // bits
-  EXPECT_THROW(quantize(view_f32(w.data(), {1, 2, 32}), {4, 24, true}), Error);  // block not a power of two
-  EXPECT_THROW(quantize(view_f32(w.data(), {1, 1, 64}), {4, 128, true}), Error); // block does not divide K
-  EXPECT_THROW(quantize(view_f32(w.data(), {2, 32}), {4, 0, true}), Error);      // rank
-  EXPECT_THROW(quantize(view_f32(w.data(), {1, 1, 63}), {4, 0, true}), Error);   // odd K at 4 bits
+  EXPECT_THROW(quantize(view_f32(w.data(), {1, 2, 32}), {3, 0, true}), Error);    // bits
+  EXPECT_THROW(quantize(view_f32(w.data(), {1, 2, 32}), {4, 24, true}), Error);   // block not a power of two
+  EXPECT_THROW(quantize(view_f32(w.data(), {1, 1, 64}), {4, 128, true}), Error);  // block does not divide K
+  EXPECT_THROW(quantize(view_f32(w.data(), {2, 32}), {4, 0, true}), Error);       // rank
+  EXPECT_THROW(quantize(view_f32(w.data(), {1, 1, 63}), {4, 0, true}), Error);    // odd K at 4 bits
   w[5] = NAN;
   try {
     quantize(view_f32(w.data(), {1, 2, 32}), {4, 0, true});

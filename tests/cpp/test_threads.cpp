@@ -34,20 +34,20 @@ TEST(Threads, BitIdenticalForAnyThreadCount) {
   for (std::int64_t t : {1, 5, 40}) {
     const auto x = random_inputs(t, h, e, 5);
     for (int level : {0, 4})
-    for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-      std::vector<float> first;
-      for (int threads : {1, 2, 3, 4, 7}) {
-        const cpu::CpuMoe moe(s.views(), a, s.shape, threads, level, cpu::CpuMoe::kDefaultChunkBytes, kc);
-        std::vector<float> out(static_cast<std::size_t>(t * h));
-        for (int rep = 0; rep < 2; ++rep) {
-          moe.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), TensorView{},
-                      output_f32(out.data(), {t, h}), t);
-          if (first.empty()) first = out;
-          ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
-              << kc->name << " level=" << level << " T=" << t << " threads=" << threads;
+      for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
+        std::vector<float> first;
+        for (int threads : {1, 2, 3, 4, 7}) {
+          const cpu::CpuMoe moe(s.views(), a, s.shape, threads, level, cpu::CpuMoe::kDefaultChunkBytes, kc);
+          std::vector<float> out(static_cast<std::size_t>(t * h));
+          for (int rep = 0; rep < 2; ++rep) {
+            moe.forward(view_f32(x.x.data(), {t, h}), view_f32(x.logits.data(), {t, e}), TensorView{},
+                        output_f32(out.data(), {t, h}), t);
+            if (first.empty()) first = out;
+            ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
+                << kc->name << " level=" << level << " T=" << t << " threads=" << threads;
+          }
         }
       }
-    }
   }
 }
 
@@ -99,9 +99,11 @@ TEST(ThreadPool, EveryItemExactlyOnceOverManyShortJobs) {
 TEST(ThreadPool, ExceptionPropagatesAndThePoolStaysUsable) {
   cpu::ThreadPool pool(4);
   for (int rep = 0; rep < 50; ++rep) {
-    EXPECT_THROW(pool.parallel_for(100, [&](std::int64_t i, int) {
-      if (i == rep) throw std::runtime_error("item failed");
-    }), std::runtime_error);
+    EXPECT_THROW(pool.parallel_for(100,
+                                   [&](std::int64_t i, int) {
+                                     if (i == rep) throw std::runtime_error("item failed");
+                                   }),
+                 std::runtime_error);
     std::atomic<std::int64_t> sum{0};
     pool.parallel_for(100, [&](std::int64_t i, int) { sum.fetch_add(i); });
     ASSERT_EQ(sum.load(), 4950);

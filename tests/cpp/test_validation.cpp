@@ -67,7 +67,8 @@ TEST(Validation, WeightsAndAttributes) {
   bad_w([](ExpertWeights& w) { w.fc1_zero_points.shape = {E, 2 * I, 2}; }, {"fc1_zero_points", "[4, 64, 1]"});
   bad_w([](ExpertWeights& w) { w.fc2_zero_points.dtype = DType::f16; }, {"fc2_zero_points", "uint8"});
   bad_w([&](ExpertWeights& w) { w.fc3_weights = good.fc2_weights; }, {"fc3_experts_weights", "must be absent"});
-  bad_w([](ExpertWeights& w) { w.fc1_weights.shape[0] = E + 1; }, {"fc2_experts_weights", "[5, 64, 16]"});  // E disagrees
+  bad_w([](ExpertWeights& w) { w.fc1_weights.shape[0] = E + 1; },
+        {"fc2_experts_weights", "[5, 64, 16]"});  // E disagrees
   bad_w([](ExpertWeights& w) { w.fc2_weights.data = nullptr; }, {"fc2_experts_weights", "null"});
   bad_w([](ExpertWeights& w) { w.fc2_bias.shape = {}; }, {"fc2_experts_bias", "0-d"});  // a scalar is not "absent"
   bad_a([](MoeAttributes& a) { a.k = E + 1; }, {"k", "1..num_experts"});
@@ -81,7 +82,8 @@ TEST(Validation, WeightsAndAttributes) {
   bad_a([](MoeAttributes& a) { a.normalize_routing_weights = 2; }, {"normalize_routing_weights"});
   bad_a([](MoeAttributes& a) { a.swiglu_limit = -1.f; }, {"swiglu_limit", "positive"});
   bad_a([](MoeAttributes& a) { a.activation_alpha = NAN; }, {"activation_alpha", "finite"});
-  bad_a([](MoeAttributes& a) { a.activation = Activation::relu; }, {"swiglu_fusion", "unless activation_type is swiglu"});
+  bad_a([](MoeAttributes& a) { a.activation = Activation::relu; },
+        {"swiglu_fusion", "unless activation_type is swiglu"});
   expect_error([&] { build(good, f.a, {Backend::cpu, -1, 0}); }, {"threads"});
   expect_error([&] { build(good, f.a, {Backend::cpu, 100000, 0}); }, {"threads", "0..1024"});
   expect_error([&] { build(good, f.a, {Backend::cpu, 1, 7}); }, {"accuracy_level", "0..4"});
@@ -135,14 +137,21 @@ TEST(Validation, ForwardInputs) {
   expect_error([&] { layer.forward(x, TensorView(half.data(), DType::f16, {T, E}), o); }, {"router_probs", "float16"});
   expect_error([&] { layer.forward(x, lg, view_f32(in.mix.data(), {T, E + 1}), o); }, {"router_weights", "[3, 4]"});
   expect_error([&] { layer.forward(x, lg, output_f32(out.data(), {T, H - 1})); }, {"output", "[3, 64]"});
-  expect_error([&] { layer.forward(x, lg, MutableTensorView(half.data(), DType::f16, {T, H})); }, {"output", "float16"});
+  expect_error(
+      [&] {
+        layer.forward(x, lg, MutableTensorView(half.data(), DType::f16, {T, H}));
+      },
+      {"output", "float16"});
   expect_error([&] { layer.forward(x, lg, output_f32(nullptr, {T, H})); }, {"output", "null"});
   expect_error([&] { layer.forward(TensorView(nullptr, DType::f32, {T, H}), lg, o); }, {"input", "null"});
   expect_error([&] { layer.forward(x, lg, TensorView(in.mix.data(), DType::f32, {}), o); }, {"router_weights", "0-d"});
   // A refused call leaves the output untouched.
   std::vector<float> keep(out.size(), 42.f);
-  expect_error([&] { layer.forward(x, view_f32(in.logits.data(), {T, E - 1}), output_f32(keep.data(), {T, H})); },
-               {"router_probs"});
+  expect_error(
+      [&] {
+        layer.forward(x, view_f32(in.logits.data(), {T, E - 1}), output_f32(keep.data(), {T, H}));
+      },
+      {"router_probs"});
   for (float v : keep) ASSERT_EQ(v, 42.f);
 }
 
@@ -159,10 +168,16 @@ TEST(Validation, ReferenceValidatesLikeTheLayer) {
   const auto in = random_inputs(T, H, E, 1);
   MoeAttributes a = f.a;
   a.k = 9;
-  expect_error([&] { reference_forward(f.s.views(), a, view_f32(in.x.data(), {T, H}), view_f32(in.logits.data(), {T, E})); },
-               {"k"});
-  expect_error([&] { reference_forward(f.s.views(), f.a, view_f32(in.x.data(), {T, H}), view_f32(in.logits.data(), {E, T})); },
-               {"router_probs"});
+  expect_error(
+      [&] {
+        reference_forward(f.s.views(), a, view_f32(in.x.data(), {T, H}), view_f32(in.logits.data(), {T, E}));
+      },
+      {"k"});
+  expect_error(
+      [&] {
+        reference_forward(f.s.views(), f.a, view_f32(in.x.data(), {T, H}), view_f32(in.logits.data(), {E, T}));
+      },
+      {"router_probs"});
 }
 
 }  // namespace

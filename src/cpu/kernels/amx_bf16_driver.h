@@ -93,15 +93,16 @@ class TileDecoder {
 
   // Writes the next 16 B rows (32 columns) to b (1 KiB).
   void step(std::uint16_t* b) {
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                                6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int c = 0; c < 32; c += static_cast<int>(G)) {
       __m512 w[G];
       if (blk_ < nb_) {
         const OpsAvx512::Q q = OpsAvx512::group(codes_ + grp_ * 64);
         [&]<int... J>(std::integer_sequence<int, J...>) {
           ((OpsAvx512::column<BITS, J>(q, zero_, &w[J]), w[J] = _mm512_mul_ps(w[J], scale_)), ...);
-        }(std::make_integer_sequence<int, static_cast<int>(G)>{});
+        }
+        (std::make_integer_sequence<int, static_cast<int>(G)>{});
         if (++grp_ == pb_ / G) {
           grp_ = 0;
           if (++blk_ < nb_) load_block();
@@ -110,8 +111,9 @@ class TileDecoder {
         for (auto& v : w) v = _mm512_setzero_ps();
       }
       for (int j = 0; j < static_cast<int>(G); j += 2)
-        _mm512_storeu_si512(b + (c + j) * NR, _mm512_permutexvar_epi16(
-                                                  interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[j + 1], w[j]))));
+        _mm512_storeu_si512(
+            b + (c + j) * NR,
+            _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[j + 1], w[j]))));
     }
   }
 
@@ -147,16 +149,14 @@ class SymmetricQ4Decoder {
 
   void step(std::uint16_t* b) {
     // bf16 of v - 8 for v = 0..15, twice: bf16(n) for small integers n is the float's top half.
-    const __m512i table = _mm512_set_epi16(0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  //
-                                           static_cast<short>(0xBF80), static_cast<short>(0xC000),
-                                           static_cast<short>(0xC040), static_cast<short>(0xC080),
-                                           static_cast<short>(0xC0A0), static_cast<short>(0xC0C0),
-                                           static_cast<short>(0xC0E0), static_cast<short>(0xC100),  //
-                                           0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  //
-                                           static_cast<short>(0xBF80), static_cast<short>(0xC000),
-                                           static_cast<short>(0xC040), static_cast<short>(0xC080),
-                                           static_cast<short>(0xC0A0), static_cast<short>(0xC0C0),
-                                           static_cast<short>(0xC0E0), static_cast<short>(0xC100));
+    const __m512i table = _mm512_set_epi16(
+        0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  //
+        static_cast<short>(0xBF80), static_cast<short>(0xC000), static_cast<short>(0xC040), static_cast<short>(0xC080),
+        static_cast<short>(0xC0A0), static_cast<short>(0xC0C0), static_cast<short>(0xC0E0),
+        static_cast<short>(0xC100),                                      //
+        0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  //
+        static_cast<short>(0xBF80), static_cast<short>(0xC000), static_cast<short>(0xC040), static_cast<short>(0xC080),
+        static_cast<short>(0xC0A0), static_cast<short>(0xC0C0), static_cast<short>(0xC0E0), static_cast<short>(0xC100));
     constexpr __mmask32 kHigh = 0xAAAAAAAAu;  // odd words: the high half of each lane
     for (int c = 0; c < 32; c += static_cast<int>(G), b += 4 * NR * 2) {
       if (grp_ >= groups_) {
@@ -166,13 +166,19 @@ class SymmetricQ4Decoder {
       const __m512i q = _mm512_loadu_si512(codes_ + 64 * grp_++);
       // Byte i of a lane holds columns 8g + 2i (low nibble) and 8g + 2i + 1 (high nibble):
       // the low nibble goes to bits 0..3 of the lane, the high nibble to bits 16..19.
-      _mm512_storeu_si512(b, _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(kHigh, q, _mm512_slli_epi32(q, 12)), table));
-      _mm512_storeu_si512(b + NR * 2, _mm512_permutexvar_epi16(
-                                          _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 8), _mm512_slli_epi32(q, 4)), table));
-      _mm512_storeu_si512(b + 2 * NR * 2, _mm512_permutexvar_epi16(
-                                              _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 16), _mm512_srli_epi32(q, 4)), table));
-      _mm512_storeu_si512(b + 3 * NR * 2, _mm512_permutexvar_epi16(
-                                              _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 24), _mm512_srli_epi32(q, 12)), table));
+      _mm512_storeu_si512(b,
+                          _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(kHigh, q, _mm512_slli_epi32(q, 12)), table));
+      _mm512_storeu_si512(b + NR * 2,
+                          _mm512_permutexvar_epi16(
+                              _mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 8), _mm512_slli_epi32(q, 4)), table));
+      _mm512_storeu_si512(
+          b + 2 * NR * 2,
+          _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 16), _mm512_srli_epi32(q, 4)),
+                                   table));
+      _mm512_storeu_si512(
+          b + 3 * NR * 2,
+          _mm512_permutexvar_epi16(_mm512_mask_blend_epi16(kHigh, _mm512_srli_epi32(q, 24), _mm512_srli_epi32(q, 12)),
+                                   table));
     }
   }
 
@@ -211,22 +217,22 @@ void gemm_with(const Decoder& fresh, const std::uint16_t* x, std::int64_t ldx, s
     for (std::int64_t k = 0; k < kp; k += 32) {
       if (decoded < nsteps) decode();
       _tile_loadd(7, b + ((k / 32) % kBSlots) * 512, 64);
-#define QMOE_AMX_DOT(i)                                                        \
-  do {                                                                         \
-    _tile_loadd(6, x + (t0 + 16 * (i)) * ldx + k * 16, 64);                   \
-    _tile_dpbf16ps(i, 6, 7);                                                   \
+#define QMOE_AMX_DOT(i)                                     \
+  do {                                                      \
+    _tile_loadd(6, x + (t0 + 16 * (i)) * ldx + k * 16, 64); \
+    _tile_dpbf16ps(i, 6, 7);                                \
   } while (0)
       QMOE_AMX_FOR_BLOCKS(QMOE_AMX_DOT);
     }
-#define QMOE_AMX_STORE(i)                                                                           \
-  do {                                                                                              \
-    const std::int64_t tb = t0 + 16 * (i), valid = ntok - tb < 16 ? ntok - tb : 16;                 \
-    if (valid == 16 && ldy == NR) {                                                                 \
-      _tile_stored(i, y + tb * ldy, 64);                                                            \
-    } else {                                                                                        \
-      _tile_stored(i, ctmp, 64);                                                                    \
+#define QMOE_AMX_STORE(i)                                                                          \
+  do {                                                                                             \
+    const std::int64_t tb = t0 + 16 * (i), valid = ntok - tb < 16 ? ntok - tb : 16;                \
+    if (valid == 16 && ldy == NR) {                                                                \
+      _tile_stored(i, y + tb * ldy, 64);                                                           \
+    } else {                                                                                       \
+      _tile_stored(i, ctmp, 64);                                                                   \
       for (std::int64_t r = 0; r < valid; ++r) std::memcpy(y + (tb + r) * ldy, ctmp + 16 * r, 64); \
-    }                                                                                               \
+    }                                                                                              \
   } while (0)
     QMOE_AMX_FOR_BLOCKS(QMOE_AMX_STORE);
 #undef QMOE_AMX_STORE
@@ -284,15 +290,15 @@ void gemm_pair_with(const Decoder& fresh0, const Decoder& fresh1, const std::uin
         _tile_dpbf16ps(3, 5, 7);
       }
     }
-#define QMOE_AMX_STORE2(i, block, col)                                                                      \
-  do {                                                                                                      \
-    const std::int64_t tb = t0 + 16 * (block), valid = ntok - tb < 16 ? ntok - tb : 16;                     \
-    if (valid == 16) {                                                                                      \
-      _tile_stored(i, y + tb * ldy + (col), ldy_bytes);                                                     \
-    } else {                                                                                                \
-      _tile_stored(i, ctmp, 64);                                                                            \
+#define QMOE_AMX_STORE2(i, block, col)                                                                     \
+  do {                                                                                                     \
+    const std::int64_t tb = t0 + 16 * (block), valid = ntok - tb < 16 ? ntok - tb : 16;                    \
+    if (valid == 16) {                                                                                     \
+      _tile_stored(i, y + tb * ldy + (col), ldy_bytes);                                                    \
+    } else {                                                                                               \
+      _tile_stored(i, ctmp, 64);                                                                           \
       for (std::int64_t r = 0; r < valid; ++r) std::memcpy(y + (tb + r) * ldy + (col), ctmp + 16 * r, 64); \
-    }                                                                                                       \
+    }                                                                                                      \
   } while (0)
     QMOE_AMX_STORE2(0, 0, 0);
     QMOE_AMX_STORE2(1, 0, 16);

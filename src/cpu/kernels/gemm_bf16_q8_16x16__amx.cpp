@@ -5,8 +5,8 @@
 namespace qmoe::cpu {
 
 void gemm_bf16_q8_16x16__amx(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles,
-                               const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy,
-                               void* scratch) {
+                             const std::uint16_t* x, std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy,
+                             void* scratch) {
   amx::gemm<8>(g, tile, ntiles, x, ldx, ntok, y, ldy, scratch);
 }
 

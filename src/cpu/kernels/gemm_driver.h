@@ -137,8 +137,8 @@ inline void column(const typename Ops::Q& q, const typename Ops::Z& z, typename 
 
 // y[m][i * NR + r] = rows r of tiles i < NT times tokens m < M.
 template <class Ops, int BITS, int M, int NT>
-void direct(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x,
-            std::int64_t ldx, float* y, std::int64_t ldy) {
+void direct(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x, std::int64_t ldx,
+            float* y, std::int64_t ldy) {
   using V = typename Ops::V;
   constexpr int NV = Ops::NV;
   constexpr int G = static_cast<int>(kGroupCols<BITS>);
@@ -158,22 +158,23 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_b
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < NT; ++i)
           for (int j = 0; j < NV; ++j) part[p][m][i][j] = Ops::zero();
-    with_lut<Ops, BITS>(v, [&](auto LUT) __attribute__((always_inline)) {
-      for (std::int64_t grp = 0; grp < pb / G; ++grp) {
-        typename Ops::Q q[NT];
-        for (int i = 0; i < NT; ++i) q[i] = Ops::group(v[i].codes + grp * 64);
-        const float* xg = x + b * pb + grp * G;
-        unroll<G>([&](auto J) {
-          V w[NT][NV];
-          for (int i = 0; i < NT; ++i) column<Ops, BITS, LUT, J>(q[i], v[i].zero, w[i]);
-          for (int m = 0; m < M; ++m) {
-            const V xv = Ops::splat(xg[m * ldx + J]);
-            for (int i = 0; i < NT; ++i)
-              for (int j = 0; j < NV; ++j) part[J % P][m][i][j] = Ops::fma(w[i][j], xv, part[J % P][m][i][j]);
+    with_lut<Ops, BITS>(
+        v, [&](auto LUT) __attribute__((always_inline)) {
+          for (std::int64_t grp = 0; grp < pb / G; ++grp) {
+            typename Ops::Q q[NT];
+            for (int i = 0; i < NT; ++i) q[i] = Ops::group(v[i].codes + grp * 64);
+            const float* xg = x + b * pb + grp * G;
+            unroll<G>([&](auto J) {
+              V w[NT][NV];
+              for (int i = 0; i < NT; ++i) column<Ops, BITS, LUT, J>(q[i], v[i].zero, w[i]);
+              for (int m = 0; m < M; ++m) {
+                const V xv = Ops::splat(xg[m * ldx + J]);
+                for (int i = 0; i < NT; ++i)
+                  for (int j = 0; j < NV; ++j) part[J % P][m][i][j] = Ops::fma(w[i][j], xv, part[J % P][m][i][j]);
+              }
+            });
           }
         });
-      }
-    });
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < NT; ++i)
         for (int j = 0; j < NV; ++j) {
@@ -262,8 +263,8 @@ void decode_chunk(const Block<Ops> (&v)[NT], std::int64_t c0, std::int64_t n, fl
 
 // NT consecutive tiles, every token: each chunk of NT tiles is dequantized once to w.
 template <class Ops, int BITS, int NT>
-void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x,
-           std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, float* w) {
+void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x, std::int64_t ldx,
+           std::int64_t ntok, float* y, std::int64_t ldy, float* w) {
   constexpr int MT = Ops::kReuseTokens;
   constexpr int MF = [] {
     if constexpr (requires { Ops::kDecodeTokens; }) return Ops::kDecodeTokens;
@@ -281,9 +282,8 @@ void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_by
       const std::int64_t n = pb - c0 < kChunk ? pb - c0 : kChunk;  // a multiple of G
       const float* xc = x + b * pb + c0;
       const bool first = b == 0 && c0 == 0;
-      with_lut<Ops, BITS>(v, [&](auto LUT) {
-        decode_chunk<Ops, BITS, NT, MF, LUT>(v, c0, n, w, xc, ldx, y, ldy, first);
-      });
+      with_lut<Ops, BITS>(v,
+                          [&](auto LUT) { decode_chunk<Ops, BITS, NT, MF, LUT>(v, c0, n, w, xc, ldx, y, ldy, first); });
       for (std::int64_t k = 0, t = MF; k < nblocks; ++k) {
         const std::int64_t m = (ntok - t + (nblocks - k) - 1) / (nblocks - k);
         with_count<MT>(m, [&](auto M) { chunk_tokens<Ops, NT, M>(w, n, xc + t * ldx, ldx, y + t * ldy, ldy, first); });
@@ -321,7 +321,8 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, 
     for (; t + MD <= ntok; t += MD) direct<Ops, BITS, MD, N>(g, ti, tb, x + t * ldx, ldx, yi + t * ldy, ldy);
     // The remainder in one pass too: every token of the expert shares one decode of the tiles.
     if (t < ntok)
-      with_count<MD - 1>(ntok - t, [&](auto M) { direct<Ops, BITS, M, N>(g, ti, tb, x + t * ldx, ldx, yi + t * ldy, ldy); });
+      with_count<MD - 1>(ntok - t,
+                         [&](auto M) { direct<Ops, BITS, M, N>(g, ti, tb, x + t * ldx, ldx, yi + t * ldy, ldy); });
   });
 }
 

@@ -61,8 +61,8 @@ inline void dot_groups(const std::uint8_t* codes, const std::int8_t* xq, std::in
 // Never inlined: inlined into gemm, some token counts lost a quarter of their speed to
 // the larger function's register allocation (M = 8, one thread: 2.9 -> 4.4 ms per pass).
 template <class Ops, int BITS, int M>
-[[gnu::noinline]] void direct(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t t0, float* y,
-            std::int64_t ldy) {
+[[gnu::noinline]] void direct(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t t0,
+                              float* y, std::int64_t ldy) {
   using I = typename Ops::I;
   using F = typename Ops::F;
   constexpr int NV = Ops::NV;

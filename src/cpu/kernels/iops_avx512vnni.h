@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+// Hand-laid inline-asm tables: clang-format 14 reflows them differently on every pass.
+// clang-format off
 // Operands of the fused loop (full_blocks): the activations of token 3k + j at byte
 // `off` of the current block sit at b_k + j * ldq, its scale at s_k + j * lds * 4
 // (x86 base + index * {1, 2} addressing: 4 + 4 pointers for 12 tokens).
@@ -66,6 +68,7 @@
   : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", \
     "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23",         \
     "xmm24", "xmm25", "xmm26", "xmm27", "cc", "memory"
+// clang-format on
 
 namespace qmoe::cpu {
 

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+// Hand-laid inline-asm tables: clang-format 14 reflows them differently on every pass.
+// clang-format off
 // Operands of the prefill loop (chunk2): token 3k + j's activations at x_k + j * ldx (bytes).
 #define QMOE_FIDX0 ""
 #define QMOE_FIDX1 ",%[ld],1"
@@ -42,6 +44,7 @@
                : "rax", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",       \
                  "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19",   \
                  "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "cc", "memory")
+// clang-format on
 
 namespace qmoe::cpu {
 
@@ -55,14 +58,14 @@ struct OpsAvx512 {
   struct Q {
     __m512i q;
   };
-  static constexpr int NV = 1;              // one zmm = the 16 rows of a column
-  static constexpr int kDirectTokens = 4;   // 4 tokens x (even, odd) = 8 independent FMA chains
-  static constexpr int kDirectTiles = 1;    // one sequential weight stream: decode is bandwidth-bound, and
-                                            // two tiles' streams at once measured slower (T=1) than one
-  static constexpr int kReuseTokens = 12;   // 12 tokens x 2 tiles = 24 accumulators + 2 weights, of 32 zmm:
-  static constexpr int kReuseTiles = 2;     // 14 loads (2 weights, 12 broadcasts) per 24 FMAs
-  static constexpr int kReuseFrom = 32;     // direct keeps up with reuse to ~48 tokens (measured)
-  static constexpr int kDecodeTokens = 6;   // tokens run inside the prefill decode loop (measured best of 4-8)
+  static constexpr int NV = 1;             // one zmm = the 16 rows of a column
+  static constexpr int kDirectTokens = 4;  // 4 tokens x (even, odd) = 8 independent FMA chains
+  static constexpr int kDirectTiles = 1;   // one sequential weight stream: decode is bandwidth-bound, and
+                                           // two tiles' streams at once measured slower (T=1) than one
+  static constexpr int kReuseTokens = 12;  // 12 tokens x 2 tiles = 24 accumulators + 2 weights, of 32 zmm:
+  static constexpr int kReuseTiles = 2;    // 14 loads (2 weights, 12 broadcasts) per 24 FMAs
+  static constexpr int kReuseFrom = 32;    // direct keeps up with reuse to ~48 tokens (measured)
+  static constexpr int kDecodeTokens = 6;  // tokens run inside the prefill decode loop (measured best of 4-8)
 
   // The prefill regime's inner loop (gemm_driver.h, chunk_tokens) for two tiles and M = 10..12
   // tokens (the token blocks of 30 or more tokens), in assembly: per column 2 weight loads, M
@@ -79,11 +82,20 @@ struct OpsAvx512 {
     const float *x0 = x, *x1 = x + 3 * ldx, *x2 = x + 6 * ldx, *x3 = x + 9 * ldx;
     const std::int64_t ldb = ldx * 4;
     if constexpr (M == 10) {
-      if (first) QMOE_FCHUNK(10, QMOE_FZERO); else QMOE_FCHUNK(10, QMOE_FLOAD);
+      if (first)
+        QMOE_FCHUNK(10, QMOE_FZERO);
+      else
+        QMOE_FCHUNK(10, QMOE_FLOAD);
     } else if constexpr (M == 11) {
-      if (first) QMOE_FCHUNK(11, QMOE_FZERO); else QMOE_FCHUNK(11, QMOE_FLOAD);
+      if (first)
+        QMOE_FCHUNK(11, QMOE_FZERO);
+      else
+        QMOE_FCHUNK(11, QMOE_FLOAD);
     } else {
-      if (first) QMOE_FCHUNK(12, QMOE_FZERO); else QMOE_FCHUNK(12, QMOE_FLOAD);
+      if (first)
+        QMOE_FCHUNK(12, QMOE_FZERO);
+      else
+        QMOE_FCHUNK(12, QMOE_FLOAD);
     }
   }
   template <int BITS>

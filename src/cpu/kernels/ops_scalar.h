@@ -24,8 +24,8 @@ struct OpsScalar {
   static constexpr int kReuseTiles = 1;    // no registers to spare for a second tile
   static constexpr int kDirectTiles = 1;
   template <int BITS>
-  static constexpr bool kLut = false;  // no table lookup: column() only
-  static constexpr int kReuseFrom = 4;     // dequantize-and-reuse from this many tokens on
+  static constexpr bool kLut = false;   // no table lookup: column() only
+  static constexpr int kReuseFrom = 4;  // dequantize-and-reuse from this many tokens on
 
   static V zero() { return V{}; }
   static V splat(float x) { return V{x, x, x, x}; }
@@ -42,8 +42,8 @@ struct OpsScalar {
   static Z zeros(const std::uint8_t* z16) {
     Z z;
     for (int j = 0; j < 4; ++j)
-      z.z[j] = V{8388608.f + z16[4 * j], 8388608.f + z16[4 * j + 1], 8388608.f + z16[4 * j + 2],
-                 8388608.f + z16[4 * j + 3]};
+      z.z[j] =
+          V{8388608.f + z16[4 * j], 8388608.f + z16[4 * j + 1], 8388608.f + z16[4 * j + 2], 8388608.f + z16[4 * j + 3]};
     return z;
   }
   static Q group(const std::uint8_t* p64) {

@@ -5,6 +5,8 @@
 
 namespace qmoe::cpu {
 
-double peak_f32_fma__avx512(std::int64_t iterations, float seed) { return driver::peak_fma<OpsAvx512>(iterations, seed); }
+double peak_f32_fma__avx512(std::int64_t iterations, float seed) {
+  return driver::peak_fma<OpsAvx512>(iterations, seed);
+}
 
 }  // namespace qmoe::cpu

@@ -5,6 +5,8 @@
 
 namespace qmoe::cpu {
 
-double peak_f32_fma__scalar(std::int64_t iterations, float seed) { return driver::peak_fma<OpsScalar>(iterations, seed); }
+double peak_f32_fma__scalar(std::int64_t iterations, float seed) {
+  return driver::peak_fma<OpsScalar>(iterations, seed);
+}
 
 }  // namespace qmoe::cpu

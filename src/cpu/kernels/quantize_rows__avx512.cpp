@@ -39,7 +39,8 @@ inline __m512 reduce16(const __m512 (&v)[16], Op op) {
     u[i] = op(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88), _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
   for (int i = 0; i < 2; ++i)
     s[i] = op(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
-  return _mm512_permutexvar_ps(tree_order(), op(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD)));
+  return _mm512_permutexvar_ps(tree_order(),
+                               op(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD)));
 }
 
 // Lane k = max over the lanes of v[k].
