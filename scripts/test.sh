@@ -21,7 +21,7 @@ CLANG_FORMAT=clang-format-14 "$ROOT/scripts/format.sh" --check
 "$VENV/bin/ruff" check "$ROOT"
 
 say "C++ build + tests (Release)"
-configure_build "$ROOT/build-test" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS=ON
+configure_build "$ROOT/build-test" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS=ON -DQMOE_WERROR=ON
 cmake --build "$ROOT/build-test" -j "$JOBS"
 (cd "$ROOT/build-test" && ctest --output-on-failure -j "$JOBS")
 
@@ -34,7 +34,7 @@ cmake --build "$ROOT/build-consumer"
 
 if [ "$quick" = 0 ]; then
   say "C++ tests under ASan + UBSan"
-  configure_build "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=Debug -DQMOE_SANITIZE=ON -DQMOE_BUILD_TESTS=ON \
+  configure_build "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=Debug -DQMOE_SANITIZE=ON -DQMOE_BUILD_TESTS=ON -DQMOE_WERROR=ON \
     -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=OFF
   cmake --build "$ROOT/build-asan" --target qmoe_tests -j "$JOBS"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

@@ -57,7 +57,7 @@ int run_info_file(const std::string& path, const std::vector<std::string>& argv)
       list(l.extra);
     } else if (!l.extra.empty()) {
       std::string names;
-      for (const FileTensor& t : l.extra) names += " " + t.name.substr(l.name.size() + 1);
+      for (const FileTensor& t : l.extra) names.append(" ").append(t.name, l.name.size() + 1);
       std::printf("  other tensors:%s\n", names.c_str());
     }
   }
