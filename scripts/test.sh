@@ -13,7 +13,7 @@ for a in "$@"; do
     *) echo "usage: scripts/test.sh [--quick]" >&2; exit 2 ;;
   esac
 done
-ensure_deb nlohmann-json3-dev clang-format-14
+ensure_deb nlohmann-json3-dev clang-format-14 clang-tidy-14
 ensure_venv "$ROOT/scripts/requirements-build.txt" "$ROOT/tests/python/requirements.txt"
 
 say "clang-format (.clang-format) and ruff (pyproject.toml)"
@@ -24,6 +24,9 @@ say "C++ build + tests (Release)"
 configure_build "$ROOT/build-test" -DCMAKE_BUILD_TYPE=Release -DQMOE_BUILD_TESTS=ON -DQMOE_WERROR=ON
 cmake --build "$ROOT/build-test" -j "$JOBS"
 (cd "$ROOT/build-test" && ctest --output-on-failure -j "$JOBS")
+
+say "clang-tidy (.clang-tidy) on the library sources"
+CLANG_TIDY=clang-tidy-14 "$ROOT/scripts/tidy.sh" "$ROOT/build-test"
 
 say "find_package(qmoe): install, then build and run examples/quickstart.cpp against the installed tree"
 rm -rf "$ROOT/build-install" "$ROOT/build-consumer"

@@ -13,7 +13,6 @@ std::size_t dtype_size(DType t) noexcept {
     case DType::f32:
       return 4;
     case DType::f16:
-      return 2;
     case DType::bf16:
       return 2;
     case DType::u8:

@@ -212,7 +212,8 @@ template <class T>
 static T* grow(std::vector<T>& v, std::int64_t n) {
   constexpr std::int64_t kSlack = 64 / sizeof(T);
   if (v.size() < static_cast<std::size_t>(n + kSlack)) v.resize(static_cast<std::size_t>(n + kSlack));
-  return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) & ~std::uintptr_t{63});
+  const std::uintptr_t skip = (64 - reinterpret_cast<std::uintptr_t>(v.data()) % 64) % 64;  // to 64 bytes
+  return reinterpret_cast<T*>(reinterpret_cast<std::uint8_t*>(v.data()) + skip);
 }
 
 void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,

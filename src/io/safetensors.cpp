@@ -171,7 +171,8 @@ Header parse_header(const std::uint8_t* data, std::uint64_t size, const std::str
       }
       continue;
     }
-    const std::string where = path + ": tensor \"" + name + "\"";
+    std::string where = path;
+    where.append(": tensor \"").append(name).append("\"");
     require(!name.empty(), path, ": a tensor has an empty name");
     require(v.is_object(), where, ": expected an object {dtype, shape, data_offsets}, got ", v.type_name());
     for (auto f = v.begin(); f != v.end(); ++f)

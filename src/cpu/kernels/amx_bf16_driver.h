@@ -316,7 +316,7 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, 
           std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, void* scratch) {
   configure<0>();
   // B tiles on 64-byte boundaries (the caller's scratch has the slack): one cache line per tile row.
-  scratch = reinterpret_cast<void*>((reinterpret_cast<std::uintptr_t>(scratch) + 63) & ~std::uintptr_t{63});
+  scratch = static_cast<std::uint8_t*>(scratch) + (64 - reinterpret_cast<std::uintptr_t>(scratch) % 64) % 64;
   // Tile size from PackGeometry's data members only (its inline member functions are
   // shared with baseline translation units: see the ODR caution in gemm_driver.h).
   constexpr std::int64_t G = 32 / BITS;

@@ -25,7 +25,8 @@ double peak_fma(std::int64_t iterations, float seed) {
   Ops::store(out, sum);
   volatile float keep = out[0];
   (void)keep;
-  return 2.0 * kChains * static_cast<double>(sizeof(V) / sizeof(float)) * static_cast<double>(iterations);
+  return 2.0 * kChains * (static_cast<double>(sizeof(V)) / static_cast<double>(sizeof(float))) *
+         static_cast<double>(iterations);
 }
 
 }  // namespace qmoe::cpu::driver
