@@ -4,6 +4,7 @@ written to one file (ONNX external data, memory-mapped for qmoe), the one-node
 ONNX Runtime QMoE model on that file, and the rotating input sets."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -17,13 +18,22 @@ try:
 except ImportError:  # pragma: no cover - exercised only before the package exists
     qmoe = None
 
-# The reference shapes (H, I, E, k, swiglu attributes, default block size), as tools/synth.cpp has them.
-MODELS = {
-    "gpt-oss-20b": dict(H=2880, I=2880, E=32, k=4, alpha=1.702, beta=1.0, limit=7.0, block=0, bias=True),
-    "qwen3-30b-a3b": dict(H=2048, I=768, E=128, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),
-    "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2, alpha=1.0, beta=0.0, limit=math.inf, block=32, bias=False),
-    "deepseek-v3": dict(H=7168, I=2048, E=256, k=8, alpha=1.0, beta=0.0, limit=math.inf, block=128, bias=False),
-}
+SHAPES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools", "shapes.json")
+
+
+def reference_shapes() -> dict:
+    """The reference shapes of tools/shapes.json (the one definition, which tools/synth.cpp builds in):
+    name -> dict(H, I, E, k, alpha, beta, limit, block, bias), in the file's order."""
+    with open(SHAPES_JSON) as f:
+        raw = json.load(f)
+    return {name: dict(H=m["hidden"], I=m["inter"], E=m["experts"], k=m["k"], alpha=float(m["activation_alpha"]),
+                       beta=float(m["activation_beta"]),
+                       limit=math.inf if m["swiglu_limit"] == "inf" else float(m["swiglu_limit"]),
+                       block=m["block_size"], bias=bool(m["bias"]))
+            for name, m in raw.items() if not name.startswith("_")}
+
+
+MODELS = reference_shapes()
 MAX_SETS = 64               # input sets per T, at most
 MAX_SET_BYTES = 512 << 20   # inputs of one T, at most
 # ORT's session grows the process by about this many times the raw weight bytes

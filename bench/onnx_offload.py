@@ -45,7 +45,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_setup import cpu_competition, cpu_snapshot, load_average, log, machine_info, rss as _rss  # noqa: E402
+from bench_setup import MODELS, cpu_competition, cpu_snapshot, load_average, log, machine_info  # noqa: E402
+from bench_setup import rss as _rss  # noqa: E402
+
+GPT_OSS = MODELS["gpt-oss-20b"]  # the layer shape of the stacked model (tools/shapes.json)
 
 import qmoe  # noqa: E402
 import qmoe.onnx  # noqa: E402
@@ -118,8 +121,8 @@ def build_model(path, *, layers, H, I, E, k, bits, block, seed=0):
         nodes.append(helper.make_node("MatMul", [h, f"{p}.router.weight"], [f"{p}/router_mm"], name=f"{p}/router"))
         nodes.append(helper.make_node("Add", [f"{p}/router_mm", f"{p}.router.bias"], [f"{p}/logits"],
                                       name=f"{p}/router_bias"))
-        attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.702, activation_beta=1.0,
-                     swiglu_limit=7.0, normalize_routing_weights=1, expert_weight_bits=bits, weights_prepacked=0)
+        attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=GPT_OSS["alpha"],
+                     activation_beta=GPT_OSS["beta"], swiglu_limit=GPT_OSS["limit"], normalize_routing_weights=1, expert_weight_bits=bits, weights_prepacked=0)
         if block:
             attrs["block_size"] = block
         nodes.append(helper.make_node("QMoE", [h, f"{p}/logits"] + [f"{p}.experts.{n}" for n in order],
@@ -150,10 +153,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of both sessions, qmoe's threads (2)")
     ap.add_argument("--tokens", default="1,16", help="token counts T (1,16)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=2880)
-    ap.add_argument("--inter", type=int, default=2880)
-    ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=GPT_OSS["H"])
+    ap.add_argument("--inter", type=int, default=GPT_OSS["I"])
+    ap.add_argument("--experts", type=int, default=GPT_OSS["E"])
+    ap.add_argument("--k", type=int, default=GPT_OSS["k"])
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--block", type=int, default=0, help="block size (0 = row-wise)")
     ap.add_argument("--runs", type=int, default=0, help="timed runs per side and T (default: by time budget)")

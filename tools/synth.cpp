@@ -4,8 +4,12 @@
 #include <atomic>
 #include <cmath>
 #include <exception>
+#include <limits>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <thread>
+
+#include "shapes_json.h"
 
 namespace qmoe::tools {
 
@@ -146,26 +150,28 @@ std::size_t SynthLayer::raw_bytes() const {
 }
 
 std::vector<ModelShape> model_shapes(int bits, int block_size) {
-  auto attrs = [&](int k, int fusion, float alpha, float beta, float limit, int block) {
+  // tools/shapes.json, built in (see shapes_json.h.in): swiglu, fusion 1, normalized routing.
+  const nlohmann::ordered_json table = nlohmann::ordered_json::parse(kShapesJson);  // in the file's order
+  auto num = [](const nlohmann::ordered_json& v) {
+    return v.is_string() && v.get<std::string>() == "inf" ? std::numeric_limits<float>::infinity() : v.get<float>();
+  };
+  std::vector<ModelShape> out;
+  for (const auto& [name, m] : table.items()) {
+    if (name.rfind('_', 0) == 0) continue;  // "_comment"
     MoeAttributes a;
-    a.k = k;
+    a.k = m.at("k").get<int>();
     a.activation = Activation::swiglu;
-    a.swiglu_fusion = fusion;
-    a.activation_alpha = alpha;
-    a.activation_beta = beta;
-    a.swiglu_limit = limit;
+    a.swiglu_fusion = 1;
+    a.activation_alpha = num(m.at("activation_alpha"));
+    a.activation_beta = num(m.at("activation_beta"));
+    a.swiglu_limit = num(m.at("swiglu_limit"));
     a.expert_weight_bits = bits;
-    a.block_size = block_size >= 0 ? block_size : block;
+    a.block_size = block_size >= 0 ? block_size : m.at("block_size").get<int>();
     a.normalize_routing_weights = 1;
-    return a;
-  };
-  const float inf = std::numeric_limits<float>::infinity();
-  return {
-      {"gpt-oss-20b", 2880, 2880, 32, attrs(4, 1, 1.702f, 1.0f, 7.0f, 0)},
-      {"qwen3-30b-a3b", 2048, 768, 128, attrs(8, 1, 1.0f, 0.0f, inf, 128)},
-      {"mixtral-8x7b", 4096, 14336, 8, attrs(2, 1, 1.0f, 0.0f, inf, 32)},
-      {"deepseek-v3", 7168, 2048, 256, attrs(8, 1, 1.0f, 0.0f, inf, 128)},
-  };
+    out.push_back({name, m.at("hidden").get<std::int64_t>(), m.at("inter").get<std::int64_t>(),
+                   m.at("experts").get<std::int64_t>(), a});
+  }
+  return out;
 }
 
 ModelShape model_shape(const std::string& name, int bits, int block_size) {
