@@ -122,7 +122,8 @@ def build_model(path, *, layers, H, I, E, k, bits, block, seed=0):
         nodes.append(helper.make_node("Add", [f"{p}/router_mm", f"{p}.router.bias"], [f"{p}/logits"],
                                       name=f"{p}/router_bias"))
         attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=GPT_OSS["alpha"],
-                     activation_beta=GPT_OSS["beta"], swiglu_limit=GPT_OSS["limit"], normalize_routing_weights=1, expert_weight_bits=bits, weights_prepacked=0)
+                     activation_beta=GPT_OSS["beta"], swiglu_limit=GPT_OSS["limit"], normalize_routing_weights=1,
+                     expert_weight_bits=bits, weights_prepacked=0)
         if block:
             attrs["block_size"] = block
         nodes.append(helper.make_node("QMoE", [h, f"{p}/logits"] + [f"{p}.experts.{n}" for n in order],
