@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/activation.h"
+#include "cpu/packed.h"
 
 // One clone per vector width, picked at load time from the CPU (GCC on
 // x86-64 ELF): the loops below vectorize at 512 bits where the CPU allows.
@@ -17,7 +18,7 @@
 namespace qmoe::cpu {
 
 namespace {
-constexpr int kNr = 16;
+constexpr int kNr = kTileRows;
 // Rows gathered into flat arrays at once (6 KiB on the stack); a multiple of the 16-row
 // A-tile blocks, so each pass starts on a block boundary of the blocked bf16 output.
 constexpr std::int64_t kRowsPerPass = 32;

@@ -51,9 +51,12 @@ struct PackTag {
   std::uint64_t expert_stride;  ///< bytes per expert
 };
 
+/// Rows of one packed tile: the NR of every CPU kernel table (the one definition).
+inline constexpr int kTileRows = 16;
+
 /// Layout arithmetic shared by the packer, the kernels and the tests.
 struct PackGeometry {
-  int nr = 16, bits = 4;
+  int nr = kTileRows, bits = 4;
   std::int64_t rows = 0, cols = 0, block_len = 0;
 
   std::int64_t tiles() const { return (rows + nr - 1) / nr; }

@@ -41,7 +41,7 @@
 
 namespace qmoe::cpu::amx {
 
-constexpr int NR = 16;
+constexpr int NR = kTileRows;
 constexpr int kMaxTokenBlocks = 6;
 
 // Why B tiles are decoded two K steps ahead of their use: a tile load of bytes

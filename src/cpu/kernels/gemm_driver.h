@@ -62,7 +62,7 @@
 
 namespace qmoe::cpu::driver {
 
-constexpr int NR = 16;
+constexpr int NR = kTileRows;
 constexpr std::int64_t kChunk = 256;  // columns dequantized at once in the prefill regime (a multiple of 8)
 
 // Layout arithmetic of packed.h, from PackGeometry's data members only.

@@ -36,7 +36,7 @@
 
 namespace qmoe::cpu::idriver {
 
-constexpr int NR = 16;
+constexpr int NR = kTileRows;
 
 // iacc[m] += codes x activations for the groups of columns [c, c + n) (n a
 // multiple of the group), activations of token m at xq + m * ldq.
