@@ -148,7 +148,7 @@ BENCHMARK(BM_Forward)->Apply(Cases)->Unit(benchmark::kMillisecond)->UseRealTime(
 
 // ---- per-kernel benchmarks
 
-constexpr std::int64_t kTileExperts = 16, kTileRows = 2 * kInter;  // gpt-oss FC1: gate and up rows
+constexpr std::int64_t kTileExperts = 16, kFc1Rows = 2 * kInter;  // gpt-oss FC1: gate and up rows
 
 struct Ceilings {
   double read_gbs = 0, peak_gflops = 0;
@@ -170,7 +170,7 @@ const qmoe::cpu::CpuMoe& packed_for(int bits) {
     so.bias = false;
     const auto raw = qmoe::tools::synth_layer(kTileExperts, kHidden, kInter, attributes(bits), so);
     slot = std::make_unique<qmoe::cpu::CpuMoe>(raw.views(), raw.attrs,
-                                               qmoe::MoeShape{kTileExperts, kHidden, kInter, kTileRows}, 1);
+                                               qmoe::MoeShape{kTileExperts, kHidden, kInter, kFc1Rows}, 1);
   }
   return *slot;
 }

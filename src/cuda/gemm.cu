@@ -3,8 +3,8 @@
 // (mma.sync m16n8k16, float32 accumulation), with the int4/int8 weights
 // dequantized in registers from the fragment-ordered layout of layout.h.
 //
-// This kernel serves 32 and 64 token columns per tile (17..48 tokens per
-// expert on sm_90a, where wgmma takes over; every prefill size elsewhere):
+// This kernel serves 32 and 64 token columns per tile (17..31 tokens per
+// expert on sm_90a, where wgmma takes over from 32; every prefill size elsewhere):
 // each lane's 16-byte weight loads are issued D slabs ahead of their use, and
 // at 64 columns each warp covers 32 rows, so each dequantized weight fragment
 // feeds 8 MMAs. Decode (up to 16 columns) runs gemm_decode.cu.
