@@ -27,11 +27,8 @@ FORMAT_VERSION = "1"
 _DTYPES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "U8": 1, "I8": 1}
 _NUMPY = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I8": np.int8, "F64": np.float64,
           "I32": np.int32, "I64": np.int64, "I16": np.int16, "U16": np.uint16, "BF16": np.uint16}
-_ATTR_ORDER = ("k", "activation_type", "normalize_routing_weights", "use_sparse_mixer", "expert_weight_bits",
-               "block_size", "swiglu_fusion", "swiglu_limit", "activation_alpha", "activation_beta")
-_ATTR_DEFAULTS: Dict[str, Any] = dict(k=1, activation_type="relu", normalize_routing_weights=0, use_sparse_mixer=0,
-                                      expert_weight_bits=4, block_size=0, swiglu_fusion=0,
-                                      swiglu_limit=float("inf"), activation_alpha=1.0, activation_beta=0.0)
+_ATTR_DEFAULTS: Dict[str, Any] = qmoe._ATTR_DEFAULTS  # every QMoE attribute with its default, in the file's order
+_ATTR_ORDER = tuple(_ATTR_DEFAULTS)
 
 
 def _num(v: float) -> Any:
