@@ -31,7 +31,7 @@ pytest.importorskip("onnxruntime_extensions")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import qmoe.onnx  # noqa: E402
-from qmoe.onnx import _offload  # noqa: E402
+from qmoe.onnx import _session  # noqa: E402
 from test_onnx_load import make_model, qmoe_node, quantizer, save, single_model, vi  # noqa: E402
 
 TOL = 1e-5
@@ -308,10 +308,10 @@ def test_sessions_share_layers_and_are_released(tmp_path):
     s4 = qmoe.onnx.session(str(tmp_path / "o2.onnx"))
     assert rel_max_err(s4.run(None, {"hidden": x})[0], ort_session(src2).run(None, {"hidden": x})[0]) <= TOL
     tokens = {t._qmoe_token for t in (s1, s2, s3, s4)}
-    assert len(tokens) == 4 and tokens <= set(_offload._SESSIONS)
+    assert len(tokens) == 4 and tokens <= set(_session._SESSIONS)
     del s1, s2, s3, s4, s
     gc.collect()
-    assert not tokens & set(_offload._SESSIONS)  # the registry lets go with the session
+    assert not tokens & set(_session._SESSIONS)  # the registry lets go with the session
 
 
 def test_run_time_errors_raise_and_never_abort(tmp_path, caplog):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from ._export import export
 from ._load import load
-from ._offload import offload, session
+from ._offload import offload
+from ._session import session
 
 __all__ = ["load", "export", "offload", "session"]
