@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._formats import bf16_to_f32
+from ._formats import dequant_fp8_block, to_f32
 
 __all__ = ["Checkpoint", "MAX_HEADER_BYTES", "DTYPES"]
 
@@ -395,17 +395,31 @@ class Checkpoint:
     def float32(self, name: str) -> np.ndarray:
         """A float32 copy of an F32, F16 or BF16 tensor (exact). Other dtypes: use :meth:`raw` and a decoder."""
         shard, e = self._lookup(name)
-        a = shard.raw(name)
-        if e.dtype == "F32":
-            return a.astype(np.float32, copy=True)
-        if e.dtype == "F16":
-            return a.astype(np.float32)
-        if e.dtype == "BF16":
-            return bf16_to_f32(a)
-        raise ValueError(
-            f"{shard.path}: tensor {name!r}: float32() expected dtype F32, F16 or BF16, got {e.dtype} "
-            f"(use raw() and qmoe.hf._formats)"
-        )
+        if e.dtype not in ("F32", "F16", "BF16"):
+            raise ValueError(
+                f"{shard.path}: tensor {name!r}: float32() expected dtype F32, F16 or BF16, got {e.dtype} "
+                f"(use raw() and qmoe.hf._formats)"
+            )
+        return to_f32(shard.raw(name), e.dtype)
+
+    @property
+    def fp8_block(self) -> tuple[int, int]:
+        """The (rows, cols) block of FP8 weights' ``weight_scale_inv``: config.json's
+        ``quantization_config.weight_block_size``, else DeepSeek-V3's (128, 128)."""
+        qc = (self.config or {}).get("quantization_config") or {}
+        bn, bk = qc.get("weight_block_size") or (128, 128)
+        return int(bn), int(bk)
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """float32 of a float tensor (as :meth:`float32`), or of an F8_E4M3 weight times its
+        ``<name>_scale_inv`` block scales (:attr:`fp8_block`)."""
+        shard, e = self._lookup(name)
+        if e.dtype != "F8_E4M3":
+            return self.float32(name)
+        sname = name + "_scale_inv"
+        if sname not in self:
+            raise ValueError(f"{shard.path}: tensor {name!r} is F8_E4M3 but {sname!r} (its block scales) is missing")
+        return dequant_fp8_block(shard.raw(name), self.float32(sname), self.fp8_block)
 
     def release(self, name: str) -> None:
         """Drop the resident pages of the tensor's bytes (madvise MADV_DONTNEED on every page it touches).

@@ -40,7 +40,7 @@ import numpy as np
 
 from ._checkpoint import Checkpoint
 from ._families import PER_EXPERT_NAMES, Family, config_int, family_of, moe_layers, num_experts, qmoe_routing_attrs
-from ._formats import bf16_to_f32, dequant_fp8_block, f16_to_f32, mxfp4_to_f32
+from ._formats import mxfp4_to_f32, to_f32
 from ._quantize import Gating, check_block, gating_for, quantize_layer
 from ._writer import StreamWriter
 
@@ -48,13 +48,11 @@ _ERR_PLACEHOLDER = "0.000000e+00"  # rel L2 errors are rewritten in place, same 
 
 
 def _decode(a: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    if dtype == "F32":
-        return np.array(a, dtype=np.float32)
-    if dtype == "F16":
-        return f16_to_f32(a)
-    if dtype == "BF16":
-        return bf16_to_f32(a)
-    raise ValueError(f"tensor {name!r}: expected F32, F16 or BF16 (or F8_E4M3 with weight_scale_inv), got {dtype}")
+    try:
+        return to_f32(a, dtype)
+    except ValueError:
+        raise ValueError(f"tensor {name!r}: expected F32, F16 or BF16 (or F8_E4M3 with weight_scale_inv), "
+                         f"got {dtype}") from None
 
 
 class _Sources:
@@ -69,8 +67,6 @@ class _Sources:
         p = f"model.layers.{i}.{fam.ckpt_block}"
         self.where = f"{ck.path}: layer {i} ({p})"
         self.dtype = "?"
-        qc = (ck.config or {}).get("quantization_config") or {}
-        self.block_fp8: Tuple[int, int] = tuple(qc.get("weight_block_size") or (128, 128))  # type: ignore
         if fam.layout == "gpt_oss":
             self._gpt_oss(p, E, H, I)
         elif fam.layout == "granite":
@@ -97,16 +93,16 @@ class _Sources:
             if sname not in self.ck:
                 raise ValueError(f"{self.where}: tensor {name!r} is F8_E4M3 but {sname!r} (its block scales) "
                                  f"is missing")
-            sdt, ssh, _ = self.ck.info(sname)
+            _, ssh, _ = self.ck.info(sname)
             self.names.append(sname)
-            bn, bk = self.block_fp8
+            bn, bk = self.ck.fp8_block
             want = (-(-shape[0] // bn), -(-shape[1] // bk))
             if tuple(ssh) != want:
                 raise ValueError(f"{self.where}: tensor {sname!r}: expected shape {list(want)} (blocks of "
                                  f"{bn}x{bk}), got {list(ssh)}")
 
             def fp8() -> np.ndarray:
-                out = dequant_fp8_block(self.ck.raw(name), _decode(self.ck.raw(sname), sdt, sname), (bn, bk))
+                out = self.ck.dequantized(name)
                 self.ck.release(name)
                 return out
             return fp8

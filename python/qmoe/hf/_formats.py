@@ -210,3 +210,15 @@ def mxfp4_to_f32(blocks_u8: np.ndarray, scales_u8: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # past float32's range: +-inf, as IEEE rounds it
         out *= E8M0_TABLE[scales_u8][..., None]
     return out.reshape(blocks_u8.shape[:-2] + (blocks_u8.shape[-2] * 32,))
+
+
+def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 copy of ``a`` whose safetensors dtype is ``dtype`` (F32, F16, or BF16 given as uint16 bits);
+    ``ValueError`` for any other dtype."""
+    if dtype == "F32":
+        return np.array(a, dtype=np.float32)
+    if dtype == "F16":
+        return f16_to_f32(a)
+    if dtype == "BF16":
+        return bf16_to_f32(a)
+    raise ValueError(f"expected dtype F32, F16 or BF16, got {dtype}")

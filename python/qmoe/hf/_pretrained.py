@@ -25,7 +25,6 @@ import numpy as np
 import qmoe
 
 from ._checkpoint import Checkpoint
-from ._formats import bf16_to_f32, dequant_fp8_block
 from ._model import iter_experts
 
 
@@ -72,17 +71,8 @@ def _to_torch(ck: Checkpoint, name: str, dtype: Any) -> Any:
 
     dt, shape, _ = ck.info(name)
     raw = ck.raw(name)
-    if dt == "F8_E4M3":
-        sname = name + "_scale_inv"
-        if sname not in ck:
-            raise ValueError(f"{ck.path}: tensor {name!r} is F8_E4M3 but {sname!r} is missing")
-        sdt, _, _ = ck.info(sname)
-        s = ck.raw(sname)
-        s = bf16_to_f32(s) if sdt == "BF16" else np.asarray(s, dtype=np.float32)
-        qc = (ck.config or {}).get("quantization_config") or {}
-        block = tuple(qc.get("weight_block_size") or (128, 128))
-        arr = dequant_fp8_block(raw, s, block)  # type: ignore[arg-type]
-        return torch.from_numpy(arr).to(dtype)
+    if dt == "F8_E4M3":  # with its block scales
+        return torch.from_numpy(ck.dequantized(name)).to(dtype)
     if dt == "BF16":
         return torch.from_numpy(np.array(raw).view(np.int16)).view(torch.bfloat16).to(dtype)
     if dt in ("F32", "F16", "F64"):
