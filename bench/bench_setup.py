@@ -18,7 +18,12 @@ try:
 except ImportError:  # pragma: no cover - exercised only before the package exists
     qmoe = None
 
-SHAPES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools", "shapes.json")
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+SHAPES_JSON = os.path.join(_ROOT, "tools", "shapes.json")
+# The one numpy float64 reference (quantizer, dequantizer, MoE forward) is the tests' independent oracle,
+# tests/python/qmoe_np.py; the benchmarks import it from here.
+sys.path.append(os.path.join(_ROOT, "tests", "python"))
+from qmoe_np import np_dequantize, np_quantize, np_reference  # noqa: E402, F401 - re-exported to the benchmarks
 
 
 def reference_shapes() -> dict:
@@ -161,26 +166,10 @@ def measure_ceilings(threads, previous=None):
 
 # --------------------------------------------------------------------------- weights
 
-def quantize_np(w: np.ndarray, bits: int, block_size: int):
-    """numpy copy of qmoe's symmetric quantizer (used only when qmoe is absent)."""
-    e, n, k = w.shape
-    bl = block_size or k
-    offset = 1 << (bits - 1)
-    wb = w.reshape(e, n, k // bl, bl).astype(np.float32)
-    amax = np.abs(wb).max(axis=-1, keepdims=True)
-    scale = (amax / np.float32(offset - 1)).astype(np.float32)
-    inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(wb * inv) + offset, 0, (1 << bits) - 1).astype(np.uint8).reshape(e, n, k)
-    if bits == 4:
-        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    scales = scale.reshape(e, n, k // bl)
-    return q, (scales.reshape(e, n) if block_size == 0 else scales), None
-
-
 def quantize(w, bits, block_size):
     if qmoe is not None:
         return qmoe.quantize(w, bits=bits, block_size=block_size, symmetric=True)
-    return quantize_np(w, bits, block_size)
+    return np_quantize(w, bits, block_size)[:3]  # the same rule in numpy (tests/python/qmoe_np.py)
 
 
 # ONNX Runtime's input names of the arrays the script makes, in input order.

@@ -57,8 +57,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_setup import (MAX_SETS, MODELS, ORT_MEMORY_FACTOR, cpu_competition, cpu_snapshot,  # noqa: E402
-                         load_average, log, machine_info, measure_ceilings, meminfo, ort_model_file, ort_session, qmoe,
-                         qmoe_kwargs, rotating_sets, rss, synth_weights)
+                         load_average, log, machine_info, measure_ceilings, meminfo, np_reference, ort_model_file,
+                         ort_session, qmoe, qmoe_kwargs, rotating_sets, rss, synth_weights)
 
 # --------------------------------------------------------------------------- timing and errors
 
@@ -351,41 +351,6 @@ def print_table(res, ceilings, levels):
 
 # --------------------------------------------------------------------------- selfcheck
 
-def dequantize_np(wq, s, bits, block_size, k):
-    if bits == 4:
-        q = np.empty(wq.shape[:-1] + (k,), np.float64)
-        q[..., 0::2] = wq & 0x0F
-        q[..., 1::2] = wq >> 4
-    else:
-        q = wq.astype(np.float64)
-    q -= 1 << (bits - 1)
-    bl = block_size or k
-    s = s.reshape(s.shape[0], s.shape[1], -1).astype(np.float64)
-    return (q.reshape(q.shape[0], q.shape[1], k // bl, bl) * s[..., None]).reshape(q.shape)
-
-
-def reference_np(W, cfg, bits, block_size, x, logits):
-    """float64 QMoE forward (swiglu fusion 1, normalized routing), written apart from qmoe."""
-    H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
-    # The attributes are float32 in ONNX (1.702 is 1.70200002...), and so are they in both kernels.
-    alpha, beta, limit = (float(np.float32(cfg[n])) for n in ("alpha", "beta", "limit"))
-    x, logits = x.astype(np.float64), logits.astype(np.float64)
-    out = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        order = sorted(range(E), key=lambda e: (-logits[t, e], e))[:k]
-        p = np.exp(logits[t] - logits[t].max())
-        p /= p.sum()
-        wts = p[order] / p[order].sum()
-        for e, wt in zip(order, wts):
-            w1 = dequantize_np(W["w1"][e:e + 1], W["s1"][e:e + 1], bits, block_size, H)[0]
-            w2 = dequantize_np(W["w2"][e:e + 1], W["s2"][e:e + 1], bits, block_size, I)[0]
-            h = w1 @ x[t] + (W["b1"][e] if "b1" in W else 0)
-            g, l = np.minimum(h[0::2], limit), np.clip(h[1::2], -limit, limit)
-            act = g / (1 + np.exp(-alpha * g)) * (l + beta)
-            out[t] += wt * (w2 @ act + (W["b2"][e] if "b2" in W else 0))
-    return out
-
-
 def selfcheck(threads):
     """Tiny shapes: ORT and qmoe (levels 0 and 4) against the numpy float64 reference."""
     ok = True
@@ -399,7 +364,7 @@ def selfcheck(threads):
                 rng = np.random.default_rng(3)
                 x = rng.standard_normal((5, cfg["H"]), dtype=np.float32)
                 lg = (1.5 * rng.standard_normal((5, cfg["E"]))).astype(np.float32)
-                ref = reference_np(W, cfg, bits, block, x, lg)
+                ref = np_reference(x, lg, **qmoe_kwargs(W, cfg, bits, block))  # tests/python/qmoe_np.py
                 sess = ort_session(ort_model_file(W, offsets, cfg, bits, block, path), threads)
                 y_ort = sess.run(None, {"input": x, "router_probs": lg})[0]
                 # ORT has no float32 kernel for block-wise 8-bit experts: it quantizes the

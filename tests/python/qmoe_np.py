@@ -9,7 +9,9 @@ not from the C++ sources, so that a shared misunderstanding cannot hide.
 * ``np_unpack`` / ``np_dequantize`` are written apart from the packer: they
   split bytes arithmetically (% 16, // 16) and interleave, rather than
   reversing the packer's strided slicing.
-* ``np_moe`` is a float64 forward vectorised per expert.
+* ``np_moe`` is a float64 forward vectorised per expert; ``np_reference`` runs
+  it on the raw QMoE inputs (qmoe.reference's arguments). The benchmarks in
+  bench/ use these too (through bench/bench_setup.py): one float64 reference.
 """
 
 from __future__ import annotations
@@ -184,6 +186,40 @@ def np_moe(x, logits, W1, b1, W2, b2, W3=None, b3=None, router_weights=None, *, 
         y = a @ W2[e].T + (b2[e] if b2 is not None else 0.0)
         np.add.at(out, tok, wts[tok, slot][:, None] * y)
     return out.reshape(shape)
+
+
+class _Experts:
+    """Indexable like np_dequantize's [E, N, K] result, dequantizing expert e only when [e] is asked for, so
+    that a forward on full-size layers (the benchmarks' reference) never holds every expert in float64."""
+
+    def __init__(self, packed, scales, zero_points, bits, block, K):
+        self.args = (packed, scales, zero_points, bits, block, K)
+
+    def __getitem__(self, e):
+        packed, scales, zp, bits, block, K = self.args
+        return np_dequantize(packed[e:e + 1], scales[e:e + 1], None if zp is None else zp[e:e + 1], bits, block,
+                             K)[0]
+
+
+def np_reference(x, logits, router_weights=None, **kw):
+    """np_moe straight from the raw QMoE inputs, with qmoe.reference's keyword arguments (ONNX Runtime's
+    input and attribute names: fc1_experts_weights, fc1_scales, ..., k, expert_weight_bits, block_size)."""
+    bits, block = kw.get("expert_weight_bits", 4), kw.get("block_size", 0)
+    H = np.asarray(x).shape[-1]
+
+    def mat(name, K=None):
+        w = kw.get(f"{name}_experts_weights")
+        if w is None:
+            return None
+        w = np.asarray(w)
+        K = K or w.shape[-1] * (8 // bits)
+        return _Experts(w, np.asarray(kw[f"{name}_scales"]), kw.get(f"{name}_zero_points"), bits, block, K)
+
+    keep = ("k", "activation_type", "normalize_routing_weights", "swiglu_fusion", "activation_alpha",
+            "activation_beta", "swiglu_limit")
+    return np_moe(x, logits, mat("fc1", H), kw.get("fc1_experts_bias"), mat("fc2"), kw.get("fc2_experts_bias"),
+                  mat("fc3", H), kw.get("fc3_experts_bias"), router_weights,
+                  **{a: v for a, v in kw.items() if a in keep})
 
 
 WORST_ERRORS = {}
