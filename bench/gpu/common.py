@@ -1,0 +1,58 @@
+"""What every module of the GPU benchmark shares: the optional imports, the models it runs, the acceptance
+targets, and small helpers. ``common.qmoe`` is the qmoe package, None, or (--fake-qmoe) selftest.FakeQmoe:
+read it at call time (``common.qmoe``), never import the name."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # --dry-run still checks the numpy parts
+    torch = F = None
+try:
+    import qmoe
+except ImportError:
+    qmoe = None
+
+from bench_setup import reference_shapes
+
+# The reference shapes (tools/shapes.json) this benchmark runs; block: its default block size (0 = one
+# scale per row), 128 for mixtral here (the GPU targets are defined at 128; the CPU benchmarks use 32).
+MODELS = {name: m for name, m in reference_shapes().items() if name != "deepseek-v3"}
+MODELS["mixtral-8x7b"] = dict(MODELS["mixtral-8x7b"], block=128)
+# (model, T, metric, target, text): the issue's acceptance points; metric "speedup" is baseline ms / qmoe ms.
+ACCEPTANCE = [
+    ("mixtral-8x7b", 1, "bw_fraction", 0.50, "qmoe >= 50% of copy bandwidth"),
+    ("mixtral-8x7b", 1, "speedup", 2.5, "qmoe >= 2.5x baseline"),
+    ("gpt-oss-20b", 1, "speedup", 2.0, "qmoe >= 2x baseline"),
+    ("qwen3-30b-a3b", 1, "speedup", 2.0, "qmoe >= 2x baseline"),
+    ("mixtral-8x7b", 4096, "speedup", 0.75, "qmoe >= 0.75x baseline throughput"),
+]
+ACCEPTANCE_BLOCK = {"mixtral-8x7b": 128}  # the block size a model's targets are defined at
+DEFAULT_L2 = 60 << 20
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def mib(n):
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def dtname(dtype):
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).split(".")[-1]
+
+
+def versions():
+    v = dict(python=platform.python_version(), numpy=np.__version__)
+    if torch is not None:
+        v.update(torch=torch.__version__, cuda=torch.version.cuda)
+    if qmoe is not None:
+        v["qmoe"] = getattr(qmoe, "__version__", "?")
+    return v

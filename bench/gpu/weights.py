@@ -1,0 +1,131 @@
+"""Synthetic weight sets in ONNX Runtime's QMoE layout (numpy), the layer's attributes and the inputs.
+And the numpy float64 oracle of the dry run and --fake-qmoe."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import common
+
+
+def _code_lut(bits):
+    """byte -> byte whose code(s) lie in the symmetric range 1..2^bits-1 (0 becomes the zero point)."""
+    b, zp = np.arange(256), 1 << (bits - 1)
+    if bits == 4:
+        lo, hi = b & 15, b >> 4
+        return (np.where(lo == 0, zp, lo) | (np.where(hi == 0, zp, hi) << 4)).astype(np.uint8)
+    return np.where(b == 0, zp, b).astype(np.uint8)
+
+
+def random_codes(rng, shape, bits):
+    n = int(np.prod(shape))
+    raw = rng.bit_generator.random_raw((n + 7) // 8).view(np.uint8)[:n]  # 3x faster than rng.bytes
+    return _code_lut(bits)[raw].reshape(shape)
+
+
+def random_scales(rng, shape, fan_in, bits):
+    """m * 2^p: with |q - zp| <= 7 (4-bit) and m in 8..15, or |q - zp| <= 127 (8-bit) and m = 1, every
+    weight has <= 7 significant bits (exact in bf16 and f16); weights' std is about 1/sqrt(fan_in)."""
+    code_std = 4.18 if bits == 4 else 73.6
+    target = 1.0 / (math.sqrt(fan_in) * code_std)
+    if bits == 4:
+        p = round(math.log2(target / 11.5))
+        m = rng.integers(8, 16, size=shape).astype(np.float32)
+    else:
+        p = round(math.log2(target))
+        m = np.exp2(rng.integers(-1, 2, size=shape)).astype(np.float32)
+    return (m * np.float32(2.0 ** p)).astype(np.float32)
+
+
+def mat_names(fusion):
+    """(prefix, rows, cols) of each weight matrix: FC1 (2I rows when fused), FC2, FC3 (fusion 0)."""
+    return [("fc1", "N1", "H"), ("fc2", "H", "I")] + ([("fc3", "I", "H")] if fusion == 0 else [])
+
+
+def dims(cfg, fusion):
+    return dict(H=cfg["H"], I=cfg["I"], N1=(2 if fusion else 1) * cfg["I"])
+
+
+def gen_set(rng, cfg, bits, block, fusion, weights="codes"):
+    """One weight set as qmoe.Layer's keyword arguments (numpy, ORT layout)."""
+    E, pack, d = cfg["E"], 8 // bits, dims(cfg, fusion)
+    W = {}
+    for pre, rows, cols in mat_names(fusion):
+        n, k = d[rows], d[cols]
+        if weights == "codes":
+            W[f"{pre}_experts_weights"] = random_codes(rng, (E, n, k // pack), bits)
+            W[f"{pre}_scales"] = random_scales(rng, (E, n) if block == 0 else (E, n, k // block), k, bits)
+        else:  # Gaussian float32, one expert at a time through qmoe.quantize
+            qs, ss = [], []
+            for _ in range(E):
+                w = rng.standard_normal((1, n, k), dtype=np.float32) * np.float32(1 / math.sqrt(k))
+                q, s, zp = common.qmoe.quantize(w, bits=bits, block_size=block, symmetric=True)
+                assert zp is None
+                qs.append(np.asarray(q)[0])
+                ss.append(np.asarray(s, np.float32)[0])
+                del w
+            W[f"{pre}_experts_weights"], W[f"{pre}_scales"] = np.stack(qs), np.stack(ss)
+        if cfg["bias"]:  # multiples of 1/256 in [-1/8, 1/8]: exact in bf16 and f16
+            W[f"{pre}_experts_bias"] = (rng.integers(-32, 33, size=(E, n)) / 256.0).astype(np.float32)
+    return W
+
+
+def layer_attrs(cfg, bits, block, fusion):
+    return dict(k=cfg["k"], activation_type="swiglu", swiglu_fusion=fusion, normalize_routing_weights=1,
+                expert_weight_bits=bits, block_size=block, swiglu_limit=float(cfg["limit"]),
+                activation_alpha=float(cfg["alpha"]), activation_beta=float(cfg["beta"]))
+
+
+def make_inputs(rng, T, H, E, k):
+    """x [T,H] float32 (cast to the run dtype on the device), logits [T,E] exact in bf16/f16 and distinct
+    per token, and the [E] mask of the experts the call routes to."""
+    x = rng.standard_normal((T, H), dtype=np.float32)
+    perm = np.argsort(rng.random((T, E)), axis=1)
+    c = 2.0 ** -round(math.log2(max(E / 4, 1)))  # a logit range of about 4
+    lg = ((perm - E // 2) * c).astype(np.float32)
+    used = np.zeros(E, bool)
+    used[np.argsort(-lg, axis=1, kind="stable")[:, :k].ravel()] = True
+    return x, lg, used
+
+
+# --------------------------------------------------------------------------- numpy float64 oracle (dry run)
+
+
+def dequant_np(q, s, bits, block, K):
+    """[N, K/pack] codes, [N] or [N, K/block] scales -> float64 [N, K]."""
+    if bits == 4:
+        c = np.empty((q.shape[0], K), np.float64)
+        c[:, 0::2], c[:, 1::2] = q & 15, q >> 4
+    else:
+        c = q.astype(np.float64)
+    c -= 1 << (bits - 1)
+    bl = block or K
+    return (c.reshape(-1, K // bl, bl) * s.reshape(-1, K // bl, 1).astype(np.float64)).reshape(-1, K)
+
+
+def oracle_np(W, cfg, bits, block, fusion, x, lg):
+    """The operator contract in float64, written apart from the torch baseline."""
+    H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
+    alpha, beta, limit = (float(np.float32(cfg[n])) for n in ("alpha", "beta", "limit"))
+    d = dims(cfg, fusion)
+    x, lg = x.astype(np.float64), lg.astype(np.float64)
+    out = np.zeros((x.shape[0], H))
+    for t in range(x.shape[0]):
+        p = np.exp(lg[t] - lg[t].max())
+        p /= p.sum()
+        chosen = sorted(range(E), key=lambda e: (-lg[t, e], e))[:k]
+        for e in chosen:
+            h = {}
+            for pre, _rows, cols in mat_names(fusion):
+                if pre == "fc2":
+                    continue
+                w = dequant_np(W[f"{pre}_experts_weights"][e], W[f"{pre}_scales"][e], bits, block, d[cols])
+                h[pre] = w @ x[t] + (W[f"{pre}_experts_bias"][e] if cfg["bias"] else 0)
+            g, u = (h["fc1"][0::2], h["fc1"][1::2]) if fusion == 1 else (h["fc1"], h["fc3"])
+            g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+            a = g / (1 + np.exp(-alpha * g)) * (u + beta)
+            w2 = dequant_np(W["fc2_experts_weights"][e], W["fc2_scales"][e], bits, block, I)
+            y = w2 @ a + (W["fc2_experts_bias"][e] if cfg["bias"] else 0)
+            out[t] += p[e] / p[chosen].sum() * y
+    return out
