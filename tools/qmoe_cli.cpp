@@ -115,7 +115,7 @@ int run_info(const std::vector<std::string>& argv) {
     std::fputs(kInfoHelp, stdout);
     return 0;
   }
-  const char* forced = std::getenv("QMOE_CPU_ISA");
+  const std::string forced = with_environment({}).cpu_kernels;
   std::printf("qmoe %s\n", QMOE_CLI_VERSION);
 #if defined(__clang__)
   std::printf("  compiler:          clang %s\n", __clang_version__);
@@ -124,7 +124,7 @@ int run_info(const std::vector<std::string>& argv) {
 #endif
   std::printf("  hardware threads:  %u\n", std::thread::hardware_concurrency());
   std::printf("  CPU features:      %s\n", cpu_features().c_str());
-  std::printf("  QMOE_CPU_ISA:      %s\n", forced && *forced ? forced : "(not set: best kernels for this CPU)");
+  std::printf("  QMOE_CPU_ISA:      %s\n", !forced.empty() ? forced.c_str() : "(not set: best kernels for this CPU)");
   std::printf("  kernels:           4-bit %s, 8-bit %s\n", kernel_for(4).c_str(), kernel_for(8).c_str());
   std::printf("  reference shapes (qmoe bench --model):\n");
   for (const auto& m : tools::model_shapes(4, -1))

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "qmoe/config.h"
@@ -25,6 +26,13 @@ enum class Backend {
 /// True when this build has the CUDA backend and a CUDA device is present.
 bool cuda_available() noexcept;
 
+/// CUDA: which GEMM kernel serves many tokens per expert (prefill).
+enum class CudaGemm {
+  automatic,  ///< wgmma from 32 tokens per expert on sm_90a builds on compute capability 9.0, else mma.sync
+  mma,        ///< mma.sync (sm_80 and newer) whatever the token count
+  wgmma,      ///< the sm_90a wgmma kernel whatever the token count (needs compute capability 9.0)
+};
+
 /// How a Layer is built.
 struct LayerOptions {
   Backend backend = Backend::cpu;
@@ -44,7 +52,28 @@ struct LayerOptions {
   /// every Layer on the device, see workspace_bytes()) is sized for it at
   /// creation. forward() splits larger inputs into passes of this many tokens.
   std::int64_t max_tokens = 4096;
+
+  // Overrides for diagnosis and tuning. A field left at its default is filled
+  // from the environment variable named beside it (see with_environment()).
+
+  /// CPU: the kernel table by name: "scalar", "avx2", "avx512", "avx512vnni"
+  /// or "amx"; empty = the best table this CPU runs. (QMOE_CPU_ISA)
+  std::string cpu_kernels{};
+  /// CUDA: the prefill GEMM. (QMOE_CUDA_GEMM=auto|mma|wgmma)
+  CudaGemm cuda_gemm = CudaGemm::automatic;
+  /// CUDA: launch FC1, FC2 and the combine as programmatic dependent launches
+  /// on compute capability 9.0 and newer; off gives the same bits. (QMOE_CUDA_PDL=0|1)
+  bool cuda_pdl = true;
+  /// CPU: print the time of each phase of every forward() to stderr. (QMOE_PROFILE=1)
+  bool profile = false;
 };
+
+/// `options` with each override field that holds its default filled from its
+/// environment variable (QMOE_CPU_ISA, QMOE_CUDA_GEMM, QMOE_CUDA_PDL,
+/// QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
+/// this returns. Throws qmoe::Error naming the variable when a value is not one
+/// of those documented.
+LayerOptions with_environment(LayerOptions options);
 
 /// A QMoE layer. Construction validates the raw weights and prepacks them into
 /// the backend's own layout, expert by expert; it keeps no reference to (and no

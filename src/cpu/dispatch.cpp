@@ -12,6 +12,7 @@
 #include "core/check.h"
 #include "cpu/kernels.h"
 #include "cpu/quant_act.h"
+#include "qmoe/layer.h"
 
 namespace qmoe::cpu {
 
@@ -139,24 +140,6 @@ bool cpu_supports(Isa isa) {
 #endif
 }
 
-const KernelConfig& choose() {
-  const char* forced = std::getenv("QMOE_CPU_ISA");
-  if (forced && *forced) {
-    std::string names;
-    for (const KernelConfig* k : kTables) {
-      if (std::string(forced) == k->name) {
-        if (!cpu_supports(k->isa)) detail::fail("QMOE_CPU_ISA: \"", forced, "\" is not supported by this CPU");
-        return *k;
-      }
-      names += std::string(names.empty() ? "" : ", ") + k->name;
-    }
-    detail::fail("QMOE_CPU_ISA: expected one of ", names, ", got \"", forced, "\"");
-  }
-  for (const KernelConfig* k : kTables)
-    if (cpu_supports(k->isa)) return *k;
-  return kScalar;
-}
-
 }  // namespace
 
 std::vector<const KernelConfig*> supported_kernel_configs() {
@@ -166,8 +149,25 @@ std::vector<const KernelConfig*> supported_kernel_configs() {
   return out;
 }
 
+const KernelConfig& kernel_config_named(const std::string& name, const char* what) {
+  if (name.empty()) {
+    for (const KernelConfig* k : kTables)
+      if (cpu_supports(k->isa)) return *k;
+    return kScalar;
+  }
+  std::string names;
+  for (const KernelConfig* k : kTables) {
+    if (name == k->name) {
+      if (!cpu_supports(k->isa)) detail::fail(what, ": \"", name, "\" is not supported by this CPU");
+      return *k;
+    }
+    names += std::string(names.empty() ? "" : ", ") + k->name;
+  }
+  detail::fail(what, ": expected one of ", names, ", got \"", name, "\"");
+}
+
 const KernelConfig& kernel_config() {
-  static const KernelConfig& chosen = choose();
+  static const KernelConfig& chosen = kernel_config_named(with_environment({}).cpu_kernels, "QMOE_CPU_ISA");
   return chosen;
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cpu/packed.h"
@@ -59,9 +60,13 @@ struct KernelConfig {
   void (*to_bf16)(const float* src, std::uint16_t* dst, std::int64_t n) = nullptr;
 };
 
-/// The table for this process, chosen once: the best the CPU supports, or the
-/// one named by QMOE_CPU_ISA (scalar, avx2, avx512, avx512vnni, amx); a name that is unknown or
-/// that this CPU cannot run is an Error.
+/// The table named `name` (scalar, avx2, avx512, avx512vnni, amx); empty = the
+/// best this CPU supports. A name that is unknown or that this CPU cannot run is
+/// an Error naming `what` (the option or variable the name came from).
+const KernelConfig& kernel_config_named(const std::string& name, const char* what = "cpu_kernels");
+
+/// The table a Layer built with default options uses in this process (QMOE_CPU_ISA
+/// applies, through with_environment()), chosen once.
 const KernelConfig& kernel_config();
 
 /// Every table this CPU can run, best first (the test suite runs them all).

@@ -36,14 +36,14 @@ int resolve_threads(int threads) {
 }  // namespace
 
 CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level,
-               std::int64_t chunk_bytes, const KernelConfig* kernels,
-               const std::function<void(const void*, std::size_t)>* release)
+               std::int64_t chunk_bytes, const KernelConfig* kernels, const detail::ReleaseFn* release, bool profile)
     : attrs_(a),
       shape_(s),
       kc_(kernels ? kernels : &kernel_config()),
       gated_(a.activation == Activation::swiglu),
       int8_(accuracy_level == 4),
       bf16_(accuracy_level == 3 && kc_->bgemm_q4 != nullptr),
+      profile_(profile),
       chunk_bytes_(chunk_bytes) {
   using detail::RawMatrix;
   const int bits = a.expert_weight_bits, bs = a.block_size;
@@ -158,19 +158,13 @@ struct CpuMoe::Workspace {
 };
 
 namespace {
-// QMOE_PROFILE=1 prints the time of each phase of every call to stderr (for tuning).
-// The variable is read once per process; when it is off a clock costs nothing.
-bool profile_on() {
-  static const bool on = [] {
-    const char* v = std::getenv("QMOE_PROFILE");
-    return v && *v == '1';
-  }();
-  return on;
-}
+// With LayerOptions::profile (QMOE_PROFILE=1), the time of each phase of every
+// call goes to stderr (for tuning); off, a clock costs nothing.
 struct PhaseClock {
-  bool on = profile_on();
-  std::chrono::steady_clock::time_point t =
-      on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  explicit PhaseClock(bool enabled)
+      : on(enabled), t(on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
+  bool on;
+  std::chrono::steady_clock::time_point t;
   std::string line;
   void mark(const char* what) {
     if (!on) return;
@@ -219,7 +213,7 @@ static T* grow(std::vector<T>& v, std::int64_t n) {
 void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                      const MutableTensorView& out, std::int64_t t) const {
   const std::int64_t h = shape_.hidden;
-  PhaseClock total;
+  PhaseClock total{profile_};
   struct Lease {  // returns the workspace on every exit path
     const CpuMoe* self;
     WorkspacePtr w;
@@ -254,7 +248,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const int k = attrs_.k;
   const std::int64_t nt = t1 - t0, nrows = nt * k;
 
-  PhaseClock clock;
+  PhaseClock clock{profile_};
   // Route (in parallel over tokens: serially, a 512-token prefill spent ~0.2 ms here on a
   // 4.3 GHz core while the other threads waited), then plan: the (token, slot) rows of each
   // expert, contiguous and in token order.
@@ -488,3 +482,14 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
 }
 
 }  // namespace qmoe::cpu
+
+namespace qmoe::detail {
+
+std::unique_ptr<LayerBackend> make_cpu_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
+                                               const LayerOptions& o, const ReleaseFn* release) {
+  const cpu::KernelConfig& kc = cpu::kernel_config_named(o.cpu_kernels, "cpu_kernels (QMOE_CPU_ISA)");
+  return std::make_unique<cpu::CpuMoe>(w, a, s, o.threads, o.accuracy_level, cpu::CpuMoe::kDefaultChunkBytes, &kc,
+                                       release, o.profile);
+}
+
+}  // namespace qmoe::detail

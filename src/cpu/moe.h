@@ -10,11 +10,12 @@
 #include "cpu/kernels.h"
 #include "cpu/packed.h"
 #include "cpu/thread_pool.h"
+#include "layer/backend.h"
 #include "qmoe/layer.h"
 
 namespace qmoe::cpu {
 
-class CpuMoe {
+class CpuMoe final : public detail::LayerBackend {
  public:
   /// Bytes of per-chunk working memory (gathered inputs + FC1 outputs) that
   /// bound how many tokens one pass handles.
@@ -26,16 +27,17 @@ class CpuMoe {
   /// `release(p, n)`, when given, is told that packing has finished reading
   /// raw bytes [p, p + n) (called from the packing threads, in pieces of about
   /// a MiB), so a memory-mapped source can drop those pages as it goes.
+  /// `profile`: print the time of each phase of every call to stderr.
   CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level = 0,
          std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr,
-         const std::function<void(const void*, std::size_t)>* release = nullptr);
+         const detail::ReleaseFn* release = nullptr, bool profile = false);
 
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
-               const MutableTensorView& out, std::int64_t tokens) const;
+               const MutableTensorView& out, std::int64_t tokens) const override;
 
-  std::size_t packed_bytes() const;
-  int threads() const { return pool_->size(); }
-  const std::string& name() const { return name_; }
+  std::size_t packed_bytes() const override;
+  int threads() const override { return pool_->size(); }
+  const std::string& name() const override { return name_; }
   const PackedMatrix& fc1() const { return fc1_; }
   const PackedMatrix& fc2() const { return fc2_; }
 
@@ -59,6 +61,7 @@ class CpuMoe {
   bool gated_;  // swiglu: FC1 tiles hold interleaved gate/up rows
   bool int8_;   // accuracy_level 4
   bool bf16_;   // accuracy_level 3 on a table with AMX-BF16 kernels
+  bool profile_;
   std::int64_t chunk_bytes_;
   PackedMatrix fc1_, fc2_;
   std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles

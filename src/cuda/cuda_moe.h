@@ -1,6 +1,6 @@
 // Internal: the CUDA backend of a Layer, behind a plain C++ interface so that
-// the rest of the library builds without nvcc (cuda_stub.cpp stands in when
-// QMOE_CUDA is off).
+// its header compiles without nvcc. Builds without CUDA compile cuda_stub.cpp
+// instead of the .cu sources (its factory says the backend is not built).
 #pragma once
 
 #include <cstddef>
@@ -9,36 +9,34 @@
 #include <memory>
 #include <string>
 
+#include "layer/backend.h"
 #include "qmoe/layer.h"
 
 namespace qmoe::cuda {
 
-/// True when the CUDA backend is built and a device is present.
-bool available() noexcept;
-
-class CudaMoe {
+class CudaMoe final : public detail::LayerBackend {
  public:
   /// Validated raw weights (host memory) -> packed on `options.device`, one
   /// expert's tensors at a time copied to the device and packed there.
   /// `release(p, n)`, when given, is told that raw bytes [p, p + n) have been
   /// copied (so a memory-mapped source can drop them).
   CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& options,
-          const std::function<void(const void*, std::size_t)>* release = nullptr);
-  ~CudaMoe();
+          const detail::ReleaseFn* release = nullptr);
+  ~CudaMoe() override;
   CudaMoe(const CudaMoe&) = delete;
   CudaMoe& operator=(const CudaMoe&) = delete;
 
   /// Views on host or device memory; waits for the result.
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
-               const MutableTensorView& out, std::int64_t tokens) const;
+               const MutableTensorView& out, std::int64_t tokens) const override;
   /// Views on device memory; enqueued on `stream`, no host synchronisation.
   void forward_async(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
-                     const MutableTensorView& out, std::int64_t tokens, void* stream) const;
+                     const MutableTensorView& out, std::int64_t tokens, void* stream) const override;
 
-  std::size_t packed_bytes() const;
-  std::size_t device_bytes() const;
-  std::size_t workspace_bytes() const;
-  const std::string& name() const;
+  std::size_t packed_bytes() const override;
+  std::size_t device_bytes() const override;
+  std::size_t workspace_bytes() const override;
+  const std::string& name() const override;
 
   struct State;
 

@@ -1,37 +1,14 @@
-// The CUDA backend's stand-in for builds without nvcc: every entry point says so.
+// The CUDA backend's stand-in for builds without nvcc: the factory says so.
 #include "core/check.h"
-#include "cuda/cuda_moe.h"
+#include "layer/backend.h"
 
-namespace qmoe::cuda {
+namespace qmoe::detail {
 
-namespace {
-[[noreturn]] void unavailable() {
-  detail::fail("backend: this build of qmoe has no CUDA backend (configure with nvcc present, -DQMOE_CUDA=ON)");
-}
-}  // namespace
+bool cuda_backend_available() noexcept { return false; }
 
-struct CudaMoe::State {};
-
-bool available() noexcept { return false; }
-CudaMoe::CudaMoe(const ExpertWeights&, const MoeAttributes&, const MoeShape&, const LayerOptions&,
-                 const std::function<void(const void*, std::size_t)>*) {
-  unavailable();
-}
-CudaMoe::~CudaMoe() = default;
-void CudaMoe::forward(const TensorView&, const TensorView&, const TensorView&, const MutableTensorView&,
-                      std::int64_t) const {
-  unavailable();
-}
-void CudaMoe::forward_async(const TensorView&, const TensorView&, const TensorView&, const MutableTensorView&,
-                            std::int64_t, void*) const {
-  unavailable();
-}
-std::size_t CudaMoe::packed_bytes() const { return 0; }
-std::size_t CudaMoe::device_bytes() const { return 0; }
-std::size_t CudaMoe::workspace_bytes() const { return 0; }
-const std::string& CudaMoe::name() const {
-  static const std::string n = "cuda (not built)";
-  return n;
+std::unique_ptr<LayerBackend> make_cuda_backend(const ExpertWeights&, const MoeAttributes&, const MoeShape&,
+                                                const LayerOptions&, const ReleaseFn*) {
+  fail("backend: this build of qmoe has no CUDA backend (configure with nvcc present, -DQMOE_CUDA=ON)");
 }
 
-}  // namespace qmoe::cuda
+}  // namespace qmoe::detail

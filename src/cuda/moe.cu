@@ -86,53 +86,37 @@ bool on_device(const void* p, int device) {
 
 }  // namespace
 
-bool available() noexcept {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
 constexpr double kNever = std::numeric_limits<double>::infinity();
 
-// The value of environment variable `name`; `fallback` when it is unset or empty.
-static std::string env_or(const char* name, const char* fallback) {
-  const char* v = std::getenv(name);
-  return v && *v ? v : fallback;
-}
-
-// QMOE_CUDA_GEMM=auto (default) | mma | wgmma: which GEMM serves prefill
-// (many tokens per expert). Returns the average tokens per expert from which
-// the wgmma kernel runs (infinity: never).
-static double pick_gemm_regime(int cc) {
+// Which GEMM serves prefill (many tokens per expert): the average tokens per
+// expert from which the wgmma kernel runs (infinity: never).
+static double pick_gemm_regime(CudaGemm gemm, int cc) {
   // Below it, mma.sync's narrower token tiles waste less. Measured on the H200
   // with the warp-specialized wgmma kernel (layer ms, mma.sync vs wgmma): 16
   // tokens per expert (gpt-oss T = 128) 0.30 vs 0.47; 32 (mixtral T = 128)
   // 0.94 vs 0.77, (gpt-oss T = 256) 0.487 vs 0.476; 64: wgmma 1.6-1.8x faster.
   constexpr double kWgmmaFrom = 32;
   const bool have = wgmma_available(cc);
-  const std::string mode = env_or("QMOE_CUDA_GEMM", "auto");
-  if (mode == "auto") return have ? kWgmmaFrom : kNever;
-  if (mode == "mma") return kNever;
-  if (mode == "wgmma") {
-    detail::require(have, "QMOE_CUDA_GEMM: \"wgmma\" needs an sm_90a build on a compute capability 9.0 device, got ",
-                    cc / 10, ".", cc % 10);
-    return 0;
+  switch (gemm) {
+    case CudaGemm::automatic:
+      return have ? kWgmmaFrom : kNever;
+    case CudaGemm::mma:
+      return kNever;
+    case CudaGemm::wgmma:
+      detail::require(have,
+                      "cuda_gemm (QMOE_CUDA_GEMM): \"wgmma\" needs an sm_90a build on a compute capability 9.0 "
+                      "device, got ",
+                      cc / 10, ".", cc % 10);
+      return 0;
   }
-  detail::fail("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma, got \"", mode, "\"");
+  detail::fail("cuda_gemm: expected CudaGemm::automatic, mma or wgmma, got ", static_cast<int>(gemm));
 }
 
-// QMOE_CUDA_PDL=1 (default) | 0: launch FC1, FC2 and combine as programmatic
-// dependents of the kernel before them (compute capability 9.0 and newer), so
-// each one's launch and prologue (FC2: filling its weight ring) overlap the
-// tail of the one before. 0 is for diagnosis: the results are the same bits.
-static bool pick_pdl(int cc) {
-  const std::string mode = env_or("QMOE_CUDA_PDL", "1");
-  detail::require(mode == "0" || mode == "1", "QMOE_CUDA_PDL: expected 0 or 1, got \"", mode, "\"");
-  return mode == "1" && cc >= 90;
-}
+// Programmatic dependent launches (LayerOptions::cuda_pdl, compute capability
+// 9.0 and newer): FC1, FC2 and combine each start while the kernel before them
+// ends, so each one's launch and prologue (FC2: filling its weight ring)
+// overlap that tail. Off is for diagnosis: the results are the same bits.
+static bool pick_pdl(bool on, int cc) { return on && cc >= 90; }
 
 struct CudaMoe::State {
   MoeAttributes attrs;
@@ -210,7 +194,7 @@ std::size_t slice_bytes(const TensorView& v, std::int64_t E) {
 }  // namespace
 
 CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& o,
-                 const std::function<void(const void*, std::size_t)>* release)
+                 const detail::ReleaseFn* release)
     : s_(std::make_unique<State>()) {
   State& st = *s_;
   st.attrs = a;
@@ -225,8 +209,8 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   detail::require(prop.major >= 8, "device: the CUDA backend needs compute capability 8.0 or newer, device ", o.device,
                   " (", prop.name, ") has ", prop.major, ".", prop.minor);
   st.sms = prop.multiProcessorCount;
-  st.wgmma_from = pick_gemm_regime(prop.major * 10 + prop.minor);
-  st.pdl = pick_pdl(prop.major * 10 + prop.minor);
+  st.wgmma_from = pick_gemm_regime(o.cuda_gemm, prop.major * 10 + prop.minor);
+  st.pdl = pick_pdl(o.cuda_pdl, prop.major * 10 + prop.minor);
 
   const std::int64_t E = s.num_experts, H = s.hidden, I = s.inter;
   // The GEMMs index K columns and slabs with 32-bit integers.
@@ -466,3 +450,21 @@ void CudaMoe::forward(const TensorView& input, const TensorView& router_probs, c
 }
 
 }  // namespace qmoe::cuda
+
+namespace qmoe::detail {
+
+bool cuda_backend_available() noexcept {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+std::unique_ptr<LayerBackend> make_cuda_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
+                                                const LayerOptions& o, const ReleaseFn* release) {
+  return std::make_unique<cuda::CudaMoe>(w, a, s, o, release);
+}
+
+}  // namespace qmoe::detail

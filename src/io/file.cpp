@@ -16,9 +16,9 @@
 #include <set>
 
 #include "core/check.h"
-#include "core/layer_builder.h"
 #include "io/file_format.h"
 #include "io/safetensors.h"
+#include "layer/builder.h"
 
 namespace qmoe {
 

@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <string>
@@ -53,32 +52,7 @@ struct GpuCase {
   Case c;
   DType dt;
   bool mix;
-  const char* gemm = "auto";  ///< QMOE_CUDA_GEMM while the Layer is created
-};
-
-// Sets an environment variable for the lifetime of the guard (the backend
-// reads QMOE_CUDA_GEMM and QMOE_CUDA_PDL at Layer creation).
-class EnvGuard {
- public:
-  EnvGuard(const char* name, const char* value) : name_(name) {
-    const char* v = std::getenv(name);
-    had_ = v != nullptr;
-    if (had_) old_ = v;
-    setenv(name, value, 1);
-  }
-  ~EnvGuard() {
-    if (had_)
-      setenv(name_.c_str(), old_.c_str(), 1);
-    else
-      unsetenv(name_.c_str());
-  }
-  EnvGuard(const EnvGuard&) = delete;
-  EnvGuard& operator=(const EnvGuard&) = delete;
-
- private:
-  std::string name_;
-  bool had_ = false;
-  std::string old_;
+  CudaGemm gemm = CudaGemm::automatic;  ///< LayerOptions::cuda_gemm
 };
 
 bool have_wgmma() {
@@ -89,13 +63,15 @@ bool have_wgmma() {
   return major == 9 && minor == 0;
 }
 
+std::string gemm_suffix(CudaGemm g) { return g == CudaGemm::mma ? "_mma" : g == CudaGemm::wgmma ? "_wgmma" : ""; }
+
 std::string case_name(const testing::TestParamInfo<GpuCase>& info) {
   const GpuCase& g = info.param;
   std::string n = std::string(g.dt == DType::f16 ? "f16" : "bf16") + "_q" + std::to_string(g.c.bits) + "_b" +
                   std::to_string(g.c.block) + (g.c.sym ? "_sym" : "_zp") + "_" + activation_name(g.c.act) +
                   std::to_string(g.c.fusion) + "_k" + std::to_string(g.c.k) + "_H" + std::to_string(g.c.h) + "_I" +
                   std::to_string(g.c.in) + "_E" + std::to_string(g.c.e) + "_T" + std::to_string(g.c.t) +
-                  (g.mix ? "_mix" : "") + (std::strcmp(g.gemm, "auto") ? std::string("_") + g.gemm : "");
+                  (g.mix ? "_mix" : "") + gemm_suffix(g.gemm);
   return n;
 }
 
@@ -106,7 +82,7 @@ class CudaParity : public testing::TestWithParam<GpuCase> {};
 TEST_P(CudaParity, MatchesReference) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   const GpuCase& g = GetParam();
-  if (!std::strcmp(g.gemm, "wgmma") && !have_wgmma()) GTEST_SKIP() << "the wgmma kernel needs compute capability 9.0";
+  if (g.gemm == CudaGemm::wgmma && !have_wgmma()) GTEST_SKIP() << "the wgmma kernel needs compute capability 9.0";
   const Case& c = g.c;
   const MoeAttributes a = c.attrs();
   const tools::SynthLayer s = c.layer();
@@ -118,10 +94,8 @@ TEST_P(CudaParity, MatchesReference) {
 
   LayerOptions o;
   o.backend = Backend::cuda;
-  const Layer layer = [&] {
-    const EnvGuard mode("QMOE_CUDA_GEMM", g.gemm);
-    return Layer(s.views(), a, o);
-  }();
+  o.cuda_gemm = g.gemm;
+  const Layer layer(s.views(), a, o);
   Dev dx(xh), dl(lh), dm(mh), dy(xh.size() * 2);
   layer.forward_async(TensorView(dx.p, g.dt, {c.t, c.h}), TensorView(dl.p, g.dt, {c.t, c.e}),
                       g.mix ? TensorView(dm.p, g.dt, {c.t, c.e}) : TensorView{},
@@ -170,10 +144,10 @@ std::vector<GpuCase> sweep() {
   const std::size_t n = v.size();
   for (std::size_t i = 0; i < n; ++i) {
     GpuCase w = v[i];
-    w.gemm = "wgmma";
+    w.gemm = CudaGemm::wgmma;
     v.push_back(w);
   }
-  for (const char* gemm : {"auto", "mma", "wgmma"})
+  for (CudaGemm gemm : {CudaGemm::automatic, CudaGemm::mma, CudaGemm::wgmma})
     for (DType dt : {DType::f16, DType::bf16}) {
       v.push_back({{4, 128, true, Activation::swiglu, 1, 2, 256, 384, 4, 600}, dt, false, gemm});
       v.push_back({{8, 32, false, Activation::silu, 0, 2, 384, 128, 3, 400}, dt, false, gemm});
@@ -282,16 +256,6 @@ TEST_F(CudaLayer, BadInputsGiveClearErrors) {
   o.device = 1000;
   EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("device: expected a CUDA device ordinal"),
             std::string::npos);
-  // An unknown GEMM override is refused by name.
-  o.device = 0;
-  {
-    const EnvGuard bogus("QMOE_CUDA_GEMM", "fastest");
-    EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma"),
-              std::string::npos);
-  }
-  const EnvGuard bogus("QMOE_CUDA_PDL", "yes");
-  EXPECT_NE(message([&] { Layer(s.views(), c.attrs(), o); }).find("QMOE_CUDA_PDL: expected 0 or 1, got \"yes\""),
-            std::string::npos);
 }
 
 // Programmatic dependent launches (on by default where the device has them)
@@ -306,13 +270,11 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
   const std::int64_t counts[] = {1, 3, 16, 60, 100, 160, 300, 2};  // every GEMM regime
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  auto run = [&](const char* pdl) {
+  auto run = [&](bool pdl) {
     LayerOptions o;
     o.backend = Backend::cuda;
-    const Layer layer = [&] {
-      const EnvGuard mode("QMOE_CUDA_PDL", pdl);
-      return Layer(p.s.views(), p.a, o);
-    }();
+    o.cuda_pdl = pdl;
+    const Layer layer(p.s.views(), p.a, o);
     std::vector<std::vector<std::uint16_t>> outs;
     std::deque<Dev> ys;  // Dev is not movable
     for (int rep = 0; rep < 3; ++rep)
@@ -328,7 +290,7 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
     for (const Dev& y : ys) outs.push_back(y.get<std::uint16_t>());
     return outs;
   };
-  const auto plain = run("0"), dependent = run("1");
+  const auto plain = run(false), dependent = run(true);
   ASSERT_EQ(plain.size(), dependent.size());
   for (std::size_t i = 0; i < plain.size(); ++i) EXPECT_EQ(plain[i], dependent[i]) << "call " << i;
   CK(cudaStreamDestroy(st));

@@ -1,9 +1,10 @@
+// The Layer front: validates what the contract says, picks the backend (the
+// only code that does), and forwards calls to it.
 #include "qmoe/layer.h"
 
 #include "core/check.h"
 #include "core/validate.h"
-#include "cpu/moe.h"
-#include "cuda/cuda_moe.h"
+#include "layer/backend.h"
 
 namespace qmoe {
 
@@ -15,19 +16,26 @@ struct Layer::Impl {
   MoeAttributes attrs;
   MoeShape shape;
   Backend backend = Backend::cpu;
-  std::unique_ptr<cpu::CpuMoe> cpu;
-  std::unique_ptr<cuda::CudaMoe> gpu;
+  std::unique_ptr<detail::LayerBackend> run;
 };
 
-bool cuda_available() noexcept { return cuda::available(); }
+bool cuda_available() noexcept { return detail::cuda_backend_available(); }
+
+void detail::LayerBackend::forward_async(const TensorView& input, const TensorView& router_probs,
+                                         const TensorView& router_weights, const MutableTensorView& out,
+                                         std::int64_t tokens, void* stream) const {
+  detail::require(stream == nullptr, "forward_async: this backend (", name(), ") takes no stream (got a non-null one)");
+  forward(input, router_probs, router_weights, out, tokens);
+}
 
 Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options)
     : Layer(weights, attrs, options, nullptr) {}
 
-Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options,
+Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const LayerOptions& options_in,
              const std::function<void(const void*, std::size_t)>* release)
     : impl_(std::make_unique<Impl>()) {
   using detail::require;
+  const LayerOptions options = with_environment(options_in);
   require(options.threads >= 0 && options.threads <= kMaxThreads, "threads: expected 0..", kMaxThreads,
           " (0 = all hardware threads), got ", options.threads);
   require(options.accuracy_level >= 0 && options.accuracy_level <= 4,
@@ -37,14 +45,13 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
   impl_->backend = options.backend;
   switch (options.backend) {
     case Backend::cpu:
-      impl_->cpu = std::make_unique<cpu::CpuMoe>(weights, attrs, impl_->shape, options.threads, options.accuracy_level,
-                                                 cpu::CpuMoe::kDefaultChunkBytes, nullptr, release);
+      impl_->run = detail::make_cpu_backend(weights, attrs, impl_->shape, options, release);
       break;
     case Backend::cuda:
       require(options.max_tokens >= 1 && options.max_tokens <= (std::int64_t{1} << 24),
               "max_tokens: expected 1..16777216, got ", options.max_tokens);
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
-      impl_->gpu = std::make_unique<cuda::CudaMoe>(weights, attrs, impl_->shape, options, release);
+      impl_->run = detail::make_cuda_backend(weights, attrs, impl_->shape, options, release);
       break;
     default:
       detail::fail("backend: expected Backend::cpu or Backend::cuda, got ", static_cast<int>(options.backend));
@@ -69,48 +76,24 @@ void Layer::forward(const TensorView& input, const TensorView& router_probs, con
   const Impl& im = impl();
   const std::int64_t t = detail::validate_call(im.shape, input, router_probs, router_weights, &out);
   if (t == 0) return;
-  if (im.gpu) {
-    im.gpu->forward(input, router_probs, router_weights, out, t);
-  } else {
-    im.cpu->forward(input, router_probs, router_weights, out, t);
-  }
+  im.run->forward(input, router_probs, router_weights, out, t);
 }
 
 void Layer::forward_async(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                           const MutableTensorView& out, void* stream) const {
   const Impl& im = impl();
-  if (!im.gpu) {
-    detail::require(stream == nullptr, "forward_async: the CPU backend takes no stream (got a non-null one)");
-    forward(input, router_probs, router_weights, out);
-    return;
-  }
   const std::int64_t t = detail::validate_call(im.shape, input, router_probs, router_weights, &out);
   if (t == 0) return;
-  im.gpu->forward_async(input, router_probs, router_weights, out, t, stream);
+  im.run->forward_async(input, router_probs, router_weights, out, t, stream);
 }
 
 const MoeAttributes& Layer::attributes() const { return impl().attrs; }
 const MoeShape& Layer::shape() const { return impl().shape; }
-std::size_t Layer::packed_bytes() const {
-  const Impl& im = impl();
-  return im.gpu ? im.gpu->packed_bytes() : im.cpu->packed_bytes();
-}
-int Layer::threads() const {
-  const Impl& im = impl();
-  return im.gpu ? 0 : im.cpu->threads();
-}
+std::size_t Layer::packed_bytes() const { return impl().run->packed_bytes(); }
+int Layer::threads() const { return impl().run->threads(); }
 Backend Layer::backend() const { return impl().backend; }
-std::size_t Layer::device_bytes() const {
-  const Impl& im = impl();
-  return im.gpu ? im.gpu->device_bytes() : 0;
-}
-std::size_t Layer::workspace_bytes() const {
-  const Impl& im = impl();
-  return im.gpu ? im.gpu->workspace_bytes() : 0;
-}
-const char* Layer::kernel_name() const {
-  const Impl& im = impl();
-  return im.gpu ? im.gpu->name().c_str() : im.cpu->name().c_str();
-}
+std::size_t Layer::device_bytes() const { return impl().run->device_bytes(); }
+std::size_t Layer::workspace_bytes() const { return impl().run->workspace_bytes(); }
+const char* Layer::kernel_name() const { return impl().run->name().c_str(); }
 
 }  // namespace qmoe

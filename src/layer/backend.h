@@ -1,0 +1,56 @@
+// Internal: the interface every backend implements, and the factories the Layer
+// front (layer.cpp, the only code that picks a backend) calls. A backend's
+// sources define its factory; nothing else includes a backend's headers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "qmoe/layer.h"
+
+namespace qmoe::detail {
+
+/// Told (from any thread) that the packer has finished reading raw bytes
+/// [p, p + n), so a memory-mapped source can drop those pages as it goes.
+using ReleaseFn = std::function<void(const void*, std::size_t)>;
+
+/// A built layer on one backend. Construction (in the factory) validates what
+/// is backend-specific and prepacks the weights; the front has already
+/// validated the weights, attributes and options against the contract.
+class LayerBackend {
+ public:
+  virtual ~LayerBackend() = default;
+
+  /// out = QMoE(...) for `tokens` >= 1 rows; the views are validated by the front.
+  virtual void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+                       const MutableTensorView& out, std::int64_t tokens) const = 0;
+  /// As forward(), enqueued on `stream` where the backend has streams; a
+  /// backend without them takes only a null stream and runs forward().
+  virtual void forward_async(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
+                             const MutableTensorView& out, std::int64_t tokens, void* stream) const;
+
+  /// Bytes of the prepacked weights.
+  virtual std::size_t packed_bytes() const = 0;
+  /// Threads forward() uses (0 where the backend has no host threads).
+  virtual int threads() const { return 0; }
+  /// Device memory the layer holds, and its share of the per-device working memory.
+  virtual std::size_t device_bytes() const { return 0; }
+  virtual std::size_t workspace_bytes() const { return 0; }
+  /// A short description of the kernels chosen.
+  virtual const std::string& name() const = 0;
+};
+
+/// The factories, one per backend (each defined in its backend's sources;
+/// cuda_stub.cpp stands in for CUDA when the build has no nvcc). `options`
+/// went through with_environment().
+std::unique_ptr<LayerBackend> make_cpu_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
+                                               const LayerOptions& options, const ReleaseFn* release);
+std::unique_ptr<LayerBackend> make_cuda_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
+                                                const LayerOptions& options, const ReleaseFn* release);
+/// True when the CUDA backend is built and a device is present.
+bool cuda_backend_available() noexcept;
+
+}  // namespace qmoe::detail
