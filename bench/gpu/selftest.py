@@ -5,19 +5,20 @@ from __future__ import annotations
 import datetime
 
 import numpy as np
+from bench_setup import np_dequantize, np_reference
 
 from . import common
 from .baseline import TorchMoE, pick_grouped_mm
 from .common import DEFAULT_L2, MODELS, dtname, log, torch, versions
 from .report import acceptance, print_report, write_outputs
 from .timing import capture_graph, summarize
-from .weights import dequant_np, dims, gen_set, layer_attrs, make_inputs, mat_names, oracle_np
+from .weights import dims, gen_set, layer_attrs, make_inputs, mat_names
 
 
 def dry_run(a):
     """Tiny shapes: the weight synthesis and layout against qmoe.reference (if qmoe imports), the torch
-    baseline (CPU float32 and bfloat16; CUDA too when present) against a numpy float64 oracle, then the
-    report, JSON and plot on made-up timings."""
+    baseline (CPU float32 and bfloat16; CUDA too when present) against the numpy float64 oracle
+    (tests/python/qmoe_np.py's np_reference), then the report, JSON and plot on made-up timings."""
     ok, checks = True, []
 
     def check(name, err, tol):
@@ -42,14 +43,14 @@ def dry_run(a):
         log(f"{label}: H={cfg['H']} I={cfg['I']} E={cfg['E']} k={cfg['k']} {bits}-bit")
         W = gen_set(np.random.default_rng(5), cfg, bits, block, fusion)
         x, lg, used = make_inputs(np.random.default_rng(6), 9, cfg["H"], cfg["E"], cfg["k"])
-        ref = oracle_np(W, cfg, bits, block, fusion, x, lg)
+        attrs = layer_attrs(cfg, bits, block, fusion)
+        ref = np_reference(x, lg, **W, **attrs)
         if bf16 is not None:  # the dequantized weights and the logits survive a round trip through bf16
             for pre, _rows, cols in mat_names(fusion):
-                w = dequant_np(W[f"{pre}_experts_weights"][0], W[f"{pre}_scales"][0], bits, block,
-                               dims(cfg, fusion)[cols])
+                w = np_dequantize(W[f"{pre}_experts_weights"][:1], W[f"{pre}_scales"][:1], None, bits, block,
+                                  dims(cfg, fusion)[cols])[0]
                 check(f"{pre} weights exact in bf16", float(np.abs(w.astype(bf16).astype(np.float64) - w).max()), 0)
             check("logits exact in bf16", float(np.abs(lg.astype(bf16).astype(np.float32) - lg).max()), 0)
-        attrs = layer_attrs(cfg, bits, block, fusion)
         if common.qmoe is not None:
             r = np.asarray(common.qmoe.reference(x, lg, **W, **attrs), np.float64)
             check("numpy oracle vs qmoe.reference", float(np.linalg.norm(r - ref) / np.linalg.norm(ref)), 1e-12)
@@ -67,7 +68,7 @@ def dry_run(a):
                     moe = TorchMoE(W, cfg, bits, block, fusion, dtype, dev, use)
                     xt, lt = torch.from_numpy(x).to(dev).to(dtype), torch.from_numpy(lg).to(dev).to(dtype)
                     if dtype != torch.float32:  # the oracle on the rounded input
-                        ref_d = oracle_np(W, cfg, bits, block, fusion, xt.float().cpu().numpy(), lg)
+                        ref_d = np_reference(xt.float().cpu().numpy(), lg, **W, **attrs)
                     else:
                         ref_d = ref
                     y = moe(xt, lt).double().cpu().numpy()
@@ -137,7 +138,8 @@ def dry_run(a):
 class FakeQmoe:
     """--fake-qmoe: stands in for the qmoe package (the API this script uses) so that the harness itself can
     be tested on a GPU before qmoe's CUDA backend exists. Its Layer is the PyTorch baseline in bf16 (q~base
-    is then ~0 and the speed-up ~1x); its reference is the numpy oracle (slow: keep --ref-max-tokens small)."""
+    is then ~0 and the speed-up ~1x); its reference is the numpy oracle, tests/python/qmoe_np.py's np_reference
+    (slow: keep --ref-max-tokens small)."""
 
     __version__ = "fake (--fake-qmoe)"
     _gmm = None
@@ -172,5 +174,4 @@ class FakeQmoe:
 
     @staticmethod
     def reference(x, logits, **kw):
-        W, cfg, bits, block, fusion = FakeQmoe._split(kw)
-        return oracle_np(W, cfg, bits, block, fusion, x, logits)
+        return np_reference(x, logits, **kw)

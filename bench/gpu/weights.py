@@ -1,5 +1,5 @@
 """Synthetic weight sets in ONNX Runtime's QMoE layout (numpy), the layer's attributes and the inputs.
-And the numpy float64 oracle of the dry run and --fake-qmoe."""
+The float64 reference that checks them is tests/python/qmoe_np.py (np_reference, np_dequantize)."""
 from __future__ import annotations
 
 import math
@@ -87,45 +87,3 @@ def make_inputs(rng, T, H, E, k):
     used = np.zeros(E, bool)
     used[np.argsort(-lg, axis=1, kind="stable")[:, :k].ravel()] = True
     return x, lg, used
-
-
-# --------------------------------------------------------------------------- numpy float64 oracle (dry run)
-
-
-def dequant_np(q, s, bits, block, K):
-    """[N, K/pack] codes, [N] or [N, K/block] scales -> float64 [N, K]."""
-    if bits == 4:
-        c = np.empty((q.shape[0], K), np.float64)
-        c[:, 0::2], c[:, 1::2] = q & 15, q >> 4
-    else:
-        c = q.astype(np.float64)
-    c -= 1 << (bits - 1)
-    bl = block or K
-    return (c.reshape(-1, K // bl, bl) * s.reshape(-1, K // bl, 1).astype(np.float64)).reshape(-1, K)
-
-
-def oracle_np(W, cfg, bits, block, fusion, x, lg):
-    """The operator contract in float64, written apart from the torch baseline."""
-    H, I, E, k = cfg["H"], cfg["I"], cfg["E"], cfg["k"]
-    alpha, beta, limit = (float(np.float32(cfg[n])) for n in ("alpha", "beta", "limit"))
-    d = dims(cfg, fusion)
-    x, lg = x.astype(np.float64), lg.astype(np.float64)
-    out = np.zeros((x.shape[0], H))
-    for t in range(x.shape[0]):
-        p = np.exp(lg[t] - lg[t].max())
-        p /= p.sum()
-        chosen = sorted(range(E), key=lambda e: (-lg[t, e], e))[:k]
-        for e in chosen:
-            h = {}
-            for pre, _rows, cols in mat_names(fusion):
-                if pre == "fc2":
-                    continue
-                w = dequant_np(W[f"{pre}_experts_weights"][e], W[f"{pre}_scales"][e], bits, block, d[cols])
-                h[pre] = w @ x[t] + (W[f"{pre}_experts_bias"][e] if cfg["bias"] else 0)
-            g, u = (h["fc1"][0::2], h["fc1"][1::2]) if fusion == 1 else (h["fc1"], h["fc3"])
-            g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
-            a = g / (1 + np.exp(-alpha * g)) * (u + beta)
-            w2 = dequant_np(W["fc2_experts_weights"][e], W["fc2_scales"][e], bits, block, I)
-            y = w2 @ a + (W["fc2_experts_bias"][e] if cfg["bias"] else 0)
-            out[t] += p[e] / p[chosen].sum() * y
-    return out
