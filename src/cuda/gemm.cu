@@ -4,7 +4,8 @@
 // dequantized in registers from the fragment-ordered layout of layout.h.
 //
 // This kernel serves 32 and 64 token columns per tile (17..31 tokens per
-// expert on sm_90a, where wgmma takes over from 32; every prefill size elsewhere):
+// expert on sm_90a, where wgmma takes over from 32; every prefill size elsewhere;
+// the kernel table of gemm_table.cu chooses):
 // each lane's 16-byte weight loads are issued D slabs ahead of their use, and
 // at 64 columns each warp covers 32 rows, so each dequantized weight fragment
 // feeds 8 MMAs. Decode (up to 16 columns) runs gemm_decode.cu.
@@ -33,6 +34,8 @@ struct Shape {
   static constexpr int D = WR == 1 && SK < 2 ? 4 : 2;  // slabs of weights loaded ahead
   static constexpr int kSmemBytes = 2 * BM * LDS * 2;
   static constexpr bool kBlockAcc = MT <= 4;  // block scales on float32 per-block accumulators
+  static_assert(BM == mma_geometry(MT).tile_tokens && BN == mma_geometry(MT).block_rows,
+                "gemm.h's mma_geometry is this kernel's block");
 };
 
 template <class T, int BITS, int MT, int SK>
@@ -255,11 +258,8 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
 
 }  // namespace
 
-int pick_mt(double avg) { return avg <= 8 ? 1 : avg <= 16 ? 2 : avg <= 32 ? 4 : 8; }
-
-void launch_gemm(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
+void launch_gemm_mma(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
-  if (mt <= 2) return launch_gemm_decode(p, dtype, mt, tile_capacity, stream);
   dispatch_mma(p, dtype, [&](auto t, auto bits, auto sk) {
     using T = typename decltype(t)::type;
     if (mt == 4) return launch_one<T, decltype(bits)::value, 4, decltype(sk)::value>(p, tile_capacity, stream);

@@ -50,14 +50,34 @@ struct GemmProblem {
   bool pdl = false;  ///< as a programmatic dependent launch (common.cuh launch_kernel)
 };
 
-/// Token tile height (BM = 8 * mt) the heuristic picks for `avg` tokens per expert.
-int pick_mt(double avg_tokens_per_expert);
+/// A GEMM kernel's block geometry: token rows per m-tile (the planner's bm)
+/// and output (weight) rows per block (the grid's row dimension). Defined here
+/// once: the kernels static_assert their shapes against it and launch with it,
+/// and the kernel table (gemm_table.h) and the workspace sizing read it.
+struct GemmGeometry {
+  int tile_tokens;
+  int block_rows;
+};
+/// The decode kernel (gemm_decode.cu), mt = 1 or 2: 4 warps of one 16-row tile.
+constexpr GemmGeometry decode_geometry(int mt) { return {8 * mt, 64}; }
+/// The mma.sync kernel (gemm.cu), mt = 4 or 8: 4 warps of 1 (mt 4) or 2 (mt 8) 16-row tiles.
+constexpr GemmGeometry mma_geometry(int mt) { return {8 * mt, mt >= 8 ? 128 : 64}; }
+/// The sm_90a wgmma kernel (gemm_wgmma.cu): 128 tokens = the N of one
+/// m64n128k16 instruction (a warpgroup holds 2 x 64 accumulators per thread for
+/// its two 64-row weight tiles, what 255 registers allow); 256 rows = 2
+/// warpgroups x 2 x m64. padded_rows is only a multiple of kRowAlign (128): the
+/// last row block may hold 128 rows, its second warpgroup then computes a
+/// duplicate and stores nothing.
+inline constexpr GemmGeometry kWgmmaGeometry{128, 256};
+/// The smallest m-tile of any kernel (the plan's tile list is sized by it).
+inline constexpr int kMinTileTokens = decode_geometry(1).tile_tokens;
 
-/// Launches the GEMM over `tile_capacity` m-tiles (tiles past *num_tiles exit).
-/// mt <= 2 (decode) runs the weight-streaming kernel of gemm_decode.cu.
-void launch_gemm(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream);
-
-/// The decode kernel (gemm_decode.cu) for mt = 1 or 2.
+/// The launch functions of the kernel table (gemm_table.cu): each runs the GEMM
+/// over `tile_capacity` m-tiles of its geometry (tiles past *num_tiles exit).
+/// Host functions; no sync, no allocation (graph-capturable).
+/// The weight-streaming decode kernel (gemm_decode.cu), mt = 1 or 2.
 void launch_gemm_decode(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream);
+/// The mma.sync prefill kernel (gemm.cu), mt = 4 or 8.
+void launch_gemm_mma(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream);
 
 }  // namespace qmoe::cuda

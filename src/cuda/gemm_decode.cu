@@ -273,8 +273,10 @@ template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
   const int smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes;
   opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem);
-  const dim3 grid(static_cast<unsigned>(p.g.padded_rows / (16 * kWarps)), static_cast<unsigned>(tile_capacity),
-                  static_cast<unsigned>(p.fc1 ? 1 : p.splits));
+  static_assert(XTile<MT>::BM == decode_geometry(MT).tile_tokens && 16 * kWarps == decode_geometry(MT).block_rows,
+                "gemm.h's decode_geometry is this kernel's block");
+  const dim3 grid(static_cast<unsigned>(p.g.padded_rows / decode_geometry(MT).block_rows),
+                  static_cast<unsigned>(tile_capacity), static_cast<unsigned>(p.fc1 ? 1 : p.splits));
   launch_kernel(decode_kernel<T, BITS, MT, SK, ZP>, grid, dim3(kThreads), smem, stream, p.pdl, p);
 }
 

@@ -71,12 +71,12 @@ constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // 168
 constexpr int kProducerRegs = 88, kConsumerRegs = 208;
 static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kProducers * (kLaunchRegs - kProducerRegs),
               "the consumers' setmaxnreg.inc must fit in what the producers release");
-constexpr int kTok = kWgmmaTileTokens;     // token columns per block (wgmma N)
-constexpr int kRows = kWgmmaBlockRows;     // weight rows per block
-constexpr int kTiles = kRows / kTileRows;  // 16-row tiles of layout.h per block
-constexpr int kKC = 64;                    // K columns per pipeline stage
-constexpr int kGroup = 8;                  // m-tiles per L2 group (grid order)
-constexpr int kMaxScaleBlocks = 4;         // scale blocks per stage (block size 16)
+constexpr int kTok = kWgmmaGeometry.tile_tokens;  // token columns per block (wgmma N)
+constexpr int kRows = kWgmmaGeometry.block_rows;  // weight rows per block
+constexpr int kTiles = kRows / kTileRows;         // 16-row tiles of layout.h per block
+constexpr int kKC = 64;                           // K columns per pipeline stage
+constexpr int kGroup = 8;                         // m-tiles per L2 group (grid order)
+constexpr int kMaxScaleBlocks = 4;                // scale blocks per stage (block size 16)
 static_assert(kTok == 128 && kRows == 256, "the kernel is written for 128 tokens x 256 rows");
 
 template <int BITS>
@@ -202,9 +202,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   unsigned char* const rs0 = ws0 + kStages * S::kWBytes;
   unsigned char* const zs0 = rs0 + kStages * S::kRelBytes;
 
-  const std::int64_t kp = p.g.padded_cols;
-  const std::int64_t k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
-  const std::int64_t k_end = p.fc1 ? kp : (kp < k_begin + p.split_cols ? kp : k_begin + p.split_cols);
+  std::int64_t k_begin, k_end;
+  split_k_range(p, k_begin, k_end);
   const int nchunks = k_end > k_begin ? static_cast<int>((k_end - k_begin) / kKC) : 0;
 
   // Row tiles of this block; when the matrix ends after the first 128 rows,

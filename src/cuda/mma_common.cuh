@@ -130,15 +130,20 @@ struct TileWork {
   int e = 0, pos0 = 0, rows_here = 0;
   std::int64_t k_begin = 0, k_end = 0;
 };
+// The K columns [k_begin, k_end) of this block: all of K for FC1, the range of
+// split blockIdx.z for FC2 (every GEMM kernel).
+__device__ __forceinline__ void split_k_range(const GemmProblem& p, std::int64_t& k_begin, std::int64_t& k_end) {
+  const std::int64_t kp = p.g.padded_cols;
+  k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
+  k_end = p.fc1 ? kp : (kp < k_begin + p.split_cols ? kp : k_begin + p.split_cols);
+}
 __device__ __forceinline__ bool tile_work(const GemmProblem& p, int bm, TileWork& w) {
   if (static_cast<int>(blockIdx.y) >= *p.num_tiles) return false;
   const MTile mt = p.tiles[blockIdx.y];
   w.e = mt.expert;
   w.pos0 = p.offsets[w.e] + mt.m0;
   w.rows_here = min(bm, p.offsets[w.e + 1] - w.pos0);
-  const std::int64_t kp = p.g.padded_cols;
-  w.k_begin = p.fc1 ? 0 : static_cast<std::int64_t>(blockIdx.z) * p.split_cols;
-  w.k_end = p.fc1 ? kp : (kp < w.k_begin + p.split_cols ? kp : w.k_begin + p.split_cols);
+  split_k_range(p, w.k_begin, w.k_end);
   return true;
 }
 

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <string>
 
+#include "cuda/gemm_table.h"
 #include "cuda/pack.h"
 #include "helpers.h"
 
@@ -157,6 +159,45 @@ std::vector<GpuCase> sweep() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sweep, CudaParity, testing::ValuesIn(sweep()), case_name);
+
+// The kernel table (host code: runs without a GPU). Each average token count
+// gets the narrowest decode/mma.sync tile that holds it, wgmma from its
+// threshold on, and the K split stays within the workspace and K.
+TEST(CudaKernelTable, ChoosesByTokensPerExpert) {
+  constexpr double kNever = std::numeric_limits<double>::infinity();
+  const auto tile = [](double avg, double from) { return cuda::pick_gemm(avg, from).geometry.tile_tokens; };
+  EXPECT_EQ(tile(0.25, kNever), 8);
+  EXPECT_EQ(tile(8, kNever), 8);
+  EXPECT_EQ(tile(8.5, kNever), 16);
+  EXPECT_EQ(tile(16, kNever), 16);
+  EXPECT_EQ(tile(17, kNever), 32);
+  EXPECT_EQ(tile(32, kNever), 32);
+  EXPECT_EQ(tile(33, kNever), 64);
+  EXPECT_EQ(tile(1e6, kNever), 64);
+  EXPECT_STREQ(cuda::pick_gemm(31.9, 32).name, "mma.sync");
+  EXPECT_STREQ(cuda::pick_gemm(32, 32).name, "wgmma");
+  EXPECT_EQ(tile(32, 32), cuda::kWgmmaGeometry.tile_tokens);
+  EXPECT_STREQ(cuda::pick_gemm(0.1, 0).name, "wgmma");
+  EXPECT_STREQ(cuda::pick_gemm(2, kNever).name, "decode");
+  // Forcing: mma never takes wgmma; automatic off sm_90 neither; wgmma off sm_90 is refused.
+  EXPECT_EQ(cuda::wgmma_threshold(CudaGemm::mma, 90), kNever);
+  EXPECT_EQ(cuda::wgmma_threshold(CudaGemm::automatic, 80), kNever);
+  EXPECT_THROW(cuda::wgmma_threshold(CudaGemm::wgmma, 89), Error);
+  // K splits: whole kKAlign pieces covering K, at most 16 and at most chunk / tokens.
+  cuda::GpuGeometry g2;
+  g2.padded_rows = 4096, g2.padded_cols = 14336;
+  for (double avg : {0.5, 4.0, 12.0, 24.0, 48.0, 200.0})
+    for (std::int64_t t : {1, 16, 300}) {
+      const cuda::GemmVariant& v = cuda::pick_gemm(avg, 32);
+      const cuda::KSplit s = cuda::fc2_k_split(v, g2, t * 2, 8, 132, 4096, t);
+      EXPECT_GE(s.splits, 1);
+      EXPECT_LE(s.splits, 16);
+      EXPECT_LE(s.splits, std::max<std::int64_t>(1, 4096 / t));
+      EXPECT_EQ(s.split_cols % cuda::kKAlign, 0);
+      EXPECT_GE(s.split_cols * s.splits, g2.padded_cols);
+      EXPECT_LT(s.split_cols * (s.splits - 1), g2.padded_cols);
+    }
+}
 
 // A case's layer and its bfloat16 inputs (host).
 struct Bf16Case {

@@ -1,0 +1,40 @@
+// The per-device arena registry and the workspace carving (arena.h).
+#include <map>
+
+#include "cuda/arena.h"
+#include "cuda/gemm.h"
+
+namespace qmoe::cuda {
+
+std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes) {
+  static std::mutex mu;
+  static std::map<int, std::weak_ptr<Arena>> registry;
+  std::lock_guard<std::mutex> lk(mu);
+  std::shared_ptr<Arena> cur = registry[device].lock();
+  if (cur && cur->buf.bytes() >= bytes) return cur;
+  auto a = std::make_shared<Arena>();
+  a->buf = DeviceBuffer(std::max(bytes, cur ? cur->buf.bytes() : std::size_t{0}));
+  QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&a->done, cudaEventDisableTiming));
+  registry[device] = a;
+  return a;
+}
+
+Workspace carve_workspace(Carver& c, std::int64_t chunk, int k, std::int64_t E, std::int64_t H, std::int64_t a_stride) {
+  Workspace w;
+  const std::int64_t pairs = chunk * k;
+  w.rb.topk_expert = c.take<int>(pairs);
+  w.rb.topk_weight = c.take<float>(pairs);
+  w.rb.slot = c.take<int>(pairs);
+  w.rb.counts = c.take<int>(E);
+  w.rb.offsets = c.take<int>(E + 1);
+  // Every expert's last m-tile may be partial: at most pairs / (smallest tile) + E tiles.
+  w.rb.tiles = c.take<MTile>(ceil_div(pairs, kMinTileTokens) + E);
+  w.rb.num_tiles = c.take<int>(1);
+  w.rb.token_of = c.take<int>(pairs);
+  w.rb.pos_of = c.take<int>(pairs);
+  w.act = c.take<std::uint16_t>(pairs * a_stride);
+  w.y2 = c.take<float>(pairs * H);
+  return w;
+}
+
+}  // namespace qmoe::cuda

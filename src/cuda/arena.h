@@ -1,0 +1,68 @@
+// Internal: the CUDA backend's memory plumbing: one allocation carved into
+// aligned pieces, and the per-device working memory (arena) that the Layers of
+// a device share, carved into one pass's workspace.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "cuda/common.cuh"
+#include "cuda/route.h"
+
+namespace qmoe::cuda {
+
+inline constexpr std::size_t kCarveAlign = 256;
+inline std::size_t align_up(std::size_t x) { return (x + kCarveAlign - 1) / kCarveAlign * kCarveAlign; }
+
+// Carves consecutive aligned pieces out of one allocation (or just sums
+// their sizes when base is null).
+struct Carver {
+  char* base;
+  std::size_t used = 0;
+  template <class T>
+  T* take(std::int64_t count) {
+    T* p = base ? reinterpret_cast<T*>(base + used) : nullptr;
+    used += align_up(sizeof(T) * static_cast<std::size_t>(std::max<std::int64_t>(count, 0)));
+    return p;
+  }
+};
+
+// Working memory shared by every Layer of a device that fits in it: a model's
+// layers run one after another, so one workspace serves them all (a Layer
+// holds only its packed weights). Calls that share an arena are serialized:
+// on the host by the mutex, on the device by stream order or by an event
+// when the stream changes between calls.
+struct Arena {
+  DeviceBuffer buf;
+  std::mutex mu;
+  cudaEvent_t done = nullptr;
+  cudaStream_t last = nullptr;
+  bool has_last = false;
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena() {
+    if (done) cudaEventDestroy(done);
+  }
+};
+
+/// The arena of `device`, grown (replaced) when a Layer needs more than it holds.
+std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes);
+
+/// One pass's working memory: the plan and the intermediate activations.
+struct Workspace {
+  RouteBuffers rb;
+  void* act = nullptr;  // FC1 output / FC2 input, [chunk * k][a_stride] tokens' dtype
+  float* y2 = nullptr;  // FC2 partials, [chunk * k][H] per split, splits * pairs <= chunk * k
+};
+
+/// Carves a pass of up to `chunk` tokens (k experts each, E experts, hidden H,
+/// FC1 output rows of `a_stride` elements) out of `c`.
+Workspace carve_workspace(Carver& c, std::int64_t chunk, int k, std::int64_t E, std::int64_t H, std::int64_t a_stride);
+
+}  // namespace qmoe::cuda
