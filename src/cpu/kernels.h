@@ -76,8 +76,8 @@ std::vector<const KernelConfig*> supported_kernel_configs();
 #define QMOE_GEMM_TILE_FN(name)                                                                                       \
   void name(const PackGeometry&, const std::uint8_t*, std::int64_t, const float*, std::int64_t, std::int64_t, float*, \
             std::int64_t, float*)
-QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__scalar);
-QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__scalar);
+QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__vec128);
+QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__vec128);
 QMOE_GEMM_TILE_FN(gemm_f32_q4_2x16__avx2);
 QMOE_GEMM_TILE_FN(gemm_f32_q8_2x16__avx2);
 QMOE_GEMM_TILE_FN(gemm_f32_q4_4x16__avx512);
@@ -87,8 +87,8 @@ QMOE_GEMM_TILE_FN(gemm_f32_q8_4x16__avx512);
   void name(const PackGeometry&, const std::uint8_t*, const QuantRows&, std::int64_t, float*, std::int64_t)
 QMOE_IGEMM_TILE_FN(gemm_qd8_q4_4x16__scalar);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q8_4x16__scalar);
-QMOE_IGEMM_TILE_FN(gemm_qd8_q4_8x16__avx512vnni);
-QMOE_IGEMM_TILE_FN(gemm_qd8_q8_8x16__avx512vnni);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q4_12x16__avx512vnni);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q8_12x16__avx512vnni);
 #undef QMOE_IGEMM_TILE_FN
 void quantize_rows__avx512(const float*, std::int64_t, std::int64_t, std::int64_t, const PackGeometry&,
                            QuantRowsBuffer&);
@@ -96,8 +96,8 @@ void gemm_bf16_q4_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int6
                              std::int64_t, float*, std::int64_t, void*);
 void gemm_bf16_q8_16x16__amx(const PackGeometry&, const std::uint8_t*, std::int64_t, const std::uint16_t*, std::int64_t,
                              std::int64_t, float*, std::int64_t, void*);
-void convert_f32_bf16__amx(const float*, std::uint16_t*, std::int64_t);
-double peak_f32_fma__scalar(std::int64_t, float);
+void convert_f32_bf16__avx512bf16(const float*, std::uint16_t*, std::int64_t);
+double peak_f32_fma__vec128(std::int64_t, float);
 double peak_f32_fma__avx2(std::int64_t, float);
 double peak_f32_fma__avx512(std::int64_t, float);
 

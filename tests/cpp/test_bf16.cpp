@@ -33,7 +33,7 @@ std::vector<cpu::KernelConfig> amx_tables() {
       m.name = "avx512vnni + AMX tile model";
       m.bgemm_q4 = gemm_bf16_q4_model;
       m.bgemm_q8 = gemm_bf16_q8_model;
-      m.to_bf16 = cpu::convert_f32_bf16__amx;  // AVX-512 BF16 only
+      m.to_bf16 = cpu::convert_f32_bf16__avx512bf16;  // AVX-512 BF16 only
       v.push_back(m);
     }
   }

@@ -1,7 +1,7 @@
 // Internal: driver primitives for the portable path. GCC/Clang vector
 // extensions: portable source, and the compiler emits whatever 16-byte vector
 // instructions the baseline ISA has (SSE2 on x86-64, NEON on arm64).
-// Included only by the *__scalar.cpp kernels.
+// Included only by the *__vec128.cpp kernels.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +9,7 @@
 
 namespace qmoe::cpu {
 
-struct OpsScalar {
+struct OpsVec128 {
   typedef float V __attribute__((vector_size(16)));
   typedef unsigned U __attribute__((vector_size(16)));
   struct Z {
