@@ -36,11 +36,10 @@ namespace {
 
 constexpr std::int64_t kScratch = 256 * 32;  // one dequantized chunk: 256 columns x 32 rows (two tiles)
 
-// Each table binds kernels, tile height and scratch together (designated
+// Each table binds kernels and scratch together (designated
 // initializers: a missing field is a compile-time warning, never a null call).
 constexpr KernelConfig kAmx{.isa = Isa::amx,
                             .name = "amx",
-                            .nr = kTileRows,
                             .gemm_q4 = gemm_f32_q4_4x16__avx512,
                             .gemm_q8 = gemm_f32_q8_4x16__avx512,
                             .scratch_floats = kScratch,
@@ -53,7 +52,6 @@ constexpr KernelConfig kAmx{.isa = Isa::amx,
                             .to_bf16 = convert_f32_bf16__avx512bf16};
 constexpr KernelConfig kAvx512Vnni{.isa = Isa::avx512vnni,
                                    .name = "avx512vnni",
-                                   .nr = kTileRows,
                                    .gemm_q4 = gemm_f32_q4_4x16__avx512,
                                    .gemm_q8 = gemm_f32_q8_4x16__avx512,
                                    .scratch_floats = kScratch,
@@ -63,7 +61,6 @@ constexpr KernelConfig kAvx512Vnni{.isa = Isa::avx512vnni,
                                    .peak_fma = peak_f32_fma__avx512};
 constexpr KernelConfig kAvx512{.isa = Isa::avx512,
                                .name = "avx512",
-                               .nr = kTileRows,
                                .gemm_q4 = gemm_f32_q4_4x16__avx512,
                                .gemm_q8 = gemm_f32_q8_4x16__avx512,
                                .scratch_floats = kScratch,
@@ -73,7 +70,6 @@ constexpr KernelConfig kAvx512{.isa = Isa::avx512,
                                .peak_fma = peak_f32_fma__avx512};
 constexpr KernelConfig kAvx2{.isa = Isa::avx2,
                              .name = "avx2",
-                             .nr = kTileRows,
                              .gemm_q4 = gemm_f32_q4_2x16__avx2,
                              .gemm_q8 = gemm_f32_q8_2x16__avx2,
                              .scratch_floats = kScratch,
@@ -83,7 +79,6 @@ constexpr KernelConfig kAvx2{.isa = Isa::avx2,
                              .peak_fma = peak_f32_fma__avx2};
 constexpr KernelConfig kScalar{.isa = Isa::scalar,
                                .name = "scalar",
-                               .nr = kTileRows,
                                .gemm_q4 = gemm_f32_q4_2x16__vec128,
                                .gemm_q8 = gemm_f32_q8_2x16__vec128,
                                .scratch_floats = kScratch,

@@ -45,7 +45,6 @@ using GemmTileBf16Fn = void (*)(const PackGeometry& g, const std::uint8_t* tile,
 struct KernelConfig {
   Isa isa;
   const char* name;              ///< e.g. "scalar"
-  int nr;                        ///< rows per tile: the packer's NR
   GemmTileFn gemm_q4;            ///< 4-bit tiles
   GemmTileFn gemm_q8;            ///< 8-bit tiles
   std::int64_t scratch_floats;   ///< scratch a GemmTileFn call needs

@@ -67,9 +67,9 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
         return up ? RowSource{&fc3, i} : RowSource{&fc1, i};
     }
   };
-  const int nr = kc_->nr;
-  const PackGeometry g1{nr, bits, gated_ ? 2 * in : in, h, bs ? bs : h};
-  const PackGeometry g2{nr, bits, h, in, bs ? bs : in};
+  constexpr int nr = kTileRows;
+  const PackGeometry g1{bits, gated_ ? 2 * in : in, h, bs ? bs : h};
+  const PackGeometry g2{bits, h, in, bs ? bs : in};
   fc1_ = PackedMatrix(g1, kc_->isa, e_count);
   fc2_ = PackedMatrix(g2, kc_->isa, e_count);
   pool_ = std::make_unique<ThreadPool>(resolve_threads(threads));
@@ -285,7 +285,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     if (count[e]) active.push_back(static_cast<int>(e)), max_count = std::max(max_count, count[e]);
 
   const int nthreads = pool_->size();
-  const int nr = kc_->nr;
+  constexpr int nr = kTileRows;
   const PackGeometry& g1 = fc1_.geometry();
   const PackGeometry& g2 = fc2_.geometry();
   // Kernels read whole code groups: activation rows are zero-padded to the packed width.

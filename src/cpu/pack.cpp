@@ -34,7 +34,7 @@ void write_tag(std::uint8_t* dst, const PackGeometry& g, Isa isa, std::int64_t e
   t.version = PackTag::kVersion;
   t.backend = PackTag::kBackendCpu;
   t.isa = isa;
-  t.nr = static_cast<std::uint32_t>(g.nr);
+  t.nr = static_cast<std::uint32_t>(kTileRows);
   t.bits = static_cast<std::uint32_t>(g.bits);
   t.block_len = static_cast<std::uint32_t>(g.block_len);
   t.experts = experts;
@@ -63,7 +63,7 @@ void check_tag(const std::uint8_t* bytes, std::size_t size, const char* what, Is
   if (t.experts != experts || t.rows != rows || t.cols != cols)
     fail(what, ": packed shape [", t.experts, ", ", t.rows, ", ", t.cols, "], expected [", experts, ", ", rows, ", ",
          cols, "]");
-  PackGeometry g{nr, bits, rows, cols, block_len};
+  PackGeometry g{bits, rows, cols, block_len};
   if (t.expert_stride != static_cast<std::uint64_t>(g.expert_bytes()) ||
       size < PackedMatrix::kHeaderBytes + static_cast<std::size_t>(experts * g.expert_bytes()))
     fail(what, ": packed data is truncated or its expert stride is wrong (", size, " bytes)");
@@ -84,10 +84,10 @@ void raw_row_codes(const detail::RawMatrix& m, std::int64_t e, std::int64_t row,
 
 void pack_block(const PackGeometry& g, const std::uint8_t* const* row_codes, const int* zeros, const float* scales,
                 std::int64_t col0, std::uint8_t* dst) {
-  const int nr = g.nr;
-  std::memcpy(dst, scales, static_cast<std::size_t>(nr) * 4);
-  for (int r = 0; r < nr; ++r) dst[nr * 4 + r] = static_cast<std::uint8_t>(zeros[r]);
-  std::uint8_t* codes = dst + nr * 5;
+  constexpr int nr = kTileRows;
+  std::memcpy(dst + TileLayout::kScalesOffset, scales, static_cast<std::size_t>(nr) * 4);
+  for (int r = 0; r < nr; ++r) dst[TileLayout::kZerosOffset + r] = static_cast<std::uint8_t>(zeros[r]);
+  std::uint8_t* codes = dst + TileLayout::kCodesOffset;
   const std::int64_t gc = g.group_cols(), groups = g.padded_block() / gc;
   for (std::int64_t grp = 0; grp < groups; ++grp)
     for (int r = 0; r < nr; ++r) {
@@ -107,10 +107,10 @@ void pack_block(const PackGeometry& g, const std::uint8_t* const* row_codes, con
 
 void pack_block_bytes(const PackGeometry& g, const std::uint8_t* const* row_bytes, const int* zeros,
                       const float* scales, std::uint8_t* dst) {
-  const int nr = g.nr;
-  std::memcpy(dst, scales, static_cast<std::size_t>(nr) * 4);
-  for (int r = 0; r < nr; ++r) dst[nr * 4 + r] = static_cast<std::uint8_t>(zeros[r]);
-  std::uint8_t* lane = dst + nr * 5;
+  constexpr int nr = kTileRows;
+  std::memcpy(dst + TileLayout::kScalesOffset, scales, static_cast<std::size_t>(nr) * 4);
+  for (int r = 0; r < nr; ++r) dst[TileLayout::kZerosOffset + r] = static_cast<std::uint8_t>(zeros[r]);
+  std::uint8_t* lane = dst + TileLayout::kCodesOffset;
   const std::int64_t groups = g.block_len / g.group_cols();
   for (std::int64_t grp = 0; grp < groups; ++grp)
     for (int r = 0; r < nr; ++r, lane += 4) {

@@ -59,7 +59,7 @@ void pack_block_bytes(const PackGeometry& g, const std::uint8_t* const* row_byte
 template <typename SourceFn, typename ProgressFn>
 void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::uint8_t* dst, std::int64_t t_begin,
                 std::int64_t t_end, ProgressFn&& progress) {
-  const int nr = g.nr;
+  constexpr int nr = kTileRows;
   const bool whole_groups = g.block_len % g.group_cols() == 0;
   std::vector<std::uint8_t> codes(whole_groups ? 0 : static_cast<std::size_t>(nr * g.cols));
   std::vector<const std::uint8_t*> rows(static_cast<std::size_t>(nr));
@@ -76,7 +76,7 @@ void pack_tiles(const PackGeometry& g, std::int64_t e, SourceFn&& source, std::u
   const std::int64_t progress_tiles = std::max<std::int64_t>(1, kProgressBytes / tile_raw_bytes);
   dst += t_begin * g.tile_bytes();
   for (std::int64_t t = t_begin; t < t_end; ++t) {
-    RowSource src[64];
+    RowSource src[nr];
     for (int r = 0; r < nr; ++r) {
       const std::int64_t p = t * nr + r;
       src[r] = p < g.rows ? source(p) : RowSource{};

@@ -67,7 +67,7 @@ TEST(Int8Activations, EveryQuantizerGivesTheSameBits) {
   };
   for (const Shape sh : {Shape{4, 2880, 2880}, Shape{8, 2880, 2880}, Shape{4, 600, 40}, Shape{8, 264, 264},
                          Shape{4, 1024, 16}, Shape{8, 1024, 32}, Shape{4, 1024, 128}, Shape{4, 40, 40}}) {
-    const cpu::PackGeometry g{16, sh.bits, 16, sh.cols, sh.block};
+    const cpu::PackGeometry g{sh.bits, 16, sh.cols, sh.block};
     const std::int64_t rows = 9, ld = g.padded_cols();
     std::vector<float> x(static_cast<std::size_t>(rows * ld), 0.f);
     std::mt19937 rng(5);

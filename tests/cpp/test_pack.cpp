@@ -91,8 +91,8 @@ TEST(PackTag, RefusesForeignCorruptAndTruncatedData) {
   const auto& m = moe.fc2();
   const auto& g = m.geometry();
   auto check = [&](const std::vector<std::uint8_t>& bytes) {
-    cpu::check_tag(bytes.data(), bytes.size(), "fc2", cpu::kernel_config().isa, g.nr, g.bits, g.block_len, 2, g.rows,
-                   g.cols);
+    cpu::check_tag(bytes.data(), bytes.size(), "fc2", cpu::kernel_config().isa, cpu::kTileRows, g.bits, g.block_len, 2,
+                   g.rows, g.cols);
   };
   std::vector<std::uint8_t> good(m.raw(), m.raw() + m.bytes());
   EXPECT_NO_THROW(check(good));

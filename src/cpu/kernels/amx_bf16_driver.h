@@ -42,6 +42,7 @@
 namespace qmoe::cpu::amx {
 
 constexpr int NR = kTileRows;
+static_assert(NR == 16, "a weight tile's 16 rows are the 16 columns of a B tile and of a C tile");
 constexpr int kMaxTokenBlocks = 6;
 
 // Why B tiles are decoded two K steps ahead of their use: a tile load of bytes
@@ -81,13 +82,13 @@ inline void configure() {
 template <int BITS>
 class TileDecoder {
  public:
-  static constexpr std::int64_t G = 32 / BITS;  // columns per code group
+  static constexpr std::int64_t G = TileLayout::kGroupCols<BITS>;  // columns per code group
 
   TileDecoder(const PackGeometry& g, const std::uint8_t* tile)
       : tile_(tile),
-        pb_((g.block_len + G - 1) / G * G),
+        pb_(TileLayout::padded_block<BITS>(g.block_len)),
         nb_(g.cols / g.block_len),
-        block_bytes_(NR * 5 + pb_ * NR * BITS / 8) {
+        block_bytes_(TileLayout::block_bytes<BITS>(g.block_len)) {
     load_block();
   }
 
@@ -120,9 +121,9 @@ class TileDecoder {
  private:
   void load_block() {
     const std::uint8_t* p = tile_ + blk_ * block_bytes_;
-    scale_ = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
-    zero_ = OpsAvx512::zeros(p + NR * 4);
-    codes_ = p + NR * 5;
+    scale_ = _mm512_loadu_ps(reinterpret_cast<const float*>(p + TileLayout::kScalesOffset));
+    zero_ = OpsAvx512::zeros(p + TileLayout::kZerosOffset);
+    codes_ = p + TileLayout::kCodesOffset;
   }
 
   const std::uint8_t* tile_;
@@ -135,17 +136,17 @@ class TileDecoder {
 // The symmetric row-wise 4-bit decoder: B row kk, lane n = [code(n, 2kk) - 8, code(n, 2kk + 1) - 8] as bf16.
 class SymmetricQ4Decoder {
  public:
-  static constexpr std::int64_t G = 8;  // columns per code group
+  static constexpr std::int64_t G = TileLayout::kGroupCols<4>;  // columns per code group
 
   // True when the tile can use it: 4-bit, row-wise, all 16 zero points 8.
   static bool applies(const PackGeometry& g, const std::uint8_t* tile) {
     if (g.bits != 4 || g.block_len != g.cols) return false;
-    const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + NR * 4));
+    const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + TileLayout::kZerosOffset));
     return _mm_movemask_epi8(_mm_cmpeq_epi8(z, _mm_set1_epi8(8))) == 0xffff;
   }
 
   SymmetricQ4Decoder(const PackGeometry& g, const std::uint8_t* tile)
-      : codes_(tile + NR * 5), groups_((g.block_len + G - 1) / G) {}
+      : codes_(tile + TileLayout::kCodesOffset), groups_((g.block_len + G - 1) / G) {}
 
   void step(std::uint16_t* b) {
     // bf16 of v - 8 for v = 0..15, twice: bf16(n) for small integers n is the float's top half.
@@ -317,10 +318,7 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, 
   configure<0>();
   // B tiles on 64-byte boundaries (the caller's scratch has the slack): one cache line per tile row.
   scratch = static_cast<std::uint8_t*>(scratch) + (64 - reinterpret_cast<std::uintptr_t>(scratch) % 64) % 64;
-  // Tile size from PackGeometry's data members only (its inline member functions are
-  // shared with baseline translation units: see the ODR caution in gemm_driver.h).
-  constexpr std::int64_t G = 32 / BITS;
-  const std::int64_t tile_bytes = g.cols / g.block_len * (NR * 5 + (g.block_len + G - 1) / G * G * NR * BITS / 8);
+  const std::int64_t tile_bytes = g.cols / g.block_len * TileLayout::block_bytes<BITS>(g.block_len);
   const std::uint8_t* tile1 = tile + tile_bytes;
   // Up to 16 * kMaxTokenBlocks tokens, one tile at a time decodes each B tile once for all
   // of them, which measured faster than pairs (whose 32-token passes decode every
@@ -340,7 +338,8 @@ void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, 
       gemm_with(SymmetricQ4Decoder(g, tile), x, ldx, ntok, y, ldy, scratch);
     // The row scales, once, on the float32 results.
     for (std::int64_t j = 0; j < ntiles; ++j) {
-      const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(tile + j * tile_bytes));
+      const __m512 scale =
+          _mm512_loadu_ps(reinterpret_cast<const float*>(tile + j * tile_bytes + TileLayout::kScalesOffset));
       for (std::int64_t t = 0; t < ntok; ++t)
         _mm512_storeu_ps(y + t * ldy + 16 * j, _mm512_mul_ps(scale, _mm512_loadu_ps(y + t * ldy + 16 * j)));
     }

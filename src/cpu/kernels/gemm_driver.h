@@ -51,8 +51,8 @@
 // ODR caution: this header is compiled with different -m flags per ISA, so it
 // must not emit any non-template inline function or std:: template that the
 // linker could merge across ISAs (a baseline caller could then run AVX-512
-// code). Everything here is a template on Ops, and only data members of
-// PackGeometry are read (its member functions are inline and shared).
+// code). Everything here is a template on Ops; the layout arithmetic is
+// TileLayout's and PackGeometry's (packed.h), constexpr and always inlined.
 #pragma once
 
 #include <cstdint>
@@ -65,17 +65,10 @@ namespace qmoe::cpu::driver {
 constexpr int NR = kTileRows;
 constexpr std::int64_t kChunk = 256;  // columns dequantized at once in the prefill regime (a multiple of 8)
 
-// Layout arithmetic of packed.h, from PackGeometry's data members only.
+// Layout arithmetic: packed.h's TileLayout (always inlined, so nothing here is shared
+// across ISAs), with BITS known at compile time.
 template <int BITS>
-constexpr std::int64_t kGroupCols = 32 / BITS;
-template <int BITS>
-inline std::int64_t padded_block(const PackGeometry& g) {
-  return (g.block_len + kGroupCols<BITS> - 1) / kGroupCols<BITS> * kGroupCols<BITS>;
-}
-template <int BITS>
-inline std::int64_t block_bytes(const PackGeometry& g) {
-  return NR * 5 + padded_block<BITS>(g) * NR * BITS / 8;
-}
+constexpr std::int64_t kGroupCols = TileLayout::kGroupCols<BITS>;
 
 template <class Ops>
 struct Block {
@@ -86,12 +79,13 @@ struct Block {
 
 template <class Ops, int BITS>
 inline Block<Ops> block_at(const PackGeometry& g, const std::uint8_t* tile, std::int64_t b) {
-  const std::uint8_t* p = tile + b * block_bytes<BITS>(g);
+  const std::uint8_t* p = tile + b * TileLayout::block_bytes<BITS>(g.block_len);
   Block<Ops> v;
-  const float* s = reinterpret_cast<const float*>(p);  // 16-byte aligned: blocks are multiples of 16 bytes
+  // 16-byte aligned: blocks are multiples of 16 bytes (packed.h)
+  const float* s = reinterpret_cast<const float*>(p + TileLayout::kScalesOffset);
   for (int j = 0; j < Ops::NV; ++j) v.scale[j] = Ops::load(s + j * (NR / Ops::NV));
-  v.zero = Ops::zeros(p + NR * 4);
-  v.codes = p + NR * 5;
+  v.zero = Ops::zeros(p + TileLayout::kZerosOffset);
+  v.codes = p + TileLayout::kCodesOffset;
   return v;
 }
 
@@ -149,7 +143,7 @@ void direct(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_b
   for (int m = 0; m < M; ++m)
     for (int i = 0; i < NT; ++i)
       for (int j = 0; j < NV; ++j) acc[m][i][j] = Ops::zero();
-  const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
+  const std::int64_t pb = TileLayout::padded_block<BITS>(g.block_len), nb = g.cols / g.block_len;
   for (std::int64_t b = 0; b < nb; ++b) {
     Block<Ops> v[NT];
     for (int i = 0; i < NT; ++i) v[i] = block_at<Ops, BITS>(g, tile + i * tile_bytes, b);
@@ -271,7 +265,7 @@ void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_by
     return 0;
   }();
   static_assert(MF < Ops::kReuseFrom, "the decode's tokens are a part of every prefill call's tokens");
-  const std::int64_t pb = padded_block<BITS>(g), nb = g.cols / g.block_len;
+  const std::int64_t pb = TileLayout::padded_block<BITS>(g.block_len), nb = g.cols / g.block_len;
   // The first MF tokens run with the decode; the rest in blocks of near-equal size:
   // ceil((ntok - MF) / MT) blocks, none larger than MT.
   const std::int64_t nblocks = (ntok - MF + MT - 1) / MT;
@@ -306,8 +300,9 @@ inline void tile_runs(std::int64_t ntiles, F&& f) {
 template <class Ops, int BITS>
 void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const float* x, std::int64_t ldx,
           std::int64_t ntok, float* y, std::int64_t ldy, float* scratch) {
+  static_assert(Ops::NV * sizeof(typename Ops::V) == NR * sizeof(float), "NV vectors hold a column of a tile's rows");
   constexpr int MD = Ops::kDirectTokens;
-  const std::int64_t tb = g.cols / g.block_len * block_bytes<BITS>(g);
+  const std::int64_t tb = g.cols / g.block_len * TileLayout::block_bytes<BITS>(g.block_len);
   if (ntok >= Ops::kReuseFrom) {
     tile_runs<Ops::kReuseTiles>(ntiles, [&](auto N, std::int64_t i) {
       reuse<Ops, BITS, N>(g, tile + i * tb, tb, x, ldx, ntok, y + i * NR, ldy, scratch);

@@ -66,15 +66,15 @@ template <class Ops, int BITS, int M>
   using I = typename Ops::I;
   using F = typename Ops::F;
   constexpr int NV = Ops::NV;
-  constexpr std::int64_t G = 32 / BITS;  // columns per group
-  const std::int64_t pb = (g.block_len + G - 1) / G * G, nb = g.cols / g.block_len;
-  const std::int64_t block_bytes = NR * 5 + pb * NR * BITS / 8, per_block = (pb + kActBlock - 1) / kActBlock;
+  const std::int64_t pb = TileLayout::padded_block<BITS>(g.block_len), nb = g.cols / g.block_len;
+  const std::int64_t block_bytes = TileLayout::block_bytes<BITS>(g.block_len);
+  const std::int64_t per_block = (pb + kActBlock - 1) / kActBlock;
   const std::int64_t full = pb / kActBlock;  // activation blocks of kActBlock columns per weight block
   const std::int8_t* xq = x.q + t0 * x.ldq;
   const float* xs = x.scale + t0 * x.lds;
   for (std::int64_t b = 0; b < nb; ++b) {
     const std::uint8_t* blk = tile + b * block_bytes;
-    const std::uint8_t* codes = blk + NR * 5;
+    const std::uint8_t* codes = blk + TileLayout::kCodesOffset;
     F bacc[M][NV];
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < NV; ++j) bacc[m][j] = Ops::fzero();
@@ -101,9 +101,9 @@ template <class Ops, int BITS, int M>
         for (int j = 0; j < NV; ++j) bacc[m][j] = Ops::scale_add(iacc[m][j], sx, bacc[m][j]);
       }
     }
-    const typename Ops::IZ zero = Ops::zeros(blk + NR * 4);
+    const typename Ops::IZ zero = Ops::zeros(blk + TileLayout::kZerosOffset);
     for (int j = 0; j < NV; ++j) {
-      const F ws = Ops::load(reinterpret_cast<const float*>(blk) + j * (NR / NV));
+      const F ws = Ops::load(reinterpret_cast<const float*>(blk + TileLayout::kScalesOffset) + j * (NR / NV));
       for (int m = 0; m < M; ++m) {
         float* ym = y + m * ldy + j * (NR / NV);
         const F prev = b == 0 ? Ops::fzero() : Ops::load(ym);
@@ -116,6 +116,7 @@ template <class Ops, int BITS, int M>
 template <class Ops, int BITS>
 void gemm(const PackGeometry& g, const std::uint8_t* tile, const QuantRows& x, std::int64_t ntok, float* y,
           std::int64_t ldy) {
+  static_assert(Ops::NV * sizeof(typename Ops::I) == NR * sizeof(std::int32_t), "NV vectors hold a tile's rows");
   constexpr int MT = Ops::kTokens;
   std::int64_t t = 0;
   for (; t + MT <= ntok; t += MT) direct<Ops, BITS, MT>(g, tile, x, t, y + t * ldy, ldy);
