@@ -194,26 +194,27 @@ void BM_Tile(benchmark::State& state) {
   for (std::int64_t t = 0; t < ntok; ++t)
     for (std::int64_t c = 0; c < g.cols; ++c) x[static_cast<std::size_t>(t * kp + c)] = nd(rng);
   std::vector<float> y(static_cast<std::size_t>(ntok * 32));
-  std::vector<float> scratch(static_cast<std::size_t>(kc.scratch_floats + qmoe::cpu::kBf16ScratchBytes / 4 + 16));
+  std::vector<float> scratch(static_cast<std::size_t>(kc.f32.scratch_floats + qmoe::cpu::kBf16ScratchBytes / 4 + 16));
   qmoe::cpu::QuantRowsBuffer qb;
   std::vector<std::uint16_t> xb;
   if (kind == kQd8) {
     qmoe::cpu::resize_for(qb, ntok, g);
-    kc.quantize_rows(x.data(), kp, 0, ntok, g, qb);
+    kc.qd8.quantize_rows(x.data(), kp, 0, ntok, g, qb);
   }
   if (kind == kBf16) {  // A-tile order (kernels.h): blocks of 16 rows, K steps of 16 x 32
     xb.assign(static_cast<std::size_t>((ntok + 15) / 16 * 16 * kb), 0);
     std::vector<std::uint16_t> row(static_cast<std::size_t>(kb), 0);
     for (std::int64_t t = 0; t < ntok; ++t) {
-      kc.to_bf16(x.data() + t * kp, row.data(), kp);
+      kc.bf16.to_bf16(x.data() + t * kp, row.data(), kp);
       for (std::int64_t s0 = 0; s0 < kb; s0 += 32)
         std::copy_n(row.data() + s0, 32, xb.data() + t / 16 * 16 * kb + s0 * 16 + t % 16 * 32);
     }
   }
   const qmoe::cpu::QuantRows qr = qb.view(g);
-  const auto f32 = bits == 4 ? kc.gemm_q4 : kc.gemm_q8;
-  const auto qd8 = bits == 4 ? kc.igemm_q4 : kc.igemm_q8;
-  const auto bf16 = bits == 4 ? kc.bgemm_q4 : kc.bgemm_q8;
+  const auto& f32 = kc.f32.gemm(bits);
+  const auto& qd8 = kc.qd8.gemm(bits);
+  const auto& bf16 = kc.bf16.gemm(bits);
+  const char* kernel = kind == kF32 ? f32.name : kind == kQd8 ? qd8.name : bf16.name;
   std::int64_t e = 0;
   const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
@@ -222,13 +223,13 @@ void BM_Tile(benchmark::State& state) {
       const std::uint8_t* tile = m.tile(e, t);
       switch (kind) {
         case kF32:
-          f32(g, tile, n, x.data(), kp, ntok, y.data(), 32, scratch.data());
+          f32.fn(g, tile, n, x.data(), kp, ntok, y.data(), 32, scratch.data());
           break;
         case kQd8:
-          for (std::int64_t j = 0; j < n; ++j) qd8(g, m.tile(e, t + j), qr, ntok, y.data() + 16 * j, 32);
+          for (std::int64_t j = 0; j < n; ++j) qd8.fn(g, m.tile(e, t + j), qr, ntok, y.data() + 16 * j, 32);
           break;
         case kBf16:
-          bf16(g, tile, n, xb.data(), kb, ntok, y.data(), 32, scratch.data());
+          bf16.fn(g, tile, n, xb.data(), kb, ntok, y.data(), 32, scratch.data());
           break;
       }
     }
@@ -246,8 +247,9 @@ void BM_Tile(benchmark::State& state) {
   state.counters["BW%"] = 100 * gbs / c.read_gbs;
   state.counters["peak%"] = 100 * gflops / c.peak_gflops;
   state.SetLabel(std::string(kc.name) + " " + kKindNames[kind] + " q" + std::to_string(bits) +
-                 " T=" + std::to_string(ntok) + " (ceilings 1 thread: " + std::to_string(c.read_gbs).substr(0, 5) +
-                 " GB/s, " + std::to_string(c.peak_gflops).substr(0, 6) + " GFLOP/s)");
+                 " T=" + std::to_string(ntok) + " " + kernel +
+                 " (ceilings 1 thread: " + std::to_string(c.read_gbs).substr(0, 5) + " GB/s, " +
+                 std::to_string(c.peak_gflops).substr(0, 6) + " GFLOP/s)");
 }
 
 // Registered at start-up for every table this CPU runs (names: BM_Tile/<table>/<kind>/q<bits>/T:<n>).
@@ -255,7 +257,7 @@ const bool kTilesRegistered = [] {
   const auto tables = qmoe::cpu::supported_kernel_configs();
   for (std::size_t i = 0; i < tables.size(); ++i)
     for (int kind : {kF32, kQd8, kBf16}) {
-      if (kind == kBf16 && !tables[i]->bgemm_q4) continue;
+      if (kind == kBf16 && !tables[i]->has_bf16()) continue;
       for (int bits : {4, 8})
         for (int t : {1, 4, 16, 64}) {
           const std::string name = std::string("BM_Tile/") + tables[i]->name + "/" + kKindNames[kind] + "/q" +

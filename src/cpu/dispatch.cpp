@@ -34,57 +34,33 @@ const char* isa_name(Isa isa) noexcept {
 
 namespace {
 
-constexpr std::int64_t kScratch = 256 * 32;  // one dequantized chunk: 256 columns x 32 rows (two tiles)
-
-// Each table binds kernels and scratch together (designated
-// initializers: a missing field is a compile-time warning, never a null call).
+// Each table binds one kernel set per arithmetic (kernels.h; designated initializers: a
+// missing field is a compile-time warning, never a null call).
 constexpr KernelConfig kAmx{.isa = Isa::amx,
                             .name = "amx",
-                            .gemm_q4 = gemm_f32_q4_4x16__avx512,
-                            .gemm_q8 = gemm_f32_q8_4x16__avx512,
-                            .scratch_floats = kScratch,
-                            .igemm_q4 = gemm_qd8_q4_12x16__avx512vnni,
-                            .igemm_q8 = gemm_qd8_q8_12x16__avx512vnni,
-                            .quantize_rows = quantize_rows__avx512,
+                            .f32 = kF32Avx512,
+                            .qd8 = {kQd8Avx512Vnni, quantize_rows__avx512},
                             .peak_fma = peak_f32_fma__avx512,
-                            .bgemm_q4 = gemm_bf16_q4_16x16__amx,
-                            .bgemm_q8 = gemm_bf16_q8_16x16__amx,
-                            .to_bf16 = convert_f32_bf16__avx512bf16};
+                            .bf16 = kBf16Amx};
 constexpr KernelConfig kAvx512Vnni{.isa = Isa::avx512vnni,
                                    .name = "avx512vnni",
-                                   .gemm_q4 = gemm_f32_q4_4x16__avx512,
-                                   .gemm_q8 = gemm_f32_q8_4x16__avx512,
-                                   .scratch_floats = kScratch,
-                                   .igemm_q4 = gemm_qd8_q4_12x16__avx512vnni,
-                                   .igemm_q8 = gemm_qd8_q8_12x16__avx512vnni,
-                                   .quantize_rows = quantize_rows__avx512,
+                                   .f32 = kF32Avx512,
+                                   .qd8 = {kQd8Avx512Vnni, quantize_rows__avx512},
                                    .peak_fma = peak_f32_fma__avx512};
 constexpr KernelConfig kAvx512{.isa = Isa::avx512,
                                .name = "avx512",
-                               .gemm_q4 = gemm_f32_q4_4x16__avx512,
-                               .gemm_q8 = gemm_f32_q8_4x16__avx512,
-                               .scratch_floats = kScratch,
-                               .igemm_q4 = gemm_qd8_q4_4x16__scalar,
-                               .igemm_q8 = gemm_qd8_q8_4x16__scalar,
-                               .quantize_rows = quantize_rows__avx512,
+                               .f32 = kF32Avx512,
+                               .qd8 = {kQd8Scalar, quantize_rows__avx512},
                                .peak_fma = peak_f32_fma__avx512};
 constexpr KernelConfig kAvx2{.isa = Isa::avx2,
                              .name = "avx2",
-                             .gemm_q4 = gemm_f32_q4_2x16__avx2,
-                             .gemm_q8 = gemm_f32_q8_2x16__avx2,
-                             .scratch_floats = kScratch,
-                             .igemm_q4 = gemm_qd8_q4_4x16__scalar,
-                             .igemm_q8 = gemm_qd8_q8_4x16__scalar,
-                             .quantize_rows = quantize_rows,
+                             .f32 = kF32Avx2,
+                             .qd8 = {kQd8Scalar, quantize_rows},
                              .peak_fma = peak_f32_fma__avx2};
 constexpr KernelConfig kScalar{.isa = Isa::scalar,
                                .name = "scalar",
-                               .gemm_q4 = gemm_f32_q4_2x16__vec128,
-                               .gemm_q8 = gemm_f32_q8_2x16__vec128,
-                               .scratch_floats = kScratch,
-                               .igemm_q4 = gemm_qd8_q4_4x16__scalar,
-                               .igemm_q8 = gemm_qd8_q8_4x16__scalar,
-                               .quantize_rows = quantize_rows,
+                               .f32 = kF32Vec128,
+                               .qd8 = {kQd8Scalar, quantize_rows},
                                .peak_fma = peak_f32_fma__vec128};
 
 // Tables in order of preference; the first the CPU supports wins.

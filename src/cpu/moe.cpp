@@ -42,7 +42,7 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
       kc_(kernels ? kernels : &kernel_config()),
       gated_(a.activation == Activation::swiglu),
       int8_(accuracy_level == 4),
-      bf16_(accuracy_level == 3 && kc_->bgemm_q4 != nullptr),
+      bf16_(accuracy_level == 3 && kc_->has_bf16()),
       profile_(profile),
       chunk_bytes_(chunk_bytes) {
   using detail::RawMatrix;
@@ -295,11 +295,10 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   // per expert, blocks of 16 rows (zero-padded) of K steps of 16 x 32 bf16, kp = K padded to
   // a multiple of 32 (zeros); expert e's blocks start at row boff[e]. FC1's come from the
   // gather below, FC2's straight from the FC1 epilogue (two buffers: FC1 still reads its
-  // inputs while epilogues write FC2's). Experts with fewer than kAmxMinTokens tokens take the
-  // float32 path: a mostly empty tile product costs more than it saves.
-  constexpr std::int64_t kAmxMinTokens = 16;
+  // inputs while epilogues write FC2's). Experts with fewer than the table's bf16.from tokens
+  // take the float32 path.
   const std::int64_t kp1 = (hp + 31) / 32 * 32, kp2 = (ip + 31) / 32 * 32;
-  auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kAmxMinTokens; };
+  auto use_bf16 = [&](int e) { return bf16_ && count[e] >= kc_->bf16.from; };
   std::vector<int> row_expert(static_cast<std::size_t>(nrows));
   for (int e : active) std::fill(row_expert.begin() + offset[e], row_expert.begin() + offset[e + 1], e);
   std::vector<std::int64_t> boff(static_cast<std::size_t>(e_count + 1), 0);
@@ -322,7 +321,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     alignas(64) std::uint16_t tmp[kSpan];
     for (std::int64_t c0 = 0; c0 < n; c0 += kSpan) {
       const std::int64_t len = std::min(kSpan, n - c0), steps = (len + 31) / 32;
-      kc_->to_bf16(src + c0, tmp, len);
+      kc_->bf16.to_bf16(src + c0, tmp, len);
       std::fill(tmp + len, tmp + steps * 32, std::uint16_t{0});
       for (std::int64_t s = 0; s < steps; ++s) std::memcpy(row + (c0 / 32 + s) * 512, tmp + s * 32, 64);
     }
@@ -359,17 +358,17 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       }
     });
   }
-  const bool q4 = attrs_.expert_weight_bits == 4;
-  const GemmTileFn gemm = q4 ? kc_->gemm_q4 : kc_->gemm_q8;
-  const GemmTileI8Fn igemm = q4 ? kc_->igemm_q4 : kc_->igemm_q8;
-  const GemmTileBf16Fn bgemm = q4 ? kc_->bgemm_q4 : kc_->bgemm_q8;
+  const int bits = attrs_.expert_weight_bits;
+  const GemmTileFn gemm = kc_->f32.gemm(bits).fn;
+  const GemmTileI8Fn igemm = kc_->qd8.gemm(bits).fn;
+  const GemmTileBf16Fn bgemm = kc_->bf16.gemm(bits).fn;
   // accuracy_level 4: activation rows quantized to int8 once per call, in parallel over rows.
   QuantRowsBuffer& qbuf = ws.qbuf;
   auto quantize_all = [&](const float* rows, std::int64_t ld, const PackGeometry& g) {
     resize_for(qbuf, nrows, g);
     const std::int64_t per = 16, items = (nrows + per - 1) / per;
     pool_->parallel_for(items, [&](std::int64_t i, int) {
-      kc_->quantize_rows(rows, ld, i * per, std::min(nrows, (i + 1) * per), g, qbuf);
+      kc_->qd8.quantize_rows(rows, ld, i * per, std::min(nrows, (i + 1) * per), g, qbuf);
     });
   };
   auto rows_of = [&](const QuantRows& q, std::int64_t first) {
@@ -382,7 +381,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   // kernel scratch, then the bf16 B tiles.
   constexpr std::int64_t kFc1Tiles = 4;
   const std::int64_t ybuf_floats = max_count * nr * kFc1Tiles;
-  const std::int64_t scratch_need = kc_->scratch_floats + ybuf_floats + bf16_scratch;
+  const std::int64_t scratch_need = kc_->f32.scratch_floats + ybuf_floats + bf16_scratch;
   auto thread_scratch = [&](int tid) -> float* { return grow(ws.scratch[tid], scratch_need); };
 
   clock.mark("route+plan+gather");
@@ -413,7 +412,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
     float* scr = thread_scratch(tid);
     if (use_bf16(e))
       bgemm(m.geometry(), m.tile(e, tile), n, xb + boff[e] * kp, kp, count[e], y, ldy,
-            scr + kc_->scratch_floats + ybuf_floats);
+            scr + kc_->f32.scratch_floats + ybuf_floats);
     else if (int8_)
       igemm(m.geometry(), m.tile(e, tile), rows_of(q, offset[e]), count[e], y, ldy);
     else
@@ -427,7 +426,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   const Fc1Epilogue epi{attrs_.activation, attrs_.activation_alpha, attrs_.activation_beta, attrs_.swiglu_limit};
   clock.mark("fc1-inputs");
   for_each_run(g1.tiles(), kFc1Tiles, [&](int e, std::int64_t tile, std::int64_t n, int tid) {
-    float* y = thread_scratch(tid) + kc_->scratch_floats;  // outputs of up to kFc1Tiles tiles
+    float* y = thread_scratch(tid) + kc_->f32.scratch_floats;  // outputs of up to kFc1Tiles tiles
     const std::int64_t ldy = kFc1Tiles * nr;
     run_kernel(fc1_, e, tile, n, xb1, kp1, q1, xg, hp, y, ldy, tid);
     // Epilogue per tile: bias + activation into the FC2 input rows (outs divides 32, so a
@@ -436,7 +435,7 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
       const std::int64_t outs = gated_ ? nr / 2 : nr, first = (tile + j) * outs;
       const Fc1Dst dst = use_bf16(e) ? Fc1Dst{.bf16 = blocked_row(xb2, kp2, e, 0) + first / 32 * 512 + first % 32,
                                               .ld = kp2,
-                                              .to_bf16 = kc_->to_bf16}
+                                              .to_bf16 = kc_->bf16.to_bf16}
                                      : Fc1Dst{.f32 = act + offset[e] * ip + first, .ld = ip};
       fc1_epilogue(epi, y + j * nr, ldy, count[e], &bias1_[e * pad1 + (tile + j) * nr], dst,
                    static_cast<int>(std::min<std::int64_t>(outs, in - first)));

@@ -27,13 +27,12 @@ namespace {
 std::vector<cpu::KernelConfig> amx_tables() {
   std::vector<cpu::KernelConfig> v;
   for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-    if (kc->bgemm_q4) v.push_back(*kc);
+    if (kc->has_bf16()) v.push_back(*kc);
     if (kc->isa == cpu::Isa::avx512vnni && amx_model_usable()) {
       cpu::KernelConfig m = *kc;
       m.name = "avx512vnni + AMX tile model";
-      m.bgemm_q4 = gemm_bf16_q4_model;
-      m.bgemm_q8 = gemm_bf16_q8_model;
-      m.to_bf16 = cpu::convert_f32_bf16__avx512bf16;  // AVX-512 BF16 only
+      m.bf16 = cpu::kBf16Amx;  // its threshold and its conversion (AVX-512 BF16 only), the model's tiles
+      m.bf16.gemm = {{gemm_bf16_q4_model, "gemm_bf16_q4_model"}, {gemm_bf16_q8_model, "gemm_bf16_q8_model"}};
       v.push_back(m);
     }
   }
@@ -90,7 +89,7 @@ TEST(Bf16Amx, Level3WithoutAmxIsFloat32) {
   const TensorView xv = view_f32(x.x.data(), {40, 64}), lv = view_f32(x.logits.data(), {40, 3});
   const auto ref = reference_forward(s.views(), a, xv, lv);
   for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-    if (kc->bgemm_q4) continue;
+    if (kc->has_bf16()) continue;
     const cpu::CpuMoe moe(s.views(), a, s.shape, 2, 3, cpu::CpuMoe::kDefaultChunkBytes, kc);
     std::vector<float> out(40 * 64);
     moe.forward(xv, lv, TensorView{}, output_f32(out.data(), {40, 64}), 40);

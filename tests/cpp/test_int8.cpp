@@ -84,7 +84,7 @@ TEST(Int8Activations, EveryQuantizerGivesTheSameBits) {
     cpu::quantize_rows(x.data(), ld, 0, rows, g, want);
     for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
       cpu::resize_for(got, rows, g);
-      kc->quantize_rows(x.data(), ld, 0, rows, g, got);
+      kc->qd8.quantize_rows(x.data(), ld, 0, rows, g, got);
       const std::string what = std::string(kc->name) + " bits=" + std::to_string(sh.bits) +
                                " cols=" + std::to_string(sh.cols) + " block=" + std::to_string(sh.block);
       EXPECT_EQ(want.q, got.q) << what;

@@ -8,8 +8,9 @@
 // A call covers a run of consecutive tiles of one expert (they lie back to
 // back in memory) and works on several of them at once, so that one loaded
 // activation serves 16 rows per tile. Two regimes, chosen by the number of
-// tokens routed to the expert:
-//  * few tokens (decode): each column is extracted in registers and used at
+// tokens routed to the expert: the reuse regime from ReuseFrom tokens on, the
+// table's F32Kernels::reuse_from, which the kernel files pass in (kernels.h):
+//  * few tokens (decode, "direct"): each column is extracted in registers and used at
 //    once for up to Ops::kDirectTokens tokens of Ops::kDirectTiles tiles; the
 //    row scale is applied once per block. Extraction is a shift, a mask and
 //    the float "magic number" trick ((code | 0x4B000000) as float is 2^23 +
@@ -19,7 +20,7 @@
 //    quantization), a shift and a lookup of code - zero in a 16-entry table.
 //    Columns accumulate round-robin into 2 partial sums per output (4 where a
 //    column is one vector and there is one token), so the FMA latency hides.
-//  * many tokens (prefill): a chunk of Ops::kReuseTiles tiles is dequantized
+//  * many tokens (prefill, "reuse"): a chunk of Ops::kReuseTiles tiles is dequantized
 //    once into scratch (scale * (code - zero), as float weights, the tiles'
 //    rows side by side per column) and reused for every token by a register
 //    block of those rows x up to Ops::kReuseTokens tokens, so decoding costs
@@ -29,8 +30,7 @@
 //    weight loads.
 //
 // Ops must provide (NV vectors V cover the 16 rows of one column): the block
-// sizes kDirectTokens, kDirectTiles, kReuseTokens, kReuseTiles and kReuseFrom
-// (the token count from which the prefill regime is used), optionally kDecodeTokens, and
+// sizes kDirectTokens, kDirectTiles, kReuseTokens, kReuseTiles, optionally kDecodeTokens, and
 //   V zero(); V splat(float); V load(const float*); void store(float*, V);
 //   V fma(V a, V b, V c) = a * b + c; V add(V, V); V mul(V, V);
 //   Z zeros(const uint8_t* z16)               -- a block's 16 zero points
@@ -256,15 +256,18 @@ void decode_chunk(const Block<Ops> (&v)[NT], std::int64_t c0, std::int64_t n, fl
 }
 
 // NT consecutive tiles, every token: each chunk of NT tiles is dequantized once to w.
+// Tokens of a prefill call that run inside its decode loop: Ops::kDecodeTokens where Ops has it.
+template <class Ops>
+constexpr int kDecodeTokensOf = [] {
+  if constexpr (requires { Ops::kDecodeTokens; }) return Ops::kDecodeTokens;
+  return 0;
+}();
+
 template <class Ops, int BITS, int NT>
 void reuse(const PackGeometry& g, const std::uint8_t* tile, std::int64_t tile_bytes, const float* x, std::int64_t ldx,
            std::int64_t ntok, float* y, std::int64_t ldy, float* w) {
   constexpr int MT = Ops::kReuseTokens;
-  constexpr int MF = [] {
-    if constexpr (requires { Ops::kDecodeTokens; }) return Ops::kDecodeTokens;
-    return 0;
-  }();
-  static_assert(MF < Ops::kReuseFrom, "the decode's tokens are a part of every prefill call's tokens");
+  constexpr int MF = kDecodeTokensOf<Ops>;
   const std::int64_t pb = TileLayout::padded_block<BITS>(g.block_len), nb = g.cols / g.block_len;
   // The first MF tokens run with the decode; the rest in blocks of near-equal size:
   // ceil((ntok - MF) / MT) blocks, none larger than MT.
@@ -297,13 +300,15 @@ inline void tile_runs(std::int64_t ntiles, F&& f) {
     if (i < ntiles) with_count<NMAX - 1>(ntiles - i, [&](auto N) { f(N, i); });
 }
 
-template <class Ops, int BITS>
+// The kernel: GemmTileFn (kernels.h), in the reuse regime from ReuseFrom tokens on.
+template <class Ops, int BITS, std::int64_t ReuseFrom>
 void gemm(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const float* x, std::int64_t ldx,
           std::int64_t ntok, float* y, std::int64_t ldy, float* scratch) {
+  static_assert(kDecodeTokensOf<Ops> < ReuseFrom, "the decode's tokens are a part of every prefill call's tokens");
   static_assert(Ops::NV * sizeof(typename Ops::V) == NR * sizeof(float), "NV vectors hold a column of a tile's rows");
   constexpr int MD = Ops::kDirectTokens;
   const std::int64_t tb = g.cols / g.block_len * TileLayout::block_bytes<BITS>(g.block_len);
-  if (ntok >= Ops::kReuseFrom) {
+  if (ntok >= ReuseFrom) {
     tile_runs<Ops::kReuseTiles>(ntiles, [&](auto N, std::int64_t i) {
       reuse<Ops, BITS, N>(g, tile + i * tb, tb, x, ldx, ntok, y + i * NR, ldy, scratch);
     });

@@ -6,7 +6,7 @@ namespace qmoe::cpu {
 
 void gemm_f32_q4_2x16__avx2(const PackGeometry& g, const std::uint8_t* tile, std::int64_t ntiles, const float* x,
                             std::int64_t ldx, std::int64_t ntok, float* y, std::int64_t ldy, float* scratch) {
-  driver::gemm<OpsAvx2, 4>(g, tile, ntiles, x, ldx, ntok, y, ldy, scratch);
+  driver::gemm<OpsAvx2, 4, kF32Avx2.reuse_from>(g, tile, ntiles, x, ldx, ntok, y, ldy, scratch);
 }
 
 }  // namespace qmoe::cpu

@@ -22,7 +22,6 @@ struct OpsAvx2 {
   static constexpr int kDirectTiles = 1;
   template <int BITS>
   static constexpr bool kLut = false;  // no table lookup: column() only
-  static constexpr int kReuseFrom = 4;
 
   static V zero() { return _mm256_setzero_ps(); }
   static V splat(float x) { return _mm256_set1_ps(x); }

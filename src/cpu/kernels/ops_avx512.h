@@ -64,7 +64,6 @@ struct OpsAvx512 {
                                            // two tiles' streams at once measured slower (T=1) than one
   static constexpr int kReuseTokens = 12;  // 12 tokens x 2 tiles = 24 accumulators + 2 weights, of 32 zmm:
   static constexpr int kReuseTiles = 2;    // 14 loads (2 weights, 12 broadcasts) per 24 FMAs
-  static constexpr int kReuseFrom = 32;    // direct keeps up with reuse to ~48 tokens (measured)
   static constexpr int kDecodeTokens = 6;  // tokens run inside the prefill decode loop (measured best of 4-8)
 
   // The prefill regime's inner loop (gemm_driver.h, chunk_tokens) for two tiles and M = 10..12

@@ -24,8 +24,7 @@ struct OpsVec128 {
   static constexpr int kReuseTiles = 1;    // no registers to spare for a second tile
   static constexpr int kDirectTiles = 1;
   template <int BITS>
-  static constexpr bool kLut = false;   // no table lookup: column() only
-  static constexpr int kReuseFrom = 4;  // dequantize-and-reuse from this many tokens on
+  static constexpr bool kLut = false;  // no table lookup: column() only
 
   static V zero() { return V{}; }
   static V splat(float x) { return V{x, x, x, x}; }
