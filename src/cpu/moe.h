@@ -1,7 +1,6 @@
 // Internal: the CPU backend of a Layer.
 #pragma once
 
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -9,6 +8,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/packed.h"
+#include "cpu/path.h"
 #include "cpu/thread_pool.h"
 #include "layer/backend.h"
 #include "qmoe/layer.h"
@@ -38,33 +38,25 @@ class CpuMoe final : public detail::LayerBackend {
   std::size_t packed_bytes() const override;
   int threads() const override { return pool_->size(); }
   const std::string& name() const override { return name_; }
-  const PackedMatrix& fc1() const { return fc1_; }
-  const PackedMatrix& fc2() const { return fc2_; }
+  const PackedMatrix& fc1() const { return layer_.fc1; }
+  const PackedMatrix& fc2() const { return layer_.fc2; }
 
  private:
-  // Per-call working memory, kept between calls: fresh multi-megabyte buffers
-  // every call cost page faults that dominated prefill (notably under gVisor).
-  // Concurrent calls each take their own Workspace from the free list.
-  struct Workspace;
-  struct WorkspaceDeleter {
-    void operator()(Workspace* w) const noexcept;
-  };
-  using WorkspacePtr = std::unique_ptr<Workspace, WorkspaceDeleter>;
+  // Concurrent calls each take their own Workspace (path.h) from the free list.
+  using WorkspacePtr = std::unique_ptr<Workspace>;
   WorkspacePtr acquire() const;
   void release(WorkspacePtr w) const;
+  // One chunk of tokens: plan -> gather -> FC1 -> FC2 (path_) -> combine.
   void run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
                  float* out) const;
 
   MoeAttributes attrs_;
   MoeShape shape_;
   const KernelConfig* kc_;
-  bool gated_;  // swiglu: FC1 tiles hold interleaved gate/up rows
-  bool int8_;   // accuracy_level 4
-  bool bf16_;   // accuracy_level 3 on a table with AMX-BF16 kernels
   bool profile_;
   std::int64_t chunk_bytes_;
-  PackedMatrix fc1_, fc2_;
-  std::vector<float> bias1_, bias2_;  // per expert, in packed row order, padded to whole tiles
+  PackedLayer layer_;
+  std::unique_ptr<ExpertPath> path_;  // the arithmetic of accuracy_level on this table
   std::unique_ptr<ThreadPool> pool_;
   std::string name_;
   mutable std::mutex ws_mutex_;
