@@ -107,8 +107,8 @@ class ExpertPath {
   virtual std::int64_t path_scratch_floats() const { return 0; }
   /// Gathers the chunk's rows from x (the chunk's inputs, [T, H]): each plan row's FC1 input,
   /// zero-padded to the packed width (kernels read whole code groups), and zeroes the
-  /// padding columns of its FC2 input.
-  virtual void gather(Chunk& c, const float* x) const = 0;
+  /// padding columns of its FC2 input. The default: every row in float32 (gather_f32_row).
+  virtual void gather(Chunk& c, const float* x) const;
   /// FC1's inputs in the form its kernels read (int8: quantized), after the gather.
   virtual void fc1_inputs(Chunk&) const {}
   /// FC1 + bias + activation: FC2's inputs.
@@ -144,6 +144,10 @@ inline void gather_f32_row(const Chunk& c, const float* x, std::int64_t r) {
   std::memcpy(c.xg + r * hp, x + c.plan.row_token[r] * h, static_cast<std::size_t>(h) * 4);
   std::fill(c.xg + r * hp + h, c.xg + (r + 1) * hp, 0.f);
   std::fill(c.act + r * ip + in, c.act + (r + 1) * ip, 0.f);
+}
+
+inline void ExpertPath::gather(Chunk& c, const float* x) const {
+  for_each_row(c, [&](std::int64_t r) { gather_f32_row(c, x, r); });
 }
 
 /// Calls fn(e, tile, n, tid) for every kernel call of the tiles [0, tiles) of every active

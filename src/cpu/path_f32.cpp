@@ -12,10 +12,6 @@ class F32Path final : public ExpertPath {
 
   const char* label() const override { return ""; }
 
-  void gather(Chunk& c, const float* x) const override {
-    for_each_row(c, [&](std::int64_t r) { gather_f32_row(c, x, r); });
-  }
-
   // FC1 calls take up to kFc1Tiles tiles: FC2's inputs are act[row][0..I).
   void fc1(Chunk& c) const override {
     const PackedMatrix& m = c.layer.fc1;

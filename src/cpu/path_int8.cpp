@@ -18,10 +18,6 @@ class Int8Path final : public ExpertPath {
 
   const char* label() const override { return " int8-activations"; }
 
-  void gather(Chunk& c, const float* x) const override {
-    for_each_row(c, [&](std::int64_t r) { gather_f32_row(c, x, r); });
-  }
-
   void fc1_inputs(Chunk& c) const override { quantize(c, c.xg, c.hp, c.layer.fc1.geometry()); }
 
   void fc1(Chunk& c) const override {
