@@ -23,4 +23,8 @@ void gemm_bf16_q8_model(const cpu::PackGeometry& g, const std::uint8_t* tile, st
 /// True when this CPU runs the model kernels: AVX-512 VNNI and BF16.
 bool amx_model_usable();
 
+/// The avx512vnni table with the model kernels as its bf16 set (and the amx table's threshold
+/// and conversion), named avx512vnni_amx_model; null where !amx_model_usable().
+const cpu::KernelConfig* amx_model_table();
+
 }  // namespace qmoe::test

@@ -1,10 +1,15 @@
 // Shared helpers for the C++ tests.
 #pragma once
 
+#include <gtest/gtest.h>
+
+#include <cctype>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "cpu/kernels.h"
 #include "cpu/moe.h"
 #include "qmoe/qmoe.h"
 #include "synth.h"
@@ -103,5 +108,18 @@ struct Problem {
     return out;
   }
 };
+
+/// Suites parameterized by kernel table: one instance per table this CPU runs, named by the
+/// table (e.g. .../avx512vnni), so a failure names it and --gtest_filter='*/avx2' picks one.
+class PerTable : public ::testing::TestWithParam<const cpu::KernelConfig*> {};
+inline std::string table_name(const ::testing::TestParamInfo<const cpu::KernelConfig*>& p) {
+  std::string n = p.param->name;
+  for (char& ch : n)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return n;
+}
+#define QMOE_PER_TABLE_SUITE(Suite) \
+  class Suite : public PerTable {}; \
+  INSTANTIATE_TEST_SUITE_P(Tables, Suite, ::testing::ValuesIn(cpu::supported_kernel_configs()), table_name)
 
 }  // namespace qmoe::test

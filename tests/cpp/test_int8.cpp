@@ -1,6 +1,6 @@
-// accuracy_level 4 (int8 activations): error bound against the float64
-// reference on every kernel table, and the same bits from every table (the
-// integer dot products are exact and the float steps are the same fused
+// accuracy_level 4 (int8 activations), on each kernel table this CPU runs (one test
+// instance per table): error bound against the float64 reference, and the bits of the
+// portable table (the integer dot products are exact and the float steps are the same fused
 // operations, so the VNNI kernels must agree with the plain C++ ones exactly).
 #include <gtest/gtest.h>
 
@@ -16,29 +16,28 @@
 namespace qmoe::test {
 namespace {
 
-// Relative L2 error of one case (the same on every table); the caller bounds the mean too.
-double check(const Case& c) {
+// Relative L2 error of one case on table kc (the same on every table), whose output must have
+// the portable table's bits; the caller bounds the mean too.
+double check(const cpu::KernelConfig* kc, const Case& c) {
   const Problem p(c, 21);
-  std::vector<float> first;
-  double worst = 0;
-  for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-    const std::vector<float> out = p.cpu_output(kc, 2, 4);
-    const double err = rel_l2(out, p.ref);
-    // A single small case (one token, k = 1, H = 256) scatters around the mean:
-    // bound each case at 1.5e-2 and the mean over cases at 1e-2.
-    EXPECT_LE(err, 1.5e-2) << kc->name << " bits=" << c.bits << " block=" << c.block << " T=" << c.t;
-    worst = err;
-    EXPECT_GT(err, 0.0) << "int8 activations cannot be exact";
-    if (first.empty())
-      first = out;
-    else
-      EXPECT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
-          << kc->name << " differs from " << cpu::supported_kernel_configs()[0]->name;
+  const std::vector<float> out = p.cpu_output(kc, 2, 4);
+  const double err = rel_l2(out, p.ref);
+  // A single small case (one token, k = 1, H = 256) scatters around the mean:
+  // bound each case at 1.5e-2 and the mean over cases at 1e-2.
+  EXPECT_LE(err, 1.5e-2) << "bits=" << c.bits << " block=" << c.block << " T=" << c.t;
+  EXPECT_GT(err, 0.0) << "int8 activations cannot be exact";
+  const cpu::KernelConfig* portable = &cpu::kernel_config_named("scalar");
+  if (kc != portable) {
+    const std::vector<float> want = p.cpu_output(portable, 2, 4);
+    EXPECT_EQ(std::memcmp(want.data(), out.data(), out.size() * 4), 0)
+        << "differs from the scalar table: bits=" << c.bits << " block=" << c.block << " T=" << c.t;
   }
-  return worst;
+  return err;
 }
 
-TEST(Int8Activations, ErrorBoundAndSameBitsOnEveryTable) {
+QMOE_PER_TABLE_SUITE(Int8Activations);
+
+TEST_P(Int8Activations, ErrorBoundAndThePortableBits) {
   int n = 0;
   double sum = 0;
   for (int bits : {4, 8})
@@ -46,21 +45,23 @@ TEST(Int8Activations, ErrorBoundAndSameBitsOnEveryTable) {
       for (bool sym : {true, false}) {
         const Activation act = n % 3 == 0 ? Activation::swiglu : n % 3 == 1 ? Activation::gelu : Activation::relu;
         const std::int64_t t = std::int64_t{1} + (n * 7) % 23;
-        sum += check({bits, block, sym, act, act == Activation::swiglu ? 1 + n % 2 : 0, 1 + n % 4, 256, 128, 6, t});
+        sum += check(GetParam(),
+                     {bits, block, sym, act, act == Activation::swiglu ? 1 + n % 2 : 0, 1 + n % 4, 256, 128, 6, t});
         ++n;
       }
   EXPECT_LE(sum / n, 1e-2);
 }
 
-TEST(Int8Activations, RowwisePaddingAndManyTokens) {
-  check({4, 0, false, Activation::silu, 0, 2, 40, 24, 3, 37});   // K = 40, 24: groups of 8, partial act blocks
-  check({8, 0, true, Activation::swiglu, 0, 3, 36, 20, 4, 50});  // fc3 path, 8-bit groups of 4
+TEST_P(Int8Activations, RowwisePaddingAndManyTokens) {
+  check(GetParam(),
+        {4, 0, false, Activation::silu, 0, 2, 40, 24, 3, 37});  // K = 40, 24: groups of 8, partial act blocks
+  check(GetParam(), {8, 0, true, Activation::swiglu, 0, 3, 36, 20, 4, 50});  // fc3 path, 8-bit groups of 4
 }
 
-// Every table's activation quantizer gives the portable one's bits: codes, scales and
+// The table's activation quantizer gives the portable one's bits: codes, scales and
 // zsums, for whole and short activation blocks, 16 blocks at a time and one by one,
 // with blocks holding inf, NaN, only zeros, or a denormal maximum.
-TEST(Int8Activations, EveryQuantizerGivesTheSameBits) {
+TEST_P(Int8Activations, QuantizerGivesThePortableBits) {
   struct Shape {
     int bits;
     std::int64_t cols, block;
@@ -82,23 +83,21 @@ TEST(Int8Activations, EveryQuantizerGivesTheSameBits) {
     cpu::QuantRowsBuffer want, got;
     cpu::resize_for(want, rows, g);
     cpu::quantize_rows(x.data(), ld, 0, rows, g, want);
-    for (const cpu::KernelConfig* kc : cpu::supported_kernel_configs()) {
-      cpu::resize_for(got, rows, g);
-      kc->qd8.quantize_rows(x.data(), ld, 0, rows, g, got);
-      const std::string what = std::string(kc->name) + " bits=" + std::to_string(sh.bits) +
-                               " cols=" + std::to_string(sh.cols) + " block=" + std::to_string(sh.block);
-      EXPECT_EQ(want.q, got.q) << what;
-      EXPECT_EQ(std::memcmp(want.scale.data(), got.scale.data(), want.scale.size() * 4), 0) << what;
-      EXPECT_EQ(std::memcmp(want.zsum.data(), got.zsum.data(), want.zsum.size() * 4), 0) << what;
-    }
+    cpu::resize_for(got, rows, g);
+    GetParam()->qd8.quantize_rows(x.data(), ld, 0, rows, g, got);
+    const std::string what =
+        "bits=" + std::to_string(sh.bits) + " cols=" + std::to_string(sh.cols) + " block=" + std::to_string(sh.block);
+    EXPECT_EQ(want.q, got.q) << what;
+    EXPECT_EQ(std::memcmp(want.scale.data(), got.scale.data(), want.scale.size() * 4), 0) << what;
+    EXPECT_EQ(std::memcmp(want.zsum.data(), got.zsum.data(), want.zsum.size() * 4), 0) << what;
   }
 }
 
-TEST(Int8Activations, NonFiniteInputPropagates) {
+TEST_P(Int8Activations, NonFiniteInputPropagates) {
   MoeAttributes a;
   a.k = 2;
   const auto s = tools::synth_layer(3, 64, 32, a);
-  const cpu::CpuMoe moe(s.views(), a, s.shape, 1, 4);
+  const cpu::CpuMoe moe(s.views(), a, s.shape, 1, 4, cpu::CpuMoe::kDefaultChunkBytes, GetParam());
   auto x = random_inputs(2, 64, 3, 5);
   x.x[10] = INFINITY;
   std::vector<float> out(128);
