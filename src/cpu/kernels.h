@@ -122,6 +122,8 @@ QMOE_GEMM_TILE_FN(gemm_f32_q8_4x16__avx512);
   void name(const PackGeometry&, const std::uint8_t*, const QuantRows&, std::int64_t, float*, std::int64_t)
 QMOE_IGEMM_TILE_FN(gemm_qd8_q4_4x16__scalar);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q8_4x16__scalar);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q4_2x16__avx2);
+QMOE_IGEMM_TILE_FN(gemm_qd8_q8_2x16__avx2);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q4_12x16__avx512vnni);
 QMOE_IGEMM_TILE_FN(gemm_qd8_q8_12x16__avx512vnni);
 #undef QMOE_IGEMM_TILE_FN
@@ -155,6 +157,8 @@ inline constexpr F32Kernels kF32Vec128{
     .scratch_floats = kF32Scratch};
 inline constexpr PerBits<GemmTileI8Fn> kQd8Avx512Vnni{QMOE_TILE_KERNEL(gemm_qd8_q4_12x16__avx512vnni),
                                                       QMOE_TILE_KERNEL(gemm_qd8_q8_12x16__avx512vnni)};
+inline constexpr PerBits<GemmTileI8Fn> kQd8Avx2{QMOE_TILE_KERNEL(gemm_qd8_q4_2x16__avx2),
+                                                QMOE_TILE_KERNEL(gemm_qd8_q8_2x16__avx2)};
 inline constexpr PerBits<GemmTileI8Fn> kQd8Scalar{QMOE_TILE_KERNEL(gemm_qd8_q4_4x16__scalar),
                                                   QMOE_TILE_KERNEL(gemm_qd8_q8_4x16__scalar)};
 inline constexpr Bf16Kernels kBf16Amx{
