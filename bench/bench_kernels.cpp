@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_inputs.h"
 #include "cpu/kernels.h"
 #include "cpu/moe.h"
 #include "cpu/quant_act.h"
@@ -98,16 +99,8 @@ Inputs make_inputs(std::int64_t t) {
     std::vector<float> x(static_cast<std::size_t>(t * kHidden)), l(static_cast<std::size_t>(t * kExperts));
     qmoe::tools::fill_normal(x, rng, 1.0f);
     qmoe::tools::fill_normal(l, rng, 1.5f);
-    std::vector<char> used(kExperts, 0);
-    std::vector<int> idx(kExperts);
-    for (std::int64_t r = 0; r < t; ++r) {
-      const float* lr = &l[static_cast<std::size_t>(r * kExperts)];
-      std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + kTopK, idx.end(),
-                        [&](int a, int b) { return lr[a] > lr[b] || (lr[a] == lr[b] && a < b); });
-      for (int j = 0; j < kTopK; ++j) used[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = 1;
-    }
-    in.touched.push_back(std::count(used.begin(), used.end(), 1));
+    std::vector<char> used;
+    in.touched.push_back(qmoe::cli::route_mask(l, t, kExperts, kTopK, used));
     in.x.push_back(std::move(x));
     in.logits.push_back(std::move(l));
   }

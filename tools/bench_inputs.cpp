@@ -12,22 +12,6 @@ namespace qmoe::cli {
 
 namespace {
 
-// Marks the experts in the top-k of each token's logits (ties: lower index);
-// returns how many distinct experts that is.
-std::int64_t route_mask(const std::vector<float>& logits, std::int64_t t, std::int64_t e, int k,
-                        std::vector<char>& used) {
-  used.assign(static_cast<std::size_t>(e), 0);
-  std::vector<int> idx(static_cast<std::size_t>(e));
-  for (std::int64_t i = 0; i < t; ++i) {
-    const float* l = &logits[static_cast<std::size_t>(i * e)];
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                      [&](int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
-    for (int j = 0; j < k; ++j) used[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = 1;
-  }
-  return std::count(used.begin(), used.end(), 1);
-}
-
 std::int64_t overlap(const std::vector<char>& a, const std::vector<char>& b) {
   std::int64_t n = 0;
   for (std::size_t i = 0; i < a.size(); ++i) n += a[i] & b[i];
@@ -42,6 +26,20 @@ void fill_nonzero(std::vector<float>& v, std::mt19937_64& rng, float stddev) {
 }
 
 }  // namespace
+
+std::int64_t route_mask(const std::vector<float>& logits, std::int64_t t, std::int64_t e, int k,
+                        std::vector<char>& used) {
+  used.assign(static_cast<std::size_t>(e), 0);
+  std::vector<int> idx(static_cast<std::size_t>(e));
+  for (std::int64_t i = 0; i < t; ++i) {
+    const float* l = &logits[static_cast<std::size_t>(i * e)];
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    for (int j = 0; j < k; ++j) used[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = 1;
+  }
+  return std::count(used.begin(), used.end(), 1);
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());

@@ -25,6 +25,12 @@ struct Sample {
   std::int64_t ref_offset = 0;                             // first row of this T in the reference batch
 };
 
+/// Marks in `used` the experts in the top-k of each of the t rows of `logits`
+/// ([t, e]; ties: the lower index, as the contract's routing); returns how many
+/// distinct experts that is.
+std::int64_t route_mask(const std::vector<float>& logits, std::int64_t t, std::int64_t e, int k,
+                        std::vector<char>& used);
+
 /// The median of v (the mean of the two middle values for an even count).
 double median(std::vector<double> v);
 
