@@ -11,7 +11,7 @@ namespace qmoe::cuda {
 
 namespace {
 
-constexpr double kAny = std::numeric_limits<double>::infinity();
+constexpr double kAny = std::numeric_limits<double>::infinity();  // the last rows serve any count
 
 void launch_wgmma(const GemmProblem& p, DType dtype, int, std::int64_t tile_capacity, cudaStream_t stream) {
   launch_gemm_wgmma(p, dtype, tile_capacity, stream);
@@ -44,9 +44,9 @@ double wgmma_threshold(CudaGemm gemm, int cc) {
   const bool have = cc >= kWgmma.min_cc && cc == kWgmma.exactly_cc && wgmma_available(cc);
   switch (gemm) {
     case CudaGemm::automatic:
-      return have ? kWgmma.min_avg_tokens : kAny;
+      return have ? kWgmma.min_avg_tokens : kNoWgmma;
     case CudaGemm::mma:
-      return kAny;
+      return kNoWgmma;
     case CudaGemm::wgmma:
       detail::require(have,
                       "cuda_gemm (QMOE_CUDA_GEMM): \"wgmma\" needs an sm_90a build on a compute capability 9.0 "

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "cuda/gemm.h"
 #include "qmoe/layer.h"
@@ -32,6 +33,9 @@ struct GemmVariant {
   int blocks_per_sm;
   GemmLaunchFn launch;
 };
+
+/// wgmma_threshold()'s "never": no token count reaches it.
+inline constexpr double kNoWgmma = std::numeric_limits<double>::infinity();
 
 /// The GEMM choice a Layer makes once at creation, from LayerOptions::cuda_gemm
 /// and the device: the average tokens per expert from which the wgmma row runs

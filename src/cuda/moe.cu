@@ -3,7 +3,6 @@
 // route -> plan -> FC1 (+bias, activation) -> FC2 (K-split partials) ->
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
 #include <algorithm>
-#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -31,8 +30,6 @@ bool on_device(const void* p, int device) {
   return (at.type == cudaMemoryTypeDevice || at.type == cudaMemoryTypeManaged) && at.device == device;
 }
 
-constexpr double kNever = std::numeric_limits<double>::infinity();
-
 }  // namespace
 
 // Programmatic dependent launches (LayerOptions::cuda_pdl, compute capability
@@ -48,7 +45,7 @@ struct CudaMoe::State {
   int sms = 132;
   // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
   // runs instead of mma.sync; infinity when it is unavailable or turned off.
-  double wgmma_from = kNever;
+  double wgmma_from = kNoWgmma;
   bool pdl = false;        // programmatic dependent launches (pick_pdl)
   std::int64_t chunk = 0;  // tokens per pass
   PackedLayer w;
@@ -95,7 +92,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.arena = acquire_arena(o.device, st.ws_bytes);
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
-            std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNever ? " mma.sync+wgmma" : " mma.sync");
+            std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNoWgmma ? " mma.sync+wgmma" : " mma.sync");
 }
 
 CudaMoe::~CudaMoe() = default;
