@@ -10,11 +10,15 @@
 #   * bench/gpu_vs_torch.py (qmoe vs a bf16 grouped GEMM; this tree's script)
 #     alternating the base and head packages.
 #   git archive OLD -- . ':!docs/*.png' | gzip > .base.tgz   # here, then carry .base.tgz
-#   scripts/device_refactor.sh .base.tgz [--no-bench]
+#   scripts/device_refactor.sh .base.tgz [STAGE...]
+# STAGE: hashes, cpubench, gpubench (default: all three). The builds persist on
+# a warm machine, so the stages can be split over several calls.
+# Needs the nlohmann headers carried in .deps.
 set -uo pipefail
-base_tgz="${1:?usage: scripts/device_refactor.sh BASE.tgz [--no-bench]}"
-bench=1
-[ "${2:-}" = "--no-bench" ] && bench=0
+base_tgz="${1:?usage: scripts/device_refactor.sh BASE.tgz [hashes] [cpubench] [gpubench]}"
+shift
+stages="${*:-hashes cpubench gpubench}"
+has_stage() { case " $stages " in *" $1 "*) return 0 ;; esac; return 1; }
 OUT="${OUT:-$PWD/out/device}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/refactor_log.txt") 2>&1
@@ -24,7 +28,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 if command -v g++-13 >/dev/null; then export CC=gcc-13 CXX=g++-13 CUDAHOSTCXX=g++-13; fi
 head_dir="$PWD"
 base_dir=/tmp/qmoe_base
-rm -rf "$base_dir" && mkdir -p "$base_dir" && tar -xzf "$base_tgz" -C "$base_dir" || exit 1
+if [ ! -f "$base_dir/CMakeLists.txt" ]; then
+  mkdir -p "$base_dir" && tar -xzf "$base_tgz" -C "$base_dir" || exit 1
+fi
 cp tools/output_hashes.cpp "$base_dir/tools/"
 grep -q qmoe_output_hashes "$base_dir/CMakeLists.txt" || cat >>"$base_dir/CMakeLists.txt" <<'EOF'
 add_executable(qmoe_output_hashes tools/output_hashes.cpp)
@@ -34,14 +40,17 @@ EOF
 build() {  # build DIR SRC
   local t0; t0=$(date +%s)
   cmake -S "$2" -B "$1" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=OFF \
-    -DQMOE_BUILD_PYTHON=ON -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=ON >/dev/null || return 1
-  timeout 900 ninja -C "$1" -j "$(nproc)" qmoe_output_hashes qmoe_cli _core >"$OUT/build_$(basename "$1").txt" 2>&1 ||
+    -DQMOE_BUILD_PYTHON=ON -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=ON \
+    -Dnlohmann_json_DIR="$head_dir/.deps/share/cmake/nlohmann_json" >/dev/null || return 1
+  timeout 480 ninja -C "$1" -j "$(( $(nproc) / 2 ))" qmoe_output_hashes qmoe_cli _core >"$OUT/build_$(basename "$1").txt" 2>&1 ||
     { tail -30 "$OUT/build_$(basename "$1").txt"; return 1; }
   echo "built $1 in $(( $(date +%s) - t0 )) s"
 }
-echo "== build"
-build /tmp/build-base "$base_dir" || exit 1
-build "$head_dir/build-head" "$head_dir" || exit 1
+echo "== build (base and head side by side)"
+build /tmp/build-base "$base_dir" & base_pid=$!
+build "$head_dir/build-head" "$head_dir" & head_pid=$!
+wait $base_pid || exit 1
+wait $head_pid || exit 1
 
 echo "== output hashes (base vs head)"
 run_hashes() {  # run_hashes TAG ARGS... (env set by the caller)
@@ -54,12 +63,14 @@ run_hashes() {  # run_hashes TAG ARGS... (env set by the caller)
   if cmp -s "$OUT/hash_base_$tag.txt" "$OUT/hash_head_$tag.txt"; then echo "$tag: IDENTICAL"; else
     echo "$tag: DIFFERENT"; diff "$OUT/hash_base_$tag.txt" "$OUT/hash_head_$tag.txt" | head -20; fi
 }
-tag=cuda run_hashes cuda
-for isa in amx avx512vnni avx512 avx2 scalar; do
-  QMOE_CPU_ISA=$isa tag=cpu_$isa run_hashes cpu
-done
+if has_stage hashes; then
+  tag=cuda run_hashes cuda
+  for isa in amx avx512vnni avx512 avx2 scalar; do
+    QMOE_CPU_ISA=$isa tag=cpu_$isa run_hashes cpu
+  done
+fi
 
-[ "$bench" = 1 ] || exit 0
+if has_stage cpubench; then
 echo "== qmoe bench, CPU, 16 threads (base, head, base, head)"
 for round in 1 2; do
   for side in base head; do
@@ -73,6 +84,9 @@ for round in 1 2; do
     done
   done
 done
+fi
+
+if has_stage gpubench; then
 echo "== bench/gpu_vs_torch.py (base package, head package, base, head)"
 export PYTHONUNBUFFERED=1
 for round in 1 2; do
@@ -86,3 +100,4 @@ for round in 1 2; do
     echo "rc=$?"; tail -16 "$OUT/gpu_${side}_r$round.txt"
   done
 done
+fi
