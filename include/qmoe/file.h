@@ -89,6 +89,24 @@ class File {
   /// building adds about the packed bytes to the process's memory.
   Layer load(std::string_view layer, const LayerOptions& options = {}) const;
 
+  /// Which part of a stored layer File::load builds: the experts
+  /// [first_expert, end_expert) (expert i of the built Layer is stored expert
+  /// first_expert + i), and the built Layer's routing attributes, which are
+  /// not part of the stored tensors. The defaults build the whole layer as stored.
+  struct Part {
+    std::int64_t first_expert = 0;
+    std::int64_t end_expert = -1;        ///< one past the last; -1: the stored expert count
+    int k = 0;                           ///< the built Layer's k; 0: the stored k
+    int normalize_routing_weights = -1;  ///< the built Layer's; -1: the stored value
+  };
+  /// Builds a Layer of part of a stored layer (e.g. one rank's experts for
+  /// expert parallelism). Only the part's bytes are read (every stored tensor
+  /// is [E, ...] with the experts contiguous, so each is sliced along its first
+  /// dimension without a copy) and dropped as they are packed. Throws
+  /// qmoe::Error naming the file, the layer and the range against the stored
+  /// expert count for a range that is empty or outside it.
+  Layer load(std::string_view layer, const LayerOptions& options, const Part& part) const;
+
   struct Impl;
 
  private:

@@ -351,30 +351,52 @@ ExpertWeights File::weights(std::string_view name) const {
   return w;
 }
 
-Layer File::load(std::string_view name, const LayerOptions& options) const {
+Layer File::load(std::string_view name, const LayerOptions& options) const { return load(name, options, Part{}); }
+
+Layer File::load(std::string_view name, const LayerOptions& options, const Part& part) const {
   const FileLayer& L = layer(name);
+  const std::int64_t experts = L.shape.num_experts;
+  const std::int64_t first = part.first_expert, end = part.end_expert == -1 ? experts : part.end_expert;
+  require(0 <= first && first < end && end <= experts, impl_->path, ": layer \"", L.name, "\": experts [", first, ", ",
+          end, ") is not a non-empty range within the layer's ", experts, " experts [0, ", experts, ")");
+  MoeAttributes attrs = L.attributes;
+  if (part.k != 0) attrs.k = part.k;
+  if (part.normalize_routing_weights != -1) attrs.normalize_routing_weights = part.normalize_routing_weights;
+  // Every stored tensor is [E, ...] (validated at open), so experts [first, end)
+  // are one byte range of it.
+  struct Slice {
+    std::uint64_t offset, nbytes;
+  };
+  std::vector<Slice> slices;
   ExpertWeights w;
   std::vector<std::vector<std::uint8_t>> copies;
   for (const FileTensor& t : L.tensors) {
     TensorView* slot = io::weight_slot(w, std::string_view(t.name).substr(L.name.size() + 1));
-    *slot = TensorView(impl_->map.data() + t.offset, t.dtype, t.shape);
+    const std::uint64_t per_expert = t.nbytes / static_cast<std::uint64_t>(experts);
+    const Slice s{t.offset + per_expert * static_cast<std::uint64_t>(first),
+                  per_expert * static_cast<std::uint64_t>(end - first)};
+    Shape shape = t.shape;
+    shape[0] = end - first;
+    slices.push_back(s);
+    *slot = TensorView(impl_->map.data() + s.offset, t.dtype, shape);
     if (misaligned(*slot)) {
       // 8-byte aligned storage, tiny next to the weights (scales, biases).
-      copies.emplace_back(t.nbytes + 8);
+      copies.emplace_back(s.nbytes + 8);
       auto* p = copies.back().data();
       p += (8 - reinterpret_cast<std::uintptr_t>(p) % 8) % 8;
-      std::memcpy(p, slot->data, t.nbytes);
+      std::memcpy(p, slot->data, s.nbytes);
       slot->data = p;
     }
   }
   const io::Mapping& map = impl_->map;
   const detail::LayerBuilder::Release release = [&map](const void* p, std::size_t n) { map.release(p, n); };
   try {
-    Layer layer = detail::LayerBuilder::build(w, L.attributes, options, &release);
-    for (const FileTensor& t : L.tensors) map.release(map.data() + t.offset, t.nbytes);
+    Layer layer = detail::LayerBuilder::build(w, attrs, options, &release);
+    for (const Slice& s : slices) map.release(map.data() + s.offset, s.nbytes);
     return layer;
   } catch (const Error& e) {
-    fail(impl_->path, ": layer \"", L.name, "\": ", e.what());
+    if (first == 0 && end == experts) fail(impl_->path, ": layer \"", L.name, "\": ", e.what());
+    fail(impl_->path, ": layer \"", L.name, "\" experts [", first, ", ", end, "): ", e.what());
   }
 }
 

@@ -196,6 +196,92 @@ TEST(File, AnotherLayerAccuracyLevelAndUnalignedForeignScales) {
   }
 }
 
+// Experts [first, end) of every tensor of `w` (each is [E, ...], experts contiguous).
+ExpertWeights slice_experts(const ExpertWeights& w, std::int64_t first, std::int64_t end) {
+  ExpertWeights out = w;
+  for_each_tensor(out, [&](const char*, TensorView& v) {
+    if (!v.present()) return;
+    const std::size_t per = v.nbytes() / static_cast<std::size_t>(v.shape[0]);
+    v.data = static_cast<const std::uint8_t*>(v.data) + per * static_cast<std::size_t>(first);
+    v.shape[0] = end - first;
+  });
+  return out;
+}
+
+TEST(File, LoadsARangeOfExpertsWithOtherRouting) {
+  const std::int64_t e = 6, h = 64, in = 32, t = 11;
+  struct Case {
+    Activation act;
+    int block;
+    bool symmetric;
+  };
+  for (const Case c :
+       {Case{Activation::swiglu, 16, false}, Case{Activation::relu, 0, false}, Case{Activation::silu, 32, true}}) {
+    MoeAttributes a;
+    a.k = 3;
+    a.activation = c.act;
+    a.block_size = c.block;
+    if (c.act == Activation::swiglu) a.swiglu_fusion = 1, a.activation_alpha = 1.702f, a.swiglu_limit = 7.f;
+    tools::SynthOptions so;
+    so.symmetric = c.symmetric;
+    const auto s = tools::synth_layer(e, h, in, a, so);
+    const std::string path = (scratch() / "part.safetensors").string();
+    save_file(path, {{"moe", s.views(), a, {}, {}}});
+    const File f = File::open(path);
+    for (auto [first, end] : {std::pair<std::int64_t, std::int64_t>{0, 6}, {2, 5}, {5, 6}, {0, 1}}) {
+      SCOPED_TRACE(std::to_string(first) + ".." + std::to_string(end));
+      const std::int64_t n = end - first;
+      MoeAttributes pa = a;
+      pa.k = 1;
+      pa.normalize_routing_weights = 1;
+      const Layer mem(slice_experts(s.views(), first, end), pa, LayerOptions{Backend::cpu, 1});
+      const Layer part = f.load("moe", LayerOptions{Backend::cpu, 1}, File::Part{first, end, 1, 1});
+      EXPECT_EQ(part.shape().num_experts, n);
+      EXPECT_EQ(part.attributes().k, 1);
+      EXPECT_EQ(part.attributes().normalize_routing_weights, 1);
+      EXPECT_EQ(part.attributes().activation, a.activation);
+      EXPECT_EQ(part.packed_bytes(), mem.packed_bytes());
+      const Inputs x = random_inputs(t, h, n, 7);
+      EXPECT_EQ(std::memcmp(run(mem, x, t, h, n, false).data(), run(part, x, t, h, n, false).data(),
+                            static_cast<std::size_t>(t * h) * 4),
+                0);
+    }
+    // The defaults are the stored layer; -1 is the stored end.
+    const Layer whole = f.load("moe", LayerOptions{Backend::cpu, 1}, File::Part{});
+    EXPECT_EQ(whole.attributes().k, 3);
+    EXPECT_EQ(f.load("moe", {}, File::Part{4, -1, 2, -1}).shape().num_experts, 2);
+    const Inputs x = random_inputs(t, h, e, 8);
+    EXPECT_EQ(std::memcmp(run(whole, x, t, h, e, true).data(), run(f.load("moe", {}), x, t, h, e, true).data(),
+                          static_cast<std::size_t>(t * h) * 4),
+              0);
+  }
+  MoeAttributes a;
+  a.k = 2;
+  const auto s = tools::synth_layer(e, h, in, a);
+  const std::string path = (scratch() / "part_bad.safetensors").string();
+  save_file(path, {{"moe", s.views(), a, {}, {}}});
+  const File f = File::open(path);
+  auto message = [&](const File::Part& p) {
+    try {
+      (void)f.load("moe", {}, p);
+    } catch (const Error& err) {
+      return std::string(err.what());
+    }
+    return std::string("no error");
+  };
+  for (auto [first, end] : {std::pair<std::int64_t, std::int64_t>{3, 3}, {-1, 2}, {4, 7}, {5, 2}, {0, -2}}) {
+    const std::string m = message({first, end});
+    EXPECT_NE(m.find(path + ": layer \"moe\": experts [" + std::to_string(first) + ", " + std::to_string(end) +
+                     ") is not a non-empty range within the layer's 6 experts [0, 6)"),
+              std::string::npos)
+        << m;
+  }
+  // The stored k = 2 does not fit one expert: the builder's message, with the file, layer and range.
+  const std::string m = message({5, 6});
+  EXPECT_NE(m.find(path + ": layer \"moe\" experts [5, 6): "), std::string::npos) << m;
+  EXPECT_NE(m.find("k"), std::string::npos) << m;
+}
+
 TEST(File, SaveRefusesBadLayersAndLeavesNothingBehind) {
   MoeAttributes a;
   a.k = 2;
