@@ -52,6 +52,13 @@ struct LayerOptions {
   /// every Layer on the device, see workspace_bytes()) is sized for it at
   /// creation. forward() splits larger inputs into passes of this many tokens.
   std::int64_t max_tokens = 4096;
+  /// CUDA: experts (ids 0..E-1) kept in host memory and run on the CPU kernels
+  /// (`threads`, `accuracy_level`, `cpu_kernels` apply to them) while the other
+  /// experts run on the GPU: for models whose experts do not fit the GPU. A call
+  /// routes on the GPU, copies the rows routed to host experts to the host, runs
+  /// them beside the GPU experts, copies the results back and combines on the
+  /// GPU. Empty = every expert on the GPU. Results are the same run to run.
+  std::vector<int> host_experts{};
 
   // Overrides for diagnosis and tuning. A field left at its default is filled
   // from the environment variable named beside it (see with_environment()).

@@ -32,16 +32,22 @@ int resolve_threads(int threads) {
 }  // namespace
 
 CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level,
-               std::int64_t chunk_bytes, const KernelConfig* kernels, const detail::ReleaseFn* release, bool profile)
+               std::int64_t chunk_bytes, const KernelConfig* kernels, const detail::ReleaseFn* release, bool profile,
+               const std::vector<int>* experts)
     : attrs_(a),
       shape_(s),
+      subset_(experts != nullptr),
       kc_(kernels ? kernels : &kernel_config()),
       profile_(profile),
       chunk_bytes_(chunk_bytes),
       path_(make_expert_path(*kc_, a.expert_weight_bits, accuracy_level)) {
   using detail::RawMatrix;
   const int bits = a.expert_weight_bits, bs = a.block_size;
-  const std::int64_t h = s.hidden, in = s.inter, e_count = s.num_experts;
+  const std::int64_t h = s.hidden, in = s.inter;
+  // Slot e holds expert source(e): all experts, or the given subset in its order.
+  const std::int64_t e_count = experts ? static_cast<std::int64_t>(experts->size()) : s.num_experts;
+  auto source_expert = [&](std::int64_t e) -> std::int64_t { return experts ? (*experts)[e] : e; };
+  slots_ = e_count;
   const bool gated = a.activation == Activation::swiglu;  // FC1 tiles hold interleaved gate/up rows
   const RawMatrix fc1(w.fc1_weights, w.fc1_scales, w.fc1_zero_points, bits, bs, s.fc1_rows, h);
   const RawMatrix fc2(w.fc2_weights, w.fc2_scales, w.fc2_zero_points, bits, bs, h, in);
@@ -104,7 +110,8 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
   const std::int64_t chunks1 = (g1.tiles() + kPackChunkTiles - 1) / kPackChunkTiles;
   const std::int64_t chunks2 = (g2.tiles() + kPackChunkTiles - 1) / kPackChunkTiles;
   pool_->parallel_for(e_count * (chunks1 + chunks2), [&](std::int64_t item, int) {
-    const std::int64_t e = item / (chunks1 + chunks2), c = item % (chunks1 + chunks2);
+    const std::int64_t slot = item / (chunks1 + chunks2), c = item % (chunks1 + chunks2);
+    const std::int64_t e = source_expert(slot);
     const bool first = c < chunks1;
     const PackGeometry& g = first ? g1 : g2;
     const std::int64_t t0 = (first ? c : c - chunks1) * kPackChunkTiles;
@@ -117,9 +124,9 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
         release_packed(e, a0 * nr, std::min(a1 * nr, g2.rows), src2, false);
     };
     if (first)
-      pack_tiles(g1, e, fc1_source, layer_.fc1.expert(e), t0, t1, progress);
+      pack_tiles(g1, e, fc1_source, layer_.fc1.expert(slot), t0, t1, progress);
     else
-      pack_tiles(g2, e, src2, layer_.fc2.expert(e), t0, t1, progress);
+      pack_tiles(g2, e, src2, layer_.fc2.expert(slot), t0, t1, progress);
   });
 
   // Biases in packed row order (FC3's bias becomes the "up" rows' bias).
@@ -128,15 +135,16 @@ CpuMoe::CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s
   std::vector<float>& bias2 = layer_.bias2;
   bias1.assign(static_cast<std::size_t>(e_count * pad1), 0.f);
   bias2.assign(static_cast<std::size_t>(e_count * pad2), 0.f);
-  for (std::int64_t e = 0; e < e_count; ++e) {
+  for (std::int64_t slot = 0; slot < e_count; ++slot) {
+    const std::int64_t e = source_expert(slot);
     for (std::int64_t p = 0; p < g1.rows; ++p) {
       const RowSource src = fc1_source(p);
       const TensorView& b = src.src == &fc3 ? w.fc3_bias : w.fc1_bias;
-      if (b.present()) bias1[e * pad1 + p] = detail::load_float(b.data, b.dtype, e * src.src->rows + src.row);
+      if (b.present()) bias1[slot * pad1 + p] = detail::load_float(b.data, b.dtype, e * src.src->rows + src.row);
     }
     if (w.fc2_bias.present())
       for (std::int64_t p = 0; p < h; ++p)
-        bias2[e * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
+        bias2[slot * pad2 + p] = detail::load_float(w.fc2_bias.data, w.fc2_bias.dtype, e * h + p);
   }
   layer_.epilogue = {a.activation, a.activation_alpha, a.activation_beta, a.swiglu_limit};
   layer_.gated = gated;
@@ -148,7 +156,6 @@ std::size_t CpuMoe::packed_bytes() const {
   return layer_.fc1.bytes() + layer_.fc2.bytes() + (layer_.bias1.size() + layer_.bias2.size()) * sizeof(float);
 }
 
-namespace {
 // With LayerOptions::profile (QMOE_PROFILE=1), the time of each phase of every
 // call goes to stderr (for tuning); off, a clock costs nothing.
 struct PhaseClock {
@@ -168,7 +175,6 @@ struct PhaseClock {
     if (on && !line.empty()) std::fprintf(stderr, "qmoe profile: %s\n", line.c_str());
   }
 };
-}  // namespace
 
 CpuMoe::WorkspacePtr CpuMoe::acquire() const {
   {
@@ -189,6 +195,7 @@ void CpuMoe::release(WorkspacePtr w) const {
 
 void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                      const MutableTensorView& out, std::int64_t t) const {
+  detail::require(!subset_, "CpuMoe: a layer built on an expert subset serves run_rows() only");
   const std::int64_t h = shape_.hidden;
   PhaseClock total{profile_};
   struct Lease {  // returns the workspace on every exit path
@@ -224,6 +231,12 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   PhaseClock clock{profile_};
   const Plan plan = make_plan(*pool_, logits, mix, t0, t1, static_cast<int>(shape_.num_experts), attrs_.k,
                               attrs_.normalize_routing_weights != 0);
+  const float* y2 = run_experts(ws, plan, x, clock);
+  combine(*pool_, plan, y2, layer_.bias2.data(), layer_.fc2.geometry().tiles() * kTileRows, shape_.hidden, out);
+  clock.mark("combine");
+}
+
+const float* CpuMoe::run_experts(Workspace& ws, const Plan& plan, const float* x, PhaseClock& clock) const {
   const PackGeometry& g1 = layer_.fc1.geometry();
   const PackGeometry& g2 = layer_.fc2.geometry();
   Chunk c{.plan = plan, .layer = layer_, .pool = *pool_, .ws = ws, .kc = *kc_};
@@ -248,8 +261,54 @@ void CpuMoe::run_chunk(Workspace& ws, const float* x, const float* logits, const
   clock.mark("fc2-inputs");
   path_->fc2(c);
   clock.mark("fc2");
-  combine(*pool_, plan, c.y2, layer_.bias2.data(), c.pad2, shape_.hidden, out);
-  clock.mark("combine");
+  return c.y2;
+}
+
+void CpuMoe::run_rows(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const {
+  const std::int64_t slots = slots_, h = shape_.hidden;
+  const std::int64_t pad2 = layer_.fc2.geometry().tiles() * kTileRows;
+  PhaseClock total{profile_};
+  struct Lease {  // returns the workspace on every exit path
+    const CpuMoe* self;
+    WorkspacePtr w;
+    ~Lease() { self->release(std::move(w)); }
+  } lease{this, acquire()};
+  // Passes of whole experts up to the chunk budget; an expert with more rows
+  // than that alone, in pieces of exactly `limit` rows and a last one (so a
+  // row's pass depends only on its index among its expert's rows).
+  const std::int64_t per_row = (shape_.inter + shape_.hidden) * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t limit = std::max<std::int64_t>(1, chunk_bytes_ / per_row);
+  std::vector<std::int64_t> pass_counts(static_cast<std::size_t>(slots));
+  std::int64_t r0 = 0;
+  std::int64_t e = 0, done_in_e = 0;  // the next row: expert e, its row done_in_e
+  while (r0 < rows) {
+    std::fill(pass_counts.begin(), pass_counts.end(), 0);
+    std::int64_t n = 0;
+    while (e < slots) {
+      const std::int64_t left = counts[e] - done_in_e;
+      if (left == 0) {
+        ++e, done_in_e = 0;
+        continue;
+      }
+      if (n > 0 && n + left > limit) break;  // the next expert starts the next pass
+      const std::int64_t take = std::min(left, limit - n);
+      pass_counts[e] = take, n += take, done_in_e += take;
+      if (done_in_e < counts[e]) break;  // a large expert: its next piece is the next pass
+    }
+    detail::require(n > 0 && r0 + n <= rows, "host experts: counts do not add up to ", rows, " rows");
+    const Plan plan = plan_rows(pass_counts.data(), static_cast<int>(slots), n);
+    const float* y2 = run_experts(*lease.w, plan, x + r0 * h, total);
+    const float* b2 = layer_.bias2.data();
+    pool_->parallel_for(n, [&](std::int64_t r, int) {
+      const float* yr = y2 + r * pad2;
+      const float* br = b2 + plan.row_expert[r] * pad2;
+      float* dst = y + (r0 + r) * h;
+      for (std::int64_t q = 0; q < h; ++q) dst[q] = yr[q] + br[q];
+    });
+    r0 += n;
+  }
+  detail::require(r0 == rows, "host experts: counts do not add up to ", rows, " rows");
+  total.mark("host-experts");
 }
 
 }  // namespace qmoe::cpu
@@ -261,6 +320,33 @@ std::unique_ptr<LayerBackend> make_cpu_backend(const ExpertWeights& w, const Moe
   const cpu::KernelConfig& kc = cpu::kernel_config_named(o.cpu_kernels, "cpu_kernels (QMOE_CPU_ISA)");
   return std::make_unique<cpu::CpuMoe>(w, a, s, o.threads, o.accuracy_level, cpu::CpuMoe::kDefaultChunkBytes, &kc,
                                        release, o.profile);
+}
+
+namespace {
+
+class CpuHostExperts final : public HostExperts {
+ public:
+  CpuHostExperts(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& o,
+                 const std::vector<int>& experts, const ReleaseFn* release)
+      : moe_(w, a, s, o.threads, o.accuracy_level, cpu::CpuMoe::kDefaultChunkBytes,
+             &cpu::kernel_config_named(o.cpu_kernels, "cpu_kernels (QMOE_CPU_ISA)"), release, o.profile, &experts) {}
+  void run(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const override {
+    moe_.run_rows(x, counts, rows, y);
+  }
+  std::size_t packed_bytes() const override { return moe_.packed_bytes(); }
+  int threads() const override { return moe_.threads(); }
+  const std::string& name() const override { return moe_.name(); }
+
+ private:
+  cpu::CpuMoe moe_;
+};
+
+}  // namespace
+
+std::unique_ptr<HostExperts> make_cpu_host_experts(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
+                                                   const LayerOptions& o, const std::vector<int>& experts,
+                                                   const ReleaseFn* release) {
+  return std::make_unique<CpuHostExperts>(w, a, s, o, experts, release);
 }
 
 }  // namespace qmoe::detail

@@ -15,6 +15,9 @@
 
 namespace qmoe::cpu {
 
+struct PhaseClock;
+struct Plan;
+
 class CpuMoe final : public detail::LayerBackend {
  public:
   /// Bytes of per-chunk working memory (gathered inputs + FC1 outputs) that
@@ -28,12 +31,18 @@ class CpuMoe final : public detail::LayerBackend {
   /// raw bytes [p, p + n) (called from the packing threads, in pieces of about
   /// a MiB), so a memory-mapped source can drop those pages as it goes.
   /// `profile`: print the time of each phase of every call to stderr.
+  /// `experts`, when given: pack only these experts (slot i holds expert
+  /// experts[i]); such a layer serves run_rows(), not forward().
   CpuMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, int threads, int accuracy_level = 0,
          std::int64_t chunk_bytes = kDefaultChunkBytes, const KernelConfig* kernels = nullptr,
-         const detail::ReleaseFn* release = nullptr, bool profile = false);
+         const detail::ReleaseFn* release = nullptr, bool profile = false, const std::vector<int>* experts = nullptr);
 
   void forward(const TensorView& input, const TensorView& router_probs, const TensorView& router_weights,
                const MutableTensorView& out, std::int64_t tokens) const override;
+
+  /// y[r] = FC2(act(FC1(x[r]))) + bias2 for `rows` float32 rows [rows, H] grouped by slot:
+  /// counts[i] rows of slot i, then slot i + 1's (HostExperts::run). Thread-safe like forward().
+  void run_rows(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const;
 
   std::size_t packed_bytes() const override;
   int threads() const override { return pool_->size(); }
@@ -49,9 +58,14 @@ class CpuMoe final : public detail::LayerBackend {
   // One chunk of tokens: plan -> gather -> FC1 -> FC2 (path_) -> combine.
   void run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
                  float* out) const;
+  // A plan's rows through gather -> FC1 -> FC2 (path_); returns the FC2 outputs (rows of
+  // FC2's tiles * NR floats, bias not added).
+  const float* run_experts(Workspace& ws, const Plan& plan, const float* x, PhaseClock& clock) const;
 
   MoeAttributes attrs_;
   MoeShape shape_;
+  bool subset_ = false;     // built on an expert subset: run_rows() only
+  std::int64_t slots_ = 0;  // experts packed
   const KernelConfig* kc_;
   bool profile_;
   std::int64_t chunk_bytes_;

@@ -46,6 +46,26 @@ Plan make_plan(ThreadPool& pool, const float* logits, const float* mix, std::int
   return p;
 }
 
+Plan plan_rows(const std::int64_t* counts, int experts, std::int64_t rows) {
+  Plan p;
+  p.tokens = rows, p.rows = rows, p.k = 1;
+  p.count.assign(counts, counts + experts);
+  p.offset.assign(static_cast<std::size_t>(experts + 1), 0);
+  for (int e = 0; e < experts; ++e) p.offset[e + 1] = p.offset[e] + p.count[e];
+  p.chosen.resize(static_cast<std::size_t>(rows));
+  p.row_expert.resize(static_cast<std::size_t>(rows));
+  for (int e = 0; e < experts; ++e) {
+    std::fill(p.chosen.begin() + p.offset[e], p.chosen.begin() + p.offset[e + 1], e);
+    std::fill(p.row_expert.begin() + p.offset[e], p.row_expert.begin() + p.offset[e + 1], e);
+    if (p.count[e]) p.active.push_back(e), p.max_count = std::max(p.max_count, p.count[e]);
+  }
+  p.slot_pos.resize(static_cast<std::size_t>(rows));
+  p.row_token.resize(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) p.slot_pos[r] = r, p.row_token[r] = r;
+  p.row_weight.assign(static_cast<std::size_t>(rows), 1.f);
+  return p;
+}
+
 void combine(ThreadPool& pool, const Plan& plan, const float* y2, const float* bias2, std::int64_t ld,
              std::int64_t hidden, float* out) {
   const std::int64_t nt = plan.tokens, h = hidden;

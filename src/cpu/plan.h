@@ -32,6 +32,10 @@ struct Plan {
 Plan make_plan(ThreadPool& pool, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1, int experts,
                int k, bool normalize);
 
+/// The plan of `rows` rows already grouped by expert (counts[e] rows of expert e, then
+/// e + 1's; `experts` entries): row r is its own token (k = 1, weight 1).
+Plan plan_rows(const std::int64_t* counts, int experts, std::int64_t rows);
+
 /// out[token] = sum over its experts, in ascending expert order, of
 /// weight * (y2[plan row] + bias2[expert]), for every token of the plan (rows of y2 and
 /// bias2 `ld` floats apart, `hidden` of them used): every output element has one fixed order

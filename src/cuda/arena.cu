@@ -6,17 +6,27 @@
 
 namespace qmoe::cuda {
 
-std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes) {
+std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes, std::size_t host_bytes) {
   static std::mutex mu;
   static std::map<int, std::weak_ptr<Arena>> registry;
   std::lock_guard<std::mutex> lk(mu);
   std::shared_ptr<Arena> cur = registry[device].lock();
-  if (cur && cur->buf.bytes() >= bytes) return cur;
+  if (cur && cur->buf.bytes() >= bytes && cur->host.bytes() >= host_bytes) return cur;
   auto a = std::make_shared<Arena>();
   a->buf = DeviceBuffer(std::max(bytes, cur ? cur->buf.bytes() : std::size_t{0}));
+  a->host = PinnedBuffer(std::max(host_bytes, cur ? cur->host.bytes() : std::size_t{0}));
   QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&a->done, cudaEventDisableTiming));
   registry[device] = a;
   return a;
+}
+
+HostRows carve_host_rows(Carver& c, std::int64_t rows, std::int64_t E, std::int64_t H) {
+  HostRows h;
+  h.offsets = c.take<int>(E + 1);
+  h.token = c.take<int>(rows);
+  h.x = c.take<float>(rows * H);
+  h.y = c.take<float>(rows * H);
+  return h;
 }
 
 Workspace carve_workspace(Carver& c, std::int64_t chunk, int k, std::int64_t E, std::int64_t H, std::int64_t a_stride) {

@@ -32,6 +32,38 @@ struct Carver {
   }
 };
 
+/// Page-locked host memory mapped into the device's address space (unified
+/// addressing: the same pointer on both sides), released on destruction.
+/// Kernels read and write it over PCIe; the host reads what a kernel wrote
+/// once the kernel has completed.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(std::size_t bytes) : bytes_(bytes) {
+    if (bytes) QMOE_CUDA_CHECK(cudaHostAlloc(&p_, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+  }
+  ~PinnedBuffer() {
+    if (p_) cudaFreeHost(p_);
+  }
+  PinnedBuffer(PinnedBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+      if (p_) cudaFreeHost(p_);
+      p_ = o.p_, bytes_ = o.bytes_, o.p_ = nullptr, o.bytes_ = 0;
+    }
+    return *this;
+  }
+  template <class T = void>
+  T* get() const {
+    return static_cast<T*>(p_);
+  }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
 // Working memory shared by every Layer of a device that fits in it: a model's
 // layers run one after another, so one workspace serves them all (a Layer
 // holds only its packed weights). Calls that share an arena are serialized:
@@ -39,6 +71,7 @@ struct Carver {
 // when the stream changes between calls.
 struct Arena {
   DeviceBuffer buf;
+  PinnedBuffer host;  // the rows of host experts (LayerOptions::host_experts), both ways
   std::mutex mu;
   cudaEvent_t done = nullptr;
   cudaStream_t last = nullptr;
@@ -51,8 +84,9 @@ struct Arena {
   }
 };
 
-/// The arena of `device`, grown (replaced) when a Layer needs more than it holds.
-std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes);
+/// The arena of `device`, grown (replaced) when a Layer needs more than it holds
+/// (`bytes` of device memory, `host_bytes` of mapped host memory).
+std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes, std::size_t host_bytes = 0);
 
 /// One pass's working memory: the plan and the intermediate activations.
 struct Workspace {
@@ -60,6 +94,16 @@ struct Workspace {
   void* act = nullptr;  // FC1 output / FC2 input, [chunk * k][a_stride] tokens' dtype
   float* y2 = nullptr;  // FC2 partials, [chunk * k][H] per split, splits * pairs <= chunk * k
 };
+
+/// The host side of a pass with host experts, in the arena's mapped host memory.
+struct HostRows {
+  int* offsets = nullptr;  // [E + 1] the plan's offsets (slot order: GPU slots, then host experts)
+  int* token = nullptr;    // [rows] the token of each host row, in plan order
+  float* x = nullptr;      // [rows][H] their inputs, float32
+  float* y = nullptr;      // [rows][H] their FC2 outputs + bias, float32 (written by the host)
+};
+/// Carves HostRows for up to `rows` host rows out of `c`.
+HostRows carve_host_rows(Carver& c, std::int64_t rows, std::int64_t E, std::int64_t H);
 
 /// Carves a pass of up to `chunk` tokens (k experts each, E experts, hidden H,
 /// FC1 output rows of `a_stride` elements) out of `c`.

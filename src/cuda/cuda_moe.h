@@ -19,8 +19,10 @@ class CudaMoe final : public detail::LayerBackend {
   /// expert's tensors at a time copied to the device and packed there.
   /// `release(p, n)`, when given, is told that raw bytes [p, p + n) have been
   /// copied (so a memory-mapped source can drop them).
+  /// options.host_experts (ascending): those experts are built by `host_experts`
+  /// and run on the host (HostPass in moe.cu).
   CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& options,
-          const detail::ReleaseFn* release = nullptr);
+          const detail::ReleaseFn* release = nullptr, const detail::HostExpertsFactory* host_experts = nullptr);
   ~CudaMoe() override;
   CudaMoe(const CudaMoe&) = delete;
   CudaMoe& operator=(const CudaMoe&) = delete;
@@ -33,6 +35,7 @@ class CudaMoe final : public detail::LayerBackend {
                      const MutableTensorView& out, std::int64_t tokens, void* stream) const override;
 
   std::size_t packed_bytes() const override;
+  int threads() const override;
   std::size_t device_bytes() const override;
   std::size_t workspace_bytes() const override;
   const std::string& name() const override;

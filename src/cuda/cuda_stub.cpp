@@ -7,7 +7,7 @@ namespace qmoe::detail {
 bool cuda_backend_available() noexcept { return false; }
 
 std::unique_ptr<LayerBackend> make_cuda_backend(const ExpertWeights&, const MoeAttributes&, const MoeShape&,
-                                                const LayerOptions&, const ReleaseFn*) {
+                                                const LayerOptions&, const ReleaseFn*, const HostExpertsFactory*) {
   fail("backend: this build of qmoe has no CUDA backend (configure with nvcc present, -DQMOE_CUDA=ON)");
 }
 

@@ -3,7 +3,11 @@
 // route -> plan -> FC1 (+bias, activation) -> FC2 (K-split partials) ->
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -38,6 +42,75 @@ bool on_device(const void* p, int device) {
 // overlap that tail. Off is for diagnosis: the results are the same bits.
 static bool pick_pdl(bool on, int cc) { return on && cc >= 90; }
 
+// Tokens per pass of a Layer with host experts (the mapped host rows hold one pass).
+constexpr std::int64_t kHostPassTokens = 1024;
+
+// The host side of a call with host experts, run by the CUDA runtime as a host
+// function on the side stream once the host rows are in mapped memory: the rows
+// of each host expert in token order (the plan's order within an expert comes
+// from atomics), through the CPU kernels, results back to their positions.
+struct HostPass {
+  std::unique_ptr<detail::HostExperts> experts;
+  int gpu_slots = 0, slots = 0;
+  std::int64_t hidden = 0;
+  HostRows rows;  // in the arena's mapped host memory
+  cudaStream_t side = nullptr;
+  cudaEvent_t routed = nullptr, computed = nullptr;
+  // Per-pass scratch (passes of a Layer are serialized).
+  std::vector<std::int64_t> order, counts;
+  std::vector<float> x, y;
+  std::mutex error_mu;
+  std::string error;  // the first failure, reported by the next forward()
+
+  ~HostPass() {
+    if (routed) cudaEventDestroy(routed);
+    if (computed) cudaEventDestroy(computed);
+    if (side) cudaStreamDestroy(side);
+  }
+
+  static void CUDART_CB run(void* self) { static_cast<HostPass*>(self)->run_pass(); }
+
+  void run_pass() noexcept {
+    const int* off = rows.offsets;
+    const std::int64_t p0 = off[gpu_slots], n = off[slots] - p0, H = hidden;
+    if (n <= 0) return;
+    try {
+      counts.resize(static_cast<std::size_t>(slots - gpu_slots));
+      order.resize(static_cast<std::size_t>(n));
+      std::iota(order.begin(), order.end(), std::int64_t{0});
+      for (int e = gpu_slots; e < slots; ++e) {
+        counts[e - gpu_slots] = off[e + 1] - off[e];
+        std::sort(order.begin() + (off[e] - p0), order.begin() + (off[e + 1] - p0),
+                  [&](std::int64_t a, std::int64_t b) { return rows.token[a] < rows.token[b]; });
+      }
+      x.resize(static_cast<std::size_t>(n * H));
+      y.resize(static_cast<std::size_t>(n * H));
+      for (std::int64_t r = 0; r < n; ++r) std::copy_n(rows.x + order[r] * H, H, x.data() + r * H);
+      experts->run(x.data(), counts.data(), n, y.data());
+      for (std::int64_t r = 0; r < n; ++r) std::copy_n(y.data() + r * H, H, rows.y + order[r] * H);
+    } catch (const std::exception& ex) {
+      fail(n, ex.what());
+    } catch (...) {
+      fail(n, "unknown error");
+    }
+  }
+
+  // Never a silent answer: the rows become NaN and the next forward() throws.
+  void fail(std::int64_t n, const char* what) noexcept {
+    std::fill(rows.y, rows.y + n * hidden, std::numeric_limits<float>::quiet_NaN());
+    std::lock_guard<std::mutex> lk(error_mu);
+    if (error.empty()) error = what;
+  }
+
+  void rethrow() {
+    std::lock_guard<std::mutex> lk(error_mu);
+    if (error.empty()) return;
+    const std::string e = std::move(error);
+    error.clear();
+    detail::fail("host experts (", experts->name(), "): ", e);
+  }
+};
+
 struct CudaMoe::State {
   MoeAttributes attrs;
   MoeShape shape;
@@ -53,14 +126,25 @@ struct CudaMoe::State {
   std::size_t ws_bytes = 0;
   std::shared_ptr<Arena> arena;
   std::string name;
+  // Host experts (LayerOptions::host_experts); null when every expert is on the GPU.
+  std::unique_ptr<HostPass> host;
+  DeviceBuffer slot_of;       // [E] expert -> slot
+  DeviceBuffer combine_bias;  // [E][padded rows of FC2] by slot: GPU slots' FC2 bias, host slots 0
+  std::size_t host_bytes = 0;
 
   Workspace carve(Carver& c) const {
-    return carve_workspace(c, chunk, attrs.k, shape.num_experts, shape.hidden, a_stride);
+    Workspace ws = carve_workspace(c, chunk, attrs.k, shape.num_experts, shape.hidden, a_stride);
+    if (host) {
+      ws.rb.slot_of = slot_of.get<int>();
+      ws.rb.gpu_slots = host->gpu_slots;
+    }
+    return ws;
   }
+  std::int64_t host_rows() const { return chunk * std::min<std::int64_t>(attrs.k, host->slots - host->gpu_slots); }
 };
 
 CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s, const LayerOptions& o,
-                 const detail::ReleaseFn* release)
+                 const detail::ReleaseFn* release, const detail::HostExpertsFactory* host_experts)
     : s_(std::make_unique<State>()) {
   State& st = *s_;
   st.attrs = a;
@@ -78,26 +162,70 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.wgmma_from = wgmma_threshold(o.cuda_gemm, prop.major * 10 + prop.minor);
   st.pdl = pick_pdl(o.cuda_pdl, prop.major * 10 + prop.minor);
 
-  st.w = prepack_layer(w, a, s, release);
-  st.a_stride = st.w.g2.padded_cols;
   const std::int64_t E = s.num_experts;
+  // Host experts: the CPU side is built first (its packer reads the host experts'
+  // raw bytes); slots are the GPU experts in ascending order, then the host experts.
+  std::vector<int> gpu_experts;
+  if (!o.host_experts.empty()) {
+    detail::require(host_experts != nullptr, "host_experts: no CPU side was given");
+    auto hp = std::make_unique<HostPass>();
+    hp->experts = (*host_experts)();
+    std::vector<int> slot_of(static_cast<std::size_t>(E), -1);
+    for (std::size_t i = 0; i < o.host_experts.size(); ++i) slot_of[o.host_experts[i]] = 1;
+    for (int e = 0; e < E; ++e)
+      if (slot_of[e] < 0) gpu_experts.push_back(e);
+    int next = 0;
+    for (int e : gpu_experts) slot_of[e] = next++;
+    for (int e : o.host_experts) slot_of[e] = next++;
+    hp->gpu_slots = static_cast<int>(gpu_experts.size());
+    hp->slots = static_cast<int>(E);
+    hp->hidden = s.hidden;
+    st.slot_of = DeviceBuffer(sizeof(int) * slot_of.size());
+    QMOE_CUDA_CHECK(cudaMemcpy(st.slot_of.get(), slot_of.data(), sizeof(int) * slot_of.size(), cudaMemcpyHostToDevice));
+    QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&hp->side, cudaStreamNonBlocking));
+    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->routed, cudaEventDisableTiming));
+    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->computed, cudaEventDisableTiming));
+    st.host = std::move(hp);
+  }
+  st.w = prepack_layer(w, a, s, release, st.host ? &gpu_experts : nullptr);
+  st.a_stride = st.w.g2.padded_cols;
+  if (st.host && st.w.has_bias2) {
+    // The host results include their bias: the combine adds 0 for host slots.
+    const std::size_t row = sizeof(float) * static_cast<std::size_t>(st.w.g2.padded_rows);
+    st.combine_bias = DeviceBuffer(row * static_cast<std::size_t>(E));
+    QMOE_CUDA_CHECK(cudaMemset(st.combine_bias.get(), 0, row * static_cast<std::size_t>(E)));
+    if (!gpu_experts.empty())
+      QMOE_CUDA_CHECK(
+          cudaMemcpy(st.combine_bias.get(), st.w.p2.bias, row * gpu_experts.size(), cudaMemcpyDeviceToDevice));
+  }
 
   // Tokens per pass: at most max_tokens, and few enough that the GEMM grid's
-  // tile dimension (<= 65535) holds the worst-case m-tile count.
+  // tile dimension (<= 65535) holds the worst-case m-tile count. With host
+  // experts, at most kHostPassTokens (the mapped host rows are sized by it).
   const std::int64_t grid_limit = std::max<std::int64_t>(1, (60000 - E) * kMinTileTokens / a.k);
   st.chunk = std::min<std::int64_t>(o.max_tokens, grid_limit);
+  if (st.host) st.chunk = std::min(st.chunk, kHostPassTokens);
   Carver ws_size{nullptr};
   st.carve(ws_size);
   st.ws_bytes = ws_size.used;
-  st.arena = acquire_arena(o.device, st.ws_bytes);
+  if (st.host) {
+    Carver hs{nullptr};
+    carve_host_rows(hs, st.host_rows(), E, s.hidden);
+    st.host_bytes = hs.used;
+  }
+  st.arena = acquire_arena(o.device, st.ws_bytes, st.host_bytes);
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
             std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNoWgmma ? " mma.sync+wgmma" : " mma.sync");
+  if (st.host)
+    st.name += " + " + std::to_string(E - st.host->gpu_slots) + "/" + std::to_string(E) + " experts on " +
+               st.host->experts->name();
 }
 
 CudaMoe::~CudaMoe() = default;
 
-std::size_t CudaMoe::packed_bytes() const { return s_->w.bytes; }
+std::size_t CudaMoe::packed_bytes() const { return s_->w.bytes + (s_->host ? s_->host->experts->packed_bytes() : 0); }
+int CudaMoe::threads() const { return s_->host ? s_->host->experts->threads() : 0; }
 std::size_t CudaMoe::device_bytes() const { return s_->w.packed.bytes(); }
 std::size_t CudaMoe::workspace_bytes() const { return s_->arena ? s_->arena->buf.bytes() : 0; }
 const std::string& CudaMoe::name() const { return s_->name; }
@@ -152,11 +280,26 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
     launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, ws.rb,
                       stream);
+    HostPass* hp = st.host.get();
+    HostRows hr;
+    if (hp) {
+      // Host rows out to mapped memory, then the CPU kernels on the side stream
+      // while the GPU experts run here.
+      Carver hc{arena.host.get<char>()};
+      hr = carve_host_rows(hc, st.host_rows(), E, H);
+      hp->rows = hr;
+      launch_gather_host_rows(x, dt, H, pairs, static_cast<int>(E), ws.rb, hr.offsets, hr.token, hr.x, stream);
+      QMOE_CUDA_CHECK(cudaEventRecord(hp->routed, stream));
+      QMOE_CUDA_CHECK(cudaStreamWaitEvent(hp->side, hp->routed, 0));
+      QMOE_CUDA_CHECK(cudaLaunchHostFunc(hp->side, &HostPass::run, hp));
+      QMOE_CUDA_CHECK(cudaEventRecord(hp->computed, hp->side));
+    }
     // Grid bound on the plan's m-tiles: each expert's last tile may be partial
     // (+ E), and no tile is empty (<= pairs; at T = 1 that spares the GEMMs
     // thousands of blocks that would only exit).
     const std::int64_t capacity = std::min(ceil_div(pairs, bm) + E, pairs);
 
+    const bool gpu_experts = !hp || hp->gpu_slots > 0;
     GemmProblem p1;
     p1.g = st.w.g1;
     p1.codes = st.w.p1.codes, p1.rel_scales = st.w.p1.rel_scales, p1.zero_points = st.w.p1.zero_points;
@@ -168,7 +311,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p1.act = a.activation, p1.alpha = a.activation_alpha, p1.beta = a.activation_beta, p1.limit = a.swiglu_limit;
     p1.inter = st.shape.inter;
     p1.pdl = st.pdl;
-    gemm(p1, capacity);
+    if (gpu_experts) gemm(p1, capacity);
 
     // FC2: split K when the row tiles and the experts hit cannot fill the GPU.
     const KSplit split = fc2_k_split(v, st.w.g2, pairs, E, st.sms, st.chunk, tc);
@@ -180,10 +323,15 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.x_vec16 = st.shape.inter % 8 == 0;
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = split.splits, p2.split_cols = split.split_cols, p2.split_stride = pairs * H;
-    gemm(p2, capacity);
+    if (gpu_experts) gemm(p2, capacity);
 
-    launch_combine(ws.y2, split.splits, pairs * H, st.w.has_bias2 ? st.w.p2.bias : nullptr, st.w.g2.padded_rows, tc,
-                   a.k, H, y, dt, ws.rb, st.pdl, stream);
+    const float* bias2 = !st.w.has_bias2 ? nullptr : hp ? st.combine_bias.get<float>() : st.w.p2.bias;
+    if (hp) {
+      QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, hp->computed, 0));
+      launch_scatter_host_rows(hr.y, H, pairs, ws.rb, ws.y2, split.splits, pairs * H, stream);
+    }
+    launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, st.pdl && !hp,
+                   stream);
   }
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));
@@ -213,9 +361,11 @@ void CudaMoe::forward(const TensorView& input, const TensorView& router_probs, c
     temps.emplace_back(out.view().nbytes());
     y.data = temps.back().get();
   }
+  if (st.host) st.host->rethrow();  // a failure of an earlier forward_async
   forward_async(x, lg, rw, y, tokens, nullptr);
   if (out_host) QMOE_CUDA_CHECK(cudaMemcpy(out.data, y.data, out.view().nbytes(), cudaMemcpyDeviceToHost));
   QMOE_CUDA_CHECK(cudaDeviceSynchronize());
+  if (st.host) st.host->rethrow();
 }
 
 }  // namespace qmoe::cuda
@@ -232,8 +382,9 @@ bool cuda_backend_available() noexcept {
 }
 
 std::unique_ptr<LayerBackend> make_cuda_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
-                                                const LayerOptions& o, const ReleaseFn* release) {
-  return std::make_unique<cuda::CudaMoe>(w, a, s, o, release);
+                                                const LayerOptions& o, const ReleaseFn* release,
+                                                const HostExpertsFactory* host_experts) {
+  return std::make_unique<cuda::CudaMoe>(w, a, s, o, release, host_experts);
 }
 
 }  // namespace qmoe::detail

@@ -43,9 +43,11 @@ std::size_t slice_bytes(const TensorView& v, std::int64_t E) {
 }  // namespace
 
 PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
-                          const detail::ReleaseFn* release) {
+                          const detail::ReleaseFn* release, const std::vector<int>* experts) {
   PackedLayer out;
+  // Slices of the raw tensors are of the E experts; the packed matrices hold `slots`.
   const std::int64_t E = s.num_experts, H = s.hidden, I = s.inter;
+  const std::int64_t slots = experts ? static_cast<std::int64_t>(experts->size()) : E;
   // The GEMMs index K columns and slabs with 32-bit integers.
   constexpr std::int64_t kMaxDim = std::int64_t{1} << 30;
   detail::require(H < kMaxDim && I < kMaxDim,
@@ -61,13 +63,13 @@ PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const 
 
   // The packed weights: one allocation, sized by a dry run of the carver.
   Carver sizing{nullptr};
-  carve_packed(sizing, out.g1, E);
-  carve_packed(sizing, out.g2, E);
+  carve_packed(sizing, out.g1, slots);
+  carve_packed(sizing, out.g2, slots);
   out.packed = DeviceBuffer(sizing.used);
   out.bytes = sizing.used;
   Carver c{out.packed.get<char>()};
-  out.p1 = carve_packed(c, out.g1, E);
-  out.p2 = carve_packed(c, out.g2, E);
+  out.p1 = carve_packed(c, out.g1, slots);
+  out.p2 = carve_packed(c, out.g2, slots);
 
   // Stage one expert's raw tensors at a time and pack it on the device.
   const TensorView* raw[] = {&w.fc1_weights, &w.fc1_scales, &w.fc1_zero_points, &w.fc1_bias,
@@ -79,7 +81,8 @@ PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const 
   cudaStream_t stream = nullptr;
   QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   try {
-    for (std::int64_t e = 0; e < E; ++e) {
+    for (std::int64_t slot = 0; slot < slots; ++slot) {
+      const std::int64_t e = experts ? (*experts)[slot] : slot;
       const void* dev[12] = {};
       std::size_t off = 0;
       for (int i = 0; i < 12; ++i) {
@@ -109,20 +112,20 @@ PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const 
       const RawExpert fc3 = raw_expert(4, w.fc3_scales, w.fc3_bias);
       const RawExpert fc2 = raw_expert(8, w.fc2_scales, w.fc2_bias);
       const bool use_fc3 = gated && a.swiglu_fusion == 0;
-      pack_expert(out.g1, a.swiglu_fusion, I, fc1, use_fc3 ? &fc3 : nullptr, e, out.p1, stream);
-      pack_expert(out.g2, 0, I, fc2, nullptr, e, out.p2, stream);
+      pack_expert(out.g1, a.swiglu_fusion, I, fc1, use_fc3 ? &fc3 : nullptr, slot, out.p1, stream);
+      pack_expert(out.g2, 0, I, fc2, nullptr, slot, out.p2, stream);
     }
     // The tags, written last and read back: the packed matrices are complete and are what
     // this Layer's kernels will read.
-    const GpuPackTag tags[2] = {make_tag(out.g1, E), make_tag(out.g2, E)};
+    const GpuPackTag tags[2] = {make_tag(out.g1, slots), make_tag(out.g2, slots)};
     QMOE_CUDA_CHECK(cudaMemcpyAsync(out.p1.tag, &tags[0], sizeof tags[0], cudaMemcpyHostToDevice, stream));
     QMOE_CUDA_CHECK(cudaMemcpyAsync(out.p2.tag, &tags[1], sizeof tags[1], cudaMemcpyHostToDevice, stream));
     GpuPackTag back[2];
     QMOE_CUDA_CHECK(cudaMemcpyAsync(&back[0], out.p1.tag, sizeof back[0], cudaMemcpyDeviceToHost, stream));
     QMOE_CUDA_CHECK(cudaMemcpyAsync(&back[1], out.p2.tag, sizeof back[1], cudaMemcpyDeviceToHost, stream));
     QMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    check_tag(back[0], out.g1, E, "fc1_experts_weights");
-    check_tag(back[1], out.g2, E, "fc2_experts_weights");
+    check_tag(back[0], out.g1, slots, "fc1_experts_weights");
+    check_tag(back[1], out.g2, slots, "fc2_experts_weights");
   } catch (...) {
     cudaStreamDestroy(stream);
     throw;

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "cuda/common.cuh"
 #include "cuda/pack.h"
@@ -24,7 +25,8 @@ struct PackedLayer {
 /// (`release(p, n)`, when given, is told as soon as raw bytes [p, p + n) have
 /// been copied). The tags are written last and read back: a Layer holds
 /// complete data of its own geometry or throws.
+/// `experts`, when given: pack only these experts, slot i holding expert experts[i].
 PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
-                          const detail::ReleaseFn* release);
+                          const detail::ReleaseFn* release, const std::vector<int>* experts = nullptr);
 
 }  // namespace qmoe::cuda

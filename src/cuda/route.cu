@@ -83,9 +83,10 @@ __device__ void route_token(const void* logits, const void* mix, DType dt, std::
     }
     wsum += w;
     if (lane == 0) {
-      b.topk_expert[t * k + j] = bi;
+      const int s = b.slot_of ? b.slot_of[bi] : bi;
+      b.topk_expert[t * k + j] = s;
       b.topk_weight[t * k + j] = w;
-      b.slot[t * k + j] = atomicAdd(&counts[bi], 1);
+      b.slot[t * k + j] = atomicAdd(&counts[s], 1);
       keys[bi] = NAN;
     }
     __syncwarp();
@@ -109,8 +110,9 @@ __device__ void plan_block(int E, int bm, const int* counts, const RouteBuffers&
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int per = (E + nthreads - 1) / nthreads;
   const int e0 = tid * per, e1 = min(E, e0 + per);
+  const int tiled = b.slot_of ? b.gpu_slots : E;  // slots that get m-tiles
   int cnt = 0, til = 0;
-  for (int e = e0; e < e1; ++e) cnt += counts[e], til += (counts[e] + bm - 1) / bm;
+  for (int e = e0; e < e1; ++e) cnt += counts[e], til += e < tiled ? (counts[e] + bm - 1) / bm : 0;
   // Block-wide exclusive scan of (cnt, til).
   const int lane = tid % 32, warp = tid / 32;
   int ic = cnt, it = til;
@@ -135,7 +137,8 @@ __device__ void plan_block(int E, int bm, const int* counts, const RouteBuffers&
   for (int e = e0; e < e1; ++e) {
     const int c = counts[e];
     b.offsets[e] = off;
-    for (int m0 = 0; m0 < c; m0 += bm) b.tiles[toff++] = MTile{e, m0};
+    if (e < tiled)
+      for (int m0 = 0; m0 < c; m0 += bm) b.tiles[toff++] = MTile{e, m0};
     off += c;
   }
   if (tid == nthreads - 1) {
@@ -176,6 +179,32 @@ __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt,
   plan_block(E, bm, counts, b);
   __syncthreads();
   for (int i = tid; i < tokens * k; i += nthreads) scatter_pair(i, k, b);
+}
+
+// Block p: position p of the plan, if a host row.
+__global__ void gather_host_rows_kernel(const void* x, DType dt, std::int64_t H, int experts, RouteBuffers b,
+                                        int* host_offsets, int* host_token, float* host_x) {
+  const int p = static_cast<int>(blockIdx.x), tid = static_cast<int>(threadIdx.x);
+  if (p == 0)
+    for (int e = tid; e <= experts; e += static_cast<int>(blockDim.x)) host_offsets[e] = b.offsets[e];
+  const int p0 = b.offsets[b.gpu_slots];
+  if (p < p0) return;
+  const int t = b.token_of[p];
+  if (tid == 0) host_token[p - p0] = t;
+  float* dst = host_x + static_cast<std::int64_t>(p - p0) * H;
+  for (std::int64_t h = tid; h < H; h += blockDim.x) dst[h] = load_act(x, dt, t * H + h);
+}
+
+__global__ void scatter_host_rows_kernel(const float* host_y, std::int64_t H, RouteBuffers b, float* y2, int splits,
+                                         std::int64_t split_stride) {
+  const int p = static_cast<int>(blockIdx.x);
+  const int p0 = b.offsets[b.gpu_slots];
+  if (p < p0) return;
+  const float* src = host_y + static_cast<std::int64_t>(p - p0) * H;
+  for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    y2[p * H + h] = src[h];
+    for (int s = 1; s < splits; ++s) y2[s * split_stride + p * H + h] = 0.f;
+  }
 }
 
 // Thread (t, y, x) sums columns h0..h0 + V of token t, h0 = V (y * blockDim + x):
@@ -243,6 +272,21 @@ void launch_route_plan(const void* logits, const void* mix, DType dtype, std::in
   plan_kernel<<<1, 1024, 0, stream>>>(experts, bm, b);
   QMOE_CUDA_CHECK(cudaGetLastError());
   scatter_kernel<<<static_cast<unsigned>(ceil_div(pairs, 256)), 256, 0, stream>>>(pairs, k, b);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_gather_host_rows(const void* x, DType dtype, std::int64_t hidden, std::int64_t pairs, int experts,
+                             const RouteBuffers& b, int* host_offsets, int* host_token, float* host_x,
+                             cudaStream_t stream) {
+  gather_host_rows_kernel<<<static_cast<unsigned>(pairs), 256, 0, stream>>>(x, dtype, hidden, experts, b, host_offsets,
+                                                                            host_token, host_x);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_scatter_host_rows(const float* host_y, std::int64_t hidden, std::int64_t pairs, const RouteBuffers& b,
+                              float* y2, int splits, std::int64_t split_stride, cudaStream_t stream) {
+  scatter_host_rows_kernel<<<static_cast<unsigned>(pairs), 256, 0, stream>>>(host_y, hidden, b, y2, splits,
+                                                                             split_stride);
   QMOE_CUDA_CHECK(cudaGetLastError());
 }
 

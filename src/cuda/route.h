@@ -20,6 +20,12 @@ struct RouteBuffers {
   int* num_tiles = nullptr;      ///< [1]
   int* token_of = nullptr;       ///< [T * k] position -> token
   int* pos_of = nullptr;         ///< [T * k] (token, j) -> position
+  // Host experts (LayerOptions::host_experts): experts are planned by slot,
+  // slot_of[e] (device, [E]): the GPU experts first (0..gpu_slots-1), then the
+  // host experts, so the host rows are the last positions of the plan. Only
+  // GPU slots get m-tiles. topk_expert holds slots. Null: slot = expert, all on the GPU.
+  const int* slot_of = nullptr;
+  int gpu_slots = 0;
 };
 
 /// softmax + top-k (+ renormalize, router_weights) for T tokens, then the plan:
@@ -27,6 +33,15 @@ struct RouteBuffers {
 /// the position of every (token, j) pair. One launch for small calls.
 void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
                        bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream);
+/// Host experts: copies the plan's offsets, and the token and float32 input of
+/// each host row (positions offsets[gpu_slots].. pairs - 1), to mapped host memory.
+void launch_gather_host_rows(const void* x, DType dtype, std::int64_t hidden, std::int64_t pairs, int experts,
+                             const RouteBuffers& b, int* host_offsets, int* host_token, float* host_x,
+                             cudaStream_t stream);
+/// Host experts: y2 split 0 of each host row = its host result (mapped host
+/// memory, FC2 + bias), the other splits 0.
+void launch_scatter_host_rows(const float* host_y, std::int64_t hidden, std::int64_t pairs, const RouteBuffers& b,
+                              float* y2, int splits, std::int64_t split_stride, cudaStream_t stream);
 /// out[t] = sum_j w_j (bias2[e_j] + sum_s y2[s][pos(t, j)]), in j order; out in `dtype`.
 /// `pdl`: launched as a programmatic dependent of the FC2 GEMM (common.cuh).
 void launch_combine(const float* y2, int splits, std::int64_t split_stride, const float* bias2,

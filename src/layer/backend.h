@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "qmoe/layer.h"
 
@@ -43,13 +44,36 @@ class LayerBackend {
   virtual const std::string& name() const = 0;
 };
 
+/// Experts a CUDA Layer keeps in host memory and runs with the CPU kernels
+/// (LayerOptions::host_experts), behind this interface so that the CUDA backend
+/// includes no CPU header.
+class HostExperts {
+ public:
+  virtual ~HostExperts() = default;
+  /// y[r] = FC2(act(FC1(x[r]))) + fc2 bias of row r's expert, float32 rows [rows, H]: counts[i]
+  /// rows of the i-th host expert (LayerOptions::host_experts order), then the (i+1)-th's.
+  /// May run from any thread, and from several at once.
+  virtual void run(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const = 0;
+  virtual std::size_t packed_bytes() const = 0;
+  virtual int threads() const = 0;
+  virtual const std::string& name() const = 0;
+};
+
 /// The factories, one per backend (each defined in its backend's sources;
 /// cuda_stub.cpp stands in for CUDA when the build has no nvcc). `options`
 /// went through with_environment().
 std::unique_ptr<LayerBackend> make_cpu_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
                                                const LayerOptions& options, const ReleaseFn* release);
+/// The CPU side of a CUDA Layer with host experts: packs only `experts` (ascending ids).
+std::unique_ptr<HostExperts> make_cpu_host_experts(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
+                                                   const LayerOptions& options, const std::vector<int>& experts,
+                                                   const ReleaseFn* release);
+using HostExpertsFactory = std::function<std::unique_ptr<HostExperts>()>;
+/// `host_experts` builds the CPU side of options.host_experts (ascending, validated); the
+/// backend calls it once its own checks pass (not at all when the list is empty).
 std::unique_ptr<LayerBackend> make_cuda_backend(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
-                                                const LayerOptions& options, const ReleaseFn* release);
+                                                const LayerOptions& options, const ReleaseFn* release,
+                                                const HostExpertsFactory* host_experts = nullptr);
 /// True when the CUDA backend is built and a device is present.
 bool cuda_backend_available() noexcept;
 

@@ -2,6 +2,8 @@
 // only code that does), and forwards calls to it.
 #include "qmoe/layer.h"
 
+#include <algorithm>
+
 #include "core/check.h"
 #include "core/validate.h"
 #include "layer/backend.h"
@@ -45,14 +47,30 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
   impl_->backend = options.backend;
   switch (options.backend) {
     case Backend::cpu:
+      require(options.host_experts.empty(), "host_experts: only for the CUDA backend (a CPU layer keeps all ",
+              impl_->shape.num_experts, " experts in host memory), got ", options.host_experts.size(), " experts");
       impl_->run = detail::make_cpu_backend(weights, attrs, impl_->shape, options, release);
       break;
-    case Backend::cuda:
+    case Backend::cuda: {
       require(options.max_tokens >= 1 && options.max_tokens <= (std::int64_t{1} << 24),
               "max_tokens: expected 1..16777216, got ", options.max_tokens);
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
-      impl_->run = detail::make_cuda_backend(weights, attrs, impl_->shape, options, release);
+      std::vector<int> host = options.host_experts;
+      std::sort(host.begin(), host.end());
+      for (std::size_t i = 0; i < host.size(); ++i) {
+        require(host[i] >= 0 && host[i] < impl_->shape.num_experts, "host_experts: expected expert ids 0..",
+                impl_->shape.num_experts - 1, ", got ", host[i]);
+        require(i == 0 || host[i] != host[i - 1], "host_experts: expert ", host[i], " is named twice");
+      }
+      LayerOptions o = options;
+      o.host_experts = std::move(host);
+      const MoeShape& shape = impl_->shape;
+      const detail::HostExpertsFactory host_side = [&]() {
+        return detail::make_cpu_host_experts(weights, attrs, shape, o, o.host_experts, release);
+      };
+      impl_->run = detail::make_cuda_backend(weights, attrs, shape, o, release, &host_side);
       break;
+    }
     default:
       detail::fail("backend: expected Backend::cpu or Backend::cuda, got ", static_cast<int>(options.backend));
   }

@@ -1,0 +1,110 @@
+// The CPU side of a CUDA Layer with host experts (LayerOptions::host_experts):
+// a CpuMoe packed on an expert subset, run on rows already grouped by expert
+// (HostExperts::run). Checked bit for bit against a whole-layer CpuMoe with
+// k = 1 whose one-hot logits send the same rows to the same experts (its output
+// is 0 + 1 * (y + bias2): exactly the host rows' y + bias2), and against the
+// float64 reference; and the front's validation of host_experts.
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "cpu/moe.h"
+#include "helpers.h"
+#include "layer/backend.h"
+
+namespace qmoe::test {
+namespace {
+
+struct HostCase {
+  Activation act;
+  int bits, block, level;
+  std::vector<std::int64_t> counts;  // rows per host expert (in `experts` order)
+  std::int64_t pass_rows = 0;        // > 0: CpuMoe's chunk budget set to this many rows (k = 1)
+};
+
+void check(const HostCase& hc) {
+  const std::int64_t e_all = 6, h = 64, in = 96;
+  const std::vector<int> experts = {1, 2, 5};
+  MoeAttributes a;
+  a.k = 1;
+  a.activation = hc.act;
+  a.swiglu_fusion = hc.act == Activation::swiglu ? 1 : 0;
+  a.expert_weight_bits = hc.bits;
+  a.block_size = hc.block;
+  a.normalize_routing_weights = 1;
+  tools::SynthOptions so;
+  so.symmetric = false;  // zero points
+  const tools::SynthLayer s = tools::synth_layer(e_all, h, in, a, so);
+  const std::int64_t rows = std::accumulate(hc.counts.begin(), hc.counts.end(), std::int64_t{0});
+  Inputs x = random_inputs(rows, h, e_all, 7);
+  // One-hot logits: row r goes to the host expert of its group.
+  std::vector<float> logits(static_cast<std::size_t>(rows * e_all), -30.f);
+  std::int64_t r = 0;
+  for (std::size_t i = 0; i < experts.size(); ++i)
+    for (std::int64_t j = 0; j < hc.counts[i]; ++j, ++r) logits[r * e_all + experts[i]] = 30.f;
+
+  std::vector<float> y(static_cast<std::size_t>(rows * h), NAN);
+  const std::int64_t chunk = hc.pass_rows ? hc.pass_rows * (h + in) * 4 : cpu::CpuMoe::kDefaultChunkBytes;
+  if (hc.pass_rows) {
+    const cpu::CpuMoe part(s.views(), a, s.shape, 2, hc.level, chunk, nullptr, nullptr, false, &experts);
+    part.run_rows(x.x.data(), hc.counts.data(), rows, y.data());
+  } else {
+    LayerOptions o;
+    o.threads = 2;
+    o.accuracy_level = hc.level;
+    const auto host = detail::make_cpu_host_experts(s.views(), a, s.shape, o, experts, nullptr);
+    host->run(x.x.data(), hc.counts.data(), rows, y.data());
+  }
+
+  const cpu::CpuMoe whole(s.views(), a, s.shape, 2, hc.level, chunk);
+  std::vector<float> want(static_cast<std::size_t>(rows * h), NAN);
+  whole.forward(view_f32(x.x.data(), {rows, h}), view_f32(logits.data(), {rows, e_all}), TensorView{},
+                output_f32(want.data(), {rows, h}), rows);
+  for (std::int64_t i = 0; i < rows * h; ++i)
+    ASSERT_EQ(y[i], want[i]) << "element " << i << " (row " << i / h << ")";
+
+  const std::vector<double> ref =
+      reference_forward(s.views(), a, view_f32(x.x.data(), {rows, h}), view_f32(logits.data(), {rows, e_all}));
+  EXPECT_LT(rel_l2(y, ref), hc.level == 4 ? 3e-2 : 1e-5);
+}
+
+TEST(HostExperts, SameBitsAsTheWholeLayer) {
+  check({Activation::swiglu, 4, 32, 0, {3, 0, 5}});
+  check({Activation::silu, 8, 0, 0, {1, 40, 2}});  // one expert past the reuse threshold
+  check({Activation::swiglu, 4, 16, 4, {9, 2, 17}});
+}
+
+TEST(HostExperts, PassesSplitLargeExpertsTheSameWay) {
+  // More rows than one pass holds: passes of 128 rows split expert 1's 300 into
+  // 128 + 128 + 44, and the last pass takes the 44 with the other experts' rows,
+  // as the whole layer's chunks of 128 tokens do with these rows.
+  check({Activation::swiglu, 4, 32, 0, {300, 1, 2}, 128});
+  check({Activation::relu, 8, 16, 4, {300, 1, 2}, 128});
+}
+
+TEST(HostExperts, FrontValidatesTheList) {
+  MoeAttributes a;
+  a.k = 1;
+  const tools::SynthLayer s = tools::synth_layer(4, 32, 16, a);
+  LayerOptions o;
+  o.host_experts = {1};
+  try {
+    const Layer l(s.views(), a, o);
+    FAIL() << "a CPU layer took host_experts";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("host_experts: only for the CUDA backend"), std::string::npos) << e.what();
+  }
+  o.backend = Backend::cuda;
+  for (const std::vector<int>& bad : {std::vector<int>{4}, std::vector<int>{-1}, std::vector<int>{2, 2}}) {
+    o.host_experts = bad;
+    try {
+      const Layer l(s.views(), a, o);
+      FAIL() << "host_experts took a bad list";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("host_experts: "), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::test
