@@ -564,3 +564,4 @@ def cpu_kernel_isa() -> str:
 
 # The qmoe file (python/qmoe/_file.py), imported last: it builds on the definitions above.
 from ._file import _ATTR_DEFAULTS, FileLayer, FileTensor, QmoeFile, load, open, save  # noqa: E402,F401,A004
+from ._route import route  # noqa: E402,F401 (qmoe.route: the library's routing)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,6 +67,20 @@ class FileLayer:
                 f"activation={a['activation_type']!r}, k={a['k']}, bytes={self.weight_bytes})")
 
 
+def _expert_range(experts: Any) -> Tuple[int, int]:
+    """``experts=(first, end)`` as two ints; ``None`` is every expert."""
+    if experts is None:
+        return 0, -1
+    try:
+        first, end = experts
+    except (TypeError, ValueError):
+        raise TypeError(f"experts: expected (first, end), got {experts!r}") from None
+    first, end = _int_attr(first, "experts[0]"), _int_attr(end, "experts[1]")
+    if end == -1:
+        raise ValueError("experts: expected (first, end) with end >= 1, got end = -1")
+    return first, end
+
+
 class QmoeFile:
     """An open qmoe file (see :func:`open`): the header is parsed and every
     layer validated; the weights stay in the memory map until a layer is
@@ -103,13 +117,32 @@ class QmoeFile:
         raise ValueError(f"{self.path}: no tensor {name!r}")
 
     def load(self, name: str, *, device: Any = "cpu", threads: Optional[int] = None, accuracy_level: int = 0,
-             max_tokens: int = 4096) -> "Layer":
+             max_tokens: int = 4096, experts: Optional[Tuple[int, int]] = None, k: Optional[int] = None,
+             normalize_routing_weights: Optional[int] = None) -> "Layer":
         """Builds the :class:`Layer` ``name``, prepacking straight from the
-        memory map expert by expert (pages are dropped as they are packed)."""
+        memory map expert by expert (pages are dropped as they are packed).
+
+        ``experts=(first, end)`` builds only the stored experts
+        ``first .. end - 1`` (expert i of the result is stored expert
+        ``first + i``): only their bytes are read, so a process holding a
+        shard (e.g. one rank of :mod:`qmoe.distributed`) costs about the
+        shard's packed bytes. ``k`` and ``normalize_routing_weights`` replace
+        the stored routing attributes of the built layer (``None``: stored).
+        A range that is empty or outside the layer's experts raises
+        ``ValueError`` naming the file, the layer, the range and the expert
+        count."""
         backend, ordinal = _parse_device(device)
         nthreads = 0 if threads is None else _int_attr(threads, "threads")
-        core = self._f.load(name, nthreads, _int_attr(accuracy_level, "accuracy_level"), backend, ordinal,
-                            _max_tokens(max_tokens))
+        level = _int_attr(accuracy_level, "accuracy_level")
+        if experts is None and k is None and normalize_routing_weights is None:
+            core = self._f.load(name, nthreads, level, backend, ordinal, _max_tokens(max_tokens))
+            return Layer._wrap(core, ordinal)
+        first, end = _expert_range(experts)
+        core = _core.file_load_part(
+            self._f, name, first, end, 0 if k is None else _int_attr(k, "k"),
+            -1 if normalize_routing_weights is None else _int_attr(normalize_routing_weights,
+                                                                   "normalize_routing_weights"),
+            nthreads, level, backend, ordinal, _max_tokens(max_tokens))
         return Layer._wrap(core, ordinal)
 
     def __repr__(self) -> str:
@@ -125,15 +158,18 @@ def open(path: "str | os.PathLike[str]") -> QmoeFile:  # noqa: A001 (qmoe.open, 
 
 def load(path: "str | os.PathLike[str]", device: Any = "cpu", threads: Optional[int] = None,
          accuracy_level: int = 0, max_tokens: int = 4096,
-         layers: Optional[Sequence[str]] = None) -> Dict[str, "Layer"]:
+         layers: Optional[Sequence[str]] = None,
+         experts: Optional[Tuple[int, int]] = None) -> Dict[str, "Layer"]:
     """Builds :class:`Layer` objects from a qmoe file: all its layers, or those
     named in ``layers``, keyed by name in file order. The file is
     memory-mapped and each layer prepacked from the map expert by expert, so
     loading adds about the packed bytes to the process's memory. The other
-    arguments are :class:`Layer`'s."""
+    arguments are :class:`Layer`'s; ``experts=(first, end)`` builds only
+    those experts of every layer (see :meth:`QmoeFile.load`)."""
     f = QmoeFile(path)
     names = list(f.layers) if layers is None else list(layers)
-    return {n: f.load(n, device=device, threads=threads, accuracy_level=accuracy_level, max_tokens=max_tokens)
+    return {n: f.load(n, device=device, threads=threads, accuracy_level=accuracy_level, max_tokens=max_tokens,
+                      experts=experts)
             for n in names}
 
 

@@ -139,6 +139,25 @@ void bind_file(nb::module_& m) {
           },
           "name"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
           "Builds a Layer from a stored layer, prepacking from the map (GIL released).");
+  // Part of a stored layer (File::Part): experts [first_expert, end_expert), the built layer's k
+  // (0: stored) and normalize_routing_weights (-1: stored); qmoe.distributed loads a rank's shard with it.
+  m.def(
+      "file_load_part",
+      [](const qmoe::File& f, const std::string& name, std::int64_t first_expert, std::int64_t end_expert, int k,
+         int normalize_routing_weights, int threads, int accuracy_level, nb::handle backend, int device,
+         std::int64_t max_tokens) {
+        const qmoe::LayerOptions o = layer_options(threads, accuracy_level, backend, device, max_tokens);
+        const qmoe::File::Part part{first_expert, end_expert, k, normalize_routing_weights};
+        std::unique_ptr<qmoe::Layer> l;
+        {
+          nb::gil_scoped_release release;
+          l = std::make_unique<qmoe::Layer>(f.load(name, o, part));
+        }
+        return wrap_layer(std::move(*l), o);
+      },
+      "file"_a, "name"_a, "first_expert"_a, "end_expert"_a, "k"_a, "normalize_routing_weights"_a, "threads"_a,
+      "accuracy_level"_a, "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
+      "Builds a Layer of experts [first_expert, end_expert) of a stored layer (File::load with a File::Part).");
   m.def("save_file", &save, "path"_a, "layers"_a, "metadata"_a,
         "Writes a qmoe file: layers = [(name, weights, attrs, extra, metadata)].");
 }

@@ -27,6 +27,7 @@
 
 #include "bindings.h"
 #include "convert.h"
+#include "core/routing.h"
 #include "qmoe/qmoe.h"
 
 namespace nb = nanobind;
@@ -154,6 +155,64 @@ nb::tuple quantize(const TaggedIn& w, int bits, int block_size, bool symmetric) 
   return nb::make_tuple(weights, scales, zp, q.max_abs_error, q.rel_l2_error);
 }
 
+// Top-k routing of every row of router_probs [..., E] with the library's own
+// routing (core/routing.h, float64 weights), each weight rounded to float32 as
+// the CPU backend rounds it (cpu/plan.cpp). Returns (experts int32 [..., k],
+// weights float32 [..., k]), each row in rank order (largest first).
+nb::tuple route(const TaggedIn& router_probs, int k, bool normalize, const std::optional<TaggedIn>& router_weights) {
+  const qmoe::TensorView lg = qmoe_py::to_view(router_probs, "router_probs");
+  const qmoe::TensorView mix = qmoe_py::to_view(router_weights, "router_weights");
+  if (lg.shape.empty() || lg.shape.back() < 1)
+    throw qmoe::Error("router_probs: expected [..., E] with E >= 1 experts, got " + qmoe::shape_str(lg.shape));
+  const std::int64_t e = lg.shape.back(), t = lg.numel() / e;
+  if (k < 1 || k > e)
+    throw qmoe::Error("k: expected 1..E = 1.." + std::to_string(e) + " (router_probs' last dimension), got " +
+                      std::to_string(k));
+  if (mix.present() && mix.shape != lg.shape)
+    throw qmoe::Error("router_weights: expected the shape of router_probs " + qmoe::shape_str(lg.shape) + ", got " +
+                      qmoe::shape_str(mix.shape));
+  auto as_f32 = [](const qmoe::TensorView& v) {
+    std::vector<float> f(static_cast<std::size_t>(v.numel()));
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      switch (v.dtype) {
+        case qmoe::DType::f16:
+          f[i] = qmoe::f16_to_f32(static_cast<const std::uint16_t*>(v.data)[i]);
+          break;
+        case qmoe::DType::bf16:
+          f[i] = qmoe::bf16_to_f32(static_cast<const std::uint16_t*>(v.data)[i]);
+          break;
+        default:
+          f[i] = static_cast<const float*>(v.data)[i];
+      }
+    }
+    return f;
+  };
+  for (const auto* v : {&lg, &mix})
+    if (v->present() && v->dtype == qmoe::DType::u8)
+      throw qmoe::Error(std::string(v == &lg ? "router_probs" : "router_weights") +
+                        ": expected float32, float16 or bfloat16, got uint8");
+  std::vector<std::int32_t> experts(static_cast<std::size_t>(t * k));
+  std::vector<float> weights(static_cast<std::size_t>(t * k));
+  {
+    nb::gil_scoped_release release;
+    const std::vector<float> l = as_f32(lg);
+    const std::vector<float> m = mix.present() ? as_f32(mix) : std::vector<float>{};
+    std::vector<int> chosen(static_cast<std::size_t>(k));
+    std::vector<double> w(static_cast<std::size_t>(k));
+    for (std::int64_t i = 0; i < t; ++i) {
+      qmoe::detail::route_token(l.data() + i * e, m.empty() ? nullptr : m.data() + i * e, static_cast<int>(e), k,
+                                normalize, chosen.data(), w.data());
+      for (int j = 0; j < k; ++j) {
+        experts[static_cast<std::size_t>(i * k + j)] = chosen[static_cast<std::size_t>(j)];
+        weights[static_cast<std::size_t>(i * k + j)] = static_cast<float>(w[static_cast<std::size_t>(j)]);
+      }
+    }
+  }
+  std::vector<std::size_t> shape(lg.shape.begin(), lg.shape.end());
+  shape.back() = static_cast<std::size_t>(k);
+  return nb::make_tuple(qmoe_py::to_numpy(std::move(experts), shape), qmoe_py::to_numpy(std::move(weights), shape));
+}
+
 // The machine's measured ceilings (qmoe/sysinfo.h): long-running, so without the GIL.
 double read_bandwidth(int threads, std::size_t nbytes) {
   nb::gil_scoped_release release;
@@ -262,6 +321,9 @@ NB_MODULE(_core, m) {
 
   m.def("reference", &reference, "weights"_a, "attrs"_a, "input"_a, "router_probs"_a, "router_weights"_a.none(),
         "The float64 reference forward; returns [T, H] float64.");
+  m.def("route", &route, "router_probs"_a, "k"_a, "normalize"_a, "router_weights"_a.none(),
+        "Top-k routing with the library's routing (as the CPU backend computes it): (experts int32 [..., k], "
+        "weights float32 [..., k]) in rank order.");
   m.def("quantize", &quantize, "w"_a, "bits"_a, "block_size"_a, "symmetric"_a,
         "Quantizes float [E, N, K]; returns (weights, scales, zero_points|None, max_abs_error, rel_l2_error).");
   m.def("measure_read_bandwidth", &read_bandwidth, "threads"_a, "nbytes"_a,
