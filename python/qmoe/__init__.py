@@ -39,7 +39,7 @@ import collections
 import operator
 import re
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -149,6 +149,46 @@ def _max_tokens(max_tokens: Any) -> int:
     return n
 
 
+def _host_experts(backend: str, num_experts: int, expert_bytes: float, expert_placement: Any,
+                  gpu_memory_budget: Any, expert_frequency: Any) -> List[int]:
+    """The experts a CUDA layer keeps in host memory (ascending ids), from
+    ``expert_placement`` or from ``gpu_memory_budget`` (+ ``expert_frequency``)."""
+    if expert_placement is None and gpu_memory_budget is None:
+        if expert_frequency is not None:
+            raise ValueError("expert_frequency: only with gpu_memory_budget")
+        return []
+    if backend != "cuda":
+        raise ValueError("expert_placement / gpu_memory_budget: only for a CUDA layer (device='cuda'); "
+                         "a CPU layer keeps every expert in host memory")
+    if expert_placement is not None:
+        if gpu_memory_budget is not None or expert_frequency is not None:
+            raise ValueError("expert_placement: give it or gpu_memory_budget (+ expert_frequency), not both")
+        places = [str(p) for p in expert_placement]
+        if len(places) != num_experts:
+            raise ValueError(f"expert_placement: expected {num_experts} entries (one per expert), got {len(places)}")
+        host = []
+        for e, p in enumerate(places):
+            if p in ("cpu", "host"):
+                host.append(e)
+            elif p not in ("cuda", "gpu") and not p.startswith("cuda:"):
+                raise ValueError(f"expert_placement[{e}]: expected 'cuda' or 'cpu', got {p!r}")
+        return host
+    budget = _float_attr(gpu_memory_budget, "gpu_memory_budget")
+    if not budget >= 0:
+        raise ValueError(f"gpu_memory_budget: expected bytes >= 0, got {gpu_memory_budget!r}")
+    if expert_frequency is None:
+        freq = np.ones(num_experts)
+    else:
+        freq = np.asarray(expert_frequency, dtype=np.float64).reshape(-1)
+        if freq.shape[0] != num_experts or not np.all(np.isfinite(freq)) or np.any(freq < 0):
+            raise ValueError(f"expert_frequency: expected {num_experts} finite values >= 0, got "
+                             f"{freq.shape[0]} values")
+    # The most frequent experts on the GPU while they fit (ties: lower id first).
+    order = sorted(range(num_experts), key=lambda e: (-freq[e], e))
+    on_gpu = int(min(num_experts, budget // max(expert_bytes, 1.0)))
+    return sorted(order[on_gpu:])
+
+
 def _call_args(input, router_probs, router_weights):
     x = _float_arg(input, "input")
     lg = _float_arg(router_probs, "router_probs")
@@ -249,8 +289,19 @@ class Layer:
     (:attr:`device_bytes`) and uses a per-device working memory sized for
     ``max_tokens`` tokens per pass (:attr:`workspace_bytes`; shared by the
     layers on one device); longer inputs run in several passes.
-    ``max_tokens`` is ignored on the CPU, ``threads`` on CUDA. Building a CUDA
-    layer where :func:`cuda_available` is False raises ``ValueError``.
+    ``max_tokens`` is ignored on the CPU. Building a CUDA layer where
+    :func:`cuda_available` is False raises ``ValueError``.
+
+    Experts in host memory beside a GPU (for models whose experts do not fit
+    it): ``expert_placement`` gives ``"cuda"`` or ``"cpu"`` per expert, or
+    ``gpu_memory_budget`` (bytes of raw expert weights) puts the most frequent
+    experts (``expert_frequency``, one value per expert; default: all equal,
+    lower ids first) on the GPU while they fit and the rest in host memory. A
+    call routes on the GPU, copies only the rows routed to host experts to the
+    host, runs them with the CPU kernels (``threads``, ``accuracy_level``)
+    while the GPU experts run, copies the results back and combines on the GPU
+    in a fixed order: the same result run to run. :attr:`host_experts` lists
+    them.
     The CUDA backend takes float16 or bfloat16 activations (all of one dtype).
     """
 
@@ -261,7 +312,8 @@ class Layer:
                  *, k=1, activation_type="relu", normalize_routing_weights=0, use_sparse_mixer=0,
                  expert_weight_bits=4, block_size=0, swiglu_fusion=0, swiglu_limit=float("inf"),
                  activation_alpha=1.0, activation_beta=0.0, accuracy_level=0, threads=None,
-                 device="cpu", max_tokens=4096):
+                 device="cpu", max_tokens=4096, expert_placement=None, gpu_memory_budget=None,
+                 expert_frequency=None):
         backend, ordinal = _parse_device(device)
         weights = _weights(dict(
             fc1_experts_weights=fc1_experts_weights, fc1_scales=fc1_scales, fc1_experts_bias=fc1_experts_bias,
@@ -272,15 +324,21 @@ class Layer:
                             block_size, swiglu_fusion, swiglu_limit, activation_alpha, activation_beta)
         nthreads = 0 if threads is None else _int_attr(threads, "threads")
         ntokens = _max_tokens(max_tokens)
+        num_experts = int(weights["fc1_experts_weights"][0].shape[0]) if "fc1_experts_weights" in weights else 0
+        expert_bytes = sum(a.nbytes for a, _ in weights.values()) / max(num_experts, 1)
+        host = _host_experts(backend, num_experts, expert_bytes, expert_placement, gpu_memory_budget,
+                             expert_frequency)
         self._device = ordinal
+        self._host_experts = host
         self._layer = _core.Layer(weights, attrs, nthreads, _int_attr(accuracy_level, "accuracy_level"),
-                                  backend, ordinal, ntokens)
+                                  backend, ordinal, ntokens, host)
 
     @classmethod
     def _wrap(cls, core: Any, ordinal: int) -> "Layer":
         """A Layer around an already built ``_core.Layer`` (from a file)."""
         self = cls.__new__(cls)
         self._device = ordinal
+        self._host_experts = []
         self._layer = core
         return self
 
@@ -380,8 +438,13 @@ class Layer:
 
     @property
     def threads(self) -> int:
-        """Threads a call uses (CPU; 0 on CUDA)."""
+        """Threads a call uses (CPU, and a CUDA layer's host experts; else 0 on CUDA)."""
         return self._layer.threads
+
+    @property
+    def host_experts(self) -> List[int]:
+        """CUDA: the experts kept in host memory and run on the CPU (ascending ids; empty: all on the GPU)."""
+        return list(self._host_experts)
 
     @property
     def kernel_name(self) -> str:

@@ -3,15 +3,18 @@
 
 #include <nanobind/nanobind.h>
 
+#include <vector>
+
 #include "qmoe/qmoe.h"
 
 namespace qmoe_py {
 
 namespace nb = nanobind;
 
-/// LayerOptions from the Python arguments (backend "cpu"/"cuda" or BACKEND_*).
+/// LayerOptions from the Python arguments (backend "cpu"/"cuda" or BACKEND_*;
+/// host_experts: CUDA experts kept in host memory).
 qmoe::LayerOptions layer_options(int threads, int accuracy_level, nb::handle backend, int device,
-                                 std::int64_t max_tokens);
+                                 std::int64_t max_tokens, const std::vector<int>& host_experts = {});
 /// A built Layer as an instance of the bound Layer class.
 nb::object wrap_layer(qmoe::Layer&& layer, const qmoe::LayerOptions& o);
 /// Defines File and save_file on `m` (after Layer).

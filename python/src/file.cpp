@@ -128,8 +128,9 @@ void bind_file(nb::module_& m) {
       .def(
           "load",
           [](const qmoe::File& f, const std::string& name, int threads, int accuracy_level, nb::handle backend,
-             int device, std::int64_t max_tokens) {
-            const qmoe::LayerOptions o = layer_options(threads, accuracy_level, backend, device, max_tokens);
+             int device, std::int64_t max_tokens, const std::vector<int>& host_experts) {
+            const qmoe::LayerOptions o =
+                layer_options(threads, accuracy_level, backend, device, max_tokens, host_experts);
             std::unique_ptr<qmoe::Layer> l;
             {
               nb::gil_scoped_release release;
@@ -138,6 +139,7 @@ void bind_file(nb::module_& m) {
             return wrap_layer(std::move(*l), o);
           },
           "name"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
+          "host_experts"_a = std::vector<int>{},
           "Builds a Layer from a stored layer, prepacking from the map (GIL released).");
   // Part of a stored layer (File::Part): experts [first_expert, end_expert), the built layer's k
   // (0: stored) and normalize_routing_weights (-1: stored); qmoe.distributed loads a rank's shard with it.

@@ -22,6 +22,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 
@@ -76,10 +77,12 @@ qmoe::Backend parse_backend(nb::handle b) {
 }
 
 void layer_init(PyLayer* self, const std::map<std::string, TaggedIn>& weights, const qmoe::MoeAttributes& attrs,
-                int threads, int accuracy_level, nb::handle backend, int device, std::int64_t max_tokens) {
+                int threads, int accuracy_level, nb::handle backend, int device, std::int64_t max_tokens,
+                const std::vector<int>& host_experts) {
   qmoe_py::WeightArgs args{weights};  // holds the arrays (GIL held) until this returns
   const qmoe::ExpertWeights views = args.views();
-  const qmoe::LayerOptions opts = qmoe_py::layer_options(threads, accuracy_level, backend, device, max_tokens);
+  const qmoe::LayerOptions opts =
+      qmoe_py::layer_options(threads, accuracy_level, backend, device, max_tokens, host_experts);
   nb::gil_scoped_release release;
   new (self) PyLayer(views, attrs, opts);
 }
@@ -231,8 +234,9 @@ double peak_flops(int threads, double seconds) {
 namespace qmoe_py {
 
 qmoe::LayerOptions layer_options(int threads, int accuracy_level, nb::handle backend, int device,
-                                 std::int64_t max_tokens) {
+                                 std::int64_t max_tokens, const std::vector<int>& host_experts) {
   qmoe::LayerOptions opts;
+  opts.host_experts = host_experts;
   opts.backend = parse_backend(backend);
   opts.threads = threads;
   opts.accuracy_level = accuracy_level;
@@ -286,9 +290,10 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyLayer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
       .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu",
-           "device"_a = 0, "max_tokens"_a = 4096,
+           "device"_a = 0, "max_tokens"_a = 4096, "host_experts"_a = std::vector<int>{},
            "Validates and prepacks the raw weights (GIL released); keeps no reference to them. "
-           "backend: \"cpu\", \"cuda\" or BACKEND_*; device: CUDA ordinal; max_tokens: tokens per CUDA pass.")
+           "backend: \"cpu\", \"cuda\" or BACKEND_*; device: CUDA ordinal; max_tokens: tokens per CUDA pass; "
+           "host_experts: CUDA experts kept in host memory and run on the CPU kernels.")
       .def("forward", &layer_forward, "input"_a, "router_probs"_a, "router_weights"_a.none(), "out"_a,
            "Writes QMoE(input, router_probs[, router_weights]) into out (host arrays; on a CUDA layer the call "
            "copies to and from the device and waits; GIL released).")
