@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -185,6 +186,7 @@ class ExpertParallelLayer:
                     raise ValueError(f"group: rank {r} built the layer with another {names[i]} "
                                      f"({b if i < 5 else 'differing'}) than rank {self._rank} "
                                      f"({a if i < 5 else self._attrs})")
+        self._times: Dict[str, float] = {}
         self._chunk = (cpu_chunk_tokens(self._k, self._hidden, self._inter) if layer.backend == "cpu"
                        else None)
 
@@ -231,6 +233,15 @@ class ExpertParallelLayer:
         return self._layer
 
     @property
+    def last_call_seconds(self) -> Dict[str, float]:
+        """Host wall time of the last call by phase: ``gather`` (token counts and
+        argument checks, which also waits for the slowest rank to arrive),
+        ``route``, ``all_to_all`` (the three exchanges of every chunk),
+        ``experts`` (the local layer), ``combine``, and ``total``. On CUDA the
+        phases only enqueue work (synchronise to time them)."""
+        return dict(self._times)
+
+    @property
     def device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``."""
         return self._layer.device
@@ -255,6 +266,8 @@ class ExpertParallelLayer:
         has none). A bad argument on any rank raises ``ValueError`` /
         ``TypeError`` on every rank (naming the argument on that rank, the rank
         elsewhere) before any data is exchanged."""
+        start = time.perf_counter()
+        self._times = dict.fromkeys(("gather", "route", "all_to_all", "experts", "combine"), 0.0)
         error = self._check(input, router_logits, router_weights)
         t = int(input.reshape(-1, input.shape[-1]).shape[0]) if error is None else 0
         code = 0 if error is None else 1
@@ -263,6 +276,7 @@ class ExpertParallelLayer:
         every = [torch.empty_like(mine) for _ in range(self._world)]
         dist.all_gather(every, mine, group=self._group)
         table = torch.stack(every).cpu().tolist()
+        self._times["gather"] = time.perf_counter() - start
         if error is not None:
             raise error
         bad = [r for r, row in enumerate(table) if row[1]]
@@ -280,14 +294,18 @@ class ExpertParallelLayer:
         x = input.detach().reshape(t, self._hidden).contiguous()
         lg = router_logits.detach().reshape(t, self._num_experts)
         rw = None if router_weights is None else router_weights.detach().reshape(t, self._num_experts)
+        mark = time.perf_counter()
         experts, weights = qmoe.route(lg.cpu(), self._k, self._normalize, None if rw is None else rw.cpu())
+        self._times["route"] = time.perf_counter() - mark
         out = torch.empty((t, self._hidden), dtype=torch.float32, device=self._device)
         chunk = self._chunk or max(total, 1)
         for c0 in range(0, total, chunk):
             lo = min(max(c0 - offset, 0), t)
             hi = min(max(c0 + chunk - offset, 0), t)
             out[lo:hi] = self._exchange(x[lo:hi], experts[lo:hi], weights[lo:hi])
-        return out.to(input.dtype).reshape(shape)
+        result = out.to(input.dtype).reshape(shape)
+        self._times["total"] = time.perf_counter() - start
+        return result
 
     forward = __call__
 
@@ -329,18 +347,23 @@ class ExpertParallelLayer:
         per_expert = np.bincount(flat, minlength=self._num_experts)
         send_rows = [int(per_expert[a:b].sum()) for a, b in self._bounds]
         local_e = self._end - self._first
+        mark = time.perf_counter()
         recv_counts = torch.empty(world * local_e, dtype=torch.int64, device=self._device)
         dist.all_to_all_single(recv_counts, torch.from_numpy(per_expert).to(self._device),
                                output_split_sizes=[local_e] * world,
                                input_split_sizes=[b - a for a, b in self._bounds], group=self._group)
-        recv_per = recv_counts.cpu().numpy()  # [world, local_e]: rows from rank s for local expert e
+        recv_per = recv_counts.cpu().numpy()
+        self._times["all_to_all"] += time.perf_counter() - mark  # [world, local_e]: rows from rank s for local expert e
         recv_rows = [int(v) for v in recv_per.reshape(world, local_e).sum(axis=1)]
         rows = sum(recv_rows)
         index = torch.from_numpy(order // k).to(self._device)
         sent = x.index_select(0, index)
         got = torch.empty((rows, h), dtype=x.dtype, device=self._device)
+        mark = time.perf_counter()
         dist.all_to_all_single(got, sent, output_split_sizes=recv_rows, input_split_sizes=send_rows,
                                group=self._group)
+        self._times["all_to_all"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         # The rows came as (source rank, expert, token): for each expert its rows are in
         # global token order, as the single layer's plan orders them.
         cpu = self._device.type == "cpu"
@@ -354,8 +377,12 @@ class ExpertParallelLayer:
         else:
             y = torch.empty((0, h), dtype=result_dtype, device=self._device)
         back = torch.empty((n * k, h), dtype=result_dtype, device=self._device)
+        self._times["experts"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         dist.all_to_all_single(back, y.contiguous(), output_split_sizes=send_rows, input_split_sizes=recv_rows,
                                group=self._group)
+        self._times["all_to_all"] += time.perf_counter() - mark
+        mark = time.perf_counter()
         # back[p] is row order[p]; put them back as [token, slot] with slots by ascending expert.
         by_expert = np.argsort(experts, axis=1, kind="stable")  # [n, k]
         inverse = np.empty_like(order)
@@ -370,6 +397,7 @@ class ExpertParallelLayer:
             v = back.index_select(0, pos_t[:, j]).float()
             # Two roundings, multiply then add (no fused multiply-add), like the CPU combine.
             acc = acc + w_sorted[:, j:j + 1] * v
+        self._times["combine"] += time.perf_counter() - mark
         return acc
 
 
