@@ -156,11 +156,13 @@ def main() -> None:
             times = {"gpu": [], "cpu": []}
             for f in hybrid:
                 times[f] = []
+            def call(layer, a=xd, b=lgd):
+                return lambda: layer(a, b)
             for _ in range(args.rounds):
-                times["gpu"].append(time_gpu(lambda: gpu(xd, lgd), args.calls))
-                times["cpu"].append(time_cpu(lambda: cpu(xh, lgh), max(5, args.calls // 3)))
+                times["gpu"].append(time_gpu(call(gpu), args.calls))
+                times["cpu"].append(time_cpu(call(cpu, xh, lgh), max(5, args.calls // 3)))
                 for f, layer in hybrid.items():
-                    times[f].append(time_gpu(lambda layer=layer: layer(xd, lgd), args.calls))
+                    times[f].append(time_gpu(call(layer), args.calls))
             t_gpu, t_cpu = min(times["gpu"]), min(times["cpu"])
             ref = gpu(xd, lgd).float()
             for f in shares:

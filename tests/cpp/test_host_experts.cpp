@@ -60,8 +60,7 @@ void check(const HostCase& hc) {
   std::vector<float> want(static_cast<std::size_t>(rows * h), NAN);
   whole.forward(view_f32(x.x.data(), {rows, h}), view_f32(logits.data(), {rows, e_all}), TensorView{},
                 output_f32(want.data(), {rows, h}), rows);
-  for (std::int64_t i = 0; i < rows * h; ++i)
-    ASSERT_EQ(y[i], want[i]) << "element " << i << " (row " << i / h << ")";
+  for (std::int64_t i = 0; i < rows * h; ++i) ASSERT_EQ(y[i], want[i]) << "element " << i << " (row " << i / h << ")";
 
   const std::vector<double> ref =
       reference_forward(s.views(), a, view_f32(x.x.data(), {rows, h}), view_f32(logits.data(), {rows, e_all}));
