@@ -50,7 +50,7 @@ Plan plan_rows(const std::int64_t* counts, int experts, std::int64_t rows) {
   Plan p;
   p.tokens = rows, p.rows = rows, p.k = 1;
   p.count.assign(counts, counts + experts);
-  p.offset.assign(static_cast<std::size_t>(experts + 1), 0);
+  p.offset.assign(static_cast<std::size_t>(experts) + 1, 0);
   for (int e = 0; e < experts; ++e) p.offset[e + 1] = p.offset[e] + p.count[e];
   p.chosen.resize(static_cast<std::size_t>(rows));
   p.row_expert.resize(static_cast<std::size_t>(rows));
