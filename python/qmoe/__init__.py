@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from . import _core
+from ._placement import host_experts as _host_experts
 
 __version__ = "0.1.0"
 __all__ = ["qmoe", "Layer", "reference", "quantize", "QuantizedWeights", "cuda_available",
@@ -147,46 +148,6 @@ def _max_tokens(max_tokens: Any) -> int:
     if not 1 <= n <= 1 << 24:  # the library's range; checked here for the CPU too
         raise ValueError(f"max_tokens: expected 1..16777216, got {n}")
     return n
-
-
-def _host_experts(backend: str, num_experts: int, expert_bytes: float, expert_placement: Any,
-                  gpu_memory_budget: Any, expert_frequency: Any) -> List[int]:
-    """The experts a CUDA layer keeps in host memory (ascending ids), from
-    ``expert_placement`` or from ``gpu_memory_budget`` (+ ``expert_frequency``)."""
-    if expert_placement is None and gpu_memory_budget is None:
-        if expert_frequency is not None:
-            raise ValueError("expert_frequency: only with gpu_memory_budget")
-        return []
-    if backend != "cuda":
-        raise ValueError("expert_placement / gpu_memory_budget: only for a CUDA layer (device='cuda'); "
-                         "a CPU layer keeps every expert in host memory")
-    if expert_placement is not None:
-        if gpu_memory_budget is not None or expert_frequency is not None:
-            raise ValueError("expert_placement: give it or gpu_memory_budget (+ expert_frequency), not both")
-        places = [str(p) for p in expert_placement]
-        if len(places) != num_experts:
-            raise ValueError(f"expert_placement: expected {num_experts} entries (one per expert), got {len(places)}")
-        host = []
-        for e, p in enumerate(places):
-            if p in ("cpu", "host"):
-                host.append(e)
-            elif p not in ("cuda", "gpu") and not p.startswith("cuda:"):
-                raise ValueError(f"expert_placement[{e}]: expected 'cuda' or 'cpu', got {p!r}")
-        return host
-    budget = _float_attr(gpu_memory_budget, "gpu_memory_budget")
-    if not budget >= 0:
-        raise ValueError(f"gpu_memory_budget: expected bytes >= 0, got {gpu_memory_budget!r}")
-    if expert_frequency is None:
-        freq = np.ones(num_experts)
-    else:
-        freq = np.asarray(expert_frequency, dtype=np.float64).reshape(-1)
-        if freq.shape[0] != num_experts or not np.all(np.isfinite(freq)) or np.any(freq < 0):
-            raise ValueError(f"expert_frequency: expected {num_experts} finite values >= 0, got "
-                             f"{freq.shape[0]} values")
-    # The most frequent experts on the GPU while they fit (ties: lower id first).
-    order = sorted(range(num_experts), key=lambda e: (-freq[e], e))
-    on_gpu = int(min(num_experts, budget // max(expert_bytes, 1.0)))
-    return sorted(order[on_gpu:])
 
 
 def _call_args(input, router_probs, router_weights):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import qmoe
+from qmoe._placement import host_experts
 from qmoe_np import GPT_OSS_SWIGLU, make_layer
 
 E, H, I = 8, 128, 64
@@ -43,7 +44,7 @@ def _layer_args(seed, act="swiglu", bits=4, block=32, k=4):
 # --------------------------------------------------------------------------
 
 def test_placement_from_budget_and_frequency():
-    f = qmoe._host_experts
+    f = host_experts
     assert f("cuda", 4, 100.0, None, None, None) == []
     assert f("cuda", 4, 100.0, ["cuda", "cpu", "cuda", "cpu"], None, None) == [1, 3]
     assert f("cuda", 4, 100.0, None, 250, None) == [2, 3]          # two fit, lower ids first
@@ -64,7 +65,7 @@ def test_bad_placements(kw, msg):
     args = {"expert_placement": None, "gpu_memory_budget": None, "expert_frequency": None}
     args.update(kw)
     with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
-        qmoe._host_experts("cuda", 4, 100.0, args["expert_placement"], args["gpu_memory_budget"],
+        host_experts("cuda", 4, 100.0, args["expert_placement"], args["gpu_memory_budget"],
                            args["expert_frequency"])
 
 
