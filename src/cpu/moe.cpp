@@ -333,6 +333,7 @@ class CpuHostExperts final : public HostExperts {
   void run(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const override {
     moe_.run_rows(x, counts, rows, y);
   }
+  void prepare() const override { moe_.wake_threads(); }
   std::size_t packed_bytes() const override { return moe_.packed_bytes(); }
   int threads() const override { return moe_.threads(); }
   const std::string& name() const override { return moe_.name(); }

@@ -44,6 +44,9 @@ class CpuMoe final : public detail::LayerBackend {
   /// counts[i] rows of slot i, then slot i + 1's (HostExperts::run). Thread-safe like forward().
   void run_rows(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const;
 
+  /// Wakes the thread pool ahead of a call (ThreadPool::wake).
+  void wake_threads() const { pool_->wake(); }
+
   std::size_t packed_bytes() const override;
   int threads() const override { return pool_->size(); }
   const std::string& name() const override { return name_; }

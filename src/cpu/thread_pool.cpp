@@ -20,6 +20,8 @@ namespace {
 // more threads than cores loses little (the poll also yields).
 constexpr auto kWorkerSpin = std::chrono::microseconds(50);
 constexpr auto kCallerSpin = std::chrono::microseconds(100);
+// How long workers woken by wake() poll for the job announced.
+constexpr auto kWakeSpin = std::chrono::microseconds(500);
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -97,17 +99,36 @@ void ThreadPool::post(std::uint64_t state) {
   }
 }
 
+// Like post(), for wake(): the increment of wakes_ pairs with a sleeping
+// worker's increment of sleepers_ and its load of wakes_ in the wait predicate.
+void ThreadPool::wake() {
+  wakes_.fetch_add(1, std::memory_order_seq_cst);
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    { std::lock_guard<std::mutex> lk(m_); }
+    wake_.notify_all();
+  }
+}
+
 void ThreadPool::worker(int index) {
   std::uint64_t seen = 0;  // generation of the last job this worker looked at
+  std::uint64_t woken = wakes_.load(std::memory_order_relaxed);
+  auto window = kWorkerSpin;
   for (;;) {
     auto fresh = [&](std::memory_order mo) { return stop_.load(mo) || generation(state_.load(mo)) != seen; };
-    if (!spin_until([&] { return fresh(std::memory_order_acquire); }, kWorkerSpin)) {
+    auto woke = [&](std::memory_order mo) { return wakes_.load(mo) != woken; };
+    if (!spin_until([&] { return fresh(std::memory_order_acquire) || woke(std::memory_order_relaxed); }, window)) {
       sleepers_.fetch_add(1, std::memory_order_seq_cst);
       {
         std::unique_lock<std::mutex> lk(m_);
-        wake_.wait(lk, [&] { return fresh(std::memory_order_seq_cst); });
+        wake_.wait(lk, [&] { return fresh(std::memory_order_seq_cst) || woke(std::memory_order_seq_cst); });
       }
       sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    }
+    window = kWorkerSpin;
+    if (!fresh(std::memory_order_acquire)) {  // wake() was called: poll for the job it announced
+      woken = wakes_.load(std::memory_order_relaxed);
+      window = kWakeSpin;
+      continue;
     }
     if (stop_.load(std::memory_order_acquire)) return;
     // Join the newest job unless the caller has closed it already (then it needs no help).

@@ -44,6 +44,12 @@ class ThreadPool {
   /// rethrown here (remaining items are skipped).
   void parallel_for(std::int64_t n, const std::function<void(std::int64_t, int)>& fn);
 
+  /// Wakes sleeping workers to poll for a job for a while (kWakeSpin in the
+  /// .cpp): for a caller that knows a job is coming soon (a CUDA layer's host
+  /// experts, when it enqueues the GPU work that precedes them), so the job
+  /// does not wait for the workers' wake-up. Returns at once.
+  void wake();
+
  private:
   void worker(int index);
   void run_items(int index);
@@ -71,6 +77,7 @@ class ThreadPool {
   alignas(64) std::atomic<int> sleepers_{0};  // workers in (or entering) wake_.wait
   std::atomic<bool> caller_sleeping_{false};  // the caller is in (or entering) done_.wait
   std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> wakes_{0};  // wake() calls
   std::mutex m_;
   std::condition_variable wake_, done_;
 };

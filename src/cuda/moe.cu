@@ -293,6 +293,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
       QMOE_CUDA_CHECK(cudaStreamWaitEvent(hp->side, hp->routed, 0));
       QMOE_CUDA_CHECK(cudaLaunchHostFunc(hp->side, &HostPass::run, hp));
       QMOE_CUDA_CHECK(cudaEventRecord(hp->computed, hp->side));
+      hp->experts->prepare();  // the CPU threads poll from now on instead of waking when the rows arrive
     }
     // Grid bound on the plan's m-tiles: each expert's last tile may be partial
     // (+ E), and no tile is empty (<= pairs; at T = 1 that spares the GEMMs

@@ -54,6 +54,9 @@ class HostExperts {
   /// rows of the i-th host expert (LayerOptions::host_experts order), then the (i+1)-th's.
   /// May run from any thread, and from several at once.
   virtual void run(const float* x, const std::int64_t* counts, std::int64_t rows, float* y) const = 0;
+  /// Told that a run() is coming soon (the GPU work before it is enqueued): the
+  /// CPU threads can stop sleeping. Returns at once.
+  virtual void prepare() const {}
   virtual std::size_t packed_bytes() const = 0;
   virtual int threads() const = 0;
   virtual const std::string& name() const = 0;

@@ -130,6 +130,42 @@ TEST(ThreadPool, ConcurrentCallersSerialize) {
   for (int c = 0; c < 4; ++c) EXPECT_TRUE(ok[c]) << "caller " << c;
 }
 
+// wake() (a job announced ahead, from another thread too) never loses, repeats or
+// misroutes items, whether the workers are asleep, spinning or inside a job; and
+// after the wake window the pool sleeps again (IdlePoolDoesNotBurnCpu's check).
+TEST(ThreadPool, WakeAheadOfJobs) {
+  cpu::ThreadPool pool(4);
+  std::atomic<bool> stop{false};
+  std::thread waker([&] {
+    while (!stop.load()) {
+      pool.wake();
+      std::this_thread::sleep_for(std::chrono::microseconds(70));
+    }
+  });
+  for (int job = 0; job < 2000; ++job) {
+    if (job % 3 == 0) pool.wake();
+    const std::int64_t n = 1 + job % 50;
+    std::atomic<std::int64_t> sum{0};
+    pool.parallel_for(n, [&](std::int64_t i, int) { sum.fetch_add(i + 1); });
+    ASSERT_EQ(sum.load(), n * (n + 1) / 2) << "job " << job;
+    if (job % 400 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));  // past every window
+  }
+  stop.store(true);
+  waker.join();
+#ifdef CLOCK_PROCESS_CPUTIME_ID
+  pool.wake();
+  auto cpu_ms = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the wake window
+  const double c0 = cpu_ms();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_LT(cpu_ms() - c0, 30.0) << "ms of CPU used in 300 ms after a wake()";
+#endif
+}
+
 TEST(ThreadPool, DestroyedRightAfterStartOrAJob) {
   for (int rep = 0; rep < 50; ++rep) {
     cpu::ThreadPool idle(4);
