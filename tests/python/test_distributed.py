@@ -292,6 +292,33 @@ def test_world_size_one_in_process(tmp_path, folder):
         dist.destroy_process_group()
 
 
+def test_nccl_one_gpu(tmp_path, folder):
+    """The NCCL path on one GPU (world size 1): CUDA local layer, all-to-all through NCCL, the
+    combine on the GPU. Within the CUDA tolerance of float64 (it rounds each expert's y + b2 to
+    the activation dtype before combining), and the same bits run to run."""
+    if not (torch.cuda.is_available() and qmoe.cuda_available() and dist.is_nccl_available()):
+        pytest.skip("needs qmoe's CUDA backend, a GPU and NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rendezvous_nccl", rank=0, world_size=1)
+    try:
+        for i in (0, 2):
+            case = CASES[i]
+            path = os.path.join(folder, f"case{i}.safetensors")
+            layer = qmoe.distributed.ExpertParallelLayer.from_file(path, LAYER, device="cuda")
+            x, lg, rw = _inputs(folder, i, case, 0, case.tokens)
+            xd = x.to("cuda", torch.bfloat16)
+            lgd, rwd = lg.to("cuda", torch.bfloat16), None if rw is None else rw.to("cuda", torch.bfloat16)
+            y = layer(xd, lgd, rwd)
+            assert y.dtype == torch.bfloat16 and y.device.type == "cuda"
+            assert torch.equal(y.view(torch.int16), layer(xd, lgd, rwd).view(torch.int16))
+            w, attrs = _full_weights(path)
+            ref = qmoe.reference(xd.float().cpu().numpy(), lgd.float().cpu().numpy(),
+                                 router_weights=None if rwd is None else rwd.float().cpu().numpy(), **w, **attrs)
+            got = y.float().cpu().numpy().astype(np.float64)
+            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 2e-2
+    finally:
+        dist.destroy_process_group()
+
+
 def test_needs_an_initialized_group(folder):
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         _build(folder, 0, CASES[0])
