@@ -198,11 +198,7 @@ void CpuMoe::forward(const TensorView& input, const TensorView& router_probs, co
   detail::require(!subset_, "CpuMoe: a layer built on an expert subset serves run_rows() only");
   const std::int64_t h = shape_.hidden;
   PhaseClock total{profile_};
-  struct Lease {  // returns the workspace on every exit path
-    const CpuMoe* self;
-    WorkspacePtr w;
-    ~Lease() { self->release(std::move(w)); }
-  } lease{this, acquire()};
+  const Lease lease{this, acquire()};
   Workspace& ws = *lease.w;
   // float32 views of the inputs (converted at the edge when float16/bfloat16).
   auto as_f32 = [](const TensorView& v, std::vector<float>& buf) -> const float* {
@@ -268,11 +264,7 @@ void CpuMoe::run_rows(const float* x, const std::int64_t* counts, std::int64_t r
   const std::int64_t slots = slots_, h = shape_.hidden;
   const std::int64_t pad2 = layer_.fc2.geometry().tiles() * kTileRows;
   PhaseClock total{profile_};
-  struct Lease {  // returns the workspace on every exit path
-    const CpuMoe* self;
-    WorkspacePtr w;
-    ~Lease() { self->release(std::move(w)); }
-  } lease{this, acquire()};
+  const Lease lease{this, acquire()};
   // Passes of whole experts up to the chunk budget; an expert with more rows
   // than that alone, in pieces of exactly `limit` rows and a last one (so a
   // row's pass depends only on its index among its expert's rows).

@@ -58,6 +58,11 @@ class CpuMoe final : public detail::LayerBackend {
   using WorkspacePtr = std::unique_ptr<Workspace>;
   WorkspacePtr acquire() const;
   void release(WorkspacePtr w) const;
+  struct Lease {  // a call's workspace, returned on every exit path
+    const CpuMoe* self;
+    WorkspacePtr w;
+    ~Lease() { self->release(std::move(w)); }
+  };
   // One chunk of tokens: plan -> gather -> FC1 -> FC2 (path_) -> combine.
   void run_chunk(Workspace& ws, const float* x, const float* logits, const float* mix, std::int64_t t0, std::int64_t t1,
                  float* out) const;

@@ -36,33 +36,13 @@ struct Carver {
 /// addressing: the same pointer on both sides), released on destruction.
 /// Kernels read and write it over PCIe; the host reads what a kernel wrote
 /// once the kernel has completed.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  explicit PinnedBuffer(std::size_t bytes) : bytes_(bytes) {
-    if (bytes) QMOE_CUDA_CHECK(cudaHostAlloc(&p_, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+struct MappedHostMemory {
+  static cudaError_t allocate(void** p, std::size_t n) {
+    return cudaHostAlloc(p, n, cudaHostAllocMapped | cudaHostAllocPortable);
   }
-  ~PinnedBuffer() {
-    if (p_) cudaFreeHost(p_);
-  }
-  PinnedBuffer(PinnedBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
-  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
-    if (this != &o) {
-      if (p_) cudaFreeHost(p_);
-      p_ = o.p_, bytes_ = o.bytes_, o.p_ = nullptr, o.bytes_ = 0;
-    }
-    return *this;
-  }
-  template <class T = void>
-  T* get() const {
-    return static_cast<T*>(p_);
-  }
-  std::size_t bytes() const { return bytes_; }
-
- private:
-  void* p_ = nullptr;
-  std::size_t bytes_ = 0;
+  static void release(void* p) { cudaFreeHost(p); }
 };
+using PinnedBuffer = CudaBuffer<MappedHostMemory>;
 
 // Working memory shared by every Layer of a device that fits in it: a model's
 // layers run one after another, so one workspace serves them all (a Layer

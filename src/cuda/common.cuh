@@ -37,20 +37,23 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
-/// A device allocation released on destruction.
-class DeviceBuffer {
+/// A CUDA allocation released on destruction; `Kind` says how (DeviceMemory:
+/// cudaMalloc; MappedHostMemory, arena.h: page-locked host memory mapped into
+/// the device's address space).
+template <class Kind>
+class CudaBuffer {
  public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(std::size_t bytes) : bytes_(bytes) {
-    if (bytes) QMOE_CUDA_CHECK(cudaMalloc(&p_, bytes));
+  CudaBuffer() = default;
+  explicit CudaBuffer(std::size_t bytes) : bytes_(bytes) {
+    if (bytes) QMOE_CUDA_CHECK(Kind::allocate(&p_, bytes));
   }
-  ~DeviceBuffer() {
-    if (p_) cudaFree(p_);
+  ~CudaBuffer() {
+    if (p_) Kind::release(p_);
   }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+  CudaBuffer(CudaBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  CudaBuffer& operator=(CudaBuffer&& o) noexcept {
     if (this != &o) {
-      if (p_) cudaFree(p_);
+      if (p_) Kind::release(p_);
       p_ = o.p_, bytes_ = o.bytes_, o.p_ = nullptr, o.bytes_ = 0;
     }
     return *this;
@@ -65,6 +68,13 @@ class DeviceBuffer {
   void* p_ = nullptr;
   std::size_t bytes_ = 0;
 };
+
+struct DeviceMemory {
+  static cudaError_t allocate(void** p, std::size_t n) { return cudaMalloc(p, n); }
+  static void release(void* p) { cudaFree(p); }
+};
+/// A device allocation released on destruction.
+using DeviceBuffer = CudaBuffer<DeviceMemory>;
 
 /// Raises `kernel`'s dynamic shared-memory limit to `bytes` on the current
 /// device, once per (kernel, device): the attribute is per device. The kernel

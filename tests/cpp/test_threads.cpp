@@ -130,6 +130,14 @@ TEST(ThreadPool, ConcurrentCallersSerialize) {
   for (int c = 0; c < 4; ++c) EXPECT_TRUE(ok[c]) << "caller " << c;
 }
 
+#ifdef CLOCK_PROCESS_CPUTIME_ID
+double cpu_ms() {  // CPU time of the whole process
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
+}
+#endif
+
 // wake() (a job announced ahead, from another thread too) never loses, repeats or
 // misroutes items, whether the workers are asleep, spinning or inside a job; and
 // after the wake window the pool sleeps again (IdlePoolDoesNotBurnCpu's check).
@@ -154,11 +162,6 @@ TEST(ThreadPool, WakeAheadOfJobs) {
   waker.join();
 #ifdef CLOCK_PROCESS_CPUTIME_ID
   pool.wake();
-  auto cpu_ms = [] {
-    timespec ts{};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-  };
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the wake window
   const double c0 = cpu_ms();
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
@@ -182,11 +185,6 @@ TEST(ThreadPool, IdlePoolDoesNotBurnCpu) {
   cpu::ThreadPool pool(4);
   std::atomic<int> n{0};
   pool.parallel_for(16, [&](std::int64_t, int) { n.fetch_add(1); });
-  auto cpu_ms = [] {
-    timespec ts{};
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-  };
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past every spin window
   const double c0 = cpu_ms();
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
