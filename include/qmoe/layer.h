@@ -59,6 +59,12 @@ struct LayerOptions {
   /// them beside the GPU experts, copies the results back and combines on the
   /// GPU. Empty = every expert on the GPU. Results are the same run to run.
   std::vector<int> host_experts{};
+  /// CUDA with host_experts: from this many tokens per pass, the host experts'
+  /// weights (kept in host memory in the GPU's layout too) are copied to the GPU
+  /// over PCIe and computed there instead of on the CPU, which is faster for
+  /// large batches; 0 = never. The copy goes to a per-device buffer shared by
+  /// the Layers (one Layer's host experts).
+  std::int64_t host_experts_gpu_from = 0;
 
   // Overrides for diagnosis and tuning. A field left at its default is filled
   // from the environment variable named beside it (see with_environment()).

@@ -262,7 +262,9 @@ class Layer:
     host, runs them with the CPU kernels (``threads``, ``accuracy_level``)
     while the GPU experts run, copies the results back and combines on the GPU
     in a fixed order: the same result run to run. :attr:`host_experts` lists
-    them.
+    them. ``host_experts_gpu_from=N``: calls with at least N tokens per pass
+    copy the host experts' weights to the GPU over PCIe and compute them
+    there instead (faster for large batches; 0 = never).
     The CUDA backend takes float16 or bfloat16 activations (all of one dtype).
     """
 
@@ -274,7 +276,7 @@ class Layer:
                  expert_weight_bits=4, block_size=0, swiglu_fusion=0, swiglu_limit=float("inf"),
                  activation_alpha=1.0, activation_beta=0.0, accuracy_level=0, threads=None,
                  device="cpu", max_tokens=4096, expert_placement=None, gpu_memory_budget=None,
-                 expert_frequency=None):
+                 expert_frequency=None, host_experts_gpu_from=0):
         backend, ordinal = _parse_device(device)
         weights = _weights(dict(
             fc1_experts_weights=fc1_experts_weights, fc1_scales=fc1_scales, fc1_experts_bias=fc1_experts_bias,
@@ -292,7 +294,8 @@ class Layer:
         self._device = ordinal
         self._host_experts = host
         self._layer = _core.Layer(weights, attrs, nthreads, _int_attr(accuracy_level, "accuracy_level"),
-                                  backend, ordinal, ntokens, host)
+                                  backend, ordinal, ntokens, host,
+                                  _int_attr(host_experts_gpu_from, "host_experts_gpu_from"))
 
     @classmethod
     def _wrap(cls, core: Any, ordinal: int) -> "Layer":

@@ -78,11 +78,11 @@ qmoe::Backend parse_backend(nb::handle b) {
 
 void layer_init(PyLayer* self, const std::map<std::string, TaggedIn>& weights, const qmoe::MoeAttributes& attrs,
                 int threads, int accuracy_level, nb::handle backend, int device, std::int64_t max_tokens,
-                const std::vector<int>& host_experts) {
+                const std::vector<int>& host_experts, std::int64_t host_experts_gpu_from) {
   qmoe_py::WeightArgs args{weights};  // holds the arrays (GIL held) until this returns
   const qmoe::ExpertWeights views = args.views();
   const qmoe::LayerOptions opts =
-      qmoe_py::layer_options(threads, accuracy_level, backend, device, max_tokens, host_experts);
+      qmoe_py::layer_options(threads, accuracy_level, backend, device, max_tokens, host_experts, host_experts_gpu_from);
   nb::gil_scoped_release release;
   new (self) PyLayer(views, attrs, opts);
 }
@@ -234,9 +234,11 @@ double peak_flops(int threads, double seconds) {
 namespace qmoe_py {
 
 qmoe::LayerOptions layer_options(int threads, int accuracy_level, nb::handle backend, int device,
-                                 std::int64_t max_tokens, const std::vector<int>& host_experts) {
+                                 std::int64_t max_tokens, const std::vector<int>& host_experts,
+                                 std::int64_t host_experts_gpu_from) {
   qmoe::LayerOptions opts;
   opts.host_experts = host_experts;
+  opts.host_experts_gpu_from = host_experts_gpu_from;
   opts.backend = parse_backend(backend);
   opts.threads = threads;
   opts.accuracy_level = accuracy_level;
@@ -290,10 +292,11 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyLayer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
       .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu",
-           "device"_a = 0, "max_tokens"_a = 4096, "host_experts"_a = std::vector<int>{},
+           "device"_a = 0, "max_tokens"_a = 4096, "host_experts"_a = std::vector<int>{}, "host_experts_gpu_from"_a = 0,
            "Validates and prepacks the raw weights (GIL released); keeps no reference to them. "
            "backend: \"cpu\", \"cuda\" or BACKEND_*; device: CUDA ordinal; max_tokens: tokens per CUDA pass; "
-           "host_experts: CUDA experts kept in host memory and run on the CPU kernels.")
+           "host_experts: CUDA experts kept in host memory and run on the CPU kernels; host_experts_gpu_from: tokens "
+           "per pass from which they are copied to the GPU and computed there (0 = never).")
       .def("forward", &layer_forward, "input"_a, "router_probs"_a, "router_weights"_a.none(), "out"_a,
            "Writes QMoE(input, router_probs[, router_weights]) into out (host arrays; on a CUDA layer the call "
            "copies to and from the device and waits; GIL released).")

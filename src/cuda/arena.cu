@@ -6,15 +6,17 @@
 
 namespace qmoe::cuda {
 
-std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes, std::size_t host_bytes) {
+std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes, std::size_t host_bytes, std::size_t staging_bytes) {
   static std::mutex mu;
   static std::map<int, std::weak_ptr<Arena>> registry;
   std::lock_guard<std::mutex> lk(mu);
   std::shared_ptr<Arena> cur = registry[device].lock();
-  if (cur && cur->buf.bytes() >= bytes && cur->host.bytes() >= host_bytes) return cur;
+  if (cur && cur->buf.bytes() >= bytes && cur->host.bytes() >= host_bytes && cur->staging.bytes() >= staging_bytes)
+    return cur;
   auto a = std::make_shared<Arena>();
   a->buf = DeviceBuffer(std::max(bytes, cur ? cur->buf.bytes() : std::size_t{0}));
   a->host = PinnedBuffer(std::max(host_bytes, cur ? cur->host.bytes() : std::size_t{0}));
+  a->staging = DeviceBuffer(std::max(staging_bytes, cur ? cur->staging.bytes() : std::size_t{0}));
   QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&a->done, cudaEventDisableTiming));
   registry[device] = a;
   return a;

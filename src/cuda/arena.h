@@ -51,7 +51,8 @@ using PinnedBuffer = CudaBuffer<MappedHostMemory>;
 // when the stream changes between calls.
 struct Arena {
   DeviceBuffer buf;
-  PinnedBuffer host;  // the rows of host experts (LayerOptions::host_experts), both ways
+  PinnedBuffer host;     // the rows of host experts (LayerOptions::host_experts), both ways
+  DeviceBuffer staging;  // host experts' weights copied for a call (LayerOptions::host_experts_gpu_from)
   std::mutex mu;
   cudaEvent_t done = nullptr;
   cudaStream_t last = nullptr;
@@ -65,8 +66,10 @@ struct Arena {
 };
 
 /// The arena of `device`, grown (replaced) when a Layer needs more than it holds
-/// (`bytes` of device memory, `host_bytes` of mapped host memory).
-std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes, std::size_t host_bytes = 0);
+/// (`bytes` of device memory, `host_bytes` of mapped host memory, `staging_bytes` of
+/// device memory for host experts' weights).
+std::shared_ptr<Arena> acquire_arena(int device, std::size_t bytes, std::size_t host_bytes = 0,
+                                     std::size_t staging_bytes = 0);
 
 /// One pass's working memory: the plan and the intermediate activations.
 struct Workspace {

@@ -35,6 +35,9 @@ struct GemmProblem {
   const int* offsets = nullptr;  ///< [E + 1] first position of each expert
   const MTile* tiles = nullptr;  ///< [capacity]
   const int* num_tiles = nullptr;
+  /// Only m-tiles of slots [slot_begin, slot_end) (host experts streamed to the GPU run
+  /// in a launch of their own, with weights from a staging buffer).
+  int slot_begin = 0, slot_end = 1 << 30;
   // Output.
   bool fc1 = true;  ///< true: bias + activation, store in the token dtype; false: float32 partials
   void* out = nullptr;

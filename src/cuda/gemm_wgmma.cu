@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   const int tile = static_cast<int>(rest / static_cast<unsigned>(row_blocks)) * kGroup + static_cast<int>(bx % kGroup);
   if (tile >= *p.num_tiles) return;
   const MTile mt = p.tiles[tile];
+  if (mt.expert < p.slot_begin || mt.expert >= p.slot_end) return;
   const int e = mt.expert;
   const int pos0 = p.offsets[e] + mt.m0;
   const int rows_here = min(kTok, p.offsets[e + 1] - pos0);

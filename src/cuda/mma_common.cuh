@@ -140,6 +140,7 @@ __device__ __forceinline__ void split_k_range(const GemmProblem& p, std::int64_t
 __device__ __forceinline__ bool tile_work(const GemmProblem& p, int bm, TileWork& w) {
   if (static_cast<int>(blockIdx.y) >= *p.num_tiles) return false;
   const MTile mt = p.tiles[blockIdx.y];
+  if (mt.expert < p.slot_begin || mt.expert >= p.slot_end) return false;
   w.e = mt.expert;
   w.pos0 = p.offsets[w.e] + mt.m0;
   w.rows_here = min(bm, p.offsets[w.e + 1] - w.pos0);

@@ -131,6 +131,15 @@ struct CudaMoe::State {
   DeviceBuffer slot_of;       // [E] expert -> slot
   DeviceBuffer combine_bias;  // [E][padded rows of FC2] by slot: GPU slots' FC2 bias, host slots 0
   std::size_t host_bytes = 0;
+  // Host experts computed on the GPU from host_experts_gpu_from tokens per pass: their
+  // weights in the GPU layout in host memory (the allocation prepack made, copied whole
+  // to the arena's staging for a call), where its arrays were (host_base), and every
+  // slot's FC2 bias for the combine.
+  std::int64_t gpu_from = 0;
+  PinnedBuffer host_packed;
+  std::uintptr_t host_base = 0;
+  PackedGpu host_p1, host_p2;
+  DeviceBuffer all_bias;
 
   Workspace carve(Carver& c) const {
     Workspace ws = carve_workspace(c, chunk, attrs.k, shape.num_experts, shape.hidden, a_stride);
@@ -199,6 +208,23 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
           cudaMemcpy(st.combine_bias.get(), st.w.p2.bias, row * gpu_experts.size(), cudaMemcpyDeviceToDevice));
   }
 
+  if (st.host && o.host_experts_gpu_from > 0) {
+    // The host experts packed for the GPU once (on the device, then kept in host memory).
+    PackedLayer hl = prepack_layer(w, a, s, release, &o.host_experts);
+    st.gpu_from = o.host_experts_gpu_from;
+    st.host_packed = PinnedBuffer(hl.packed.bytes());
+    QMOE_CUDA_CHECK(cudaMemcpy(st.host_packed.get(), hl.packed.get(), hl.packed.bytes(), cudaMemcpyDeviceToHost));
+    st.host_base = reinterpret_cast<std::uintptr_t>(hl.packed.get());
+    st.host_p1 = hl.p1, st.host_p2 = hl.p2;
+    if (st.w.has_bias2) {
+      const std::size_t row = sizeof(float) * static_cast<std::size_t>(st.w.g2.padded_rows);
+      const std::size_t ng = gpu_experts.size(), nh = o.host_experts.size();
+      st.all_bias = DeviceBuffer(row * static_cast<std::size_t>(E));
+      if (ng) QMOE_CUDA_CHECK(cudaMemcpy(st.all_bias.get(), st.w.p2.bias, row * ng, cudaMemcpyDeviceToDevice));
+      QMOE_CUDA_CHECK(cudaMemcpy(st.all_bias.get<char>() + row * ng, hl.p2.bias, row * nh, cudaMemcpyDeviceToDevice));
+    }
+  }
+
   // Tokens per pass: at most max_tokens, and few enough that the GEMM grid's
   // tile dimension (<= 65535) holds the worst-case m-tile count. With host
   // experts, at most kHostPassTokens (the mapped host rows are sized by it).
@@ -213,13 +239,14 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
     carve_host_rows(hs, st.host_rows(), E, s.hidden);
     st.host_bytes = hs.used;
   }
-  st.arena = acquire_arena(o.device, st.ws_bytes, st.host_bytes);
+  st.arena = acquire_arena(o.device, st.ws_bytes, st.host_bytes, st.host_packed.bytes());
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
             std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNoWgmma ? " mma.sync+wgmma" : " mma.sync");
   if (st.host)
     st.name += " + " + std::to_string(E - st.host->gpu_slots) + "/" + std::to_string(E) + " experts on " +
-               st.host->experts->name();
+               st.host->experts->name() +
+               (st.gpu_from > 0 ? " (on the GPU from " + std::to_string(st.gpu_from) + " tokens)" : "");
 }
 
 CudaMoe::~CudaMoe() = default;
@@ -267,6 +294,22 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
   const std::int64_t E = st.shape.num_experts, H = st.shape.hidden, k = a.k;
   const DType dt = input.dtype;
   const std::size_t es = dtype_bytes(dt);
+  HostPass* const hp = st.host.get();
+  // Host experts on the GPU for this call (LayerOptions::host_experts_gpu_from): their
+  // weights go to the staging buffer on the side stream while routing and the GPU
+  // experts' FC1 run; the staging is free once this stream has reached this call.
+  const bool host_on_gpu = hp && st.gpu_from > 0 && std::min(tokens, st.chunk) >= st.gpu_from;
+  PackedGpu staged1, staged2;
+  if (host_on_gpu) {
+    char* stg = arena.staging.get<char>();
+    QMOE_CUDA_CHECK(cudaEventRecord(hp->routed, stream));
+    QMOE_CUDA_CHECK(cudaStreamWaitEvent(hp->side, hp->routed, 0));
+    QMOE_CUDA_CHECK(
+        cudaMemcpyAsync(stg, st.host_packed.get(), st.host_packed.bytes(), cudaMemcpyHostToDevice, hp->side));
+    QMOE_CUDA_CHECK(cudaEventRecord(hp->computed, hp->side));
+    staged1 = shift_slots(rebase(st.host_p1, st.host_base, stg), st.w.g1, hp->gpu_slots);
+    staged2 = shift_slots(rebase(st.host_p2, st.host_base, stg), st.w.g2, hp->gpu_slots);
+  }
   for (std::int64_t t0 = 0; t0 < tokens; t0 += st.chunk) {
     const std::int64_t tc = std::min(st.chunk, tokens - t0), pairs = tc * k;
     const void* x = static_cast<const char*>(input.data) + t0 * H * es;
@@ -278,11 +321,13 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     const GemmVariant& v = pick_gemm(avg, st.wgmma_from);
     const int bm = v.geometry.tile_tokens;
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
-    launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, ws.rb,
+    RouteBuffers plan_rb = ws.rb;
+    if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
+    launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
                       stream);
-    HostPass* hp = st.host.get();
     HostRows hr;
-    if (hp) {
+    const bool host_on_cpu = hp && !host_on_gpu;
+    if (host_on_cpu) {
       // Host rows out to mapped memory, then the CPU kernels on the side stream
       // while the GPU experts run here.
       Carver hc{arena.host.get<char>()};
@@ -301,6 +346,15 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     const std::int64_t capacity = std::min(ceil_div(pairs, bm) + E, pairs);
 
     const bool gpu_experts = !hp || hp->gpu_slots > 0;
+    // The host experts' launch of a GEMM on the GPU: slots [gpu_slots, E), weights staged.
+    auto host_gemm = [&](GemmProblem p, const PackedGpu& w, std::int64_t cap) {
+      if (!host_on_gpu) return;
+      if (t0 == 0) QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, hp->computed, 0));  // the weights are there
+      p.codes = w.codes, p.rel_scales = w.rel_scales, p.zero_points = w.zero_points, p.row_scales = w.row_scales;
+      if (p.fc1) p.bias = w.bias;
+      p.slot_begin = hp->gpu_slots, p.slot_end = static_cast<int>(E);
+      gemm(p, cap);
+    };
     GemmProblem p1;
     p1.g = st.w.g1;
     p1.codes = st.w.p1.codes, p1.rel_scales = st.w.p1.rel_scales, p1.zero_points = st.w.p1.zero_points;
@@ -312,7 +366,9 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p1.act = a.activation, p1.alpha = a.activation_alpha, p1.beta = a.activation_beta, p1.limit = a.swiglu_limit;
     p1.inter = st.shape.inter;
     p1.pdl = st.pdl;
+    if (host_on_gpu) p1.slot_end = hp->gpu_slots;
     if (gpu_experts) gemm(p1, capacity);
+    host_gemm(p1, staged1, capacity);
 
     // FC2: split K when the row tiles and the experts hit cannot fill the GPU.
     const KSplit split = fc2_k_split(v, st.w.g2, pairs, E, st.sms, st.chunk, tc);
@@ -325,14 +381,18 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = split.splits, p2.split_cols = split.split_cols, p2.split_stride = pairs * H;
     if (gpu_experts) gemm(p2, capacity);
+    host_gemm(p2, staged2, capacity);
 
-    const float* bias2 = !st.w.has_bias2 ? nullptr : hp ? st.combine_bias.get<float>() : st.w.p2.bias;
-    if (hp) {
+    const float* bias2 = !st.w.has_bias2 ? nullptr
+                         : host_on_gpu   ? st.all_bias.get<float>()
+                         : hp            ? st.combine_bias.get<float>()
+                                         : st.w.p2.bias;
+    if (host_on_cpu) {
       QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, hp->computed, 0));
       launch_scatter_host_rows(hr.y, H, pairs, ws.rb, ws.y2, split.splits, pairs * H, stream);
     }
-    launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb, st.pdl && !hp,
-                   stream);
+    launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb,
+                   st.pdl && !host_on_cpu, stream);
   }
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));

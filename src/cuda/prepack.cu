@@ -1,5 +1,7 @@
 // The GPU prepack (prepack.h): geometry, one allocation for both matrices, and
 // the per-expert staging loop around the packing kernels of pack.cu.
+#include <type_traits>
+
 #include "cuda/arena.h"
 #include "cuda/prepack.h"
 
@@ -41,6 +43,31 @@ std::size_t slice_bytes(const TensorView& v, std::int64_t E) {
 }
 
 }  // namespace
+
+PackedGpu rebase(const PackedGpu& p, std::uintptr_t from, void* to) {
+  auto move = [&](auto* ptr) {
+    using T = std::remove_pointer_t<decltype(ptr)>;
+    return ptr ? reinterpret_cast<T*>(static_cast<char*>(to) + (reinterpret_cast<std::uintptr_t>(ptr) - from)) : ptr;
+  };
+  PackedGpu q;
+  q.tag = move(p.tag);
+  q.codes = move(p.codes);
+  q.rel_scales = move(p.rel_scales);
+  q.zero_points = move(p.zero_points);
+  q.row_scales = move(p.row_scales);
+  q.bias = move(p.bias);
+  return q;
+}
+
+PackedGpu shift_slots(const PackedGpu& p, const GpuGeometry& g, std::int64_t slots) {
+  PackedGpu q = p;
+  q.codes = p.codes - slots * g.code_bytes_per_expert();
+  if (p.rel_scales) q.rel_scales = p.rel_scales - slots * g.rel_scale_words_per_expert() * 2;
+  if (p.zero_points) q.zero_points = p.zero_points - slots * g.zp_pairs_per_expert() * 2;
+  q.row_scales = p.row_scales - slots * g.padded_rows;
+  q.bias = p.bias - slots * g.padded_rows;
+  return q;
+}
 
 PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
                           const detail::ReleaseFn* release, const std::vector<int>* experts) {

@@ -25,6 +25,12 @@ struct PackedLayer {
 /// (`release(p, n)`, when given, is told as soon as raw bytes [p, p + n) have
 /// been copied). The tags are written last and read back: a Layer holds
 /// complete data of its own geometry or throws.
+/// `p`'s arrays moved from an allocation at `from` to a copy of it at `to`.
+PackedGpu rebase(const PackedGpu& p, std::uintptr_t from, void* to);
+/// `p`'s arrays as if they started `slots` experts earlier: slot `slots` of the
+/// result is slot 0 of `p` (a GEMM over slots [slots, ...) then reads `p`).
+PackedGpu shift_slots(const PackedGpu& p, const GpuGeometry& g, std::int64_t slots);
+
 /// `experts`, when given: pack only these experts, slot i holding expert experts[i].
 PackedLayer prepack_layer(const ExpertWeights& w, const MoeAttributes& a, const MoeShape& s,
                           const detail::ReleaseFn* release, const std::vector<int>* experts = nullptr);

@@ -55,6 +55,8 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
       require(options.max_tokens >= 1 && options.max_tokens <= (std::int64_t{1} << 24),
               "max_tokens: expected 1..16777216, got ", options.max_tokens);
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
+      require(options.host_experts_gpu_from >= 0, "host_experts_gpu_from: expected tokens >= 0 (0 = never), got ",
+              options.host_experts_gpu_from);
       std::vector<int> host = options.host_experts;
       std::sort(host.begin(), host.end());
       for (std::size_t i = 0; i < host.size(); ++i) {

@@ -200,3 +200,46 @@ def test_int8_host_experts_and_budget():
     # The packed bytes are split between the sides: the GPU holds only 3 experts.
     full = qmoe.Layer(**weights, **attrs, device="cuda")
     assert layer.device_bytes < full.device_bytes
+
+
+@pytest.mark.parametrize("name", ["one", "half", "all"])
+@pytest.mark.parametrize("T", [1, 64, 300])
+def test_host_experts_on_the_gpu_give_the_all_gpu_bits(name, T):
+    """host_experts_gpu_from: from that many tokens the host experts' weights are copied
+    to the GPU and run by the same kernels on the same rows as in the all-GPU layer, so
+    the result is the all-GPU layer's, bit for bit; below it, the CPU computes them."""
+    torch = _gpu()
+    rng, weights, attrs = _layer_args(4)
+    dt = torch.bfloat16
+    host = PLACEMENTS[name]
+    plain = qmoe.Layer(**weights, **attrs, device="cuda")
+    layer = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host),
+                       host_experts_gpu_from=64)
+    assert "on the GPU from 64 tokens" in layer.kernel_name
+    x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32)).to(dt).cuda()
+    lg = torch.from_numpy(rng.standard_normal((T, E)).astype(np.float32)).to(dt).cuda()
+    y = layer(x, lg)
+    ref = qmoe.reference(_f32(x), _f32(lg), **weights, **attrs)
+    assert _rel_l2(y, ref) <= 1e-2
+    _same_bits(torch, y, layer(x, lg))
+    if T >= 64:
+        _same_bits(torch, y, plain(x, lg))
+        # A CUDA graph of the copy and the staged GEMMs.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x, lg)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(x, lg)
+        graph.replay()
+        torch.cuda.synchronize()
+        _same_bits(torch, static_out, y)
+
+
+def test_host_experts_gpu_from_is_checked():
+    _gpu()
+    _, weights, attrs = _layer_args(0)
+    with pytest.raises(ValueError, match="host_experts_gpu_from: expected tokens >= 0"):
+        qmoe.Layer(**weights, **attrs, device="cuda", expert_placement=_placement([1]), host_experts_gpu_from=-1)
