@@ -254,7 +254,9 @@ CudaMoe::~CudaMoe() = default;
 std::size_t CudaMoe::packed_bytes() const { return s_->w.bytes + (s_->host ? s_->host->experts->packed_bytes() : 0); }
 int CudaMoe::threads() const { return s_->host ? s_->host->experts->threads() : 0; }
 std::size_t CudaMoe::device_bytes() const { return s_->w.packed.bytes(); }
-std::size_t CudaMoe::workspace_bytes() const { return s_->arena ? s_->arena->buf.bytes() : 0; }
+std::size_t CudaMoe::workspace_bytes() const {
+  return s_->arena ? s_->arena->buf.bytes() + s_->arena->staging.bytes() : 0;
+}
 const std::string& CudaMoe::name() const { return s_->name; }
 
 namespace {
