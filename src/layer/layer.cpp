@@ -49,6 +49,8 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
     case Backend::cpu:
       require(options.host_experts.empty(), "host_experts: only for the CUDA backend (a CPU layer keeps all ",
               impl_->shape.num_experts, " experts in host memory), got ", options.host_experts.size(), " experts");
+      require(options.host_experts_gpu_from == 0,
+              "host_experts_gpu_from: only for a CUDA layer with host_experts, got ", options.host_experts_gpu_from);
       impl_->run = detail::make_cpu_backend(weights, attrs, impl_->shape, options, release);
       break;
     case Backend::cuda: {
@@ -56,6 +58,9 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
               "max_tokens: expected 1..16777216, got ", options.max_tokens);
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
       require(options.host_experts_gpu_from >= 0, "host_experts_gpu_from: expected tokens >= 0 (0 = never), got ",
+              options.host_experts_gpu_from);
+      require(options.host_experts_gpu_from == 0 || !options.host_experts.empty(),
+              "host_experts_gpu_from: only with host_experts (every expert is on the GPU), got ",
               options.host_experts_gpu_from);
       std::vector<int> host = options.host_experts;
       std::sort(host.begin(), host.end());

@@ -127,7 +127,32 @@ TEST(HostExperts, FrontValidatesTheList) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("host_experts: only for the CUDA backend"), std::string::npos) << e.what();
   }
+  o.host_experts = {};
+  o.host_experts_gpu_from = 16;
+  try {
+    const Layer l(s.views(), a, o);
+    FAIL() << "a CPU layer took host_experts_gpu_from";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("host_experts_gpu_from: only for a CUDA layer"), std::string::npos)
+        << e.what();
+  }
   o.backend = Backend::cuda;
+  try {
+    const Layer l(s.views(), a, o);
+    FAIL() << "host_experts_gpu_from without host experts";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("host_experts_gpu_from: only with host_experts"), std::string::npos)
+        << e.what();
+  }
+  o.host_experts_gpu_from = -1;
+  o.host_experts = {1};
+  try {
+    const Layer l(s.views(), a, o);
+    FAIL() << "host_experts_gpu_from < 0";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("host_experts_gpu_from: expected tokens >= 0"), std::string::npos) << e.what();
+  }
+  o.host_experts_gpu_from = 0;
   for (const std::vector<int>& bad : {std::vector<int>{4}, std::vector<int>{-1}, std::vector<int>{2, 2}}) {
     o.host_experts = bad;
     try {

@@ -239,7 +239,11 @@ def test_host_experts_on_the_gpu_give_the_all_gpu_bits(name, T):
 
 
 def test_host_experts_gpu_from_is_checked():
-    _gpu()
     _, weights, attrs = _layer_args(0)
+    with pytest.raises(ValueError, match="host_experts_gpu_from: only for a CUDA layer with host_experts"):
+        qmoe.Layer(**weights, **attrs, host_experts_gpu_from=5)
+    _gpu()
+    with pytest.raises(ValueError, match="host_experts_gpu_from: only with host_experts"):
+        qmoe.Layer(**weights, **attrs, device="cuda", host_experts_gpu_from=5)
     with pytest.raises(ValueError, match="host_experts_gpu_from: expected tokens >= 0"):
         qmoe.Layer(**weights, **attrs, device="cuda", expert_placement=_placement([1]), host_experts_gpu_from=-1)
