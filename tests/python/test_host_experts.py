@@ -238,10 +238,14 @@ def test_host_experts_on_the_gpu_give_the_all_gpu_bits(name, T):
         _same_bits(torch, static_out, y)
 
 
-def test_host_experts_gpu_from_is_checked():
+def test_host_experts_gpu_from_needs_a_cuda_layer():
     _, weights, attrs = _layer_args(0)
     with pytest.raises(ValueError, match="host_experts_gpu_from: only for a CUDA layer with host_experts"):
         qmoe.Layer(**weights, **attrs, host_experts_gpu_from=5)
+
+
+def test_host_experts_gpu_from_is_checked():
+    _, weights, attrs = _layer_args(0)
     _gpu()
     with pytest.raises(ValueError, match="host_experts_gpu_from: only with host_experts"):
         qmoe.Layer(**weights, **attrs, device="cuda", host_experts_gpu_from=5)
