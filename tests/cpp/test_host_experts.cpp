@@ -115,52 +115,37 @@ TEST(HostExperts, StaleWorkspacesDoNotLeak) {
   }
 }
 
+// Building a Layer with `o` throws an Error whose message holds `what`.
+void expect_refused(const tools::SynthLayer& s, const MoeAttributes& a, const LayerOptions& o,
+                    const std::string& what) {
+  try {
+    const Layer l(s.views(), a, o);
+    ADD_FAILURE() << "built a layer; expected an error with \"" << what << "\"";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+  }
+}
+
 TEST(HostExperts, FrontValidatesTheList) {
   MoeAttributes a;
   a.k = 1;
   const tools::SynthLayer s = tools::synth_layer(4, 32, 16, a);
   LayerOptions o;
   o.host_experts = {1};
-  try {
-    const Layer l(s.views(), a, o);
-    FAIL() << "a CPU layer took host_experts";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("host_experts: only for the CUDA backend"), std::string::npos) << e.what();
-  }
+  expect_refused(s, a, o, "host_experts: only for the CUDA backend");
   o.host_experts = {};
   o.host_experts_gpu_from = 16;
-  try {
-    const Layer l(s.views(), a, o);
-    FAIL() << "a CPU layer took host_experts_gpu_from";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("host_experts_gpu_from: only for a CUDA layer"), std::string::npos)
-        << e.what();
-  }
+  expect_refused(s, a, o, "host_experts_gpu_from: only for a CUDA layer");
   o.backend = Backend::cuda;
-  try {
-    const Layer l(s.views(), a, o);
-    FAIL() << "host_experts_gpu_from without host experts";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("host_experts_gpu_from: only with host_experts"), std::string::npos)
-        << e.what();
-  }
+  expect_refused(s, a, o, "host_experts_gpu_from: only with host_experts");
   o.host_experts_gpu_from = -1;
   o.host_experts = {1};
-  try {
-    const Layer l(s.views(), a, o);
-    FAIL() << "host_experts_gpu_from < 0";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("host_experts_gpu_from: expected tokens >= 0"), std::string::npos) << e.what();
-  }
+  expect_refused(s, a, o, "host_experts_gpu_from: expected tokens >= 0");
   o.host_experts_gpu_from = 0;
   for (const std::vector<int>& bad : {std::vector<int>{4}, std::vector<int>{-1}, std::vector<int>{2, 2}}) {
     o.host_experts = bad;
-    try {
-      const Layer l(s.views(), a, o);
-      FAIL() << "host_experts took a bad list";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("host_experts: "), std::string::npos) << e.what();
-    }
+    expect_refused(s, a, o,
+                   bad[0] == 2 ? "host_experts: expert 2 is named twice" : "host_experts: expected expert ids 0..3");
   }
 }
 

@@ -88,6 +88,22 @@ def _gpu():
     return torch
 
 
+def _captured(torch, layer, x, lg):
+    """(graph, its output) of layer(x, lg) captured in a CUDA graph (warmed up on a side
+    stream first, as torch asks), replayed once and synchronized."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x, lg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, lg)
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 PLACEMENTS = {
     "none": [],
     "one": [5],
@@ -165,16 +181,7 @@ def test_graph_streams_and_passes(name):
         _same_bits(torch, o, eager)
     # A CUDA graph: capture, replay, new inputs.
     xs, lgs = x[:40].clone(), lg[:40].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(xs, lgs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(xs, lgs)
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, static_out = _captured(torch, layer, xs, lgs)
     _same_bits(torch, static_out, layer(x[:40], lg[:40]))  # a 40-token call (batch composition sets the regimes)
     xs.copy_(x[40:80])
     lgs.copy_(lg[40:80])
@@ -224,17 +231,7 @@ def test_host_experts_on_the_gpu_give_the_all_gpu_bits(name, T):
     _same_bits(torch, y, layer(x, lg))
     if T >= 64:
         _same_bits(torch, y, plain(x, lg))
-        # A CUDA graph of the copy and the staged GEMMs.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(x, lg)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = layer(x, lg)
-        graph.replay()
-        torch.cuda.synchronize()
+        _, static_out = _captured(torch, layer, x, lg)  # a CUDA graph of the copy and the staged GEMMs
         _same_bits(torch, static_out, y)
 
 
