@@ -6,11 +6,17 @@
 #   scripts/device_gpu.sh                      # build + C++ and Python CUDA tests + full benchmark
 #   scripts/device_gpu.sh --no-pytest --no-bench
 #   scripts/device_gpu.sh --no-tests -- ARGS   # build, then bench/gpu_vs_torch.py ARGS
+#   scripts/device_gpu.sh --sanitize --no-pytest --no-bench
+#                                              # + compute-sanitizer memcheck, racecheck, synccheck
+#                                              #   over the whole C++ CUDA suite (and memcheck over
+#                                              #   the host-experts Python tests)
 # Afterwards build-gpu/python is the package to put on PYTHONPATH.
 set -uo pipefail
+# The nlohmann headers carried in .deps (the GPU host has no network), when there.
+[ -d .deps/share/cmake/nlohmann_json ] && export QMOE_DEPS="$PWD/.deps"
 OUT="${OUT:-$PWD/out/device}"
 mkdir -p "$OUT"
-tests=1 pytest=1 bench=1
+tests=1 pytest=1 bench=1 sanitize=0
 # Each test step is cut off after this many seconds, so a kernel that hangs
 # costs minutes of device time, not the whole lease (the suites take ~10 s).
 step_limit="${QMOE_STEP_LIMIT:-180}"
@@ -19,8 +25,9 @@ while [ $# -gt 0 ]; do
     --no-tests) tests=0 ;;
     --no-pytest) pytest=0 ;;
     --no-bench) bench=0 ;;
+    --sanitize) sanitize=1 ;;
     --) shift; break ;;
-    *) echo "usage: scripts/device_gpu.sh [--no-tests] [--no-pytest] [--no-bench] [-- BENCH_ARGS...]" >&2; exit 2 ;;
+    *) echo "usage: scripts/device_gpu.sh [--no-tests] [--no-pytest] [--no-bench] [--sanitize] [-- BENCH_ARGS...]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -33,7 +40,8 @@ if command -v g++-13 >/dev/null; then export CC=gcc-13 CXX=g++-13 CUDAHOSTCXX=g+
 echo "== build"
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DQMOE_BUILD_TESTS=ON \
-  -DQMOE_BUILD_PYTHON=ON -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=ON >/dev/null || exit 1
+  -DQMOE_BUILD_PYTHON=ON -DQMOE_BUILD_BENCH=OFF -DQMOE_BUILD_CLI=ON \
+  ${QMOE_DEPS:+-Dnlohmann_json_DIR="$QMOE_DEPS/share/cmake/nlohmann_json"} >/dev/null || exit 1
 ninja -C build-gpu -j "$(nproc)" qmoe_tests _core qmoe_cli >"$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/build-gpu/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -46,6 +54,21 @@ if [ "$tests" = 1 ] && [ "$pytest" = 1 ]; then
   echo "== Python CUDA tests"
   timeout "$step_limit" python3 -m pytest tests/python/test_cuda.py -q -x 2>&1 | tail -8
   [ "${PIPESTATUS[0]}" = 124 ] && echo "Python CUDA tests: stopped after $step_limit s (a kernel that never finishes?)"
+fi
+if [ "$sanitize" = 1 ]; then
+  # Every CUDA test of the C++ suite under each tool; a tool reports "ERROR SUMMARY: N errors".
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool (C++ CUDA suite)"
+    timeout "${QMOE_SANITIZE_LIMIT:-900}" "$cs" --tool "$tool" --error-exitcode 3 \
+      build-gpu/tests/cpp/qmoe_tests --gtest_filter='*Cuda*:HostExperts*' --gtest_brief=1 \
+      >"$OUT/sanitize_$tool.txt" 2>&1
+    echo "rc=$? $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$OUT/sanitize_$tool.txt" | tail -3 | tr '\n' ' ')"
+  done
+  echo "== compute-sanitizer --tool memcheck (Python host-experts tests)"
+  timeout "${QMOE_SANITIZE_LIMIT:-900}" "$cs" --tool memcheck --error-exitcode 3 \
+    python3 -m pytest -q -p no:cacheprovider tests/python/test_host_experts.py >"$OUT/sanitize_py.txt" 2>&1
+  echo "rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_py.txt" | tail -2 | tr '\n' ' ')"
 fi
 [ "$bench" = 1 ] || exit 0
 echo "== benchmark"

@@ -8,6 +8,7 @@
 #include <deque>
 #include <limits>
 #include <string>
+#include <thread>
 
 #include "cuda/gemm_table.h"
 #include "cuda/pack.h"
@@ -335,6 +336,136 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
   ASSERT_EQ(plain.size(), dependent.size());
   for (std::size_t i = 0; i < plain.size(); ++i) EXPECT_EQ(plain[i], dependent[i]) << "call " << i;
   CK(cudaStreamDestroy(st));
+}
+
+// Experts in host memory (LayerOptions::host_experts): against float64, the same bits run
+// to run, on several passes; with host_experts_gpu_from the host experts run on the GPU
+// from that many tokens on, through the same kernels: the all-GPU layer's bits.
+TEST_F(CudaLayer, HostExperts) {
+  const Bf16Case p({4, 32, false, Activation::swiglu, 1, 4, 256, 128, 8, 1100}, 17);
+  const Case& c = p.c;
+  const DType dt = DType::bf16;
+  Dev dx(p.xh), dl(p.lh);
+  LayerOptions plain_o;
+  plain_o.backend = Backend::cuda;
+  const Layer plain(p.s.views(), p.a, plain_o);
+  for (const std::vector<int>& host : {std::vector<int>{1, 3, 6}, std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}}) {
+    for (std::int64_t gpu_from : {std::int64_t{0}, std::int64_t{32}}) {
+      LayerOptions o = plain_o;
+      o.threads = 4;
+      o.host_experts = host;
+      o.host_experts_gpu_from = gpu_from;
+      const Layer layer(p.s.views(), p.a, o);
+      for (std::int64_t t : {std::int64_t{1}, std::int64_t{40}, c.t}) {
+        const TensorView xv(dx.p, dt, {t, c.h}), lv(dl.p, dt, {t, c.e});
+        Dev y1(static_cast<std::size_t>(t * c.h * 2)), y2(y1.n), y3(y1.n);
+        layer.forward_async(xv, lv, {}, MutableTensorView(y1.p, dt, {t, c.h}), nullptr);
+        layer.forward_async(xv, lv, {}, MutableTensorView(y2.p, dt, {t, c.h}), nullptr);
+        plain.forward_async(xv, lv, {}, MutableTensorView(y3.p, dt, {t, c.h}), nullptr);
+        CK(cudaDeviceSynchronize());
+        const auto a = y1.get<std::uint16_t>();
+        EXPECT_EQ(a, y2.get<std::uint16_t>()) << "run to run, T = " << t << ", " << layer.kernel_name();
+        if (gpu_from > 0 && t >= gpu_from) {
+          EXPECT_EQ(a, y3.get<std::uint16_t>()) << "host experts on the GPU, T = " << t;
+        }
+        const std::vector<double> ref = reference_forward(p.s.views(), p.a, TensorView(p.xh.data(), dt, {t, c.h}),
+                                                          TensorView(p.lh.data(), dt, {t, c.e}));
+        EXPECT_LE(rel_l2(from_half(a, dt), ref), 1e-2) << "T = " << t << ", " << layer.kernel_name();
+      }
+    }
+  }
+}
+
+// Several Layers (sharing the device's working memory) used at once from several host
+// threads, each on its own stream, and a CUDA graph replayed on another stream beside
+// them: every call gives the bits of the same call made alone.
+TEST_F(CudaLayer, ConcurrentLayersStreamsThreadsAndGraphsGiveSoloBits) {
+  const Bf16Case p({4, 32, true, Activation::swiglu, 1, 4, 256, 128, 8, 300}, 19);
+  const Bf16Case q({8, 0, true, Activation::relu, 0, 2, 128, 256, 6, 300}, 23);
+  const DType dt = DType::bf16;
+  LayerOptions o;
+  o.backend = Backend::cuda;
+  const Layer la(p.s.views(), p.a, o), lb(q.s.views(), q.a, o);
+  LayerOptions oh = o;
+  oh.threads = 2;
+  oh.host_experts = {2, 5};
+  const Layer lc(p.s.views(), p.a, oh);
+  struct Job {
+    const Layer* layer;
+    const Bf16Case* c;
+    std::int64_t t;
+  };
+  const std::vector<Job> jobs = {{&la, &p, 1},   {&lb, &q, 16}, {&la, &p, 300}, {&lc, &p, 5},
+                                 {&lb, &q, 300}, {&la, &p, 40}, {&lc, &p, 64},  {&lb, &q, 3}};
+  Dev pxa(p.xh), pla(p.lh), qxa(q.xh), qla(q.lh);
+  auto views = [&](const Job& j) {
+    const bool is_p = j.c == &p;
+    return std::pair{TensorView(is_p ? pxa.p : qxa.p, dt, {j.t, j.c->c.h}),
+                     TensorView(is_p ? pla.p : qla.p, dt, {j.t, j.c->c.e})};
+  };
+  // Alone, one after the other.
+  std::vector<std::vector<std::uint16_t>> solo;
+  for (const Job& j : jobs) {
+    Dev y(static_cast<std::size_t>(j.t * j.c->c.h * 2));
+    const auto [xv, lv] = views(j);
+    j.layer->forward_async(xv, lv, {}, MutableTensorView(y.p, dt, {j.t, j.c->c.h}), nullptr);
+    CK(cudaDeviceSynchronize());
+    solo.push_back(y.get<std::uint16_t>());
+  }
+  // A graph of job 2 (la, T = 300), captured before the threads start.
+  cudaStream_t gs;
+  CK(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
+  Dev gy(static_cast<std::size_t>(300 * p.c.h * 2));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  {
+    const auto [xv, lv] = views(jobs[2]);
+    CK(cudaStreamBeginCapture(gs, cudaStreamCaptureModeThreadLocal));
+    la.forward_async(xv, lv, {}, MutableTensorView(gy.p, dt, {300, p.c.h}), gs);
+    CK(cudaStreamEndCapture(gs, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+  }
+  // Four threads, each its own stream, each all jobs (rotated) three times; the graph
+  // replayed beside them.
+  constexpr int kThreads = 4, kReps = 3;
+  std::vector<std::deque<Dev>> outs(kThreads);
+  std::vector<std::vector<std::size_t>> which(kThreads);
+  std::vector<std::string> errors(kThreads);
+  std::vector<std::thread> pool;
+  for (int th = 0; th < kThreads; ++th)
+    pool.emplace_back([&, th] {
+      try {
+        cudaStream_t st;
+        if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess) throw std::runtime_error("stream");
+        for (int rep = 0; rep < kReps; ++rep)
+          for (std::size_t i = 0; i < jobs.size(); ++i) {
+            const std::size_t k = (i + static_cast<std::size_t>(th)) % jobs.size();
+            const Job& j = jobs[k];
+            outs[th].emplace_back(static_cast<std::size_t>(j.t * j.c->c.h * 2));
+            which[th].push_back(k);
+            const auto [xv, lv] = views(j);
+            j.layer->forward_async(xv, lv, {}, MutableTensorView(outs[th].back().p, dt, {j.t, j.c->c.h}), st);
+          }
+        if (cudaStreamSynchronize(st) != cudaSuccess) throw std::runtime_error("sync");
+        cudaStreamDestroy(st);
+      } catch (const std::exception& e) {
+        errors[th] = e.what();
+      }
+    });
+  for (int r = 0; r < 6; ++r) CK(cudaGraphLaunch(exec, gs));
+  for (auto& t : pool) t.join();
+  CK(cudaStreamSynchronize(gs));
+  CK(cudaDeviceSynchronize());
+  for (int th = 0; th < kThreads; ++th) {
+    ASSERT_TRUE(errors[th].empty()) << "thread " << th << ": " << errors[th];
+    for (std::size_t n = 0; n < outs[th].size(); ++n)
+      EXPECT_EQ(outs[th][n].get<std::uint16_t>(), solo[which[th][n]])
+          << "thread " << th << ", call " << n << " (job " << which[th][n] << ")";
+  }
+  EXPECT_EQ(gy.get<std::uint16_t>(), solo[2]) << "graph replay beside the threads";
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  CK(cudaStreamDestroy(gs));
 }
 
 // An output that is not 8-byte aligned (a bfloat16 view one element into a
