@@ -55,7 +55,7 @@ struct HostPass {
   std::int64_t hidden = 0;
   HostRows rows;  // in the arena's mapped host memory
   cudaStream_t side = nullptr;
-  cudaEvent_t routed = nullptr, computed = nullptr;
+  cudaEvent_t forked = nullptr, joined = nullptr;  // main stream -> side stream -> main stream
   // Per-pass scratch (passes of a Layer are serialized).
   std::vector<std::int64_t> order, counts;
   std::vector<float> x, y;
@@ -63,12 +63,23 @@ struct HostPass {
   std::string error;  // the first failure, reported by the next forward()
 
   ~HostPass() {
-    if (routed) cudaEventDestroy(routed);
-    if (computed) cudaEventDestroy(computed);
+    if (forked) cudaEventDestroy(forked);
+    if (joined) cudaEventDestroy(joined);
     if (side) cudaStreamDestroy(side);
   }
 
   static void CUDART_CB run(void* self) { static_cast<HostPass*>(self)->run_pass(); }
+
+  // Work for the side stream once `main` has reached this point (the host pass, or the
+  // copy of the host experts' weights); join() makes `main` wait for it.
+  template <class Enqueue>
+  void on_side(cudaStream_t main, Enqueue&& enqueue) {
+    QMOE_CUDA_CHECK(cudaEventRecord(forked, main));
+    QMOE_CUDA_CHECK(cudaStreamWaitEvent(side, forked, 0));
+    enqueue(side);
+    QMOE_CUDA_CHECK(cudaEventRecord(joined, side));
+  }
+  void join(cudaStream_t main) const { QMOE_CUDA_CHECK(cudaStreamWaitEvent(main, joined, 0)); }
 
   void run_pass() noexcept {
     const int* off = rows.offsets;
@@ -192,8 +203,8 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
     st.slot_of = DeviceBuffer(sizeof(int) * slot_of.size());
     QMOE_CUDA_CHECK(cudaMemcpy(st.slot_of.get(), slot_of.data(), sizeof(int) * slot_of.size(), cudaMemcpyHostToDevice));
     QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&hp->side, cudaStreamNonBlocking));
-    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->routed, cudaEventDisableTiming));
-    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->computed, cudaEventDisableTiming));
+    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->forked, cudaEventDisableTiming));
+    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->joined, cudaEventDisableTiming));
     st.host = std::move(hp);
   }
   st.w = prepack_layer(w, a, s, release, st.host ? &gpu_experts : nullptr);
@@ -304,13 +315,19 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
   PackedGpu staged1, staged2;
   if (host_on_gpu) {
     char* stg = arena.staging.get<char>();
-    QMOE_CUDA_CHECK(cudaEventRecord(hp->routed, stream));
-    QMOE_CUDA_CHECK(cudaStreamWaitEvent(hp->side, hp->routed, 0));
-    QMOE_CUDA_CHECK(
-        cudaMemcpyAsync(stg, st.host_packed.get(), st.host_packed.bytes(), cudaMemcpyHostToDevice, hp->side));
-    QMOE_CUDA_CHECK(cudaEventRecord(hp->computed, hp->side));
+    hp->on_side(stream, [&](cudaStream_t side) {
+      QMOE_CUDA_CHECK(cudaMemcpyAsync(stg, st.host_packed.get(), st.host_packed.bytes(), cudaMemcpyHostToDevice, side));
+    });
     staged1 = shift_slots(rebase(st.host_p1, st.host_base, stg), st.w.g1, hp->gpu_slots);
     staged2 = shift_slots(rebase(st.host_p2, st.host_base, stg), st.w.g2, hp->gpu_slots);
+  }
+  // Otherwise their rows go to the CPU: every pass uses the same mapped host rows.
+  const bool host_on_cpu = hp && !host_on_gpu;
+  HostRows hr;
+  if (host_on_cpu) {
+    Carver hc{arena.host.get<char>()};
+    hr = carve_host_rows(hc, st.host_rows(), E, H);
+    hp->rows = hr;
   }
   for (std::int64_t t0 = 0; t0 < tokens; t0 += st.chunk) {
     const std::int64_t tc = std::min(st.chunk, tokens - t0), pairs = tc * k;
@@ -327,19 +344,11 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
     launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
                       stream);
-    HostRows hr;
-    const bool host_on_cpu = hp && !host_on_gpu;
     if (host_on_cpu) {
       // Host rows out to mapped memory, then the CPU kernels on the side stream
       // while the GPU experts run here.
-      Carver hc{arena.host.get<char>()};
-      hr = carve_host_rows(hc, st.host_rows(), E, H);
-      hp->rows = hr;
       launch_gather_host_rows(x, dt, H, pairs, static_cast<int>(E), ws.rb, hr.offsets, hr.token, hr.x, stream);
-      QMOE_CUDA_CHECK(cudaEventRecord(hp->routed, stream));
-      QMOE_CUDA_CHECK(cudaStreamWaitEvent(hp->side, hp->routed, 0));
-      QMOE_CUDA_CHECK(cudaLaunchHostFunc(hp->side, &HostPass::run, hp));
-      QMOE_CUDA_CHECK(cudaEventRecord(hp->computed, hp->side));
+      hp->on_side(stream, [&](cudaStream_t side) { QMOE_CUDA_CHECK(cudaLaunchHostFunc(side, &HostPass::run, hp)); });
       hp->experts->prepare();  // the CPU threads poll from now on instead of waking when the rows arrive
     }
     // Grid bound on the plan's m-tiles: each expert's last tile may be partial
@@ -351,7 +360,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     // The host experts' launch of a GEMM on the GPU: slots [gpu_slots, E), weights staged.
     auto host_gemm = [&](GemmProblem p, const PackedGpu& w, std::int64_t cap) {
       if (!host_on_gpu) return;
-      if (t0 == 0) QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, hp->computed, 0));  // the weights are there
+      if (t0 == 0) hp->join(stream);  // the weights are there
       p.codes = w.codes, p.rel_scales = w.rel_scales, p.zero_points = w.zero_points, p.row_scales = w.row_scales;
       if (p.fc1) p.bias = w.bias;
       p.slot_begin = hp->gpu_slots, p.slot_end = static_cast<int>(E);
@@ -390,7 +399,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
                          : hp            ? st.combine_bias.get<float>()
                                          : st.w.p2.bias;
     if (host_on_cpu) {
-      QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, hp->computed, 0));
+      hp->join(stream);
       launch_scatter_host_rows(hr.y, H, pairs, ws.rb, ws.y2, split.splits, pairs * H, stream);
     }
     launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb,
