@@ -22,6 +22,9 @@ def host_experts(backend: str, num_experts: int, expert_bytes: float, expert_pla
     if expert_placement is not None:
         if gpu_memory_budget is not None or expert_frequency is not None:
             raise ValueError("expert_placement: give it or gpu_memory_budget (+ expert_frequency), not both")
+        if isinstance(expert_placement, (str, bytes)):
+            raise ValueError(f"expert_placement: expected one 'cuda' or 'cpu' per expert (a sequence), "
+                             f"got the string {expert_placement!r}")
         places = [str(p) for p in expert_placement]
         if len(places) != num_experts:
             raise ValueError(f"expert_placement: expected {num_experts} entries (one per expert), got {len(places)}")

@@ -55,6 +55,7 @@ def test_placement_from_budget_and_frequency():
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(expert_placement=["cuda"] * 3), "expected 4 entries"),
+    (dict(expert_placement="cpu"), "a sequence"),
     (dict(expert_placement=["cuda", "tpu", "cpu", "cpu"]), "expert_placement[1]"),
     (dict(expert_placement=["cuda"] * 4, gpu_memory_budget=1), "not both"),
     (dict(gpu_memory_budget=-1), "gpu_memory_budget"),
