@@ -60,11 +60,17 @@ struct LayerOptions {
   /// GPU. Empty = every expert on the GPU. Results are the same run to run.
   std::vector<int> host_experts{};
   /// CUDA with host_experts: from this many tokens per pass, the host experts'
-  /// weights (kept in host memory in the GPU's layout too) are copied to the GPU
-  /// over PCIe and computed there instead of on the CPU, which is faster for
-  /// large batches; 0 = never. The copy goes to a per-device buffer shared by
-  /// the Layers (one Layer's host experts).
-  std::int64_t host_experts_gpu_from = 0;
+  /// weights (kept in host memory in the GPU's layout too: a second, pinned copy)
+  /// are copied to the GPU over PCIe and computed there instead of on the CPU,
+  /// which is faster for large batches. 0 = never (no second copy);
+  /// kMeasureCrossover (the default) = the smallest token count at which the CPU
+  /// experts take longer than the copy, measured when the Layer is made (once
+  /// per process for a given shape, placement size, device and CPU setting; 0
+  /// when the CPU is faster up to max_tokens or the copy does not fit the GPU).
+  /// The copy goes to a per-device buffer shared by the Layers (one Layer's host
+  /// experts). host_experts_gpu_from() tells the value in effect.
+  std::int64_t host_experts_gpu_from = kMeasureCrossover;
+  static constexpr std::int64_t kMeasureCrossover = -1;
 
   // Overrides for diagnosis and tuning. A field left at its default is filled
   // from the environment variable named beside it (see with_environment()).
@@ -139,6 +145,9 @@ class Layer {
   std::size_t workspace_bytes() const;
   /// A short description of the kernels chosen, e.g. "cpu/scalar nr=16".
   const char* kernel_name() const;
+  /// CUDA with host_experts: tokens per pass from which the host experts run on
+  /// the GPU (LayerOptions::host_experts_gpu_from, measured when asked); 0 = never.
+  std::int64_t host_experts_gpu_from() const;
 
   struct Impl;
 

@@ -3,6 +3,7 @@ gpu_memory_budget / expert_frequency arguments)."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, List
 
 import numpy as np
@@ -60,3 +61,18 @@ def _budget(v: Any) -> float:
     if math.isnan(b):
         raise ValueError(f"gpu_memory_budget: expected bytes >= 0, got {v!r}")
     return b
+
+
+def gpu_from(v: Any) -> int:
+    """``host_experts_gpu_from`` for the core: ``"auto"`` -> -1 (measured), else tokens >= 0."""
+    if isinstance(v, str):
+        if v != "auto":
+            raise ValueError(f"host_experts_gpu_from: expected tokens >= 0 (0 = never) or 'auto', got {v!r}")
+        return -1
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"host_experts_gpu_from: expected an integer or 'auto', got {v!r}") from None
+    if not 0 <= i < 2 ** 31:
+        raise ValueError(f"host_experts_gpu_from: expected tokens >= 0 (0 = never) or 'auto', got {i}")
+    return i

@@ -140,7 +140,7 @@ void bind_file(nb::module_& m) {
             return wrap_layer(std::move(*l), o);
           },
           "name"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu", "device"_a = 0, "max_tokens"_a = 4096,
-          "host_experts"_a = std::vector<int>{}, "host_experts_gpu_from"_a = 0,
+          "host_experts"_a = std::vector<int>{}, "host_experts_gpu_from"_a = qmoe::LayerOptions::kMeasureCrossover,
           "Builds a Layer from a stored layer, prepacking from the map (GIL released).");
   // Part of a stored layer (File::Part): experts [first_expert, end_expert), the built layer's k
   // (0: stored) and normalize_routing_weights (-1: stored); qmoe.distributed loads a rank's shard with it.

@@ -38,6 +38,7 @@ class CudaMoe final : public detail::LayerBackend {
   int threads() const override;
   std::size_t device_bytes() const override;
   std::size_t workspace_bytes() const override;
+  std::int64_t host_experts_gpu_from() const override;
   const std::string& name() const override;
 
   struct State;

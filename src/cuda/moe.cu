@@ -4,8 +4,10 @@
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -122,6 +124,67 @@ struct HostPass {
   }
 };
 
+// LayerOptions::kMeasureCrossover: the smallest tokens per pass T (at most `chunk`) at
+// which the CPU experts take longer than copying their GPU-layout weights (`bytes` of
+// pinned memory at `packed`) to the device; 0 = never (or the copy does not fit the GPU).
+// The copy is timed as it runs for a call; the CPU side on T * k * nh / E rows spread
+// over the nh host experts as uniform routing spreads them: doubling T, then bisecting
+// to within an eighth. Measured once per process for a given configuration (`key`).
+std::int64_t measure_crossover(const detail::HostExperts& cpu, const void* packed, std::size_t bytes, std::int64_t E,
+                               std::int64_t nh, int k, std::int64_t H, std::int64_t chunk, const std::string& key) {
+  static std::mutex mu;
+  static std::map<std::string, std::int64_t> known;
+  std::lock_guard<std::mutex> lk(mu);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  double copy_ms = 0;
+  try {
+    DeviceBuffer to(bytes);
+    cudaStream_t s = nullptr;
+    cudaEvent_t ev[2] = {nullptr, nullptr};
+    QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    for (cudaEvent_t& e : ev) QMOE_CUDA_CHECK(cudaEventCreate(&e));
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, s));  // warm-up
+    QMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, s));
+    QMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
+    QMOE_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+    float ms = 0;
+    QMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
+    for (cudaEvent_t e : ev) cudaEventDestroy(e);
+    cudaStreamDestroy(s);
+    copy_ms = ms;
+  } catch (const Error&) {  // no room on the device for the copy: the CPU it is
+    cudaGetLastError();
+    return known[key] = 0;
+  }
+  std::vector<float> x, y;
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(nh));
+  auto cpu_ms = [&](std::int64_t t) {
+    const std::int64_t n = std::min((t * k * nh + E - 1) / E, t * std::min<std::int64_t>(k, nh));
+    for (std::int64_t i = 0; i < nh; ++i) counts[i] = n / nh + (i < n % nh ? 1 : 0);
+    x.assign(static_cast<std::size_t>(n * H), 0.5f);
+    y.resize(x.size());
+    double best = std::numeric_limits<double>::infinity();
+    for (int r = 0; r < 2; ++r) {  // the first also warms the caches and the threads
+      const auto t0 = std::chrono::steady_clock::now();
+      cpu.run(x.data(), counts.data(), n, y.data());
+      best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return best;
+  };
+  std::int64_t hi = 1;
+  while (cpu_ms(hi) < copy_ms) {
+    if (hi >= chunk) return known[key] = 0;
+    hi = std::min(hi * 2, chunk);
+  }
+  std::int64_t lo = hi / 2;  // 0, or a T at which the CPU is faster
+  while (lo > 0 && hi - lo > std::max<std::int64_t>(1, lo / 8)) {
+    const std::int64_t mid = (lo + hi) / 2;
+    (cpu_ms(mid) >= copy_ms ? hi : lo) = mid;
+  }
+  return known[key] = hi;
+}
+
 struct CudaMoe::State {
   MoeAttributes attrs;
   MoeShape shape;
@@ -219,29 +282,52 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
           cudaMemcpy(st.combine_bias.get(), st.w.p2.bias, row * gpu_experts.size(), cudaMemcpyDeviceToDevice));
   }
 
-  if (st.host && o.host_experts_gpu_from > 0) {
-    // The host experts packed for the GPU once (on the device, then kept in host memory).
-    PackedLayer hl = prepack_layer(w, a, s, release, &o.host_experts);
-    st.gpu_from = o.host_experts_gpu_from;
-    st.host_packed = PinnedBuffer(hl.packed.bytes());
-    QMOE_CUDA_CHECK(cudaMemcpy(st.host_packed.get(), hl.packed.get(), hl.packed.bytes(), cudaMemcpyDeviceToHost));
-    st.host_base = reinterpret_cast<std::uintptr_t>(hl.packed.get());
-    st.host_p1 = hl.p1, st.host_p2 = hl.p2;
-    if (st.w.has_bias2) {
-      const std::size_t row = sizeof(float) * static_cast<std::size_t>(st.w.g2.padded_rows);
-      const std::size_t ng = gpu_experts.size(), nh = o.host_experts.size();
-      st.all_bias = DeviceBuffer(row * static_cast<std::size_t>(E));
-      if (ng) QMOE_CUDA_CHECK(cudaMemcpy(st.all_bias.get(), st.w.p2.bias, row * ng, cudaMemcpyDeviceToDevice));
-      QMOE_CUDA_CHECK(cudaMemcpy(st.all_bias.get<char>() + row * ng, hl.p2.bias, row * nh, cudaMemcpyDeviceToDevice));
-    }
-  }
-
   // Tokens per pass: at most max_tokens, and few enough that the GEMM grid's
   // tile dimension (<= 65535) holds the worst-case m-tile count. With host
   // experts, at most kHostPassTokens (the mapped host rows are sized by it).
   const std::int64_t grid_limit = std::max<std::int64_t>(1, (60000 - E) * kMinTileTokens / a.k);
   st.chunk = std::min<std::int64_t>(o.max_tokens, grid_limit);
   if (st.host) st.chunk = std::min(st.chunk, kHostPassTokens);
+
+  if (st.host && o.host_experts_gpu_from != 0) {
+    // The host experts packed for the GPU once (on the device, then kept in host memory).
+    PackedLayer hl = prepack_layer(w, a, s, release, &o.host_experts);
+    const bool measure = o.host_experts_gpu_from == LayerOptions::kMeasureCrossover;
+    try {
+      st.host_packed = PinnedBuffer(hl.packed.bytes());
+    } catch (const Error&) {  // no room for a second copy in host memory: measured, that means never
+      if (!measure) throw;
+      cudaGetLastError();
+    }
+    if (st.host_packed.get()) {
+      QMOE_CUDA_CHECK(cudaMemcpy(st.host_packed.get(), hl.packed.get(), hl.packed.bytes(), cudaMemcpyDeviceToHost));
+      st.host_base = reinterpret_cast<std::uintptr_t>(hl.packed.get());
+      st.host_p1 = hl.p1, st.host_p2 = hl.p2;
+      if (st.w.has_bias2) {
+        const std::size_t row = sizeof(float) * static_cast<std::size_t>(st.w.g2.padded_rows);
+        const std::size_t ng = gpu_experts.size(), nh = o.host_experts.size();
+        st.all_bias = DeviceBuffer(row * static_cast<std::size_t>(E));
+        if (ng) QMOE_CUDA_CHECK(cudaMemcpy(st.all_bias.get(), st.w.p2.bias, row * ng, cudaMemcpyDeviceToDevice));
+        QMOE_CUDA_CHECK(cudaMemcpy(st.all_bias.get<char>() + row * ng, hl.p2.bias, row * nh, cudaMemcpyDeviceToDevice));
+      }
+      st.gpu_from = o.host_experts_gpu_from;
+    }
+    if (measure && st.host_packed.get()) {
+      const std::int64_t nh = static_cast<std::int64_t>(o.host_experts.size());
+      const std::string key = st.host->experts->name() + " t" + std::to_string(st.host->experts->threads()) + " d" +
+                              std::to_string(o.device) + " E" + std::to_string(E) + " H" + std::to_string(s.hidden) +
+                              " k" + std::to_string(a.k) + " nh" + std::to_string(nh) + " b" +
+                              std::to_string(hl.packed.bytes()) + " c" + std::to_string(st.chunk);
+      hl.packed = DeviceBuffer();  // room for the copy being timed
+      st.gpu_from = measure_crossover(*st.host->experts, st.host_packed.get(), st.host_packed.bytes(), E, nh, a.k,
+                                      s.hidden, st.chunk, key);
+    }
+    if (st.gpu_from == 0) {  // the CPU always: no second copy kept
+      st.host_packed = PinnedBuffer();
+      st.all_bias = DeviceBuffer();
+    }
+  }
+
   Carver ws_size{nullptr};
   st.carve(ws_size);
   st.ws_bytes = ws_size.used;
@@ -268,6 +354,7 @@ std::size_t CudaMoe::device_bytes() const { return s_->w.packed.bytes(); }
 std::size_t CudaMoe::workspace_bytes() const {
   return s_->arena ? s_->arena->buf.bytes() + s_->arena->staging.bytes() : 0;
 }
+std::int64_t CudaMoe::host_experts_gpu_from() const { return s_->gpu_from; }
 const std::string& CudaMoe::name() const { return s_->name; }
 
 namespace {

@@ -40,6 +40,8 @@ class LayerBackend {
   /// Device memory the layer holds, and its share of the per-device working memory.
   virtual std::size_t device_bytes() const { return 0; }
   virtual std::size_t workspace_bytes() const { return 0; }
+  /// CUDA with host experts: tokens per pass from which they run on the GPU; 0 = never.
+  virtual std::int64_t host_experts_gpu_from() const { return 0; }
   /// A short description of the kernels chosen.
   virtual const std::string& name() const = 0;
 };

@@ -49,7 +49,7 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
     case Backend::cpu:
       require(options.host_experts.empty(), "host_experts: only for the CUDA backend (a CPU layer keeps all ",
               impl_->shape.num_experts, " experts in host memory), got ", options.host_experts.size(), " experts");
-      require(options.host_experts_gpu_from == 0,
+      require(options.host_experts_gpu_from <= 0,
               "host_experts_gpu_from: only for a CUDA layer with host_experts, got ", options.host_experts_gpu_from);
       impl_->run = detail::make_cpu_backend(weights, attrs, impl_->shape, options, release);
       break;
@@ -57,9 +57,10 @@ Layer::Layer(const ExpertWeights& weights, const MoeAttributes& attrs, const Lay
       require(options.max_tokens >= 1 && options.max_tokens <= (std::int64_t{1} << 24),
               "max_tokens: expected 1..16777216, got ", options.max_tokens);
       require(options.device >= 0, "device: expected a CUDA device ordinal >= 0, got ", options.device);
-      require(options.host_experts_gpu_from >= 0, "host_experts_gpu_from: expected tokens >= 0 (0 = never), got ",
+      require(options.host_experts_gpu_from >= LayerOptions::kMeasureCrossover,
+              "host_experts_gpu_from: expected tokens >= 0 (0 = never) or kMeasureCrossover (-1), got ",
               options.host_experts_gpu_from);
-      require(options.host_experts_gpu_from == 0 || !options.host_experts.empty(),
+      require(options.host_experts_gpu_from <= 0 || !options.host_experts.empty(),
               "host_experts_gpu_from: only with host_experts (every expert is on the GPU), got ",
               options.host_experts_gpu_from);
       std::vector<int> host = options.host_experts;
@@ -119,6 +120,7 @@ int Layer::threads() const { return impl().run->threads(); }
 Backend Layer::backend() const { return impl().backend; }
 std::size_t Layer::device_bytes() const { return impl().run->device_bytes(); }
 std::size_t Layer::workspace_bytes() const { return impl().run->workspace_bytes(); }
+std::int64_t Layer::host_experts_gpu_from() const { return impl().run->host_experts_gpu_from(); }
 const char* Layer::kernel_name() const { return impl().run->name().c_str(); }
 
 }  // namespace qmoe

@@ -138,7 +138,7 @@ TEST(HostExperts, FrontValidatesTheList) {
   expect_refused(s, a, o, "host_experts_gpu_from: only for a CUDA layer");
   o.backend = Backend::cuda;
   expect_refused(s, a, o, "host_experts_gpu_from: only with host_experts");
-  o.host_experts_gpu_from = -1;
+  o.host_experts_gpu_from = -2;  // -1 = kMeasureCrossover
   o.host_experts = {1};
   expect_refused(s, a, o, "host_experts_gpu_from: expected tokens >= 0");
   o.host_experts_gpu_from = 0;

@@ -140,7 +140,8 @@ def test_placements_against_float64(name, dtype, T):
     rng, weights, attrs = _layer_args(1)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float16
     host = PLACEMENTS[name]
-    layer = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host))
+    layer = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host),
+                       host_experts_gpu_from=0)  # the CPU at every T
     assert layer.host_experts == host
     x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32)).to(dt)
     lg = torch.from_numpy(rng.standard_normal((T, E)).astype(np.float32)).to(dt)
@@ -162,7 +163,8 @@ def test_graph_streams_and_passes(name):
     torch = _gpu()
     rng, weights, attrs = _layer_args(2)
     host = PLACEMENTS[name]
-    layer = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host))
+    layer = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host),
+                       host_experts_gpu_from=0)
     T = 1100  # more than one host pass (1024 tokens)
     x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32)).to(torch.bfloat16).cuda()
     lg = torch.from_numpy(rng.standard_normal((T, E)).astype(np.float32)).to(torch.bfloat16).cuda()
@@ -236,6 +238,29 @@ def test_host_experts_on_the_gpu_give_the_all_gpu_bits(name, T):
         _same_bits(torch, static_out, y)
 
 
+def test_measured_crossover_picks_the_path():
+    """host_experts_gpu_from="auto" (the default): the token count from which the GPU
+    computes the host experts is measured when the layer is made (once per process for a
+    configuration); below it the result is the CPU path's bits, from it the all-GPU bits."""
+    torch = _gpu()
+    rng, weights, attrs = _layer_args(5)
+    host = PLACEMENTS["half"]
+    auto = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host))
+    n = auto.host_experts_gpu_from
+    assert 0 <= n <= 1024
+    again = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host))
+    assert again.host_experts_gpu_from == n  # measured once
+    assert ("on the GPU from %d tokens" % n in auto.kernel_name) == (n > 0)
+    cpu = qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host),
+                     host_experts_gpu_from=0)
+    assert cpu.host_experts_gpu_from == 0 and "on the GPU from" not in cpu.kernel_name
+    plain = qmoe.Layer(**weights, **attrs, device="cuda", max_tokens=1024)
+    for T in sorted({1, max(n - 1, 1), max(n, 1), 700}):
+        x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32)).to(torch.bfloat16).cuda()
+        lg = torch.from_numpy(rng.standard_normal((T, E)).astype(np.float32)).to(torch.bfloat16).cuda()
+        _same_bits(torch, auto(x, lg), plain(x, lg) if 0 < n <= T else cpu(x, lg))
+
+
 def test_host_experts_gpu_from_needs_a_cuda_layer():
     _, weights, attrs = _layer_args(0)
     with pytest.raises(ValueError, match="host_experts_gpu_from: only for a CUDA layer with host_experts"):
@@ -249,3 +274,5 @@ def test_host_experts_gpu_from_is_checked():
         qmoe.Layer(**weights, **attrs, device="cuda", host_experts_gpu_from=5)
     with pytest.raises(ValueError, match="host_experts_gpu_from: expected tokens >= 0"):
         qmoe.Layer(**weights, **attrs, device="cuda", expert_placement=_placement([1]), host_experts_gpu_from=-1)
+    with pytest.raises(ValueError, match="host_experts_gpu_from: expected tokens >= 0 .* or 'auto', got 'never'"):
+        qmoe.Layer(**weights, **attrs, device="cuda", expert_placement=_placement([1]), host_experts_gpu_from="never")
