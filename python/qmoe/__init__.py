@@ -44,6 +44,10 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from . import _core
+from ._placement import gpu_from as _gpu_from
+from ._torch_tensors import forward_torch as _forward_torch
+from ._torch_tensors import is_torch as _is_torch
+from ._torch_tensors import is_torch_tensor as _is_torch_tensor
 from ._placement import host_experts as _host_experts
 
 __version__ = "0.1.0"
@@ -180,15 +184,6 @@ def _parse_device(device: Any) -> Tuple[str, int]:
     return "cuda", int(m.group(1))
 
 
-def _is_torch(x: Any) -> bool:
-    """True for torch objects (tensors, devices), without importing torch."""
-    return type(x).__module__.split(".", 1)[0] == "torch"
-
-
-def _is_torch_tensor(x: Any) -> bool:
-    return _is_torch(x) and hasattr(x, "data_ptr") and hasattr(x, "device")
-
-
 def _torch():
     # Only reached with a torch tensor in hand, so torch is already imported.
     return sys.modules["torch"]
@@ -215,12 +210,6 @@ def _torch_host_arg(t: Any, name: str) -> Tuple[np.ndarray, int]:
 
 def _host_arg(x: Any, name: str) -> Tuple[np.ndarray, int]:
     return _torch_host_arg(x, name) if _is_torch_tensor(x) else _float_arg(x, name)
-
-
-def _describe(x: Any) -> str:
-    if _is_torch_tensor(x):
-        return f"a torch tensor on {x.device}"
-    return f"a {type(x).__module__}.{type(x).__qualname__}"
 
 
 class Layer:
@@ -263,8 +252,10 @@ class Layer:
     while the GPU experts run, copies the results back and combines on the GPU
     in a fixed order: the same result run to run. :attr:`host_experts` lists
     them. ``host_experts_gpu_from=N``: calls with at least N tokens per pass
-    copy the host experts' weights to the GPU over PCIe and compute them
-    there instead (faster for large batches; 0 = never).
+    copy the host experts' weights (a second copy, GPU layout, pinned host
+    memory) to the GPU and compute them there instead, faster for large
+    batches; 0 = never (no second copy); ``"auto"`` (the default) = where the
+    CPU becomes slower than the copy, measured when the layer is made.
     The CUDA backend takes float16 or bfloat16 activations (all of one dtype).
     """
 
@@ -276,7 +267,7 @@ class Layer:
                  expert_weight_bits=4, block_size=0, swiglu_fusion=0, swiglu_limit=float("inf"),
                  activation_alpha=1.0, activation_beta=0.0, accuracy_level=0, threads=None,
                  device="cpu", max_tokens=4096, expert_placement=None, gpu_memory_budget=None,
-                 expert_frequency=None, host_experts_gpu_from=0):
+                 expert_frequency=None, host_experts_gpu_from="auto"):
         backend, ordinal = _parse_device(device)
         weights = _weights(dict(
             fc1_experts_weights=fc1_experts_weights, fc1_scales=fc1_scales, fc1_experts_bias=fc1_experts_bias,
@@ -295,7 +286,7 @@ class Layer:
         self._host_experts = host
         self._layer = _core.Layer(weights, attrs, nthreads, _int_attr(accuracy_level, "accuracy_level"),
                                   backend, ordinal, ntokens, host,
-                                  _int_attr(host_experts_gpu_from, "host_experts_gpu_from"))
+                                  _gpu_from(host_experts_gpu_from))
 
     @classmethod
     def _wrap(cls, core: Any, ordinal: int) -> "Layer":
@@ -351,34 +342,8 @@ class Layer:
     forward = __call__
 
     def _call_device(self, input, router_probs, router_weights):
-        """torch CUDA tensors: forward_async on torch's current stream of the input's device."""
-        torch = _torch()
-        dev = input.device
-        if self._layer.backend != "cuda":
-            raise ValueError(f"input: a torch tensor on {dev}, but this layer runs on the CPU "
-                             f"(build it with device=\"cuda\", or pass host arrays)")
-        if dev.type != "cuda" or dev.index != self._device:
-            raise ValueError(f"input: the tensor is on {dev}, but the layer is on {self.device}")
-        if input.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"input: the CUDA backend takes float16 or bfloat16 activations, got {input.dtype}")
-        args = []
-        for name, t in (("router_probs", router_probs), ("router_weights", router_weights)):
-            if t is None:
-                args.append(None)
-                continue
-            if not _is_torch_tensor(t) or t.device != dev:
-                raise ValueError(f"{name}: expected a torch tensor on {dev} like input, got {_describe(t)}")
-            # Dtypes are checked by the library (a float32 router_probs with float16
-            # input gets the same "expected dtype ... (same as input)" as on the CPU).
-            args.append(t.detach().contiguous())
-        # .contiguous() is a no-op for contiguous tensors; otherwise the copy is
-        # made on the current stream, where the caching allocator keeps its memory
-        # until the work enqueued below has run.
-        x = input.detach().contiguous()
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        self._layer.forward_async(x, args[0], args[1], out, stream)
-        return out
+        """torch CUDA tensors: enqueued on torch's current stream of the input's device."""
+        return _forward_torch(self._layer, self._device, input, router_probs, router_weights)
 
     @property
     def num_experts(self) -> int:
@@ -409,6 +374,11 @@ class Layer:
     def host_experts(self) -> List[int]:
         """CUDA: the experts kept in host memory and run on the CPU (ascending ids; empty: all on the GPU)."""
         return list(self._host_experts)
+
+    @property
+    def host_experts_gpu_from(self) -> int:
+        """CUDA with host experts: tokens per pass from which they run on the GPU (0 = never)."""
+        return self._layer.host_experts_gpu_from
 
     @property
     def kernel_name(self) -> str:

@@ -116,6 +116,36 @@ void layer_forward_async(const PyLayer& layer, const DeviceIn& input, const Devi
   layer.forward_async(x, lg, mix, o, s);
 }
 
+// The same from raw pointers, for qmoe.Layer's torch path: DLPack's import costs
+// microseconds per tensor (a Python-level __dlpack__ call), more than a decode call's
+// GPU time. The caller (python/qmoe/__init__.py) has checked the tensors' device and
+// made them C-contiguous; shapes and dtypes are validated here and by the library as
+// for forward_async, and the backend refuses pointers outside the layer's device.
+// Dtype codes are qmoe::DType's values; mix = 0: no router_weights.
+qmoe::DType dtype_code(int code, const char* name) {
+  if (code == static_cast<int>(qmoe::DType::f16)) return qmoe::DType::f16;
+  if (code == static_cast<int>(qmoe::DType::bf16)) return qmoe::DType::bf16;
+  if (code == static_cast<int>(qmoe::DType::f32)) return qmoe::DType::f32;
+  throw nb::type_error((std::string(name) + ": expected dtype float16 or bfloat16 (CUDA backend)").c_str());
+}
+
+void layer_forward_ptrs(const PyLayer& layer, std::uintptr_t x, const qmoe::Shape& x_shape, int x_dtype,
+                        std::uintptr_t lg, const qmoe::Shape& lg_shape, int lg_dtype, std::uintptr_t mix,
+                        const qmoe::Shape& mix_shape, int mix_dtype, std::uintptr_t out, std::uintptr_t stream) {
+  if (layer.backend() != qmoe::Backend::cuda)
+    throw nb::value_error("forward_ptrs: the layer runs on the CPU backend, which takes host arrays");
+  const qmoe::DType dt = dtype_code(x_dtype, "input");
+  if (dt == qmoe::DType::f32)
+    throw nb::type_error("input: the CUDA backend takes float16 or bfloat16 activations, got float32");
+  auto p = [](std::uintptr_t v) { return reinterpret_cast<const void*>(v); };
+  const qmoe::TensorView xv(p(x), dt, x_shape), lv(p(lg), dtype_code(lg_dtype, "router_probs"), lg_shape);
+  const qmoe::TensorView mv =
+      mix ? qmoe::TensorView(p(mix), dtype_code(mix_dtype, "router_weights"), mix_shape) : qmoe::TensorView{};
+  const qmoe::MutableTensorView o(reinterpret_cast<void*>(out), dt, x_shape);
+  nb::gil_scoped_release release;
+  layer.forward_async(xv, lv, mv, o, reinterpret_cast<void*>(stream));
+}
+
 nb::ndarray<nb::numpy, double> reference(const std::map<std::string, TaggedIn>& weights,
                                          const qmoe::MoeAttributes& attrs, const TaggedIn& input,
                                          const TaggedIn& router_probs, const std::optional<TaggedIn>& router_weights) {
@@ -292,11 +322,12 @@ NB_MODULE(_core, m) {
 
   nb::class_<PyLayer>(m, "Layer", "A prepacked, immutable QMoE layer (use qmoe.Layer).")
       .def("__init__", &layer_init, "weights"_a, "attrs"_a, "threads"_a, "accuracy_level"_a, "backend"_a = "cpu",
-           "device"_a = 0, "max_tokens"_a = 4096, "host_experts"_a = std::vector<int>{}, "host_experts_gpu_from"_a = 0,
+           "device"_a = 0, "max_tokens"_a = 4096, "host_experts"_a = std::vector<int>{},
+           "host_experts_gpu_from"_a = qmoe::LayerOptions::kMeasureCrossover,
            "Validates and prepacks the raw weights (GIL released); keeps no reference to them. "
            "backend: \"cpu\", \"cuda\" or BACKEND_*; device: CUDA ordinal; max_tokens: tokens per CUDA pass; "
            "host_experts: CUDA experts kept in host memory and run on the CPU kernels; host_experts_gpu_from: tokens "
-           "per pass from which they are copied to the GPU and computed there (0 = never).")
+           "per pass from which they are copied to the GPU and computed there (0 = never, -1 = measured).")
       .def("forward", &layer_forward, "input"_a, "router_probs"_a, "router_weights"_a.none(), "out"_a,
            "Writes QMoE(input, router_probs[, router_weights]) into out (host arrays; on a CUDA layer the call "
            "copies to and from the device and waits; GIL released).")
@@ -306,6 +337,10 @@ NB_MODULE(_core, m) {
            "as an int; 0 = the legacy default stream) and returns without waiting. The arguments are C-contiguous "
            "DLPack tensors (e.g. torch) in device memory on the layer's device, float16 or bfloat16 (all the same). "
            "Keep them alive until the stream has run the work.")
+      .def("forward_ptrs", &layer_forward_ptrs, "x"_a, "x_shape"_a, "x_dtype"_a, "lg"_a, "lg_shape"_a, "lg_dtype"_a,
+           "mix"_a, "mix_shape"_a, "mix_dtype"_a, "out"_a, "stream"_a,
+           "forward_async from device pointers (ints), shapes and dtype codes (DTYPE_*); out has x's shape and "
+           "dtype; mix = 0: no router_weights. For qmoe.Layer's torch path: no DLPack import per call.")
       .def_prop_ro("attributes", [](const PyLayer& l) { return l.attributes(); })
       .def_prop_ro("num_experts", [](const PyLayer& l) { return l.shape().num_experts; })
       .def_prop_ro("hidden_size", [](const PyLayer& l) { return l.shape().hidden; })
@@ -313,6 +348,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("fc1_rows", [](const PyLayer& l) { return l.shape().fc1_rows; })
       .def_prop_ro("packed_bytes", [](const PyLayer& l) { return l.packed_bytes(); })
       .def_prop_ro("threads", [](const PyLayer& l) { return l.threads(); })
+      .def_prop_ro("host_experts_gpu_from", [](const PyLayer& l) { return l.host_experts_gpu_from(); })
       .def_prop_ro("kernel_name", [](const PyLayer& l) { return std::string(l.kernel_name()); })
       .def_prop_ro(
           "backend", [](const PyLayer& l) { return std::string(backend_name(l.backend())); }, "\"cpu\" or \"cuda\".")

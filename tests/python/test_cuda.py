@@ -456,6 +456,40 @@ def test_forward_async_checks_its_tensors():
     _same_bits(out, gpu(xd, lgd))
 
 
+def test_forward_ptrs_checks_its_arguments():
+    """The pointer entry qmoe.Layer's torch path uses: a dtype code it does not know, a
+    shape that does not fit and a pointer outside the layer's device are refused by
+    name before anything is enqueued; a good call gives the DLPack entry's bits."""
+    rng, _, gpu = _error_layers()
+    x, lg = _good(rng)
+    xd, lgd = torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)
+    out = torch.full_like(xd, float("nan"))
+    stream = torch.cuda.current_stream().cuda_stream
+    core = gpu._layer
+    f16, xp0, lp0 = qmoe._core.DTYPE_F16, xd.data_ptr(), lgd.data_ptr()
+
+    def call(xp=xp0, xs=xd.shape, xt=f16, lp=lp0, ls=lgd.shape, lt=f16):
+        core.forward_ptrs(xp, xs, xt, lp, ls, lt, 0, (), -1, out.data_ptr(), stream)
+
+    with pytest.raises(TypeError, match=r"^router_probs: expected dtype float16 or bfloat16 \(CUDA backend\)"):
+        call(lt=99)
+    with pytest.raises(TypeError, match=r"^input: the CUDA backend takes float16 or bfloat16"):
+        call(xt=qmoe._core.DTYPE_F32)
+    with pytest.raises(ValueError, match=r"^router_probs: expected shape \[5, 4\], got \[5, 3\]"):
+        call(ls=(T_, 3))
+    host = torch.from_numpy(lg)
+    with pytest.raises(ValueError, match=r"^router_probs: expected memory on CUDA device 0"):
+        call(lp=host.data_ptr())
+    with pytest.raises(TypeError, match=r"^router_probs: expected dtype float16 or bfloat16 \(CUDA backend\), "
+                                        r"got float64"):
+        gpu(xd, lgd.double())  # the Layer's torch path names the dtype
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()
+    call()
+    torch.cuda.synchronize()
+    _same_bits(out, gpu(xd, lgd))
+
+
 # --------------------------------------------------------------------------
 # (f) Properties and memory
 # --------------------------------------------------------------------------
