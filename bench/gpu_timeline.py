@@ -6,7 +6,8 @@
 For each model (tools/shapes.json; 4-bit, the model's block size, random codes)
 and T it makes a CUDA layer, then:
   * host: the wall time of enqueueing one call (forward on CUDA tensors, no
-    synchronisation), median over --calls;
+    synchronisation), median over --calls; and through the DLPack entry
+    (_core forward_async with a preallocated output) for comparison;
   * eager and graph: the GPU time of one call (CUDA events around --calls
     back-to-back calls, divided), eager and replayed as a CUDA graph;
   * kernels: under torch.profiler (CUPTI), each kernel's median duration and
@@ -90,6 +91,16 @@ def main() -> None:
                 if i % 16 == 15:
                     torch.cuda.synchronize()
             torch.cuda.synchronize()
+            # The same through the DLPack entry (_core forward_async, output preallocated).
+            out0, stream = torch.empty_like(xd), torch.cuda.current_stream().cuda_stream
+            host_dl = []
+            for i in range(args.calls):
+                t0 = time.perf_counter()
+                layers[i % n]._layer.forward_async(xd, lgd, None, out0, stream)
+                host_dl.append((time.perf_counter() - t0) * 1e6)
+                if i % 16 == 15:
+                    torch.cuda.synchronize()
+            torch.cuda.synchronize()
             # Eager and graph GPU time per call.
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -125,10 +136,12 @@ def main() -> None:
                     calls[i % n]()
                 torch.cuda.synchronize()
             kr, span = kernel_rows(prof, pc)
-            row = dict(model=model, T=T, host_us=statistics.median(host), eager_us=eager, graph_us=graph,
+            row = dict(model=model, T=T, host_us=statistics.median(host), host_dlpack_us=statistics.median(host_dl),
+                       eager_us=eager, graph_us=graph,
                        span_us=span, kernels=kr, sets=n, kernel_name=first.kernel_name)
             out["rows"].append(row)
-            print(f"{model} T={T}: host enqueue {row['host_us']:.1f} us, eager {eager:.1f} us/call, "
+            print(f"{model} T={T}: host enqueue {row['host_us']:.1f} us (DLPack entry "
+                  f"{row['host_dlpack_us']:.1f} us), eager {eager:.1f} us/call, "
                   f"graph {graph:.1f} us/call, kernel span {span:.1f} us ({n} weight sets; {first.kernel_name})")
             for r in kr:
                 print(f"    {r['us']:7.1f} us  (gap before {r['gap_us']:6.1f} us)  {r['kernel']}")
