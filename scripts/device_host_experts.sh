@@ -33,7 +33,7 @@ if [ "$tests" = 1 ]; then
   timeout 180 build-gpu/tests/cpp/qmoe_tests --gtest_filter='*Cuda*:HostExperts*:ThreadPool*' --gtest_brief=1 2>&1 | tail -40
   echo "== Python: host experts, CUDA"
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/python/test_host_experts.py -x 2>&1 | tail -15
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda.py -x 2>&1 | tail -3
+  timeout 180 python3 -m pytest -q -p no:cacheprovider --tb=short tests/python/test_cuda.py -x 2>&1 | tail -40
 fi
 [ "$bench" = 1 ] || exit 0
 echo "== bench/host_experts.py"

@@ -59,6 +59,7 @@ def forward_torch(core: Any, ordinal: int, input: Any, router_probs: Any, router
         raise TypeError(f"input: the CUDA backend takes float16 or bfloat16 activations, got {input.dtype}")
     codes = _dtype_codes(torch)
     args: list = []
+    keep = []  # contiguous copies stay referenced until the call is enqueued (see below)
     for name, t in (("router_probs", router_probs), ("router_weights", router_weights)):
         if t is None:
             args += [0, (), -1]
@@ -70,10 +71,14 @@ def forward_torch(core: Any, ordinal: int, input: Any, router_probs: Any, router
             raise TypeError(f"{name}: expected dtype float16 or bfloat16 (CUDA backend), got "
                             f"{str(t.dtype).replace('torch.', '')}")
         t = t if t.is_contiguous() else t.contiguous()
+        keep.append(t)
         args += [t.data_ptr(), t.shape, codes[t.dtype]]
     # A copy made by .contiguous() is made on the current stream, where the caching
-    # allocator keeps its memory until the work enqueued below has run.
+    # allocator may reuse its memory once it is freed, for work enqueued after the free:
+    # so it is freed only after the call below is enqueued (freed earlier, the next
+    # allocation here could take it and overwrite it before this call reads it).
     x = input if input.is_contiguous() else input.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     core.forward_ptrs(x.data_ptr(), x.shape, codes[x.dtype], *args, out.data_ptr(), _current_stream(torch, dev))
+    del keep
     return out

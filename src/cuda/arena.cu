@@ -31,9 +31,10 @@ HostRows carve_host_rows(Carver& c, std::int64_t rows, std::int64_t E, std::int6
   return h;
 }
 
-Workspace carve_workspace(Carver& c, std::int64_t chunk, int k, std::int64_t E, std::int64_t H, std::int64_t a_stride) {
+Workspace carve_workspace(Carver& c, std::int64_t tokens, std::int64_t y2_tokens, int k, std::int64_t E, std::int64_t H,
+                          std::int64_t a_stride) {
   Workspace w;
-  const std::int64_t pairs = chunk * k;
+  const std::int64_t pairs = tokens * k;
   w.rb.topk_expert = c.take<int>(pairs);
   w.rb.topk_weight = c.take<float>(pairs);
   w.rb.slot = c.take<int>(pairs);
@@ -45,7 +46,7 @@ Workspace carve_workspace(Carver& c, std::int64_t chunk, int k, std::int64_t E, 
   w.rb.token_of = c.take<int>(pairs);
   w.rb.pos_of = c.take<int>(pairs);
   w.act = c.take<std::uint16_t>(pairs * a_stride);
-  w.y2 = c.take<float>(pairs * H);
+  w.y2 = c.take<float>(y2_tokens * k * H);
   return w;
 }
 

@@ -88,8 +88,11 @@ struct HostRows {
 /// Carves HostRows for up to `rows` host rows out of `c`.
 HostRows carve_host_rows(Carver& c, std::int64_t rows, std::int64_t E, std::int64_t H);
 
-/// Carves a pass of up to `chunk` tokens (k experts each, E experts, hidden H,
+/// Carves a pass of up to `tokens` tokens (k experts each, E experts, hidden H,
 /// FC1 output rows of `a_stride` elements) out of `c`.
-Workspace carve_workspace(Carver& c, std::int64_t chunk, int k, std::int64_t E, std::int64_t H, std::int64_t a_stride);
+/// `tokens` per pass; `y2_tokens` of FC2 partials (tokens x K splits: at most
+/// min(16 x tokens, the Layer's pass size), see fc2_k_split).
+Workspace carve_workspace(Carver& c, std::int64_t tokens, std::int64_t y2_tokens, int k, std::int64_t E, std::int64_t H,
+                          std::int64_t a_stride);
 
 }  // namespace qmoe::cuda

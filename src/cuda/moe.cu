@@ -4,10 +4,8 @@
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <mutex>
 #include <numeric>
 #include <string>
@@ -17,6 +15,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cuda_moe.h"
 #include "cuda/gemm_table.h"
+#include "cuda/host_pass.h"
 #include "cuda/prepack.h"
 #include "cuda/route.h"
 
@@ -47,144 +46,6 @@ static bool pick_pdl(bool on, int cc) { return on && cc >= 90; }
 // Tokens per pass of a Layer with host experts (the mapped host rows hold one pass).
 constexpr std::int64_t kHostPassTokens = 1024;
 
-// The host side of a call with host experts, run by the CUDA runtime as a host
-// function on the side stream once the host rows are in mapped memory: the rows
-// of each host expert in token order (the plan's order within an expert comes
-// from atomics), through the CPU kernels, results back to their positions.
-struct HostPass {
-  std::unique_ptr<detail::HostExperts> experts;
-  int gpu_slots = 0, slots = 0;
-  std::int64_t hidden = 0;
-  HostRows rows;  // in the arena's mapped host memory
-  cudaStream_t side = nullptr;
-  cudaEvent_t forked = nullptr, joined = nullptr;  // main stream -> side stream -> main stream
-  // Per-pass scratch (passes of a Layer are serialized).
-  std::vector<std::int64_t> order, counts;
-  std::vector<float> x, y;
-  std::mutex error_mu;
-  std::string error;  // the first failure, reported by the next forward()
-
-  ~HostPass() {
-    if (forked) cudaEventDestroy(forked);
-    if (joined) cudaEventDestroy(joined);
-    if (side) cudaStreamDestroy(side);
-  }
-
-  static void CUDART_CB run(void* self) { static_cast<HostPass*>(self)->run_pass(); }
-
-  // Work for the side stream once `main` has reached this point (the host pass, or the
-  // copy of the host experts' weights); join() makes `main` wait for it.
-  template <class Enqueue>
-  void on_side(cudaStream_t main, Enqueue&& enqueue) {
-    QMOE_CUDA_CHECK(cudaEventRecord(forked, main));
-    QMOE_CUDA_CHECK(cudaStreamWaitEvent(side, forked, 0));
-    enqueue(side);
-    QMOE_CUDA_CHECK(cudaEventRecord(joined, side));
-  }
-  void join(cudaStream_t main) const { QMOE_CUDA_CHECK(cudaStreamWaitEvent(main, joined, 0)); }
-
-  void run_pass() noexcept {
-    const int* off = rows.offsets;
-    const std::int64_t p0 = off[gpu_slots], n = off[slots] - p0, H = hidden;
-    if (n <= 0) return;
-    try {
-      counts.resize(static_cast<std::size_t>(slots - gpu_slots));
-      order.resize(static_cast<std::size_t>(n));
-      std::iota(order.begin(), order.end(), std::int64_t{0});
-      for (int e = gpu_slots; e < slots; ++e) {
-        counts[e - gpu_slots] = off[e + 1] - off[e];
-        std::sort(order.begin() + (off[e] - p0), order.begin() + (off[e + 1] - p0),
-                  [&](std::int64_t a, std::int64_t b) { return rows.token[a] < rows.token[b]; });
-      }
-      x.resize(static_cast<std::size_t>(n * H));
-      y.resize(static_cast<std::size_t>(n * H));
-      for (std::int64_t r = 0; r < n; ++r) std::copy_n(rows.x + order[r] * H, H, x.data() + r * H);
-      experts->run(x.data(), counts.data(), n, y.data());
-      for (std::int64_t r = 0; r < n; ++r) std::copy_n(y.data() + r * H, H, rows.y + order[r] * H);
-    } catch (const std::exception& ex) {
-      fail(n, ex.what());
-    } catch (...) {
-      fail(n, "unknown error");
-    }
-  }
-
-  // Never a silent answer: the rows become NaN and the next forward() throws.
-  void fail(std::int64_t n, const char* what) noexcept {
-    std::fill(rows.y, rows.y + n * hidden, std::numeric_limits<float>::quiet_NaN());
-    std::lock_guard<std::mutex> lk(error_mu);
-    if (error.empty()) error = what;
-  }
-
-  void rethrow() {
-    std::lock_guard<std::mutex> lk(error_mu);
-    if (error.empty()) return;
-    const std::string e = std::move(error);
-    error.clear();
-    detail::fail("host experts (", experts->name(), "): ", e);
-  }
-};
-
-// LayerOptions::kMeasureCrossover: the smallest tokens per pass T (at most `chunk`) at
-// which the CPU experts take longer than copying their GPU-layout weights (`bytes` of
-// pinned memory at `packed`) to the device; 0 = never (or the copy does not fit the GPU).
-// The copy is timed as it runs for a call; the CPU side on T * k * nh / E rows spread
-// over the nh host experts as uniform routing spreads them: doubling T, then bisecting
-// to within an eighth. Measured once per process for a given configuration (`key`).
-std::int64_t measure_crossover(const detail::HostExperts& cpu, const void* packed, std::size_t bytes, std::int64_t E,
-                               std::int64_t nh, int k, std::int64_t H, std::int64_t chunk, const std::string& key) {
-  static std::mutex mu;
-  static std::map<std::string, std::int64_t> known;
-  std::lock_guard<std::mutex> lk(mu);
-  if (auto it = known.find(key); it != known.end()) return it->second;
-  double copy_ms = 0;
-  try {
-    DeviceBuffer to(bytes);
-    cudaStream_t s = nullptr;
-    cudaEvent_t ev[2] = {nullptr, nullptr};
-    QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    for (cudaEvent_t& e : ev) QMOE_CUDA_CHECK(cudaEventCreate(&e));
-    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, s));  // warm-up
-    QMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
-    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, s));
-    QMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
-    QMOE_CUDA_CHECK(cudaEventSynchronize(ev[1]));
-    float ms = 0;
-    QMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
-    for (cudaEvent_t e : ev) cudaEventDestroy(e);
-    cudaStreamDestroy(s);
-    copy_ms = ms;
-  } catch (const Error&) {  // no room on the device for the copy: the CPU it is
-    cudaGetLastError();
-    return known[key] = 0;
-  }
-  std::vector<float> x, y;
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(nh));
-  auto cpu_ms = [&](std::int64_t t) {
-    const std::int64_t n = std::min((t * k * nh + E - 1) / E, t * std::min<std::int64_t>(k, nh));
-    for (std::int64_t i = 0; i < nh; ++i) counts[i] = n / nh + (i < n % nh ? 1 : 0);
-    x.assign(static_cast<std::size_t>(n * H), 0.5f);
-    y.resize(x.size());
-    double best = std::numeric_limits<double>::infinity();
-    for (int r = 0; r < 2; ++r) {  // the first also warms the caches and the threads
-      const auto t0 = std::chrono::steady_clock::now();
-      cpu.run(x.data(), counts.data(), n, y.data());
-      best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return best;
-  };
-  std::int64_t hi = 1;
-  while (cpu_ms(hi) < copy_ms) {
-    if (hi >= chunk) return known[key] = 0;
-    hi = std::min(hi * 2, chunk);
-  }
-  std::int64_t lo = hi / 2;  // 0, or a T at which the CPU is faster
-  while (lo > 0 && hi - lo > std::max<std::int64_t>(1, lo / 8)) {
-    const std::int64_t mid = (lo + hi) / 2;
-    (cpu_ms(mid) >= copy_ms ? hi : lo) = mid;
-  }
-  return known[key] = hi;
-}
-
 struct CudaMoe::State {
   MoeAttributes attrs;
   MoeShape shape;
@@ -201,7 +62,13 @@ struct CudaMoe::State {
   std::shared_ptr<Arena> arena;
   std::string name;
   // Host experts (LayerOptions::host_experts); null when every expert is on the GPU.
+  // `host` is the eager calls' pass context; a call being captured gets one of its own,
+  // kept (in `captured`) while the Layer lives, for the graph's replays.
+  std::unique_ptr<detail::HostExperts> host_experts;
+  mutable HostErrors host_errors;
   std::unique_ptr<HostPass> host;
+  mutable std::mutex captured_mu;
+  mutable std::vector<std::unique_ptr<HostPass>> captured;
   DeviceBuffer slot_of;       // [E] expert -> slot
   DeviceBuffer combine_bias;  // [E][padded rows of FC2] by slot: GPU slots' FC2 bias, host slots 0
   std::size_t host_bytes = 0;
@@ -215,8 +82,10 @@ struct CudaMoe::State {
   PackedGpu host_p1, host_p2;
   DeviceBuffer all_bias;
 
-  Workspace carve(Carver& c) const {
-    Workspace ws = carve_workspace(c, chunk, attrs.k, shape.num_experts, shape.hidden, a_stride);
+  // The working memory of passes of at most `tokens` (<= chunk) tokens.
+  Workspace carve(Carver& c, std::int64_t tokens) const {
+    const std::int64_t y2_tokens = std::min(16 * tokens, chunk);  // fc2_k_split: splits <= 16 and <= chunk / tokens
+    Workspace ws = carve_workspace(c, tokens, y2_tokens, attrs.k, shape.num_experts, shape.hidden, a_stride);
     if (host) {
       ws.rb.slot_of = slot_of.get<int>();
       ws.rb.gpu_slots = host->gpu_slots;
@@ -252,7 +121,9 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   if (!o.host_experts.empty()) {
     detail::require(host_experts != nullptr, "host_experts: no CPU side was given");
     auto hp = std::make_unique<HostPass>();
-    hp->experts = (*host_experts)();
+    st.host_experts = (*host_experts)();
+    hp->experts = st.host_experts.get();
+    hp->errors = &st.host_errors;
     std::vector<int> slot_of(static_cast<std::size_t>(E), -1);
     for (std::size_t i = 0; i < o.host_experts.size(); ++i) slot_of[o.host_experts[i]] = 1;
     for (int e = 0; e < E; ++e)
@@ -265,9 +136,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
     hp->hidden = s.hidden;
     st.slot_of = DeviceBuffer(sizeof(int) * slot_of.size());
     QMOE_CUDA_CHECK(cudaMemcpy(st.slot_of.get(), slot_of.data(), sizeof(int) * slot_of.size(), cudaMemcpyHostToDevice));
-    QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&hp->side, cudaStreamNonBlocking));
-    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->forked, cudaEventDisableTiming));
-    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&hp->joined, cudaEventDisableTiming));
+    hp->open_streams();
     st.host = std::move(hp);
   }
   st.w = prepack_layer(w, a, s, release, st.host ? &gpu_experts : nullptr);
@@ -319,8 +188,8 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
                               " k" + std::to_string(a.k) + " nh" + std::to_string(nh) + " b" +
                               std::to_string(hl.packed.bytes()) + " c" + std::to_string(st.chunk);
       hl.packed = DeviceBuffer();  // room for the copy being timed
-      st.gpu_from = measure_crossover(*st.host->experts, st.host_packed.get(), st.host_packed.bytes(), E, nh, a.k,
-                                      s.hidden, st.chunk, key);
+      st.gpu_from = measure_crossover(*st.host->experts, o.host_experts, st.host_packed.get(), st.host_packed.bytes(),
+                                      E, a.k, s.hidden, st.chunk, key);
     }
     if (st.gpu_from == 0) {  // the CPU always: no second copy kept
       st.host_packed = PinnedBuffer();
@@ -329,7 +198,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   }
 
   Carver ws_size{nullptr};
-  st.carve(ws_size);
+  st.carve(ws_size, st.chunk);
   st.ws_bytes = ws_size.used;
   if (st.host) {
     Carver hs{nullptr};
@@ -388,31 +257,55 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
   const bool capturing = capture != cudaStreamCaptureStatusNone;
   if (!capturing && arena.has_last && arena.last != stream) QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, arena.done, 0));
 
-  Carver carver{arena.buf.get<char>()};
-  const Workspace ws = st.carve(carver);
+  // Eager calls use the arena. A call being captured gets working memory of its own,
+  // allocated in the graph (cudaMallocAsync while capturing: a memory node, freed at the
+  // call's end) and sized for its tokens: a replay can then run beside eager calls and
+  // other graphs (the driver keeps graphs that share physical memory apart).
+  void* graph_ws = nullptr;
+  Workspace ws;
+  if (capturing) {
+    const std::int64_t tw = std::min(tokens, st.chunk);
+    Carver sizing{nullptr};
+    st.carve(sizing, tw);
+    QMOE_CUDA_CHECK(cudaMallocAsync(&graph_ws, sizing.used, stream));
+    Carver carver{static_cast<char*>(graph_ws)};
+    ws = st.carve(carver, tw);
+  } else {
+    Carver carver{arena.buf.get<char>()};
+    ws = st.carve(carver, st.chunk);
+  }
   const MoeAttributes& a = st.attrs;
   const std::int64_t E = st.shape.num_experts, H = st.shape.hidden, k = a.k;
   const DType dt = input.dtype;
   const std::size_t es = dtype_bytes(dt);
-  HostPass* const hp = st.host.get();
   // Host experts on the GPU for this call (LayerOptions::host_experts_gpu_from): their
   // weights go to the staging buffer on the side stream while routing and the GPU
   // experts' FC1 run; the staging is free once this stream has reached this call.
-  const bool host_on_gpu = hp && st.gpu_from > 0 && std::min(tokens, st.chunk) >= st.gpu_from;
+  const bool host_on_gpu = st.host && st.gpu_from > 0 && std::min(tokens, st.chunk) >= st.gpu_from;
+  // Otherwise their rows go to the CPU: every pass uses the same mapped host rows.
+  const bool host_on_cpu = st.host && !host_on_gpu;
+  // A call being captured has a host context (side stream, mapped rows) of its own.
+  HostPass* hp = st.host.get();
+  if (hp && capturing) {
+    auto own = hp->for_capture(host_on_cpu ? st.host_bytes : 0);
+    std::lock_guard<std::mutex> clk(st.captured_mu);
+    st.captured.push_back(std::move(own));
+    hp = st.captured.back().get();
+  }
   PackedGpu staged1, staged2;
+  void* graph_staging = nullptr;
   if (host_on_gpu) {
-    char* stg = arena.staging.get<char>();
+    if (capturing) QMOE_CUDA_CHECK(cudaMallocAsync(&graph_staging, st.host_packed.bytes(), stream));
+    char* stg = capturing ? static_cast<char*>(graph_staging) : arena.staging.get<char>();
     hp->on_side(stream, [&](cudaStream_t side) {
       QMOE_CUDA_CHECK(cudaMemcpyAsync(stg, st.host_packed.get(), st.host_packed.bytes(), cudaMemcpyHostToDevice, side));
     });
     staged1 = shift_slots(rebase(st.host_p1, st.host_base, stg), st.w.g1, hp->gpu_slots);
     staged2 = shift_slots(rebase(st.host_p2, st.host_base, stg), st.w.g2, hp->gpu_slots);
   }
-  // Otherwise their rows go to the CPU: every pass uses the same mapped host rows.
-  const bool host_on_cpu = hp && !host_on_gpu;
   HostRows hr;
   if (host_on_cpu) {
-    Carver hc{arena.host.get<char>()};
+    Carver hc{capturing ? hp->own_rows.get<char>() : arena.host.get<char>()};
     hr = carve_host_rows(hc, st.host_rows(), E, H);
     hp->rows = hr;
   }
@@ -436,7 +329,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
       // while the GPU experts run here.
       launch_gather_host_rows(x, dt, H, pairs, static_cast<int>(E), ws.rb, hr.offsets, hr.token, hr.x, stream);
       hp->on_side(stream, [&](cudaStream_t side) { QMOE_CUDA_CHECK(cudaLaunchHostFunc(side, &HostPass::run, hp)); });
-      hp->experts->prepare();  // the CPU threads poll from now on instead of waking when the rows arrive
+      if (!capturing) hp->experts->prepare();  // the CPU threads poll from now on, not when the rows arrive
     }
     // Grid bound on the plan's m-tiles: each expert's last tile may be partial
     // (+ E), and no tile is empty (<= pairs; at T = 1 that spares the GEMMs
@@ -492,6 +385,8 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb,
                    st.pdl && !host_on_cpu, stream);
   }
+  if (graph_ws) QMOE_CUDA_CHECK(cudaFreeAsync(graph_ws, stream));
+  if (graph_staging) QMOE_CUDA_CHECK(cudaFreeAsync(graph_staging, stream));
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));
     arena.last = stream;
@@ -520,11 +415,11 @@ void CudaMoe::forward(const TensorView& input, const TensorView& router_probs, c
     temps.emplace_back(out.view().nbytes());
     y.data = temps.back().get();
   }
-  if (st.host) st.host->rethrow();  // a failure of an earlier forward_async
+  if (st.host) st.host_errors.rethrow(st.host->experts->name());  // a failure of an earlier forward_async
   forward_async(x, lg, rw, y, tokens, nullptr);
   if (out_host) QMOE_CUDA_CHECK(cudaMemcpy(out.data, y.data, out.view().nbytes(), cudaMemcpyDeviceToHost));
   QMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  if (st.host) st.host->rethrow();
+  if (st.host) st.host_errors.rethrow(st.host->experts->name());
 }
 
 }  // namespace qmoe::cuda

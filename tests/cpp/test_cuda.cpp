@@ -379,9 +379,11 @@ TEST_F(CudaLayer, HostExperts) {
   }
 }
 
-// Several Layers (sharing the device's working memory) used at once from several host
-// threads, each on its own stream, and a CUDA graph replayed on another stream beside
-// them: every call gives the bits of the same call made alone.
+// Several Layers (sharing the device's working memory; two with host experts, one of
+// them computing its host experts on the GPU from 32 tokens) used at once from several
+// host threads, each on its own stream, and CUDA graphs (of a plain call and of both
+// host-expert paths) replayed on other streams beside them: every call gives the bits of
+// the same call made alone.
 TEST_F(CudaLayer, ConcurrentLayersStreamsThreadsAndGraphsGiveSoloBits) {
   const Bf16Case p({4, 32, true, Activation::swiglu, 1, 4, 256, 128, 8, 300}, 19);
   const Bf16Case q({8, 0, true, Activation::relu, 0, 2, 128, 256, 6, 300}, 23);
@@ -392,14 +394,17 @@ TEST_F(CudaLayer, ConcurrentLayersStreamsThreadsAndGraphsGiveSoloBits) {
   LayerOptions oh = o;
   oh.threads = 2;
   oh.host_experts = {2, 5};
+  oh.host_experts_gpu_from = 0;
   const Layer lc(p.s.views(), p.a, oh);
+  oh.host_experts_gpu_from = 32;
+  const Layer ld(p.s.views(), p.a, oh);
   struct Job {
     const Layer* layer;
     const Bf16Case* c;
     std::int64_t t;
   };
-  const std::vector<Job> jobs = {{&la, &p, 1},   {&lb, &q, 16}, {&la, &p, 300}, {&lc, &p, 5},
-                                 {&lb, &q, 300}, {&la, &p, 40}, {&lc, &p, 64},  {&lb, &q, 3}};
+  const std::vector<Job> jobs = {{&la, &p, 1},  {&lb, &q, 16}, {&la, &p, 300}, {&lc, &p, 5},  {&lb, &q, 300},
+                                 {&la, &p, 40}, {&lc, &p, 64}, {&lb, &q, 3},   {&ld, &p, 64}, {&ld, &p, 3}};
   Dev pxa(p.xh), pla(p.lh), qxa(q.xh), qla(q.lh);
   auto views = [&](const Job& j) {
     const bool is_p = j.c == &p;
@@ -415,18 +420,22 @@ TEST_F(CudaLayer, ConcurrentLayersStreamsThreadsAndGraphsGiveSoloBits) {
     CK(cudaDeviceSynchronize());
     solo.push_back(y.get<std::uint16_t>());
   }
-  // A graph of job 2 (la, T = 300), captured before the threads start.
-  cudaStream_t gs;
-  CK(cudaStreamCreateWithFlags(&gs, cudaStreamNonBlocking));
-  Dev gy(static_cast<std::size_t>(300 * p.c.h * 2));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  {
-    const auto [xv, lv] = views(jobs[2]);
-    CK(cudaStreamBeginCapture(gs, cudaStreamCaptureModeThreadLocal));
-    la.forward_async(xv, lv, {}, MutableTensorView(gy.p, dt, {300, p.c.h}), gs);
-    CK(cudaStreamEndCapture(gs, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
+  // Graphs of jobs 2 (la, T = 300), 6 (lc, T = 64) and 8 (ld, T = 64), captured before
+  // the threads start, each replayed on a stream of its own.
+  const std::vector<std::size_t> graphed = {2, 6, 8};
+  std::vector<cudaStream_t> gs(graphed.size());
+  std::deque<Dev> gy;  // Dev does not move
+  std::vector<cudaGraph_t> graph(graphed.size());
+  std::vector<cudaGraphExec_t> exec(graphed.size());
+  for (std::size_t g = 0; g < graphed.size(); ++g) {
+    const Job& j = jobs[graphed[g]];
+    CK(cudaStreamCreateWithFlags(&gs[g], cudaStreamNonBlocking));
+    gy.emplace_back(static_cast<std::size_t>(j.t * j.c->c.h * 2));
+    const auto [xv, lv] = views(j);
+    CK(cudaStreamBeginCapture(gs[g], cudaStreamCaptureModeThreadLocal));
+    j.layer->forward_async(xv, lv, {}, MutableTensorView(gy.back().p, dt, {j.t, j.c->c.h}), gs[g]);
+    CK(cudaStreamEndCapture(gs[g], &graph[g]));
+    CK(cudaGraphInstantiate(&exec[g], graph[g], 0));
   }
   // Four threads, each its own stream, each all jobs (rotated) three times; the graph
   // replayed beside them.
@@ -455,9 +464,9 @@ TEST_F(CudaLayer, ConcurrentLayersStreamsThreadsAndGraphsGiveSoloBits) {
         errors[th] = e.what();
       }
     });
-  for (int r = 0; r < 6; ++r) CK(cudaGraphLaunch(exec, gs));
+  for (int r = 0; r < 6; ++r)
+    for (std::size_t g = 0; g < graphed.size(); ++g) CK(cudaGraphLaunch(exec[g], gs[g]));
   for (auto& t : pool) t.join();
-  CK(cudaStreamSynchronize(gs));
   CK(cudaDeviceSynchronize());
   for (int th = 0; th < kThreads; ++th) {
     ASSERT_TRUE(errors[th].empty()) << "thread " << th << ": " << errors[th];
@@ -465,10 +474,12 @@ TEST_F(CudaLayer, ConcurrentLayersStreamsThreadsAndGraphsGiveSoloBits) {
       EXPECT_EQ(outs[th][n].get<std::uint16_t>(), solo[which[th][n]])
           << "thread " << th << ", call " << n << " (job " << which[th][n] << ")";
   }
-  EXPECT_EQ(gy.get<std::uint16_t>(), solo[2]) << "graph replay beside the threads";
-  CK(cudaGraphExecDestroy(exec));
-  CK(cudaGraphDestroy(graph));
-  CK(cudaStreamDestroy(gs));
+  for (std::size_t g = 0; g < graphed.size(); ++g) {
+    EXPECT_EQ(gy[g].get<std::uint16_t>(), solo[graphed[g]]) << "graph of job " << graphed[g] << " beside the threads";
+    CK(cudaGraphExecDestroy(exec[g]));
+    CK(cudaGraphDestroy(graph[g]));
+    CK(cudaStreamDestroy(gs[g]));
+  }
 }
 
 // An output that is not 8-byte aligned (a bfloat16 view one element into a
