@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -20,6 +21,7 @@ constexpr int kRouteWarps = 4;
 // whose keys (32 warps) and counts fit the default 48 KB of shared memory.
 constexpr int kFusedRouteTokens = 128;
 constexpr int kFusedRouteExperts = 256;
+constexpr int kFusedRouteK = 32;
 
 __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i) {
   switch (t) {
@@ -37,8 +39,13 @@ __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i
 // to the lower index; the softmax runs over all E logits; a +inf maximum
 // splits the mass evenly over the +inf logits; any NaN logit makes the
 // weights NaN (never a silent answer).
+// `keys` holds E floats and `sel` 2 k words of the warp's shared memory. The k picks
+// are made one after the other (each an arg-max over the warp), their weights and the
+// stores then by k lanes at once: no global memory access inside the serial part.
 __device__ void route_token(const void* logits, const void* mix, DType dt, std::int64_t t, int E, int k, bool normalize,
-                            float* keys, int* counts, const RouteBuffers& b) {
+                            float* keys, int* sel, int* counts, const RouteBuffers& b) {
+  int* sel_e = sel;
+  float* sel_w = reinterpret_cast<float*>(sel + k);
   const int lane = static_cast<int>(threadIdx.x) % 32;
   float mx = -INFINITY;
   bool has_nan = false;
@@ -59,7 +66,6 @@ __device__ void route_token(const void* logits, const void* mix, DType dt, std::
     for (int o = 16; o; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
   }
   __syncwarp();
-  float wsum = 0.f;
   for (int j = 0; j < k; ++j) {
     // Arg-max over the experts not yet taken (taken keys are NaN).
     float best = 0.f;
@@ -74,25 +80,30 @@ __device__ void route_token(const void* logits, const void* mix, DType dt, std::
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (oi >= 0 && (bi < 0 || ov > best || (ov == best && oi < bi))) best = ov, bi = oi;
     }
-    float w;
-    if (mix) {
-      w = load_act(mix, dt, t * E + bi);
-    } else {
-      const float num = inf_max ? (best == mx ? 1.f : 0.f) : __expf(best - mx);
-      w = has_nan ? NAN : num / z;
-    }
-    wsum += w;
     if (lane == 0) {
-      const int s = b.slot_of ? b.slot_of[bi] : bi;
-      b.topk_expert[t * k + j] = s;
-      b.topk_weight[t * k + j] = w;
-      b.slot[t * k + j] = atomicAdd(&counts[s], 1);
+      sel_e[j] = bi;
+      if (!mix) {
+        const float num = inf_max ? (best == mx ? 1.f : 0.f) : __expf(best - mx);
+        sel_w[j] = has_nan ? NAN : num / z;
+      }
       keys[bi] = NAN;
     }
     __syncwarp();
   }
-  if (normalize && lane == 0)
-    for (int j = 0; j < k; ++j) b.topk_weight[t * k + j] /= wsum;
+  if (mix) {
+    for (int j = lane; j < k; j += 32) sel_w[j] = load_act(mix, dt, t * E + sel_e[j]);
+    __syncwarp();
+  }
+  float wsum = 0.f;
+  if (normalize)
+    for (int j = 0; j < k; ++j) wsum += sel_w[j];  // in j order, as the CPU
+  for (int j = lane; j < k; j += 32) {
+    const int e = sel_e[j], s = b.slot_of ? b.slot_of[e] : e;
+    b.topk_expert[t * k + j] = s;
+    b.topk_weight[t * k + j] = normalize ? sel_w[j] / wsum : sel_w[j];
+    b.slot[t * k + j] = atomicAdd(&counts[s], 1);
+  }
+  __syncwarp();
 }
 
 __global__ void route_kernel(const void* logits, const void* mix, DType dt, std::int64_t tokens, int E, int k,
@@ -101,7 +112,8 @@ __global__ void route_kernel(const void* logits, const void* mix, DType dt, std:
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const std::int64_t t = static_cast<std::int64_t>(blockIdx.x) * kRouteWarps + warp;
   if (t >= tokens) return;
-  route_token(logits, mix, dt, t, E, k, normalize, keys_all + warp * E, b.counts, b);
+  int* sel = reinterpret_cast<int*>(keys_all + kRouteWarps * E) + warp * 2 * k;
+  route_token(logits, mix, dt, t, E, k, normalize, keys_all + warp * E, sel, b.counts, b);
 }
 
 // One block: exclusive offsets of the counts, and the m-tile list.
@@ -168,13 +180,14 @@ __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt,
                                   bool normalize, int bm, RouteBuffers b) {
   extern __shared__ float smem_f[];
   int* counts = reinterpret_cast<int*>(smem_f);
-  float* keys = smem_f + E;
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int warps = nthreads / 32, warp = tid / 32;
+  float* keys = smem_f + E;
+  int* sel = reinterpret_cast<int*>(keys + warps * E) + warp * 2 * k;
   for (int e = tid; e < E; e += nthreads) counts[e] = 0;
   __syncthreads();
   for (int t = warp; t < tokens; t += warps)
-    route_token(logits, mix, dt, t, E, k, normalize, keys + warp * E, counts, b);
+    route_token(logits, mix, dt, t, E, k, normalize, keys + warp * E, sel, counts, b);
   __syncthreads();
   plan_block(E, bm, counts, b);
   __syncthreads();
@@ -238,7 +251,7 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
     }
     const float w = b.topk_weight[pj];
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[v] += w * y[v];
+    for (int v = 0; v < V; ++v) acc[v] = __fmaf_rn(w, y[v], acc[v]);
   }
   T o[V];
 #pragma unroll
@@ -249,21 +262,79 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
     out[t * H + h0] = o[0];
 }
 
+// Few tokens: the same sums with the k experts' rows summed by k threads at once.
+// Block (32, k): thread (g, j) sums the partials of expert j for columns h0..h0 + V,
+// h0 = V (32 blockIdx.y + g), into shared memory; thread (g, 0) then mixes them in j
+// order with the arithmetic of combine_kernel (same bits). At T = 1 the one-thread-
+// per-column kernel has H / 4 threads in 1-2 blocks, each reading k x splits partials
+// one after the other; here k times the threads, on k times the SMs.
+template <class T, int V>
+__global__ void combine_few_kernel(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
+                                   std::int64_t bias_stride, int k, std::int64_t H, T* out, RouteBuffers b) {
+  pdl_wait();  // FC2's partials (common.cuh)
+  extern __shared__ float ys[];  // [k][32][V]
+  const int g = static_cast<int>(threadIdx.x), j = static_cast<int>(threadIdx.y);
+  const std::int64_t t = blockIdx.x;
+  const std::int64_t h0 = (static_cast<std::int64_t>(blockIdx.y) * 32 + g) * V;
+  auto load = [](const float* p, float(&v)[V]) {
+    if constexpr (V == 4) {
+      const float4 q = *reinterpret_cast<const float4*>(p);
+      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    } else {
+      v[0] = *p;
+    }
+  };
+  const std::int64_t pj = t * k + j;
+  if (h0 < H) {
+    const std::int64_t pos = b.pos_of[pj];
+    float y[V] = {}, part[V];
+    if (bias2) load(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
+    for (int s = 0; s < splits; ++s) {
+      load(y2 + s * split_stride + pos * H + h0, part);
+#pragma unroll
+      for (int v = 0; v < V; ++v) y[v] += part[v];
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) ys[(j * 32 + g) * V + v] = y[v];
+  }
+  __syncthreads();
+  if (j != 0 || h0 >= H) return;
+  float acc[V] = {};
+  for (int i = 0; i < k; ++i) {
+    const float w = b.topk_weight[t * k + i];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = __fmaf_rn(w, ys[(i * 32 + g) * V + v], acc[v]);
+  }
+  T o[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) o[v] = from_float<T>(acc[v]);
+  if constexpr (V == 4)
+    *reinterpret_cast<uint2*>(out + t * H + h0) = *reinterpret_cast<const uint2*>(o);
+  else
+    out[t * H + h0] = o[0];
+}
+
+// combine_few_kernel up to this many tokens (and k <= 32).
+constexpr std::int64_t kFewCombineTokens = 32;
+
 }  // namespace
 
 void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
                        bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream) {
   const std::int64_t pairs = tokens * k;
-  if (tokens <= kFusedRouteTokens && experts <= kFusedRouteExperts) {
-    const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts) * (1 + 32);
-    route_plan_kernel<<<1, 1024, smem, stream>>>(logits, mix, dtype, static_cast<int>(tokens), experts, k, normalize,
-                                                 bm, b);
+  if (tokens <= kFusedRouteTokens && experts <= kFusedRouteExperts && k <= kFusedRouteK) {
+    // A warp per token up to 32 tokens (few warps for few tokens: the block's barriers
+    // then wait for fewer), 4 warps at least for the plan's scan.
+    const int warps = static_cast<int>(std::clamp<std::int64_t>(tokens, 4, 32));
+    const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts * (1 + warps) + warps * 2 * k);
+    route_plan_kernel<<<1, 32 * warps, smem, stream>>>(logits, mix, dtype, static_cast<int>(tokens), experts, k,
+                                                       normalize, bm, b);
     QMOE_CUDA_CHECK(cudaGetLastError());
     return;
   }
   QMOE_CUDA_CHECK(cudaMemsetAsync(b.counts, 0, sizeof(int) * static_cast<std::size_t>(experts), stream));
-  const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts) * kRouteWarps;
-  if (smem > 48 * 1024)  // past the default dynamic shared-memory limit (E > 3072)
+  const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts + 2 * k) * kRouteWarps;
+  if (smem > 48 * 1024)  // past the default dynamic shared-memory limit (E + 2 k > 3072)
     QMOE_CUDA_CHECK(
         cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   route_kernel<<<static_cast<unsigned>(ceil_div(tokens, kRouteWarps)), 32 * kRouteWarps, smem, stream>>>(
@@ -297,12 +368,19 @@ void launch_combine(const float* y2, int splits, std::int64_t split_stride, cons
   // output (the workspace and the packed biases are 256-byte aligned, bias rows padded).
   const bool vec = hidden % 4 == 0 && reinterpret_cast<std::uintptr_t>(out) % 8 == 0 && bias_stride % 4 == 0;
   const std::int64_t groups = vec ? hidden / 4 : hidden;
+  const bool few = tokens <= kFewCombineTokens && k <= 32;
   const unsigned threads = groups >= 256 ? 256 : static_cast<unsigned>(round_up(groups, 32));
-  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(groups, threads)));
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(groups, few ? 32 : threads)));
   auto go = [&](auto t, auto v) {
     using T = typename decltype(t)::type;
-    launch_kernel(combine_kernel<T, decltype(v)::value>, grid, dim3(threads), 0, stream, pdl, y2, splits, split_stride,
-                  bias2, bias_stride, k, hidden, static_cast<T*>(out), b);
+    constexpr int V = decltype(v)::value;
+    if (few)
+      launch_kernel(combine_few_kernel<T, V>, grid, dim3(32, static_cast<unsigned>(k)),
+                    sizeof(float) * 32 * V * static_cast<std::size_t>(k), stream, pdl, y2, splits, split_stride, bias2,
+                    bias_stride, k, hidden, static_cast<T*>(out), b);
+    else
+      launch_kernel(combine_kernel<T, V>, grid, dim3(threads), 0, stream, pdl, y2, splits, split_stride, bias2,
+                    bias_stride, k, hidden, static_cast<T*>(out), b);
   };
   auto by_dtype = [&](auto v) { dtype == DType::f16 ? go(TypeC<__half>{}, v) : go(TypeC<__nv_bfloat16>{}, v); };
   vec ? by_dtype(IntC<4>{}) : by_dtype(IntC<1>{});
