@@ -220,6 +220,28 @@ __global__ void scatter_host_rows_kernel(const float* host_y, std::int64_t H, Ro
   }
 }
 
+// V consecutive float32 columns (V = 4: one 16-byte load), and V outputs in the
+// token dtype (V = 4: one 8-byte store).
+template <int V>
+__device__ __forceinline__ void load_cols(const float* p, float (&v)[V]) {
+  if constexpr (V == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    v[0] = *p;
+  }
+}
+template <class T, int V>
+__device__ __forceinline__ void store_cols(T* out, const float (&acc)[V]) {
+  T o[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) o[v] = from_float<T>(acc[v]);
+  if constexpr (V == 4)
+    *reinterpret_cast<uint2*>(out) = *reinterpret_cast<const uint2*>(o);
+  else
+    *out = o[0];
+}
+
 // Thread (t, y, x) sums columns h0..h0 + V of token t, h0 = V (y * blockDim + x):
 // V = 4 loads each partial row as 16 bytes (1.4 -> ~2.5 TB/s of partials at
 // T = 4096; the per-element arithmetic and its order are those of V = 1).
@@ -230,22 +252,14 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
   const std::int64_t t = blockIdx.x;
   const std::int64_t h0 = (static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
   if (h0 >= H) return;
-  auto load = [](const float* p, float(&v)[V]) {
-    if constexpr (V == 4) {
-      const float4 q = *reinterpret_cast<const float4*>(p);
-      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-    } else {
-      v[0] = *p;
-    }
-  };
   float acc[V] = {};
   for (int j = 0; j < k; ++j) {
     const std::int64_t pj = t * k + j;
     const std::int64_t pos = b.pos_of[pj];
     float y[V] = {}, part[V];
-    if (bias2) load(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
+    if (bias2) load_cols<V>(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
     for (int s = 0; s < splits; ++s) {
-      load(y2 + s * split_stride + pos * H + h0, part);
+      load_cols<V>(y2 + s * split_stride + pos * H + h0, part);
 #pragma unroll
       for (int v = 0; v < V; ++v) y[v] += part[v];
     }
@@ -253,13 +267,7 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = __fmaf_rn(w, y[v], acc[v]);
   }
-  T o[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) o[v] = from_float<T>(acc[v]);
-  if constexpr (V == 4)
-    *reinterpret_cast<uint2*>(out + t * H + h0) = *reinterpret_cast<const uint2*>(o);
-  else
-    out[t * H + h0] = o[0];
+  store_cols<T, V>(out + t * H + h0, acc);
 }
 
 // Few tokens: the same sums with the k experts' rows summed by k threads at once.
@@ -276,21 +284,13 @@ __global__ void combine_few_kernel(const float* y2, int splits, std::int64_t spl
   const int g = static_cast<int>(threadIdx.x), j = static_cast<int>(threadIdx.y);
   const std::int64_t t = blockIdx.x;
   const std::int64_t h0 = (static_cast<std::int64_t>(blockIdx.y) * 32 + g) * V;
-  auto load = [](const float* p, float(&v)[V]) {
-    if constexpr (V == 4) {
-      const float4 q = *reinterpret_cast<const float4*>(p);
-      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-    } else {
-      v[0] = *p;
-    }
-  };
   const std::int64_t pj = t * k + j;
   if (h0 < H) {
     const std::int64_t pos = b.pos_of[pj];
     float y[V] = {}, part[V];
-    if (bias2) load(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
+    if (bias2) load_cols<V>(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
     for (int s = 0; s < splits; ++s) {
-      load(y2 + s * split_stride + pos * H + h0, part);
+      load_cols<V>(y2 + s * split_stride + pos * H + h0, part);
 #pragma unroll
       for (int v = 0; v < V; ++v) y[v] += part[v];
     }
@@ -305,13 +305,7 @@ __global__ void combine_few_kernel(const float* y2, int splits, std::int64_t spl
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = __fmaf_rn(w, ys[(i * 32 + g) * V + v], acc[v]);
   }
-  T o[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) o[v] = from_float<T>(acc[v]);
-  if constexpr (V == 4)
-    *reinterpret_cast<uint2*>(out + t * H + h0) = *reinterpret_cast<const uint2*>(o);
-  else
-    out[t * H + h0] = o[0];
+  store_cols<T, V>(out + t * H + h0, acc);
 }
 
 // combine_few_kernel up to this many tokens (and k <= 32).

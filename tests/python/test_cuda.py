@@ -424,15 +424,19 @@ def test_wrong_cuda_ordinal_is_refused():
         _same_bits(torch.from_numpy(on1(x, lg)), y0.cpu())  # the host path too
 
 
+def _core_call_args():
+    """The CUDA layer of _error_layers, its bound core, good device inputs, a NaN output
+    (a refused call leaves it so) and torch's current stream."""
+    rng, _, gpu = _error_layers()
+    x, lg = _good(rng)
+    xd, lgd = torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)
+    return gpu, gpu._layer, xd, lgd, torch.full_like(xd, float("nan")), torch.cuda.current_stream().cuda_stream
+
+
 def test_forward_async_checks_its_tensors():
     """The _core binding used directly: layout, dtype and device are checked
     there too, naming the tensor, and a refused call leaves `out` untouched."""
-    rng, cpu, gpu = _error_layers()
-    x, lg = _good(rng)
-    xd, lgd = torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)
-    out = torch.full_like(xd, float("nan"))
-    stream = torch.cuda.current_stream().cuda_stream
-    core = gpu._layer
+    gpu, core, xd, lgd, out, stream = _core_call_args()
     xnc = xd.repeat_interleave(2, dim=1)[:, ::2]
     with pytest.raises(ValueError, match=r"^input: expected a C-contiguous tensor"):
         core.forward_async(xnc, lgd, None, out, stream)
@@ -460,12 +464,7 @@ def test_forward_ptrs_checks_its_arguments():
     """The pointer entry qmoe.Layer's torch path uses: a dtype code it does not know, a
     shape that does not fit and a pointer outside the layer's device are refused by
     name before anything is enqueued; a good call gives the DLPack entry's bits."""
-    rng, _, gpu = _error_layers()
-    x, lg = _good(rng)
-    xd, lgd = torch.from_numpy(x).to(DEV), torch.from_numpy(lg).to(DEV)
-    out = torch.full_like(xd, float("nan"))
-    stream = torch.cuda.current_stream().cuda_stream
-    core = gpu._layer
+    gpu, core, xd, lgd, out, stream = _core_call_args()
     f16, xp0, lp0 = qmoe._core.DTYPE_F16, xd.data_ptr(), lgd.data_ptr()
 
     def call(xp=xp0, xs=xd.shape, xt=f16, lp=lp0, ls=lgd.shape, lt=f16):
@@ -477,7 +476,7 @@ def test_forward_ptrs_checks_its_arguments():
         call(xt=qmoe._core.DTYPE_F32)
     with pytest.raises(ValueError, match=r"^router_probs: expected shape \[5, 4\], got \[5, 3\]"):
         call(ls=(T_, 3))
-    host = torch.from_numpy(lg)
+    host = lgd.cpu()
     with pytest.raises(ValueError, match=r"^router_probs: expected memory on CUDA device 0"):
         call(lp=host.data_ptr())
     with pytest.raises(TypeError, match=r"^router_probs: expected dtype float16 or bfloat16 \(CUDA backend\), "
