@@ -39,6 +39,15 @@ __device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i
 // to the lower index; the softmax runs over all E logits; a +inf maximum
 // splits the mass evenly over the +inf logits; any NaN logit makes the
 // weights NaN (never a silent answer).
+// A float as an unsigned integer of the same order (-0 as +0, so that they tie), and back.
+__device__ __forceinline__ unsigned order_key(float v) {
+  const unsigned u = __float_as_uint(v == 0.f ? 0.f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(unsigned k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
 // `keys` holds E floats and `sel` 2 k words of the warp's shared memory. The k picks
 // are made one after the other (each an arg-max over the warp), their weights and the
 // stores then by k lanes at once: no global memory access inside the serial part.
@@ -65,31 +74,33 @@ __device__ void route_token(const void* logits, const void* mix, DType dt, std::
     for (int e = lane; e < E; e += 32) z += inf_max ? (keys[e] == mx ? 1.f : 0.f) : __expf(keys[e] - mx);
     for (int o = 16; o; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
   }
-  __syncwarp();
+  // The keys as unsigned integers in the same order (a lane rewrites only its own
+  // experts e = lane + 32 i, and only it reads them from here on); taken = 0, below
+  // every key, -inf included.
+  unsigned* ukeys = reinterpret_cast<unsigned*>(keys);
+  for (int e = lane; e < E; e += 32) ukeys[e] = order_key(keys[e]);
   for (int j = 0; j < k; ++j) {
-    // Arg-max over the experts not yet taken (taken keys are NaN).
-    float best = 0.f;
-    int bi = -1;
+    // Arg-max over the experts not yet taken: each lane's best (its lowest expert
+    // among equal keys), then the warp's largest key and, among the lanes holding it,
+    // the lowest expert: two warp reductions.
+    unsigned best = 0, bi = 0xffffffffu;
     for (int e = lane; e < E; e += 32) {
-      const float v = keys[e];
-      if (v != v) continue;
-      if (bi < 0 || v > best) best = v, bi = e;
+      const unsigned u = ukeys[e];
+      if (u > best) best = u, bi = static_cast<unsigned>(e);
     }
-    for (int o = 16; o; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi >= 0 && (bi < 0 || ov > best || (ov == best && oi < bi))) best = ov, bi = oi;
-    }
+    const unsigned m = __reduce_max_sync(0xffffffffu, best);
+    const unsigned pick = __reduce_min_sync(0xffffffffu, best == m ? bi : 0xffffffffu);
+    if (static_cast<unsigned>(lane) == pick % 32) ukeys[pick] = 0u;
     if (lane == 0) {
-      sel_e[j] = bi;
+      sel_e[j] = static_cast<int>(pick);
       if (!mix) {
-        const float num = inf_max ? (best == mx ? 1.f : 0.f) : __expf(best - mx);
+        const float v = key_value(m);
+        const float num = inf_max ? (v == mx ? 1.f : 0.f) : __expf(v - mx);
         sel_w[j] = has_nan ? NAN : num / z;
       }
-      keys[bi] = NAN;
     }
-    __syncwarp();
   }
+  __syncwarp();
   if (mix) {
     for (int j = lane; j < k; j += 32) sel_w[j] = load_act(mix, dt, t * E + sel_e[j]);
     __syncwarp();

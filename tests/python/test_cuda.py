@@ -194,6 +194,50 @@ def test_zero_tokens_and_3d_input():
     _same_bits(y2, y)
 
 
+ROUTING_CASES = {
+    # name: logits of 4 tokens over 8 experts (exact in float16 and bfloat16)
+    "ties": [[1.0] * 8, [0.5, 2.0, 2.0, 0.5, 2.0, 0.5, 2.0, 0.5], [-1.0] * 4 + [3.0] * 4, [0.0] * 8],
+    "signed zeros": [[-0.0, 0.0, -0.0, 0.0, -1.0, -2.0, -3.0, -4.0], [0.0, -0.0, -1.0, 0.0, -0.0, -2.0, -1.0, -3.0],
+                     [-0.0] * 8, [-5.0, 0.0, -0.0, -5.0, 0.0, -0.0, -5.0, -5.0]],
+    "-inf": [[-np.inf] * 6 + [1.0, 2.0], [-np.inf] * 7 + [0.0], [0.5, -np.inf, 0.5, -np.inf, -np.inf, 1.0, -np.inf, -np.inf],
+             [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]],
+    "+inf": [[np.inf, 1.0, np.inf, 2.0, 3.0, 4.0, 5.0, 6.0], [np.inf] * 8, [1.0, 2.0, 3.0, np.inf, 0.0, 0.0, 0.0, 0.0],
+             [-np.inf, np.inf, -np.inf, np.inf, -np.inf, np.inf, -np.inf, 0.0]],
+}
+
+
+@pytest.mark.parametrize("normalize", [0, 1])
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("case", list(ROUTING_CASES))
+def test_routing_edge_cases_follow_the_contract(case, dtype, normalize):
+    """Ties go to the lower expert (+0 and -0 tie), -inf logits rank last but can be picked,
+    a +inf maximum splits the mass over the +inf logits: the experts chosen and their weights
+    are the float64 reference's (core/routing.cpp), so the output is within the usual bound."""
+    rng, weights, attrs = _layer_args(31, E=8, H=64, I=32, bits=4, block=16, k=3, act="silu", normalize=normalize)
+    layer = qmoe.Layer(**weights, **attrs, device="cuda")
+    dt = torch.float16 if dtype == "f16" else torch.bfloat16
+    lg = torch.tensor(ROUTING_CASES[case], dtype=torch.float32).to(dt)
+    x = torch.from_numpy(rng.standard_normal((lg.shape[0], 64)).astype(np.float32)).to(dt)
+    ref = _reference(weights, attrs, x, lg)
+    y = layer(*_cuda(x, lg))
+    assert _rel_l2(y, ref) <= TOL[dtype], case
+
+
+def test_nan_logits_give_nan_rows():
+    """A NaN logit makes its token's routing weights, and so its row, NaN (never a silent
+    answer); the other tokens are unaffected."""
+    rng, weights, attrs = _layer_args(32, E=8, H=64, I=32, bits=4, block=16, k=2, act="silu", normalize=1)
+    layer = qmoe.Layer(**weights, **attrs, device="cuda")
+    lg = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32)).to(torch.bfloat16)
+    lg[1, 5] = float("nan")
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32)).to(torch.bfloat16)
+    y = layer(*_cuda(x, lg)).float().cpu()
+    assert torch.isnan(y[1]).all()
+    keep = [0, 2]
+    ref = _reference(weights, attrs, x[keep], lg[keep])
+    assert _rel_l2(y[keep], ref) <= TOL["bf16"]
+
+
 # --------------------------------------------------------------------------
 # (b) CUDA graphs and streams
 # --------------------------------------------------------------------------
