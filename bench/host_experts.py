@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,16,512")
     ap.add_argument("--host", default="0,0.5,0.9,1", help="shares of the experts in host memory")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
+    ap.add_argument("--host-threads", type=int, default=None,
+                    help="CPU threads of the layers with host experts (default: --threads)")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gpu-from", type=int, default=0,
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
+    host_threads = (args.threads if args.host_threads is None else args.host_threads) or None
     shares = [float(f) for f in args.host.split(",")]
     bw = pcie_bandwidth()
     log(f"pinned copies: host->device {bw['h2d']:.1f} GB/s, device->host {bw['d2h']:.1f} GB/s")
@@ -150,20 +153,20 @@ def main() -> None:
             if 0 < f:
                 place = ["cpu" if e in set(host_share(E, f)) else "cuda" for e in range(E)]
                 t0 = time.perf_counter()
-                hybrid[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=args.threads or None,
+                hybrid[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
                                        expert_placement=place, host_experts_gpu_from=0)
                 t1 = time.perf_counter()
-                auto[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=args.threads or None,
+                auto[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
                                      expert_placement=place)
                 t2 = time.perf_counter()
                 log(f"{model} host {f * 100:3.0f}%: measured crossover {auto[f].host_experts_gpu_from} tokens "
                     f"(made in {t2 - t1:.2f} s, {t1 - t0:.2f} s with the CPU only)")
                 os.environ["QMOE_PROFILE"] = "1"
-                profiled[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=args.threads or None,
+                profiled[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
                                          expert_placement=place, host_experts_gpu_from=0)
                 del os.environ["QMOE_PROFILE"]
                 if args.gpu_from > 0:
-                    streamed[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=args.threads or None,
+                    streamed[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
                                              expert_placement=place, host_experts_gpu_from=args.gpu_from)
         for T in tokens:
             x, lg, _ = make_inputs(rng, T, H, E, k)
