@@ -261,6 +261,20 @@ def test_measured_crossover_picks_the_path():
         _same_bits(torch, auto(x, lg), plain(x, lg) if 0 < n <= T else cpu(x, lg))
 
 
+def test_gpu_from_argument():
+    """host_experts_gpu_from: "auto" (measured), or tokens >= 0; anything else refused by
+    name. A CPU layer takes the default and 0, and reports 0 (never)."""
+    from qmoe._placement import gpu_from
+    assert gpu_from("auto") == -1 and gpu_from(0) == 0 and gpu_from(64) == 64 and gpu_from(np.int64(8)) == 8
+    for bad, exc in [("never", ValueError), (-1, ValueError), (2 ** 31, ValueError), (1.5, TypeError),
+                     (None, TypeError)]:
+        with pytest.raises(exc, match="^host_experts_gpu_from: expected"):
+            gpu_from(bad)
+    _, weights, attrs = _layer_args(0)
+    assert qmoe.Layer(**weights, **attrs).host_experts_gpu_from == 0
+    assert qmoe.Layer(**weights, **attrs, host_experts_gpu_from=0).host_experts_gpu_from == 0
+
+
 def test_host_experts_gpu_from_needs_a_cuda_layer():
     _, weights, attrs = _layer_args(0)
     with pytest.raises(ValueError, match="host_experts_gpu_from: only for a CUDA layer with host_experts"):
