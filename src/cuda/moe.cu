@@ -2,8 +2,6 @@
 // forward pass that is a fixed sequence of kernels on the caller's stream:
 // route -> plan -> FC1 (+bias, activation) -> FC2 (K-split partials) ->
 // combine (+bias, routing weight, un-permute, sum over experts and splits).
-#include <cuda.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -27,61 +25,14 @@ namespace {
 
 std::size_t dtype_bytes(DType t) { return t == DType::f32 ? 4 : t == DType::u8 ? 1 : 2; }
 
-// The driver's cuMemGetAddressRange (the allocation holding a device pointer), through
-// the runtime's entry-point query: no link against libcuda. Null where unavailable.
-using AddressRangeFn = CUresult (*)(CUdeviceptr*, std::size_t*, CUdeviceptr);
-AddressRangeFn address_range_fn() {
-  static const AddressRangeFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      f = nullptr;
-    }
-    return reinterpret_cast<AddressRangeFn>(f);
-  }();
-  return fn;
-}
-
-// Whether `p` is device (or managed) memory of `device`. A call checks its four tensors:
-// the allocations found are remembered (a few, most recent first), so the tensors of the
-// next calls, usually in the same allocations, are checked without a driver call. (A
-// remembered range whose allocation was freed could only be handed out again by CUDA, as
-// memory the device reaches.)
 bool on_device(const void* p, int device) {
   if (!p) return false;
-  struct Range {
-    std::uintptr_t begin = 0, end = 0;
-    int device = -1;
-  };
-  constexpr int kRanges = 8;
-  static std::mutex mu;
-  static Range seen[kRanges];
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    for (int i = 0; i < kRanges; ++i)
-      if (a >= seen[i].begin && a < seen[i].end && seen[i].device == device) {
-        std::rotate(seen, seen + i, seen + i + 1);  // most recent first
-        return true;
-      }
-  }
   cudaPointerAttributes at{};
   if (cudaPointerGetAttributes(&at, p) != cudaSuccess) {
     cudaGetLastError();  // clear
     return false;
   }
-  if (!((at.type == cudaMemoryTypeDevice || at.type == cudaMemoryTypeManaged) && at.device == device)) return false;
-  CUdeviceptr base = 0;
-  std::size_t size = 0;
-  if (AddressRangeFn range = address_range_fn();
-      range && at.type == cudaMemoryTypeDevice && range(&base, &size, static_cast<CUdeviceptr>(a)) == CUDA_SUCCESS) {
-    std::lock_guard<std::mutex> lk(mu);
-    std::rotate(seen, seen + kRanges - 1, seen + kRanges);
-    seen[0] = Range{static_cast<std::uintptr_t>(base), static_cast<std::uintptr_t>(base) + size, device};
-  }
-  return true;
+  return (at.type == cudaMemoryTypeDevice || at.type == cudaMemoryTypeManaged) && at.device == device;
 }
 
 }  // namespace
