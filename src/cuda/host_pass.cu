@@ -1,11 +1,11 @@
-#include "cuda/host_pass.h"
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
 #include <map>
 #include <numeric>
+
+#include "cuda/host_pass.h"
 
 namespace qmoe::cuda {
 
@@ -110,9 +110,9 @@ std::vector<std::int64_t> uniform_routing_rows(std::int64_t t, int k, std::int64
 
 }  // namespace
 
-std::int64_t measure_crossover(const detail::HostExperts& cpu, const std::vector<int>& host_experts,
-                               const void* packed, std::size_t bytes, std::int64_t E, int k, std::int64_t H,
-                               std::int64_t chunk, const std::string& key) {
+std::int64_t measure_crossover(const detail::HostExperts& cpu, const std::vector<int>& host_experts, const void* packed,
+                               std::size_t bytes, std::int64_t E, int k, std::int64_t H, std::int64_t chunk,
+                               const std::string& key) {
   static std::mutex mu;
   static std::map<std::string, std::int64_t> known;
   std::lock_guard<std::mutex> lk(mu);

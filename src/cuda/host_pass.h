@@ -74,8 +74,8 @@ struct HostPass {
 /// which the CPU experts take longer than copying their GPU-layout weights (`bytes` of
 /// pinned memory at `packed`) to the device; 0 = never (or the copy does not fit the
 /// GPU). Measured once per process for a given configuration (`key`).
-std::int64_t measure_crossover(const detail::HostExperts& cpu, const std::vector<int>& host_experts,
-                               const void* packed, std::size_t bytes, std::int64_t E, int k, std::int64_t H,
-                               std::int64_t chunk, const std::string& key);
+std::int64_t measure_crossover(const detail::HostExperts& cpu, const std::vector<int>& host_experts, const void* packed,
+                               std::size_t bytes, std::int64_t E, int k, std::int64_t H, std::int64_t chunk,
+                               const std::string& key);
 
 }  // namespace qmoe::cuda

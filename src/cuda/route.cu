@@ -290,7 +290,7 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
 template <class T, int V>
 __global__ void combine_few_kernel(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
                                    std::int64_t bias_stride, int k, std::int64_t H, T* out, RouteBuffers b) {
-  pdl_wait();  // FC2's partials (common.cuh)
+  pdl_wait();                    // FC2's partials (common.cuh)
   extern __shared__ float ys[];  // [k][32][V]
   const int g = static_cast<int>(threadIdx.x), j = static_cast<int>(threadIdx.y);
   const std::int64_t t = blockIdx.x;
