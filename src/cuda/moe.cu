@@ -257,33 +257,36 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
   const bool capturing = capture != cudaStreamCaptureStatusNone;
   if (!capturing && arena.has_last && arena.last != stream) QMOE_CUDA_CHECK(cudaStreamWaitEvent(stream, arena.done, 0));
 
-  // Eager calls use the arena. A call being captured gets working memory of its own,
-  // allocated in the graph (cudaMallocAsync while capturing: a memory node, freed at the
-  // call's end) and sized for its tokens: a replay can then run beside eager calls and
-  // other graphs (the driver keeps graphs that share physical memory apart).
-  void* graph_ws = nullptr;
-  Workspace ws;
+  // Host experts on the GPU for this call (LayerOptions::host_experts_gpu_from): their
+  // weights go to the staging buffer on the side stream while routing and the GPU
+  // experts' FC1 run; the staging is free once this stream has reached this call.
+  const std::int64_t pass_tokens = std::min(tokens, st.chunk);
+  const bool host_on_gpu = st.host && st.gpu_from > 0 && pass_tokens >= st.gpu_from;
+  // Otherwise their rows go to the CPU: every pass uses the same mapped host rows.
+  const bool host_on_cpu = st.host && !host_on_gpu;
+
+  // The call's device memory (workspace, then the staged host experts): the arena's for an
+  // eager call. A call being captured gets memory of its own, allocated in the graph
+  // (cudaMallocAsync while capturing: a memory node, freed at the call's end) and sized for
+  // its tokens, so a replay can run beside eager calls and other graphs (the driver keeps
+  // graphs that share physical memory apart).
+  char* ws_base = arena.buf.get<char>();
+  char* stg = arena.staging.get<char>();
+  void* graph_mem = nullptr;
   if (capturing) {
-    const std::int64_t tw = std::min(tokens, st.chunk);
     Carver sizing{nullptr};
-    st.carve(sizing, tw);
-    QMOE_CUDA_CHECK(cudaMallocAsync(&graph_ws, sizing.used, stream));
-    Carver carver{static_cast<char*>(graph_ws)};
-    ws = st.carve(carver, tw);
-  } else {
-    Carver carver{arena.buf.get<char>()};
-    ws = st.carve(carver, st.chunk);
+    st.carve(sizing, pass_tokens);
+    const std::size_t staging_bytes = host_on_gpu ? st.host_packed.bytes() : 0;
+    QMOE_CUDA_CHECK(cudaMallocAsync(&graph_mem, sizing.used + staging_bytes, stream));
+    ws_base = static_cast<char*>(graph_mem);
+    stg = ws_base + sizing.used;  // 256-byte aligned: the carver rounds every piece up
   }
+  Carver carver{ws_base};
+  const Workspace ws = st.carve(carver, capturing ? pass_tokens : st.chunk);
   const MoeAttributes& a = st.attrs;
   const std::int64_t E = st.shape.num_experts, H = st.shape.hidden, k = a.k;
   const DType dt = input.dtype;
   const std::size_t es = dtype_bytes(dt);
-  // Host experts on the GPU for this call (LayerOptions::host_experts_gpu_from): their
-  // weights go to the staging buffer on the side stream while routing and the GPU
-  // experts' FC1 run; the staging is free once this stream has reached this call.
-  const bool host_on_gpu = st.host && st.gpu_from > 0 && std::min(tokens, st.chunk) >= st.gpu_from;
-  // Otherwise their rows go to the CPU: every pass uses the same mapped host rows.
-  const bool host_on_cpu = st.host && !host_on_gpu;
   // A call being captured has a host context (side stream, mapped rows) of its own.
   HostPass* hp = st.host.get();
   if (hp && capturing) {
@@ -293,10 +296,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     hp = st.captured.back().get();
   }
   PackedGpu staged1, staged2;
-  void* graph_staging = nullptr;
   if (host_on_gpu) {
-    if (capturing) QMOE_CUDA_CHECK(cudaMallocAsync(&graph_staging, st.host_packed.bytes(), stream));
-    char* stg = capturing ? static_cast<char*>(graph_staging) : arena.staging.get<char>();
     hp->on_side(stream, [&](cudaStream_t side) {
       QMOE_CUDA_CHECK(cudaMemcpyAsync(stg, st.host_packed.get(), st.host_packed.bytes(), cudaMemcpyHostToDevice, side));
     });
@@ -385,8 +385,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb,
                    st.pdl && !host_on_cpu, stream);
   }
-  if (graph_ws) QMOE_CUDA_CHECK(cudaFreeAsync(graph_ws, stream));
-  if (graph_staging) QMOE_CUDA_CHECK(cudaFreeAsync(graph_staging, stream));
+  if (graph_mem) QMOE_CUDA_CHECK(cudaFreeAsync(graph_mem, stream));
   if (!capturing) {
     QMOE_CUDA_CHECK(cudaEventRecord(arena.done, stream));
     arena.last = stream;
