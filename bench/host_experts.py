@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu import common  # noqa: E402
+from gpu.timing import copy_gb_s  # noqa: E402
 from gpu.weights import gen_set, layer_attrs, make_inputs  # noqa: E402
 
 import qmoe  # noqa: E402
@@ -53,17 +54,13 @@ def pcie_bandwidth(nbytes: int = 256 << 20) -> dict:
     """Best-of-5 pinned host->device and device->host copy rates (GB/s)."""
     h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     d = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    out = {}
-    for name, (dst, src) in {"h2d": (d, h), "d2h": (h, d)}.items():
-        best = 0.0
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize()
-            best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
-        out[name] = best
-    return out
+    return {"h2d": copy_gb_s(d, h), "d2h": copy_gb_s(h, d)}
+
+
+def placed_layer(W: dict, attrs: dict, place: list, threads, gpu_from="auto"):
+    """A CUDA layer with the experts `place` marks "cpu" in host memory."""
+    return qmoe.Layer(**W, **attrs, device="cuda", threads=threads, expert_placement=place,
+                      host_experts_gpu_from=gpu_from)
 
 
 def time_gpu(fn, calls: int) -> float:
@@ -153,21 +150,17 @@ def main() -> None:
             if 0 < f:
                 place = ["cpu" if e in set(host_share(E, f)) else "cuda" for e in range(E)]
                 t0 = time.perf_counter()
-                hybrid[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
-                                       expert_placement=place, host_experts_gpu_from=0)
+                hybrid[f] = placed_layer(W, attrs, place, host_threads, 0)
                 t1 = time.perf_counter()
-                auto[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
-                                     expert_placement=place)
+                auto[f] = placed_layer(W, attrs, place, host_threads)
                 t2 = time.perf_counter()
                 log(f"{model} host {f * 100:3.0f}%: measured crossover {auto[f].host_experts_gpu_from} tokens "
                     f"(made in {t2 - t1:.2f} s, {t1 - t0:.2f} s with the CPU only)")
                 os.environ["QMOE_PROFILE"] = "1"
-                profiled[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
-                                         expert_placement=place, host_experts_gpu_from=0)
+                profiled[f] = placed_layer(W, attrs, place, host_threads, 0)
                 del os.environ["QMOE_PROFILE"]
                 if args.gpu_from > 0:
-                    streamed[f] = qmoe.Layer(**W, **attrs, device="cuda", threads=host_threads,
-                                             expert_placement=place, host_experts_gpu_from=args.gpu_from)
+                    streamed[f] = placed_layer(W, attrs, place, host_threads, args.gpu_from)
         for T in tokens:
             x, lg, _ = make_inputs(rng, T, H, E, k)
             xd = torch.from_numpy(x).to("cuda", torch.bfloat16)

@@ -8,6 +8,21 @@ import time
 from .common import dtname, torch
 
 
+def copy_gb_s(dst, src, reps=5):
+    """Best of `reps` copies src -> dst (torch tensors of the same size; asynchronous where the host
+    side is pinned), in GB/s."""
+    nbytes = src.numel() * src.element_size()
+    non_blocking = (src.device.type == "cpu" and src.is_pinned()) or (dst.device.type == "cpu" and dst.is_pinned())
+    best = 0.0
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=non_blocking)
+        torch.cuda.synchronize()
+        best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def time_events(fns, calls, warmup_passes=1, warmup_s=0.0):
     """CUDA-event time (ms) of each of `calls` calls cycling through fns (one per weight set), after
     warm-up passes over all of them: at least warmup_passes, and at least warmup_s seconds (a few ms of
