@@ -18,7 +18,12 @@ void launch_wgmma(const GemmProblem& p, DType dtype, int, std::int64_t tile_capa
 }
 
 // Rows by average tokens per expert. The decode and mma.sync bounds: token
-// tiles of 8, 16, 32 and 64 columns, each the narrowest that holds the average.
+// tiles of 8, 16, 32 and 64 columns, each the narrowest that holds twice the
+// average. An expert's weights are streamed once per m-tile, and the counts
+// spread around the average (roughly Poisson): with tiles of the average, about
+// 40% of the experts at 8 tokens each need a second tile (qwen3 T = 128 would
+// read ~1.4x its weights); with twice the average almost none do, for twice the
+// tensor work, which the weight-bound regime absorbs.
 // wgmma from 32 tokens per expert: below, mma.sync's narrower token tiles waste
 // less. Measured on the H200 with the warp-specialized wgmma kernel (layer ms,
 // mma.sync vs wgmma): 16 tokens per expert (gpt-oss T = 128) 0.30 vs 0.47; 32
@@ -26,9 +31,9 @@ void launch_wgmma(const GemmProblem& p, DType dtype, int, std::int64_t tile_capa
 // 1.6-1.8x faster. K-split targets for decode (the ring kernel of
 // gemm_decode.cu), measured on the H200 (mixtral layer, eager): 8 blocks per SM
 // -> T = 1 88.5 us, T = 16 276 us; 6 -> 89.4, 273; 3 -> 89.9, 292.
-constexpr GemmVariant kDecode1{"decode", 1, decode_geometry(1), 8, 0, 80, 0, 8, launch_gemm_decode};
-constexpr GemmVariant kDecode2{"decode", 2, decode_geometry(2), 16, 0, 80, 0, 8, launch_gemm_decode};
-constexpr GemmVariant kMma4{"mma.sync", 4, mma_geometry(4), 32, 0, 80, 0, 2, launch_gemm_mma};
+constexpr GemmVariant kDecode1{"decode", 1, decode_geometry(1), 4, 0, 80, 0, 8, launch_gemm_decode};
+constexpr GemmVariant kDecode2{"decode", 2, decode_geometry(2), 8, 0, 80, 0, 8, launch_gemm_decode};
+constexpr GemmVariant kMma4{"mma.sync", 4, mma_geometry(4), 16, 0, 80, 0, 2, launch_gemm_mma};
 constexpr GemmVariant kMma8{"mma.sync", 8, mma_geometry(8), kAny, 0, 80, 0, 2, launch_gemm_mma};
 constexpr GemmVariant kWgmma{"wgmma", 16, kWgmmaGeometry, kAny, 32, 90, 90, 1, launch_wgmma};
 constexpr const GemmVariant* kByTokens[] = {&kDecode1, &kDecode2, &kMma4, &kMma8};

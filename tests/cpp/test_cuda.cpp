@@ -139,7 +139,7 @@ std::vector<GpuCase> sweep() {
     v.push_back({{8, 16, true, Activation::relu, 0, 4, 48, 16, 4, 3}, dt, true});
     v.push_back({{4, 0, true, Activation::relu, 0, 2, 42, 24, 4, 5}, dt, false});  // H % 4 != 0: scalar combine
     // decode with 64-row blocks (enough row tiles to fill the GPU: gemm_table decode_warp_k)
-    v.push_back({{4, 128, true, Activation::swiglu, 1, 8, 1024, 512, 64, 64}, dt, false});
+    v.push_back({{4, 128, true, Activation::swiglu, 1, 4, 1024, 512, 64, 64}, dt, false});
     v.push_back({{4, 32, true, Activation::swiglu, 2, 2, 192, 96, 8, 300}, dt, false});
     v.push_back({{4, 64, false, Activation::swiglu, 0, 8, 128, 64, 16, 130}, dt, true});
   }
@@ -164,19 +164,27 @@ std::vector<GpuCase> sweep() {
 INSTANTIATE_TEST_SUITE_P(Sweep, CudaParity, testing::ValuesIn(sweep()), case_name);
 
 // The kernel table (host code: runs without a GPU). Each average token count
-// gets the narrowest decode/mma.sync tile that holds it, wgmma from its
+// gets the narrowest decode/mma.sync tile that holds twice it, wgmma from its
 // threshold on, and the K split stays within the workspace and K.
 TEST(CudaKernelTable, ChoosesByTokensPerExpert) {
   constexpr double kNever = std::numeric_limits<double>::infinity();
   const auto tile = [](double avg, double from) { return cuda::pick_gemm(avg, from).geometry.tile_tokens; };
   EXPECT_EQ(tile(0.25, kNever), 8);
-  EXPECT_EQ(tile(8, kNever), 8);
-  EXPECT_EQ(tile(8.5, kNever), 16);
-  EXPECT_EQ(tile(16, kNever), 16);
-  EXPECT_EQ(tile(17, kNever), 32);
-  EXPECT_EQ(tile(32, kNever), 32);
-  EXPECT_EQ(tile(33, kNever), 64);
+  EXPECT_EQ(tile(4, kNever), 8);
+  EXPECT_EQ(tile(4.5, kNever), 16);
+  EXPECT_EQ(tile(8, kNever), 16);
+  EXPECT_EQ(tile(9, kNever), 32);
+  EXPECT_EQ(tile(16, kNever), 32);
+  EXPECT_EQ(tile(17, kNever), 64);
   EXPECT_EQ(tile(1e6, kNever), 64);
+  // Decode at 8 tokens: 4 warps along K when 64-row blocks give fewer than 4 per SM
+  // (qwen3 T = 1 FC1: 24 row blocks x 8 experts on 132 SMs), else 1; other kernels 1.
+  const cuda::GemmVariant& d1 = cuda::pick_gemm(0.1, kNever);
+  EXPECT_EQ(cuda::decode_warp_k(d1, 1536, 8, 132), 4);
+  EXPECT_EQ(cuda::decode_warp_k(d1, 28672, 2, 132), 1);  // mixtral: 896 blocks
+  EXPECT_EQ(cuda::decode_warp_k(d1, 1536, 128, 132), 1);
+  EXPECT_EQ(cuda::decode_warp_k(cuda::pick_gemm(6, kNever), 1536, 8, 132), 1);  // decode at 16 tokens
+  EXPECT_EQ(cuda::decode_warp_k(cuda::pick_gemm(12, kNever), 1536, 8, 132), 1);
   EXPECT_STREQ(cuda::pick_gemm(31.9, 32).name, "mma.sync");
   EXPECT_STREQ(cuda::pick_gemm(32, 32).name, "wgmma");
   EXPECT_EQ(tile(32, 32), cuda::kWgmmaGeometry.tile_tokens);
