@@ -98,8 +98,10 @@ constexpr GemmGeometry mma_geometry(int mt) { return {8 * mt, mt >= 8 ? 128 : 64
 /// its two 64-row weight tiles, what 255 registers allow); 256 rows = 2
 /// warpgroups x 2 x m64. padded_rows is only a multiple of kRowAlign (128): the
 /// last row block may hold 128 rows, its second warpgroup then computes a
-/// duplicate and stores nothing.
-inline constexpr GemmGeometry kWgmmaGeometry{128, 256};
+/// duplicate and stores nothing. wgmma_geometry(64): the same block on m64n64k16,
+/// for m-tiles of up to 64 tokens (half the tensor work of a 128-token tile).
+constexpr GemmGeometry wgmma_geometry(int tokens) { return {tokens, 256}; }
+inline constexpr GemmGeometry kWgmmaGeometry = wgmma_geometry(128);
 /// The smallest m-tile of any kernel (the plan's tile list is sized by it).
 inline constexpr int kMinTileTokens = decode_geometry(1).tile_tokens;
 

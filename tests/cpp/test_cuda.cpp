@@ -187,7 +187,9 @@ TEST(CudaKernelTable, ChoosesByTokensPerExpert) {
   EXPECT_EQ(cuda::decode_warp_k(cuda::pick_gemm(12, kNever), 1536, 8, 132), 1);
   EXPECT_STREQ(cuda::pick_gemm(31.9, 32).name, "mma.sync");
   EXPECT_STREQ(cuda::pick_gemm(32, 32).name, "wgmma");
-  EXPECT_EQ(tile(32, 32), cuda::kWgmmaGeometry.tile_tokens);
+  EXPECT_EQ(tile(32, 32), 64);  // wgmma's tiles hold twice the average too
+  EXPECT_EQ(tile(33, 32), cuda::kWgmmaGeometry.tile_tokens);
+  EXPECT_EQ(tile(1, 0), 64);
   EXPECT_STREQ(cuda::pick_gemm(0.1, 0).name, "wgmma");
   EXPECT_STREQ(cuda::pick_gemm(2, kNever).name, "decode");
   // Forcing: mma never takes wgmma; automatic off sm_90 neither; wgmma off sm_90 is refused.
