@@ -156,14 +156,14 @@ __device__ __forceinline__ std::uint64_t b_desc(unsigned saddr) {
       " {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                              \
       : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24), QMOE_D8(32), QMOE_D8(40), QMOE_D8(48), QMOE_D8(56)      \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
-#define QMOE_WGMMA_M64N64K16_RS(TY)                                                                               \
-  asm volatile(                                                                                                   \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                                     \
-      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
-      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"                                                        \
-      " {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                              \
-      : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24)                                                          \
+#define QMOE_WGMMA_M64N64K16_RS(TY)                                                                            \
+  asm volatile(                                                                                                \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                             \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"                                                     \
+      " {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                           \
+      : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24)                                                       \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
 // D[64 x N] += A[64 x 16] (registers, mma.m16n8k16 A fragment per warp) x
@@ -462,8 +462,7 @@ bool wgmma_available(int cc) {
   return a.sharedSizeBytes >= sizeof(long long) * 128 && a.numRegs == kLaunchRegs;
 }
 
-void launch_gemm_wgmma(const GemmProblem& p, DType dtype, int tokens, std::int64_t tile_capacity,
-                       cudaStream_t stream) {
+void launch_gemm_wgmma(const GemmProblem& p, DType dtype, int tokens, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
   if (dtype == DType::f16) return launch_dtype<__half>(p, tokens, tile_capacity, stream);
   return launch_dtype<__nv_bfloat16>(p, tokens, tile_capacity, stream);
