@@ -10,14 +10,26 @@ from .common import F, torch
 from .weights import dims
 
 
-def dequant_torch(q, s, bits, block, K, dtype, dev):
-    """One expert's codes [N, K/pack] (numpy) and scales -> [N, K] in dtype, on dev."""
+def _unpack(q, bits, n):
+    """Packed codes [..., ceil(n/pack)] -> [..., n] (the even element in the low nibble at 4 bits)."""
+    if bits == 8:
+        return q[..., :n]
+    return torch.stack((q & 15, q >> 4), dim=-1).reshape(*q.shape[:-1], -1)[..., :n]
+
+
+def dequant_torch(q, s, bits, block, K, dtype, dev, zp=None):
+    """One expert's codes [N, K/pack] (numpy), scales and zero points (ONNX Runtime's packing, or None:
+    2^(bits-1)) -> [N, K] in dtype, on dev."""
     q = torch.from_numpy(np.ascontiguousarray(q)).to(dev)
-    c = torch.stack((q & 15, q >> 4), dim=-1).reshape(q.shape[0], K) if bits == 4 else q
-    v = c.to(torch.float32) - float(1 << (bits - 1))
-    bl = block or K
+    N, bl = q.shape[0], block or K
+    v = _unpack(q, bits, K).to(torch.float32).reshape(N, K // bl, bl)
+    if zp is None:
+        v = v - float(1 << (bits - 1))
+    else:
+        z = _unpack(torch.from_numpy(np.ascontiguousarray(zp)).to(dev), bits, N if not block else K // bl)
+        v = v - z.to(torch.float32).reshape(N, K // bl if block else 1, 1)
     s = torch.from_numpy(np.ascontiguousarray(s, np.float32)).to(dev).reshape(-1, K // bl, 1)
-    return (v.reshape(-1, K // bl, bl) * s).reshape(-1, K).to(dtype)
+    return (v * s).reshape(-1, K).to(dtype)
 
 
 class TorchMoE:
@@ -35,7 +47,9 @@ class TorchMoE:
         self.b2 = torch.empty((E, H), dtype=dtype, device=dev) if bias else None
 
         def deq(pre, e, K):
-            return dequant_torch(W[f"{pre}_experts_weights"][e], W[f"{pre}_scales"][e], bits, block, K, dtype, dev)
+            zp = W.get(f"{pre}_zero_points")
+            return dequant_torch(W[f"{pre}_experts_weights"][e], W[f"{pre}_scales"][e], bits, block, K, dtype, dev,
+                                 None if zp is None else zp[e])
 
         def bias_of(pre, e):
             return torch.from_numpy(W[f"{pre}_experts_bias"][e]).to(dev).to(dtype)

@@ -61,7 +61,8 @@ def print_report(data):
             print(f"\n{m['model']}: not run: {m['error']}")
             continue
         sh, q = m["shape"], m.get("qmoe")
-        layout = f"block {m['block_size']}" if m["block_size"] else "row-wise"
+        layout = (f"block {m['block_size']}" if m["block_size"] else "row-wise") + (
+            ", zero points" if m.get("zero_points") else "")
         print(f"\n{m['model']}: H={sh['hidden']} I={sh['inter']} E={sh['experts']} k={sh['k']}, {m['bits']}-bit "
               f"{layout}, swiglu fusion {m['attributes']['swiglu_fusion']}; {m['weight_sets']} weight sets "
               f"(>= {m['sets_needed_for_4x_l2']} for 4x L2)")
@@ -155,7 +156,8 @@ def plot(data, path):
 
     for row, m in enumerate(models):
         sh = m["shape"]
-        layout = f"block {m['block_size']}" if m["block_size"] else "row-wise"
+        layout = (f"block {m['block_size']}" if m["block_size"] else "row-wise") + (
+            ", zero points" if m.get("zero_points") else "")
         name = (f"{m['model']} (H={sh['hidden']}, I={sh['inter']}, E={sh['experts']}, k={sh['k']}; "
                 f"{m['bits']}-bit {layout})")
         tokens = [r["tokens"] for r in m["results"]]

@@ -52,10 +52,14 @@ def run_model(name, a, dev, dtype, gmm, ceil0, l2):
     raw_set = 0
     for _pre, rows, cols in mat_names(fusion):
         n, kk = d[rows], d[cols]
-        raw_set += E * n * (kk // pack + 4 * (kk // block if block else 1) + (4 if cfg["bias"] else 0))
+        nb = kk // block if block else 1
+        raw_set += E * n * (kk // pack + 4 * nb + (4 if cfg["bias"] else 0))
+        if a.zero_points:
+            raw_set += E * (n * -(-nb // pack) if block else -(-n // pack))
     base_set = E * (2 * I * H + H * I + (2 * I + H if cfg["bias"] else 0)) * dtype.itemsize
     flops_per_token = 2.0 * k * H * (2 * I + I)  # FC1 (2I x H, or FC1 + FC3) and FC2 (H x I)
     res = dict(model=name, shape=dict(hidden=H, inter=I, experts=E, k=k), bits=bits, block_size=block,
+               zero_points=bool(a.zero_points),
                attributes=attrs, dtype=dtname(dtype), raw_bytes_per_set=raw_set,
                baseline_weight_bytes_per_set=base_set, results=[])
     # Rotation: N sets so that N x (bytes one T = 1 call reads) > 4 x L2, at least 2; as GPU memory allows.
@@ -71,7 +75,7 @@ def run_model(name, a, dev, dtype, gmm, ceil0, l2):
         log(f"  GPU memory holds {fit} weight sets, not {n_sets}: rotating over {fit}")
         n_sets = fit
     res.update(weight_sets=n_sets, sets_needed_for_4x_l2=need, l2_bytes=l2)
-    layout = f"block {block}" if block else "row-wise"
+    layout = (f"block {block}" if block else "row-wise") + (", zero points" if a.zero_points else "")
     log(f"{name}: H={H} I={I} E={E} k={k}, {bits}-bit {layout}, {res['dtype']}: {n_sets} weight sets "
         f"({mib(raw_set)} raw + {mib(base_set)} baseline each)")
 
@@ -79,7 +83,7 @@ def run_model(name, a, dev, dtype, gmm, ceil0, l2):
     try:
         t0 = time.perf_counter()
         for s in range(n_sets):
-            W = gen_set(np.random.default_rng([a.seed, s]), cfg, bits, block, fusion, a.weights)
+            W = gen_set(np.random.default_rng([a.seed, s]), cfg, bits, block, fusion, a.weights, a.zero_points)
             if not a.baseline_only:
                 f0 = free_now()
                 tl = time.perf_counter()

@@ -28,27 +28,35 @@ def dry_run(a):
         checks.append(dict(check=name, rel_l2=err, tol=tol, ok=good))
         log(f"  {'ok  ' if good else 'FAIL'} {name}: rel L2 {err:.2e} (tol {tol:.0e})")
 
-    cases = [("gpt-oss-like row-wise, fusion 1, biases", dict(MODELS["gpt-oss-20b"], H=64, I=48, E=6, k=2), 4, 0, 1),
-             ("swiglu block 32, fusion 1", dict(MODELS["mixtral-8x7b"], H=64, I=96, E=5, k=2), 4, 32, 1),
+    cases = [("gpt-oss-like row-wise, fusion 1, biases", dict(MODELS["gpt-oss-20b"], H=64, I=48, E=6, k=2), 4, 0, 1,
+              False),
+             ("swiglu block 32, fusion 1", dict(MODELS["mixtral-8x7b"], H=64, I=96, E=5, k=2), 4, 32, 1, False),
              ("swiglu block 16, fusion 0 (fc3), biases", dict(MODELS["qwen3-30b-a3b"], H=32, I=48, E=7, k=3,
-                                                               bias=True), 4, 16, 0),
-             ("8-bit block 32, fusion 1", dict(MODELS["qwen3-30b-a3b"], H=64, I=32, E=4, k=2), 8, 32, 1)]
+                                                               bias=True), 4, 16, 0, False),
+             ("8-bit block 32, fusion 1", dict(MODELS["qwen3-30b-a3b"], H=64, I=32, E=4, k=2), 8, 32, 1, False),
+             ("row-wise zero points, fusion 1", dict(MODELS["gpt-oss-20b"], H=64, I=40, E=5, k=2), 4, 0,
+              1, True),
+             ("8-bit block 32 zero points, fusion 0", dict(MODELS["qwen3-30b-a3b"], H=64, I=32, E=4, k=2), 8, 32, 0,
+              True),
+             ("block 32 zero points, 3 blocks, fusion 1", dict(MODELS["mixtral-8x7b"], H=96, I=64, E=4, k=2), 4, 32, 1,
+              True)]
     bf16 = None
     try:
         import ml_dtypes
         bf16 = ml_dtypes.bfloat16
     except ImportError:
         pass
-    for label, cfg, bits, block, fusion in cases:
+    for label, cfg, bits, block, fusion, zp in cases:
         log(f"{label}: H={cfg['H']} I={cfg['I']} E={cfg['E']} k={cfg['k']} {bits}-bit")
-        W = gen_set(np.random.default_rng(5), cfg, bits, block, fusion)
+        W = gen_set(np.random.default_rng(5), cfg, bits, block, fusion, zero_points=zp)
         x, lg, used = make_inputs(np.random.default_rng(6), 9, cfg["H"], cfg["E"], cfg["k"])
         attrs = layer_attrs(cfg, bits, block, fusion)
         ref = np_reference(x, lg, **W, **attrs)
         if bf16 is not None:  # the dequantized weights and the logits survive a round trip through bf16
             for pre, _rows, cols in mat_names(fusion):
-                w = np_dequantize(W[f"{pre}_experts_weights"][:1], W[f"{pre}_scales"][:1], None, bits, block,
-                                  dims(cfg, fusion)[cols])[0]
+                z = W.get(f"{pre}_zero_points")
+                w = np_dequantize(W[f"{pre}_experts_weights"][:1], W[f"{pre}_scales"][:1],
+                                  None if z is None else z[:1], bits, block, dims(cfg, fusion)[cols])[0]
                 check(f"{pre} weights exact in bf16", float(np.abs(w.astype(bf16).astype(np.float64) - w).max()), 0)
             check("logits exact in bf16", float(np.abs(lg.astype(bf16).astype(np.float32) - lg).max()), 0)
         if common.qmoe is not None:

@@ -18,16 +18,33 @@ def _code_lut(bits):
     return np.where(b == 0, zp, b).astype(np.uint8)
 
 
-def random_codes(rng, shape, bits):
-    n = int(np.prod(shape))
-    raw = rng.bit_generator.random_raw((n + 7) // 8).view(np.uint8)[:n]  # 3x faster than rng.bytes
-    return _code_lut(bits)[raw].reshape(shape)
+def random_bytes(rng, n):
+    return rng.bit_generator.random_raw((n + 7) // 8).view(np.uint8)[:n]  # 3x faster than rng.bytes
 
 
-def random_scales(rng, shape, fan_in, bits):
+def random_codes(rng, shape, bits, full_range=False):
+    """Packed codes: in the symmetric range 1..2^bits-1, or any code (full_range: for zero points)."""
+    raw = random_bytes(rng, int(np.prod(shape)))
+    return (raw if full_range else _code_lut(bits)[raw]).reshape(shape)
+
+
+def random_zero_points(rng, E, n, nb, bits):
+    """Zero points in 0..2^bits-1 per (row, block) in ONNX Runtime's packing: row-wise (nb = 0) [E, ceil(n/pack)]
+    packed across rows, block-wise [E, n, ceil(nb/pack)] packed along blocks (even index in the low nibble)."""
+    z = random_bytes(rng, E * n * max(nb, 1)).reshape(E, n if nb else 1, max(nb, 1) if nb else n)
+    if bits == 4:
+        z = z & 15
+        if z.shape[-1] % 2:
+            z = np.concatenate([z, np.zeros(z.shape[:-1] + (1,), np.uint8)], axis=-1)
+        z = (z[..., 0::2] | (z[..., 1::2] << 4)).astype(np.uint8)
+    return z.reshape(E, -1) if not nb else z
+
+
+def random_scales(rng, shape, fan_in, bits, zero_points=False):
     """m * 2^p: with |q - zp| <= 7 (4-bit) and m in 8..15, or |q - zp| <= 127 (8-bit) and m = 1, every
-    weight has <= 7 significant bits (exact in bf16 and f16); weights' std is about 1/sqrt(fan_in)."""
-    code_std = 4.18 if bits == 4 else 73.6
+    weight has <= 7 significant bits (exact in bf16 and f16); with zero points |q - zp| <= 15 (255), and m
+    (8..15, or a power of two) times it stays below 2^8: exact too. Weights' std is about 1/sqrt(fan_in)."""
+    code_std = (4.18 if bits == 4 else 73.6) * (1.41 if zero_points else 1.0)
     target = 1.0 / (math.sqrt(fan_in) * code_std)
     if bits == 4:
         p = round(math.log2(target / 11.5))
@@ -47,16 +64,22 @@ def dims(cfg, fusion):
     return dict(H=cfg["H"], I=cfg["I"], N1=(2 if fusion else 1) * cfg["I"])
 
 
-def gen_set(rng, cfg, bits, block, fusion, weights="codes"):
-    """One weight set as qmoe.Layer's keyword arguments (numpy, ORT layout)."""
+def gen_set(rng, cfg, bits, block, fusion, weights="codes", zero_points=False):
+    """One weight set as qmoe.Layer's keyword arguments (numpy, ORT layout); zero_points: codes over the
+    full range with a random zero point per row (row-wise) or per (row, block) ("codes" weights only)."""
     E, pack, d = cfg["E"], 8 // bits, dims(cfg, fusion)
     W = {}
     for pre, rows, cols in mat_names(fusion):
         n, k = d[rows], d[cols]
         if weights == "codes":
-            W[f"{pre}_experts_weights"] = random_codes(rng, (E, n, k // pack), bits)
-            W[f"{pre}_scales"] = random_scales(rng, (E, n) if block == 0 else (E, n, k // block), k, bits)
+            W[f"{pre}_experts_weights"] = random_codes(rng, (E, n, k // pack), bits, zero_points)
+            W[f"{pre}_scales"] = random_scales(rng, (E, n) if block == 0 else (E, n, k // block), k, bits,
+                                               zero_points)
+            if zero_points:
+                W[f"{pre}_zero_points"] = random_zero_points(rng, E, n, k // block if block else 0, bits)
         else:  # Gaussian float32, one expert at a time through qmoe.quantize
+            if zero_points:
+                raise ValueError("zero points are generated with the \"codes\" weights only")
             qs, ss = [], []
             for _ in range(E):
                 w = rng.standard_normal((1, n, k), dtype=np.float32) * np.float32(1 / math.sqrt(k))
