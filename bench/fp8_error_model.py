@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""What FP8 (E4M3) activations would cost in accuracy, before a kernel exists: a numpy model.
+
+    python bench/fp8_error_model.py [--models qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b] [--tokens 16]
+                                    [--scales token,128] [--json out.json]
+
+For each reference shape (tools/shapes.json; 4-bit codes and scales as bench/gpu_vs_torch.py makes them,
+exact in bfloat16) it runs the float64 oracle (tests/python/qmoe_np.py) twice: as is, and with the
+activation operand of the expert GEMMs rounded the way an FP8 tensor-core path would see it: the token
+dtype (bfloat16) first, then E4M3 with a float32 scale amax/448 per token row or per block of columns.
+Weights stay exact (int4 codes are exact in E4M3; scales are applied in float32), so the difference is
+the activations' rounding alone. It reports the relative L2 error against the unrounded oracle with the
+rounding on FC1's input, on FC2's input, and on both (shapes where H = I, gpt-oss-20b, cannot tell the
+two GEMMs apart by shape and report "both" only).
+
+Why: E4M3 keeps 3 mantissa bits, a relative rounding error of about 2^-4 / sqrt(3) = 3.6% RMS per
+element whatever the scale granularity, and a dot product of many such terms carries about that relative
+error; a finer scale only helps rows with outliers. This model puts a number on the choice (which GEMMs,
+which granularity) against the accuracy target before any kernel is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "python"))
+import ml_dtypes  # noqa: E402
+import qmoe_np  # noqa: E402
+from gpu.common import MODELS  # noqa: E402
+from gpu.weights import gen_set, layer_attrs, make_inputs  # noqa: E402
+
+E4M3 = ml_dtypes.float8_e4m3fn
+BF16 = ml_dtypes.bfloat16
+E4M3_MAX = 448.0
+
+
+def round_e4m3(a: np.ndarray, group: int) -> np.ndarray:
+    """Rows of `a` as an FP8 path holds them: bfloat16, then E4M3 times a float32 scale (amax / 448) per
+    row (group 0) or per `group` columns (a ragged last group padded with zeros)."""
+    rows, k = a.shape
+    g = k if group == 0 else group
+    kp = -(-k // g) * g
+    x = np.pad(a.astype(BF16).astype(np.float64), ((0, 0), (0, kp - k))).reshape(rows, kp // g, g)
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / E4M3_MAX).astype(np.float32).astype(np.float64)
+    scale[scale == 0] = 1.0
+    q = (x / scale).astype(np.float32).astype(E4M3).astype(np.float64)
+    return (q * scale).reshape(rows, kp)[:, :k]
+
+
+class _RoundedOperand(np.ndarray):
+    """An expert matrix (transposed, as the oracle multiplies it) whose left operand is rounded first:
+    the oracle's `x @ W.T` calls this class's __rmatmul__ (a subclass's reflected operator wins)."""
+
+    which: str = "both"
+    hidden: int = 0
+    group: int = 0
+
+    def __rmatmul__(self, a: Any) -> np.ndarray:
+        a = np.asarray(a)
+        fc1 = self.shape[0] == _RoundedOperand.hidden  # FC1 multiplies [*, H] by W1.T [H, N1]
+        if _RoundedOperand.which == "both" or (_RoundedOperand.which == "fc1") == fc1:
+            a = round_e4m3(a, _RoundedOperand.group)
+        return a @ np.asarray(self)
+
+
+def model_error(model: str, tokens: int, group: int, which: str, seed: int = 3) -> float:
+    cfg = dict(MODELS[model])
+    rng = np.random.default_rng(seed)
+    block = cfg["block"]
+    weights = gen_set(rng, cfg, 4, block, 1)
+    attrs = layer_attrs(cfg, 4, block, 1)
+    x, logits, _ = make_inputs(rng, tokens, cfg["H"], cfg["E"], cfg["k"])
+    x = x.astype(BF16).astype(np.float64)  # the call's input in the token dtype
+    ref = qmoe_np.np_reference(x, logits, **weights, **attrs)
+    get = qmoe_np._Experts.__getitem__
+    _RoundedOperand.which, _RoundedOperand.hidden, _RoundedOperand.group = which, cfg["H"], group
+    qmoe_np._Experts.__getitem__ = lambda self, e: get(self, e).view(_RoundedOperand)
+    try:
+        y = qmoe_np.np_reference(x, logits, **weights, **attrs)
+    finally:
+        qmoe_np._Experts.__getitem__ = get
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--scales", default="token,128", help="comma list: token (one scale per row) or a column count")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    rows: List[Dict[str, Any]] = []
+    print(f"relative L2 vs the float64 oracle, T = {a.tokens}, activations rounded bf16 -> E4M3 with a float32 scale")
+    for model in a.models.split(","):
+        cfg = MODELS[model]
+        gemms = ("both",) if cfg["H"] == cfg["I"] else ("fc1", "fc2", "both")
+        for sc in a.scales.split(","):
+            group = 0 if sc == "token" else int(sc)
+            for which in gemms:
+                err = model_error(model, a.tokens, group, which)
+                rows.append(dict(model=model, tokens=a.tokens, scale=sc, gemms=which, rel_l2=err))
+                print(f"  {model:<14} scale per {sc:<6} rounded: {which:<5} {err:.2e}", flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(tool="bench/fp8_error_model.py", rows=rows), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
