@@ -96,13 +96,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--scales", default="token,128", help="comma list: token (one scale per row) or a column count")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    models = a.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"--models: unknown {', '.join(unknown)}; expected some of {', '.join(MODELS)}")
+    groups: List[int] = []
+    for sc in a.scales.split(","):
+        if sc != "token" and not (sc.isdigit() and int(sc) > 0):
+            p.error(f"--scales: expected 'token' or a positive column count, got {sc!r}")
+        groups.append(0 if sc == "token" else int(sc))
+    if a.tokens < 1:
+        p.error(f"--tokens: expected at least 1, got {a.tokens}")
     rows: List[Dict[str, Any]] = []
     print(f"relative L2 vs the float64 oracle, T = {a.tokens}, activations rounded bf16 -> E4M3 with a float32 scale")
-    for model in a.models.split(","):
+    for model in models:
         cfg = MODELS[model]
         gemms = ("both",) if cfg["H"] == cfg["I"] else ("fc1", "fc2", "both")
-        for sc in a.scales.split(","):
-            group = 0 if sc == "token" else int(sc)
+        for group in groups:
+            sc = "token" if group == 0 else str(group)
             for which in gemms:
                 err = model_error(model, a.tokens, group, which)
                 rows.append(dict(model=model, tokens=a.tokens, scale=sc, gemms=which, rel_l2=err))
