@@ -253,6 +253,24 @@ __device__ __forceinline__ void store_cols(T* out, const float (&acc)[V]) {
     *out = o[0];
 }
 
+// Columns h0..h0 + V of pair pj's expert output: its FC2 bias (if any) plus its K-split
+// partials, added in split order (both combine kernels, so both give the same bits).
+template <int V>
+__device__ __forceinline__ void expert_cols(const float* y2, int splits, std::int64_t split_stride, const float* bias2,
+                                            std::int64_t bias_stride, std::int64_t H, std::int64_t h0, std::int64_t pj,
+                                            const RouteBuffers& b, float (&y)[V]) {
+  const std::int64_t pos = b.pos_of[pj];
+  float part[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) y[v] = 0.f;
+  if (bias2) load_cols<V>(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
+  for (int s = 0; s < splits; ++s) {
+    load_cols<V>(y2 + s * split_stride + pos * H + h0, part);
+#pragma unroll
+    for (int v = 0; v < V; ++v) y[v] += part[v];
+  }
+}
+
 // Thread (t, y, x) sums columns h0..h0 + V of token t, h0 = V (y * blockDim + x):
 // V = 4 loads each partial row as 16 bytes (1.4 -> ~2.5 TB/s of partials at
 // T = 4096; the per-element arithmetic and its order are those of V = 1).
@@ -266,14 +284,8 @@ __global__ void combine_kernel(const float* y2, int splits, std::int64_t split_s
   float acc[V] = {};
   for (int j = 0; j < k; ++j) {
     const std::int64_t pj = t * k + j;
-    const std::int64_t pos = b.pos_of[pj];
-    float y[V] = {}, part[V];
-    if (bias2) load_cols<V>(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
-    for (int s = 0; s < splits; ++s) {
-      load_cols<V>(y2 + s * split_stride + pos * H + h0, part);
-#pragma unroll
-      for (int v = 0; v < V; ++v) y[v] += part[v];
-    }
+    float y[V];
+    expert_cols<V>(y2, splits, split_stride, bias2, bias_stride, H, h0, pj, b, y);
     const float w = b.topk_weight[pj];
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = __fmaf_rn(w, y[v], acc[v]);
@@ -297,14 +309,8 @@ __global__ void combine_few_kernel(const float* y2, int splits, std::int64_t spl
   const std::int64_t h0 = (static_cast<std::int64_t>(blockIdx.y) * 32 + g) * V;
   const std::int64_t pj = t * k + j;
   if (h0 < H) {
-    const std::int64_t pos = b.pos_of[pj];
-    float y[V] = {}, part[V];
-    if (bias2) load_cols<V>(bias2 + b.topk_expert[pj] * bias_stride + h0, y);
-    for (int s = 0; s < splits; ++s) {
-      load_cols<V>(y2 + s * split_stride + pos * H + h0, part);
-#pragma unroll
-      for (int v = 0; v < V; ++v) y[v] += part[v];
-    }
+    float y[V];
+    expert_cols<V>(y2, splits, split_stride, bias2, bias_stride, H, h0, pj, b, y);
 #pragma unroll
     for (int v = 0; v < V; ++v) ys[(j * 32 + g) * V + v] = y[v];
   }
