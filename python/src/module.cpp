@@ -118,7 +118,7 @@ void layer_forward_async(const PyLayer& layer, const DeviceIn& input, const Devi
 
 // The same from raw pointers, for qmoe.Layer's torch path: DLPack's import costs
 // microseconds per tensor (a Python-level __dlpack__ call), more than a decode call's
-// GPU time. The caller (python/qmoe/__init__.py) has checked the tensors' device and
+// GPU time. The caller (python/qmoe/_torch_tensors.py) has checked the tensors' device and
 // made them C-contiguous; shapes and dtypes are validated here and by the library as
 // for forward_async, and the backend refuses pointers outside the layer's device.
 // Dtype codes are qmoe::DType's values; mix = 0: no router_weights.
