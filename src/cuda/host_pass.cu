@@ -119,21 +119,27 @@ std::int64_t measure_crossover(const detail::HostExperts& cpu, const std::vector
   if (auto it = known.find(key); it != known.end()) return it->second;
   // The copy as a call makes it: pinned host memory to the device, timed after a warm-up.
   double copy_ms = 0;
-  try {
-    DeviceBuffer to(bytes);
+  struct Timing {  // released on every path out
     cudaStream_t s = nullptr;
     cudaEvent_t ev[2] = {nullptr, nullptr};
-    QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    for (cudaEvent_t& e : ev) QMOE_CUDA_CHECK(cudaEventCreate(&e));
-    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, s));
-    QMOE_CUDA_CHECK(cudaEventRecord(ev[0], s));
-    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, s));
-    QMOE_CUDA_CHECK(cudaEventRecord(ev[1], s));
-    QMOE_CUDA_CHECK(cudaEventSynchronize(ev[1]));
+    ~Timing() {
+      if (s) cudaStreamSynchronize(s), cudaStreamDestroy(s);
+      for (cudaEvent_t e : ev)
+        if (e) cudaEventDestroy(e);
+    }
+  };
+  try {
+    DeviceBuffer to(bytes);
+    Timing tm;
+    QMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&tm.s, cudaStreamNonBlocking));
+    for (cudaEvent_t& e : tm.ev) QMOE_CUDA_CHECK(cudaEventCreate(&e));
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, tm.s));
+    QMOE_CUDA_CHECK(cudaEventRecord(tm.ev[0], tm.s));
+    QMOE_CUDA_CHECK(cudaMemcpyAsync(to.get(), packed, bytes, cudaMemcpyHostToDevice, tm.s));
+    QMOE_CUDA_CHECK(cudaEventRecord(tm.ev[1], tm.s));
+    QMOE_CUDA_CHECK(cudaEventSynchronize(tm.ev[1]));
     float ms = 0;
-    QMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]));
-    for (cudaEvent_t e : ev) cudaEventDestroy(e);
-    cudaStreamDestroy(s);
+    QMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, tm.ev[0], tm.ev[1]));
     copy_ms = ms;
   } catch (const Error&) {  // no room on the device for the copy: the CPU it is
     cudaGetLastError();
