@@ -13,27 +13,36 @@ namespace {
 
 constexpr double kAny = std::numeric_limits<double>::infinity();  // the last rows serve any count
 
-void launch_wgmma(const GemmProblem& p, DType dtype, int, std::int64_t tile_capacity, cudaStream_t stream) {
-  launch_gemm_wgmma(p, dtype, tile_capacity, stream);
+void launch_wgmma(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_capacity, cudaStream_t stream) {
+  launch_gemm_wgmma(p, dtype, 8 * mt, tile_capacity, stream);
 }
 
 // Rows by average tokens per expert. The decode and mma.sync bounds: token
-// tiles of 8, 16, 32 and 64 columns, each the narrowest that holds the average.
+// tiles of 8, 16, 32 and 64 columns, each the narrowest that holds twice the
+// average. An expert's weights are streamed once per m-tile, and the counts
+// spread around the average (roughly Poisson): with tiles of the average, about
+// 40% of the experts at 8 tokens each need a second tile (qwen3 T = 128 would
+// read ~1.4x its weights); with twice the average almost none do, for twice the
+// tensor work, which the weight-bound regime absorbs.
 // wgmma from 32 tokens per expert: below, mma.sync's narrower token tiles waste
 // less. Measured on the H200 with the warp-specialized wgmma kernel (layer ms,
 // mma.sync vs wgmma): 16 tokens per expert (gpt-oss T = 128) 0.30 vs 0.47; 32
 // (mixtral T = 128) 0.94 vs 0.77, (gpt-oss T = 256) 0.487 vs 0.476; 64: wgmma
 // 1.6-1.8x faster. K-split targets for decode (the ring kernel of
 // gemm_decode.cu), measured on the H200 (mixtral layer, eager): 8 blocks per SM
-// -> T = 1 88.5 us, T = 16 276 us; 6 -> 89.4, 273; 3 -> 89.9, 292.
-constexpr GemmVariant kDecode1{"decode", 1, decode_geometry(1), 8, 0, 80, 0, 8, launch_gemm_decode};
-constexpr GemmVariant kDecode2{"decode", 2, decode_geometry(2), 16, 0, 80, 0, 8, launch_gemm_decode};
-constexpr GemmVariant kMma4{"mma.sync", 4, mma_geometry(4), 32, 0, 80, 0, 2, launch_gemm_mma};
+// -> T = 1 88.5 us, T = 16 276 us; 6 -> 89.4, 273; 3 -> 89.9, 292. wgmma with
+// the same rule: 64-token tiles up to 32 tokens per expert (half the tensor work
+// of a 128-token tile, the weights dequantized once per m-tile either way), 128 above.
+constexpr GemmVariant kDecode1{"decode", 1, decode_geometry(1), 4, 0, 80, 0, 8, launch_gemm_decode};
+constexpr GemmVariant kDecode2{"decode", 2, decode_geometry(2), 8, 0, 80, 0, 8, launch_gemm_decode};
+constexpr GemmVariant kMma4{"mma.sync", 4, mma_geometry(4), 16, 0, 80, 0, 2, launch_gemm_mma};
 constexpr GemmVariant kMma8{"mma.sync", 8, mma_geometry(8), kAny, 0, 80, 0, 2, launch_gemm_mma};
+constexpr GemmVariant kWgmma64{"wgmma", 8, wgmma_geometry(64), 32, 32, 90, 90, 1, launch_wgmma};
 constexpr GemmVariant kWgmma{"wgmma", 16, kWgmmaGeometry, kAny, 32, 90, 90, 1, launch_wgmma};
 constexpr const GemmVariant* kByTokens[] = {&kDecode1, &kDecode2, &kMma4, &kMma8};
 
-static_assert(kWgmma.geometry.tile_tokens == 8 * kWgmma.mt, "mt is the tile height / 8");
+static_assert(kWgmma.geometry.tile_tokens == 8 * kWgmma.mt && kWgmma64.geometry.tile_tokens == 8 * kWgmma64.mt,
+              "mt is the tile height / 8");
 static_assert(kMinTileTokens <= kDecode1.geometry.tile_tokens && kMinTileTokens <= kMma4.geometry.tile_tokens &&
                   kMinTileTokens <= kWgmma.geometry.tile_tokens,
               "the plan's tile list is sized by the smallest m-tile");
@@ -58,10 +67,20 @@ double wgmma_threshold(CudaGemm gemm, int cc) {
 }
 
 const GemmVariant& pick_gemm(double avg, double wgmma_from) {
-  if (avg >= wgmma_from) return kWgmma;
+  if (avg >= wgmma_from) return avg <= kWgmma64.max_avg_tokens ? kWgmma64 : kWgmma;
   for (const GemmVariant* v : kByTokens)
     if (avg <= v->max_avg_tokens) return *v;
   return kMma8;
+}
+
+int decode_warp_k(const GemmVariant& v, std::int64_t rows, std::int64_t tiles, int sms) {
+  // Below this many 64-row blocks per SM (at most 5 fit), an SM streams one or two
+  // blocks' weights while its neighbours idle at the end: qwen3 T = 1 FC1 is 192
+  // blocks on 132 SMs.
+  constexpr std::int64_t kWarpKBelow = 4;
+  if (v.launch != launch_gemm_decode || v.mt != 1) return 1;
+  const std::int64_t blocks = ceil_div(rows, v.geometry.block_rows) * tiles;
+  return blocks < kWarpKBelow * sms ? 4 : 1;
 }
 
 KSplit fc2_k_split(const GemmVariant& v, const GpuGeometry& g2, std::int64_t pairs, std::int64_t experts, int sms,

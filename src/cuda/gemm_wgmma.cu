@@ -35,6 +35,11 @@
 // Blocks running together share one group's tokens and each weight row block
 // is read from DRAM once per group of 8 m-tiles (8 blocks read it together).
 //
+// Token tiles of 64 (N = 64: m64n64k16, 64 accumulators per thread) serve 17-32
+// tokens per expert: the weights are dequantized once per m-tile either way, the
+// tensor work halves. That variant needs fewer registers than the block's
+// allocation and skips the setmaxnreg split.
+//
 // Determinism: an output value depends only on its own token's column; the K
 // order is fixed.
 #include <cuda_bf16.h>
@@ -71,19 +76,19 @@ constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // 168
 constexpr int kProducerRegs = 88, kConsumerRegs = 208;
 static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kProducers * (kLaunchRegs - kProducerRegs),
               "the consumers' setmaxnreg.inc must fit in what the producers release");
-constexpr int kTok = kWgmmaGeometry.tile_tokens;  // token columns per block (wgmma N)
 constexpr int kRows = kWgmmaGeometry.block_rows;  // weight rows per block
 constexpr int kTiles = kRows / kTileRows;         // 16-row tiles of layout.h per block
 constexpr int kKC = 64;                           // K columns per pipeline stage
 constexpr int kGroup = 8;                         // m-tiles per L2 group (grid order)
 constexpr int kMaxScaleBlocks = 4;                // scale blocks per stage (block size 16)
-static_assert(kTok == 128 && kRows == 256, "the kernel is written for 128 tokens x 256 rows");
+static_assert(kRows == 256 && wgmma_geometry(64).block_rows == kRows, "the kernel is written for 256 rows");
 
-template <int BITS>
+// N: token columns per block (the wgmma N), 64 or 128.
+template <int BITS, int N>
 struct WShape {
   static constexpr int kSlabs = BITS == 4 ? 1 : 2;  // layout.h slabs per stage (64 K columns)
   static constexpr int kStages = BITS == 4 ? 6 : 5;
-  static constexpr int kXBytes = kTok * kKC * 2;                   // tokens, 128B-swizzled
+  static constexpr int kXBytes = N * kKC * 2;                      // tokens, 128B-swizzled
   static constexpr int kWBytes = kTiles * kSlabs * 512;            // codes, [tile][slab][lane][16 B]
   static constexpr int kRelBytes = kTiles * kMaxScaleBlocks * 32;  // [tile][block][g] u32
   static constexpr int kZpBytes = kTiles * kMaxScaleBlocks * 16;   // [tile][block][g] u8 pair
@@ -151,27 +156,48 @@ __device__ __forceinline__ std::uint64_t b_desc(unsigned saddr) {
       " {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                              \
       : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24), QMOE_D8(32), QMOE_D8(40), QMOE_D8(48), QMOE_D8(56)      \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
+#define QMOE_WGMMA_M64N64K16_RS(TY)                                                                            \
+  asm volatile(                                                                                                \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                             \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY                                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"                                                     \
+      " {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                           \
+      : QMOE_D8(0), QMOE_D8(8), QMOE_D8(16), QMOE_D8(24)                                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1))
 
-// D[64 x 128] += A[64 x 16] (registers, mma.m16n8k16 A fragment per warp) x
-// B[16 x 128] (shared memory, descriptor). Thread (warp w, g, c) holds
+// D[64 x N] += A[64 x 16] (registers, mma.m16n8k16 A fragment per warp) x
+// B[16 x N] (shared memory, descriptor), N = 64 or 128. Thread (warp w, g, c) holds
 // d[4i + t] = D[16w + g][8i + 2c + t], d[4i + 2 + t] = D[16w + g + 8][8i + 2c + t].
-template <class T>
-__device__ __forceinline__ void wgmma_m64n128(float (&d)[64], const unsigned (&a)[4], std::uint64_t desc) {
-  if constexpr (std::is_same_v<T, __half>) {
-    QMOE_WGMMA_M64N128K16_RS("f16");
+template <class T, int N>
+__device__ __forceinline__ void wgmma_m64(float (&d)[N / 2], const unsigned (&a)[4], std::uint64_t desc) {
+  static_assert(N == 64 || N == 128);
+  if constexpr (N == 128) {
+    if constexpr (std::is_same_v<T, __half>) {
+      QMOE_WGMMA_M64N128K16_RS("f16");
+    } else {
+      QMOE_WGMMA_M64N128K16_RS("bf16");
+    }
   } else {
-    QMOE_WGMMA_M64N128K16_RS("bf16");
+    if constexpr (std::is_same_v<T, __half>) {
+      QMOE_WGMMA_M64N64K16_RS("f16");
+    } else {
+      QMOE_WGMMA_M64N64K16_RS("bf16");
+    }
   }
 }
 #undef QMOE_WGMMA_M64N128K16_RS
+#undef QMOE_WGMMA_M64N64K16_RS
 #undef QMOE_D8
 
 #endif  // QMOE_WGMMA_BODY
 
-template <class T, int BITS>
+template <class T, int BITS, int N>
 __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProblem p, int row_blocks) {
 #if QMOE_WGMMA_BODY
-  using S = WShape<BITS>;
+  constexpr int kTok = N;
+  constexpr bool kSplitRegs = N == 128;  // the 64-token variant fits the launch allocation
+  using S = WShape<BITS, N>;
   constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
   constexpr int kStages = S::kStages;
   // Element offset of each token's row in x; -1 past the tile's tokens. (Its
@@ -225,9 +251,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   if (wg == 2) {
     // ---- Producer warpgroup: the copies of stage ch + kStages - 2 while the
     // consumers compute stage ch; one stage_barrier() per stage.
-    regs_dec<kProducerRegs>();
+    if constexpr (kSplitRegs) regs_dec<kProducerRegs>();
     const int ptid = tid - kConsumers;
-    {
+    if (ptid < kTok) {
       long long off = -1;
       if (ptid < rows_here) off = static_cast<long long>(p.gather ? p.gather[pos0 + ptid] : pos0 + ptid) * p.x_stride;
       s_row[ptid] = off;
@@ -312,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   }
 
   // ---- Consumer warpgroups 0 and 1.
-  regs_inc<kConsumerRegs>();
+  if constexpr (kSplitRegs) regs_inc<kConsumerRegs>();
   const int g = lane / 4, c = lane % 4;
   const bool scaled = rel != nullptr;
   const bool per_step = bs && bs < kKC;  // scale block changes inside a stage
@@ -330,11 +356,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
     }
   }
 
-  float acc[2][64];
+  float acc[2][kTok / 2];
 #pragma unroll
   for (int m = 0; m < 2; ++m)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[m][i] = 0.f;
+    for (int i = 0; i < kTok / 2; ++i) acc[m][i] = 0.f;
 
   unsigned afr[2][2][4];  // [step parity][m64 tile][register]: two A sets, used alternately
   int st = 0;
@@ -376,8 +402,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
       }
       wgmma_fence();  // A registers (and at the first step the zeroed accumulators) written
       // +32 bytes (2 in descriptor units) per k16 step inside the 128-byte swizzled rows.
-      wgmma_m64n128<T>(acc[0], afr[j & 1][0], desc + 2 * j);
-      wgmma_m64n128<T>(acc[1], afr[j & 1][1], desc + 2 * j);
+      wgmma_m64<T, kTok>(acc[0], afr[j & 1][0], desc + 2 * j);
+      wgmma_m64<T, kTok>(acc[1], afr[j & 1][1], desc + 2 * j);
       wgmma_commit();
     }
     st = st + 1 == kStages ? 0 : st + 1;
@@ -386,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 #pragma unroll
   for (int m = 0; m < 2; ++m)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) touch(acc[m][i]);
+    for (int i = 0; i < kTok / 2; ++i) touch(acc[m][i]);
 
   // Epilogue: thread (warp, g, c) of m64 tile m holds rows g and g + 8 of row
   // tile rt0 + tl_of[m], token columns 8i + 2c + t (t = 0, 1) of each n8 block i.
@@ -399,24 +425,24 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 #endif
 }
 
-template <class T, int BITS>
+template <class T, int BITS, int N>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  using S = WShape<BITS>;
-  opt_in_smem<gemm_wgmma_kernel<T, BITS>>(S::kSmemBytes);
+  using S = WShape<BITS, N>;
+  opt_in_smem<gemm_wgmma_kernel<T, BITS, N>>(S::kSmemBytes);
   const std::int64_t row_blocks = ceil_div(p.g.padded_rows, kRows);
   const std::int64_t blocks = ceil_div(tile_capacity, kGroup) * row_blocks * kGroup;
   detail::require(blocks <= INT_MAX, "wgmma GEMM: grid of ", blocks, " blocks is too large");
   const int splits = p.fc1 ? 1 : p.splits;
   detail::require(splits >= 1 && splits <= 65535, "wgmma GEMM: bad split count ", splits);
   const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(splits));
-  launch_kernel(gemm_wgmma_kernel<T, BITS>, grid, dim3(kThreads), S::kSmemBytes, stream, p.pdl, p,
+  launch_kernel(gemm_wgmma_kernel<T, BITS, N>, grid, dim3(kThreads), S::kSmemBytes, stream, p.pdl, p,
                 static_cast<int>(row_blocks));
 }
 
 template <class T>
-void launch_dtype(const GemmProblem& p, std::int64_t cap, cudaStream_t s) {
-  if (p.g.bits == 4) return launch_one<T, 4>(p, cap, s);
-  return launch_one<T, 8>(p, cap, s);
+void launch_dtype(const GemmProblem& p, int tokens, std::int64_t cap, cudaStream_t s) {
+  if (tokens == 64) return p.g.bits == 4 ? launch_one<T, 4, 64>(p, cap, s) : launch_one<T, 8, 64>(p, cap, s);
+  return p.g.bits == 4 ? launch_one<T, 4, 128>(p, cap, s) : launch_one<T, 8, 128>(p, cap, s);
 }
 
 }  // namespace
@@ -427,19 +453,19 @@ bool wgmma_available(int cc) {
   // for any other target (an sm_80-only build JIT-compiled for this device,
   // or plain compute_90) declares none.
   cudaFuncAttributes a{};
-  if (cudaFuncGetAttributes(&a, gemm_wgmma_kernel<__nv_bfloat16, 4>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&a, gemm_wgmma_kernel<__nv_bfloat16, 4, 128>) != cudaSuccess) {
     cudaGetLastError();  // clear
     return false;
   }
   // The register split assumes the kernel was allocated kLaunchRegs per
   // thread; with fewer the consumers' setmaxnreg.inc could never be granted.
-  return a.sharedSizeBytes >= sizeof(long long) * kTok && a.numRegs == kLaunchRegs;
+  return a.sharedSizeBytes >= sizeof(long long) * 128 && a.numRegs == kLaunchRegs;
 }
 
-void launch_gemm_wgmma(const GemmProblem& p, DType dtype, std::int64_t tile_capacity, cudaStream_t stream) {
+void launch_gemm_wgmma(const GemmProblem& p, DType dtype, int tokens, std::int64_t tile_capacity, cudaStream_t stream) {
   if (tile_capacity <= 0) return;
-  if (dtype == DType::f16) return launch_dtype<__half>(p, tile_capacity, stream);
-  return launch_dtype<__nv_bfloat16>(p, tile_capacity, stream);
+  if (dtype == DType::f16) return launch_dtype<__half>(p, tokens, tile_capacity, stream);
+  return launch_dtype<__nv_bfloat16>(p, tokens, tile_capacity, stream);
 }
 
 }  // namespace qmoe::cuda

@@ -17,8 +17,8 @@ namespace qmoe::cuda {
 /// current device (call it with that device current).
 bool wgmma_available(int cc);
 
-/// Same contract as the launch functions of gemm.h, for m-tiles of
-/// kWgmmaGeometry.tile_tokens tokens.
-void launch_gemm_wgmma(const GemmProblem& p, DType dtype, std::int64_t tile_capacity, cudaStream_t stream);
+/// Same contract as the launch functions of gemm.h, for m-tiles of `tokens`
+/// (64 or 128: wgmma_geometry) tokens.
+void launch_gemm_wgmma(const GemmProblem& p, DType dtype, int tokens, std::int64_t tile_capacity, cudaStream_t stream);
 
 }  // namespace qmoe::cuda
