@@ -41,16 +41,20 @@ BF16 = ml_dtypes.bfloat16
 E4M3_MAX = 448.0
 
 
-def round_e4m3(a: np.ndarray, group: int) -> np.ndarray:
-    """Rows of `a` as an FP8 path holds them: bfloat16, then E4M3 times a float32 scale (amax / 448) per
-    row (group 0) or per `group` columns (a ragged last group padded with zeros)."""
+def round_act(a: np.ndarray, group: int, fmt: str = "e4m3") -> np.ndarray:
+    """Rows of `a` as an 8-bit activation path holds them: bfloat16, then the 8-bit format times a float32
+    scale per row (group 0) or per `group` columns (a ragged last group padded with zeros). e4m3: scale
+    amax / 448, values rounded to E4M3; int8: scale amax / 127, values rounded to the nearest integer
+    (ties to even) in -127..127, as the CPU's accuracy_level 4 does per 16 columns."""
     rows, k = a.shape
     g = k if group == 0 else group
     kp = -(-k // g) * g
     x = np.pad(a.astype(BF16).astype(np.float64), ((0, 0), (0, kp - k))).reshape(rows, kp // g, g)
-    scale = (np.abs(x).max(axis=-1, keepdims=True) / E4M3_MAX).astype(np.float32).astype(np.float64)
+    top = E4M3_MAX if fmt == "e4m3" else 127.0
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / top).astype(np.float32).astype(np.float64)
     scale[scale == 0] = 1.0
-    q = (x / scale).astype(np.float32).astype(E4M3).astype(np.float64)
+    v = (x / scale).astype(np.float32)
+    q = v.astype(E4M3).astype(np.float64) if fmt == "e4m3" else np.clip(np.rint(v), -127, 127).astype(np.float64)
     return (q * scale).reshape(rows, kp)[:, :k]
 
 
@@ -61,16 +65,17 @@ class _RoundedOperand(np.ndarray):
     which: str = "both"
     hidden: int = 0
     group: int = 0
+    fmt: str = "e4m3"
 
     def __rmatmul__(self, a: Any) -> np.ndarray:
         a = np.asarray(a)
         fc1 = self.shape[0] == _RoundedOperand.hidden  # FC1 multiplies [*, H] by W1.T [H, N1]
         if _RoundedOperand.which == "both" or (_RoundedOperand.which == "fc1") == fc1:
-            a = round_e4m3(a, _RoundedOperand.group)
+            a = round_act(a, _RoundedOperand.group, _RoundedOperand.fmt)
         return a @ np.asarray(self)
 
 
-def model_error(model: str, tokens: int, group: int, which: str, seed: int = 3) -> float:
+def model_error(model: str, tokens: int, group: int, which: str, fmt: str = "e4m3", seed: int = 3) -> float:
     cfg = dict(MODELS[model])
     rng = np.random.default_rng(seed)
     block = cfg["block"]
@@ -81,6 +86,7 @@ def model_error(model: str, tokens: int, group: int, which: str, seed: int = 3) 
     ref = qmoe_np.np_reference(x, logits, **weights, **attrs)
     get = qmoe_np._Experts.__getitem__
     _RoundedOperand.which, _RoundedOperand.hidden, _RoundedOperand.group = which, cfg["H"], group
+    _RoundedOperand.fmt = fmt
     qmoe_np._Experts.__getitem__ = lambda self, e: get(self, e).view(_RoundedOperand)
     try:
         y = qmoe_np.np_reference(x, logits, **weights, **attrs)
@@ -94,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", default="qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b")
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--scales", default="token,128", help="comma list: token (one scale per row) or a column count")
+    p.add_argument("--formats", default="e4m3", help="comma list: e4m3 (FP8) and/or int8")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     models = a.models.split(",")
@@ -105,19 +112,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         if sc != "token" and not (sc.isdigit() and int(sc) > 0):
             p.error(f"--scales: expected 'token' or a positive column count, got {sc!r}")
         groups.append(0 if sc == "token" else int(sc))
+    formats = a.formats.split(",")
+    if any(f not in ("e4m3", "int8") for f in formats):
+        p.error(f"--formats: expected e4m3 and/or int8, got {a.formats!r}")
     if a.tokens < 1:
         p.error(f"--tokens: expected at least 1, got {a.tokens}")
     rows: List[Dict[str, Any]] = []
-    print(f"relative L2 vs the float64 oracle, T = {a.tokens}, activations rounded bf16 -> E4M3 with a float32 scale")
+    print(f"relative L2 vs the float64 oracle, T = {a.tokens}, activations rounded bf16 -> 8 bits with a float32 scale")
     for model in models:
         cfg = MODELS[model]
         gemms = ("both",) if cfg["H"] == cfg["I"] else ("fc1", "fc2", "both")
-        for group in groups:
-            sc = "token" if group == 0 else str(group)
-            for which in gemms:
-                err = model_error(model, a.tokens, group, which)
-                rows.append(dict(model=model, tokens=a.tokens, scale=sc, gemms=which, rel_l2=err))
-                print(f"  {model:<14} scale per {sc:<6} rounded: {which:<5} {err:.2e}", flush=True)
+        for fmt in formats:
+            for group in groups:
+                sc = "token" if group == 0 else str(group)
+                for which in gemms:
+                    err = model_error(model, a.tokens, group, which, fmt)
+                    rows.append(dict(model=model, tokens=a.tokens, format=fmt, scale=sc, gemms=which, rel_l2=err))
+                    print(f"  {model:<14} {fmt:<4} scale per {sc:<6} rounded: {which:<5} {err:.2e}", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(tool="bench/fp8_error_model.py", rows=rows), fh, indent=1)
