@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 
+#include "cuda/act8.h"
 #include "cuda/common.cuh"
 #include "cuda/route.h"
 
@@ -78,6 +79,12 @@ struct Workspace {
   float* y2 = nullptr;           // FC2 partials, [chunk * k][H] per split, splits * pairs <= chunk * k
   unsigned* arrivals = nullptr;  // a routed call's FC2 arrival counters (gemm.h RoutedCall)
   int arrival_slots = 0;         // one per 16 padded FC2 rows
+  // accuracy_level 4 (act8.h), else null: the input rows [tokens][q1] and the FC1 output
+  // rows [tokens * k][q2] as int8 codes, with their per-block scales and code sums.
+  std::int8_t* xq = nullptr;
+  Act8Meta* xmeta = nullptr;
+  std::int8_t* aq = nullptr;
+  Act8Meta* ameta = nullptr;
 };
 
 /// The host side of a pass with host experts, in the arena's mapped host memory.

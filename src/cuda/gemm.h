@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "cuda/act8.h"
 #include "cuda/layout.h"
 #include "qmoe/config.h"
 #include "qmoe/tensor.h"
@@ -52,6 +53,10 @@ struct GemmProblem {
   std::int64_t x_stride = 0;  ///< elements
   const int* gather = nullptr;
   bool x_vec16 = false;  ///< rows 16-byte aligned and K a multiple of 8: cp.async path
+  /// accuracy_level 4 (wgmma only): x holds int8 codes of act8.h (x_stride bytes per row)
+  /// and row r's blocks are act_meta[r * meta_stride ...]; null = x in the token dtype.
+  const Act8Meta* act_meta = nullptr;
+  std::int64_t meta_stride = 0;
   // The per-call plan (device).
   const int* offsets = nullptr;  ///< [E + 1] first position of each expert
   const MTile* tiles = nullptr;  ///< [capacity]

@@ -39,6 +39,9 @@ constexpr GemmVariant kMma4{"mma.sync", 4, mma_geometry(4), 16, 0, 80, 0, 2, lau
 constexpr GemmVariant kMma8{"mma.sync", 8, mma_geometry(8), kAny, 0, 80, 0, 2, launch_gemm_mma};
 constexpr GemmVariant kWgmma64{"wgmma", 8, wgmma_geometry(64), 32, 32, 90, 90, 1, launch_wgmma};
 constexpr GemmVariant kWgmma{"wgmma", 16, kWgmmaGeometry, kAny, 32, 90, 90, 1, launch_wgmma};
+// accuracy_level 4: int8 tokens on the int8 tensor cores, 64-token tiles (the int32
+// sums of a stage sit beside the float32 ones), wherever wgmma runs.
+constexpr GemmVariant kWgmmaInt8{"wgmma.int8", 8, wgmma_geometry(64), kAny, 32, 90, 90, 1, launch_wgmma, true};
 constexpr const GemmVariant* kByTokens[] = {&kDecode1, &kDecode2, &kMma4, &kMma8};
 
 static_assert(kWgmma.geometry.tile_tokens == 8 * kWgmma.mt && kWgmma64.geometry.tile_tokens == 8 * kWgmma64.mt,
@@ -66,7 +69,8 @@ double wgmma_threshold(CudaGemm gemm, int cc) {
   detail::fail("cuda_gemm: expected CudaGemm::automatic, mma or wgmma, got ", static_cast<int>(gemm));
 }
 
-const GemmVariant& pick_gemm(double avg, double wgmma_from) {
+const GemmVariant& pick_gemm(double avg, double wgmma_from, bool int8_tokens) {
+  if (avg >= wgmma_from && int8_tokens) return kWgmmaInt8;
   if (avg >= wgmma_from) return avg <= kWgmma64.max_avg_tokens ? kWgmma64 : kWgmma;
   for (const GemmVariant* v : kByTokens)
     if (avg <= v->max_avg_tokens) return *v;
@@ -89,8 +93,9 @@ KSplit fc2_k_split(const GemmVariant& v, const GpuGeometry& g2, std::int64_t pai
   const std::int64_t blocks = ceil_div(g2.padded_rows, static_cast<std::int64_t>(v.geometry.block_rows)) *
                               std::max(std::min<std::int64_t>(pairs, experts), ceil_div(pairs, bm));
   std::int64_t splits = std::max<std::int64_t>(1, ceil_div(v.blocks_per_sm * std::int64_t{sms}, blocks));
-  splits = std::min({splits, kp2 / kKAlign, std::max<std::int64_t>(1, chunk / tokens), std::int64_t{16}});
-  const std::int64_t split_cols = round_up(ceil_div(kp2, splits), kKAlign);
+  const std::int64_t align = v.int8_tokens ? kAct8Block : kKAlign;
+  splits = std::min({splits, ceil_div(kp2, align), std::max<std::int64_t>(1, chunk / tokens), std::int64_t{16}});
+  const std::int64_t split_cols = round_up(ceil_div(kp2, splits), align);
   return {static_cast<int>(ceil_div(kp2, split_cols)), split_cols};
 }
 

@@ -32,6 +32,8 @@ struct GemmVariant {
   /// FC2: blocks per SM to aim for when choosing the K split.
   int blocks_per_sm;
   GemmLaunchFn launch;
+  /// accuracy_level 4: the tokens enter as int8 codes (act8.h; GemmProblem::act_meta).
+  bool int8_tokens = false;
 };
 
 /// wgmma_threshold()'s "never": no token count reaches it.
@@ -42,8 +44,10 @@ inline constexpr double kNoWgmma = std::numeric_limits<double>::infinity();
 /// (infinity: never). Throws when wgmma is forced where it cannot run.
 double wgmma_threshold(CudaGemm gemm, int cc);
 
-/// The variant for a pass with `avg` tokens per expert on average.
-const GemmVariant& pick_gemm(double avg, double wgmma_from);
+/// The variant for a pass with `avg` tokens per expert on average; `int8_tokens`
+/// (accuracy_level 4 where wgmma_act8_available and act8_fits): the int8-token wgmma
+/// kernel wherever wgmma runs.
+const GemmVariant& pick_gemm(double avg, double wgmma_from, bool int8_tokens = false);
 
 /// Decode mt = 1: the warps along K (GemmProblem::warp_k) for a GEMM of `rows` padded
 /// output rows over `tiles` m-tiles: 4 (blocks of one 16-row tile, 4x the blocks)
@@ -52,8 +56,9 @@ int decode_warp_k(const GemmVariant& v, std::int64_t rows, std::int64_t tiles, i
 
 /// FC2's K splits for a pass: when the row blocks and the experts hit cannot
 /// fill the GPU with `v.blocks_per_sm` blocks per SM, K is split (into at most
-/// 16 pieces of whole kKAlign columns, and no more than the workspace's
-/// `chunk / tokens` copies of the partials hold).
+/// 16 pieces of whole kKAlign columns (kAct8Block for int8 tokens: a split starts on an
+/// activation block), and no more than the workspace's `chunk / tokens` copies of the
+/// partials hold).
 struct KSplit {
   int splits;
   std::int64_t split_cols;

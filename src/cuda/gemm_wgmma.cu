@@ -78,23 +78,24 @@ static_assert(kConsumers * (kConsumerRegs - kLaunchRegs) <= kProducers * (kLaunc
               "the consumers' setmaxnreg.inc must fit in what the producers release");
 constexpr int kRows = kWgmmaGeometry.block_rows;  // weight rows per block
 constexpr int kTiles = kRows / kTileRows;         // 16-row tiles of layout.h per block
-constexpr int kKC = 64;                           // K columns per pipeline stage
 constexpr int kGroup = 8;                         // m-tiles per L2 group (grid order)
 constexpr int kMaxScaleBlocks = 4;                // scale blocks per stage (block size 16)
 static_assert(kRows == 256 && wgmma_geometry(64).block_rows == kRows, "the kernel is written for 256 rows");
 
-// N: token columns per block (the wgmma N), 64 or 128.
-template <int BITS, int N>
+// N: token columns per block (the wgmma N), 64 or 128. A8: int8 tokens (act8.h).
+template <int BITS, int N, bool A8>
 struct WShape {
-  static constexpr int kSlabs = BITS == 4 ? 1 : 2;  // layout.h slabs per stage (64 K columns)
+  static constexpr int kKC = A8 ? kAct8Block : 64;           // K columns per stage: 128 bytes per token
+  static constexpr int kSlabs = kKC / (BITS == 4 ? 64 : 32);  // layout.h slabs per stage
   static constexpr int kStages = BITS == 4 ? 6 : 5;
-  static constexpr int kXBytes = N * kKC * 2;                      // tokens, 128B-swizzled
+  static constexpr int kXBytes = N * 128;                          // tokens, 128B-swizzled
   static constexpr int kWBytes = kTiles * kSlabs * 512;            // codes, [tile][slab][lane][16 B]
   static constexpr int kRelBytes = kTiles * kMaxScaleBlocks * 32;  // [tile][block][g] u32
   static constexpr int kZpBytes = kTiles * kMaxScaleBlocks * 16;   // [tile][block][g] u8 pair
-  static constexpr int kStageBytes = kXBytes + kWBytes + kRelBytes + kZpBytes;
+  static constexpr int kMetaBytes = A8 ? N * 8 : 0;                // [token] Act8Meta of the stage's block
+  static constexpr int kStageBytes = kXBytes + kWBytes + kRelBytes + kZpBytes + kMetaBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align to 1024
-  static_assert(kKC * 2 == 128, "a stage is one 128-byte swizzle row per token");
+  static_assert(kKC * (A8 ? 1 : 2) == 128, "a stage is one 128-byte swizzle row per token");
   static_assert(kXBytes % 1024 == 0, "token stages must stay 1024-byte aligned (128B swizzle atoms)");
   static_assert(kSmemBytes <= 227 * 1024, "over the sm_90 shared memory per block");
 };
@@ -190,19 +191,73 @@ __device__ __forceinline__ void wgmma_m64(float (&d)[N / 2], const unsigned (&a)
 #undef QMOE_WGMMA_M64N64K16_RS
 #undef QMOE_D8
 
+#define QMOE_I8(b)                                                                                            \
+  "+r"(d[(b) + 0]), "+r"(d[(b) + 1]), "+r"(d[(b) + 2]), "+r"(d[(b) + 3]), "+r"(d[(b) + 4]), "+r"(d[(b) + 5]), \
+      "+r"(d[(b) + 6]), "+r"(d[(b) + 7])
+// D[64 x 64] (int32) = (accumulate ? D : 0) + A[64 x 32] x B[32 x 64]: A = unsigned
+// weight codes in registers (per warp the mma.m16n8k32 A fragment: lane (g, c) holds
+// rows g (a0, a2) and g + 8 (a1, a3), columns 4c..4c+3 (a0, a1) and 16 + 4c.. (a2, a3)),
+// B = int8 tokens in shared memory (descriptor). D in wgmma_m64's layout.
+__device__ __forceinline__ void wgmma_m64n64_u8s8(int (&d)[32], const unsigned (&a)[4], std::uint64_t desc,
+                                                  int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8"
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
+      " {%32, %33, %34, %35}, %36, p;\n}\n"
+      : QMOE_I8(0), QMOE_I8(8), QMOE_I8(16), QMOE_I8(24)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+}
+#undef QMOE_I8
+__device__ __forceinline__ void touch(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// The A fragment of k32 step t (0..3) of a 128-column stage from the lane's codes
+// of that stage in shared memory (`w`: its kSlabs 16-byte slab reads), as act8.h orders
+// the tokens: 4 bits, slab t / 2 words 2(t % 2) and 2(t % 2) + 1 (one k16 step each)
+// split into rows g (low nibbles) and g + 8 (high); 8 bits, slab t words (x, y) and
+// (z, w) (one k16 step each) byte-permuted into rows g and g + 8.
+template <int BITS>
+__device__ __forceinline__ void codes_u8(const unsigned char* w, int lane, int t, unsigned (&a)[4]) {
+  if constexpr (BITS == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(w + ((t >> 1) * 32 + lane) * 16 + (t & 1) * 8);
+    a[0] = v.x & 0x0f0f0f0fu, a[1] = (v.x >> 4) & 0x0f0f0f0fu;
+    a[2] = v.y & 0x0f0f0f0fu, a[3] = (v.y >> 4) & 0x0f0f0f0fu;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(w + (t * 32 + lane) * 16);
+    a[0] = __byte_perm(v.x, v.y, 0x5410), a[1] = __byte_perm(v.x, v.y, 0x7632);
+    a[2] = __byte_perm(v.z, v.w, 0x5410), a[3] = __byte_perm(v.z, v.w, 0x7632);
+  }
+}
+
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem));
+}
+
 #endif  // QMOE_WGMMA_BODY
 
-template <class T, int BITS, int N>
+// A8: the tokens are int8 codes of act8.h (p.act_meta), the weights enter as their raw
+// unsigned codes, and each 128-column stage's int32 sums are turned into float32 per
+// (row, token): (sum - z * code sum) * relative scale * token scale.
+template <class T, int BITS, int N, bool A8>
 __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProblem p, int row_blocks) {
 #if QMOE_WGMMA_BODY
   constexpr int kTok = N;
-  constexpr bool kSplitRegs = N == 128;  // the 64-token variant fits the launch allocation
-  using S = WShape<BITS, N>;
+  // The 64-token bfloat16 variant fits the launch allocation; A8 holds int32 sums beside the float32 ones.
+  constexpr bool kSplitRegs = N == 128 || A8;
+  using S = WShape<BITS, N, A8>;
+  using XT = std::conditional_t<A8, std::int8_t, T>;  // the token rows' element
   constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
+  constexpr int kKC = S::kKC;
+  constexpr int kKCShift = A8 ? 7 : 6;
+  static_assert(1 << kKCShift == kKC);
   constexpr int kStages = S::kStages;
   // Element offset of each token's row in x; -1 past the tile's tokens. (Its
   // static size also tells the host that this body was compiled.)
   __shared__ long long s_row[kTok];
+  // A8: the token's first Act8Meta in p.act_meta.
+  __shared__ long long s_meta[A8 ? kTok : 1];
   extern __shared__ unsigned char smem_raw[];
 
   pdl_wait(), pdl_launch_dependents();  // the plan and the tokens come from the kernels before (common.cuh)
@@ -220,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
 
-  // Shared memory: [stage] tokens | [stage] codes | [stage] rel words | [stage] zp pairs.
+  // Shared memory: [stage] tokens | [stage] codes | [stage] rel words | [stage] zp pairs | [stage] meta.
   const unsigned raw_s = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
   const unsigned base_s = (raw_s + 1023u) & ~1023u;
   unsigned char* const base = smem_raw + (base_s - raw_s);
@@ -228,10 +283,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   unsigned char* const ws0 = xs0 + kStages * S::kXBytes;
   unsigned char* const rs0 = ws0 + kStages * S::kWBytes;
   unsigned char* const zs0 = rs0 + kStages * S::kRelBytes;
+  unsigned char* const ms0 = zs0 + kStages * S::kZpBytes;
 
   std::int64_t k_begin, k_end;
   split_k_range(p, k_begin, k_end);
-  const int nchunks = k_end > k_begin ? static_cast<int>((k_end - k_begin) / kKC) : 0;
+  // A8: K ranges start on a 128-column block (fc2_k_split) and a last stage past the
+  // 64-aligned end reads zero tokens (the rows hold round_up(K, 128) codes) and zero codes.
+  const int nchunks = k_end > k_begin ? static_cast<int>((k_end - k_begin + kKC - 1) >> kKCShift) : 0;
 
   // Row tiles of this block; when the matrix ends after the first 128 rows,
   // the second warpgroup re-reads the first half (valid memory) and stores nothing.
@@ -255,17 +313,22 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
     const int ptid = tid - kConsumers;
     if (ptid < kTok) {
       long long off = -1;
-      if (ptid < rows_here) off = static_cast<long long>(p.gather ? p.gather[pos0 + ptid] : pos0 + ptid) * p.x_stride;
+      if (ptid < rows_here) {
+        const long long row = p.gather ? p.gather[pos0 + ptid] : pos0 + ptid;
+        off = row * p.x_stride;
+        if constexpr (A8) s_meta[ptid] = row * p.meta_stride;
+      }
       s_row[ptid] = off;
     }
     bar_sync<kProducerBarrier, kProducers>();  // s_row, among the producers
 
     const std::int64_t slabs_total = p.g.slabs();
     const unsigned char* const codes = p.codes + e * p.g.code_bytes_per_expert();
-    // Scale blocks per stage: 1 for blocks of >= 64 columns, else 64 / bs.
-    const int nbc_shift = bs && bs < kKC ? 6 - bshift : 0;
-    const T* const x = static_cast<const T*>(p.x);
-    const std::int64_t kvalid = p.g.cols;
+    // Scale blocks per stage: 1 for blocks of a stage or more, else kKC / bs.
+    const int nbc_shift = bs && bs < kKC ? kKCShift - bshift : 0;
+    const XT* const x = static_cast<const XT*>(p.x);
+    // A8 rows hold whole 128-column blocks (zeros past K).
+    const std::int64_t kvalid = A8 ? std::int64_t{1} << 62 : p.g.cols;
 
     // Stage `cc` of the K loop -> shared memory stage cc % kStages, as one cp.async group.
     auto issue = [&](int cc) {
@@ -273,11 +336,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
         const int st = cc % kStages;
         const std::int64_t k0 = k_begin + static_cast<std::int64_t>(cc) * kKC;
         unsigned char* const xs = xs0 + st * S::kXBytes;
-        if (p.x_vec16) {
+        if (A8 || p.x_vec16) {
           // Thread -> 16-byte chunk q = ptid % 8 of tokens ptid / 8 + 16 i (same n % 8).
           const int q = ptid & 7, n0 = ptid >> 3;
           const int swz = (q ^ (n0 & 7)) << 4;
-          const std::int64_t kk = k0 + 8 * q;
+          const std::int64_t kk = k0 + (16 / static_cast<int>(sizeof(XT))) * q;
           const bool in = kk < kvalid;
 #pragma unroll
           for (int i = 0; i < kTok / 16; ++i) {
@@ -286,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
             if (off < 0) continue;
             cp_async16(xs + n * 128 + swz, x + off + (in ? kk : 0), in ? 16 : 0);
           }
-        } else {
+        } else if constexpr (!A8) {
           for (int v = ptid; v < kTok * kKC; v += kProducers) {
             const int n = v / kKC, kc = v % kKC;
             const long long off = s_row[n];
@@ -296,14 +359,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
             *reinterpret_cast<T*>(xs + n * 128 + ((((kc >> 3) ^ (n & 7)) << 4) | ((kc & 7) * 2))) = val;
           }
         }
-        // Codes: per row tile, kSlabs slabs of 512 bytes, contiguous in global memory.
+        // Codes: per row tile, kSlabs slabs of 512 bytes, contiguous in global memory
+        // (A8: zeros for the slabs of a last stage past the padded K).
         unsigned char* const ws = ws0 + st * S::kWBytes;
         const std::int64_t slab0 = k0 / SC;
-#pragma unroll
+#pragma unroll 8
         for (int i = 0; i < kTiles * S::kSlabs * 32 / kProducers; ++i) {
           const int v = ptid + kProducers * i;
           const int tl = v / (S::kSlabs * 32), within = v % (S::kSlabs * 32);
-          cp_async16(ws + v * 16, codes + ((tile_of(tl) * slabs_total + slab0) * 32 + within) * 16, 16);
+          const bool in = !A8 || slab0 + within / 32 < slabs_total;
+          cp_async16(ws + v * 16, codes + ((tile_of(tl) * slabs_total + (in ? slab0 : 0)) * 32 + within) * 16,
+                     in ? 16 : 0);
+        }
+        if constexpr (A8) {  // each token's scale and code sum of this block
+          if (ptid < kTok && s_row[ptid] >= 0)
+            cp_async8(ms0 + st * S::kMetaBytes + ptid * 8, p.act_meta + s_meta[ptid] + (k0 >> kKCShift));
         }
         if (bs) {
           // Scale-block words of the stage's blocks (consecutive blocks of a tile are contiguous).
@@ -340,6 +410,90 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   // ---- Consumer warpgroups 0 and 1.
   if constexpr (kSplitRegs) regs_inc<kConsumerRegs>();
   const int g = lane / 4, c = lane % 4;
+  if constexpr (A8) {
+    // Scale blocks are whole stages or more (the host picks A8 only then): one zero
+    // point and relative scale per row and stage, 8 / 128 and 1 when not stored.
+    int tl_a[2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) tl_a[m] = wg * 8 + m * 4 + warp;
+    float acc[2][kTok / 2];
+    int isum[2][kTok / 2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int i = 0; i < kTok / 2; ++i) acc[m][i] = 0.f, isum[m][i] = 0;
+    const int z_default = BITS == 4 ? 8 : 128;
+    int zr[2][2];
+    float rs[2][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      zr[m][0] = zr[m][1] = z_default, rs[m][0] = rs[m][1] = 1.f;
+      if (!bs && zp) {
+        const unsigned zw = reinterpret_cast<const unsigned short*>(zp)[tile_of(tl_a[m]) * nb * 8 + g];
+        zr[m][0] = static_cast<int>(zw & 0xff), zr[m][1] = static_cast<int>(zw >> 8);
+      }
+    }
+    unsigned afr[2][2][4];  // [step parity][m64 tile][register]
+    int st = 0;
+#pragma unroll 1
+    for (int ch = 0; ch < nchunks; ++ch) {
+      stage_barrier();  // stage ch is in shared memory
+      const unsigned char* const ws = ws0 + st * S::kWBytes;
+      const std::uint64_t desc = b_desc(base_s + st * S::kXBytes);
+      if (bs) {
+        const unsigned* const rsw = reinterpret_cast<const unsigned*>(rs0 + st * S::kRelBytes);
+        const unsigned short* const zsw = reinterpret_cast<const unsigned short*>(zs0 + st * S::kZpBytes);
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int at = tl_a[m] * kMaxScaleBlocks * 8 + g;
+          if (rel) {
+            const unsigned rw = rsw[at];
+            rs[m][0] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw & 0xffff)));
+            rs[m][1] = __half2float(__ushort_as_half(static_cast<unsigned short>(rw >> 16)));
+          }
+          if (zp) zr[m][0] = static_cast<int>(zsw[at] & 0xff), zr[m][1] = static_cast<int>(zsw[at] >> 8);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {  // k32 steps of the stage
+        wgmma_wait<1>();             // the wgmmas of step t - 2 (the last readers of afr[t & 1]) are done
+#pragma unroll
+        for (int m = 0; m < 2; ++m) codes_u8<BITS>(ws + tl_a[m] * S::kSlabs * 512, lane, t, afr[t & 1][m]);
+        wgmma_fence();
+        // +32 bytes (2 in descriptor units) per k32 step inside the 128-byte swizzled rows.
+        wgmma_m64n64_u8s8(isum[0], afr[t & 1][0], desc + 2 * t, t);
+        wgmma_m64n64_u8s8(isum[1], afr[t & 1][1], desc + 2 * t, t);
+        wgmma_commit();
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int i = 0; i < kTok / 2; ++i) touch(isum[m][i]);
+      // The stage's sums into float32: token column 8i + 2c + u of n8 block i.
+      const Act8Meta* const ms = reinterpret_cast<const Act8Meta*>(ms0 + st * S::kMetaBytes);
+#pragma unroll
+      for (int i = 0; i < kTok / 8; ++i) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const Act8Meta am = ms[8 * i + 2 * c + u];
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows g and g + 8
+              const int at = 4 * i + 2 * h + u;
+              acc[m][at] = fmaf(static_cast<float>(isum[m][at] - zr[m][h] * am.sum), rs[m][h] * am.scale, acc[m][at]);
+            }
+          }
+        }
+      }
+      st = st + 1 == kStages ? 0 : st + 1;
+    }
+    if (wg == 1 && !full) return;
+#pragma unroll
+    for (int m = 0; m < 2; ++m) store_tile<T, kTok / 8>(p, acc[m], e, rt0 + tl_a[m], pos0, rows_here, g, c);
+    return;
+  }
   const bool scaled = rel != nullptr;
   const bool per_step = bs && bs < kKC;  // scale block changes inside a stage
 
@@ -425,24 +579,29 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
 #endif
 }
 
-template <class T, int BITS, int N>
+template <class T, int BITS, int N, bool A8>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  using S = WShape<BITS, N>;
-  opt_in_smem<gemm_wgmma_kernel<T, BITS, N>>(S::kSmemBytes);
+  using S = WShape<BITS, N, A8>;
+  opt_in_smem<gemm_wgmma_kernel<T, BITS, N, A8>>(S::kSmemBytes);
   const std::int64_t row_blocks = ceil_div(p.g.padded_rows, kRows);
   const std::int64_t blocks = ceil_div(tile_capacity, kGroup) * row_blocks * kGroup;
   detail::require(blocks <= INT_MAX, "wgmma GEMM: grid of ", blocks, " blocks is too large");
   const int splits = p.fc1 ? 1 : p.splits;
   detail::require(splits >= 1 && splits <= 65535, "wgmma GEMM: bad split count ", splits);
   const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(splits));
-  launch_kernel(gemm_wgmma_kernel<T, BITS, N>, grid, dim3(kThreads), S::kSmemBytes, stream, p.pdl, p,
+  launch_kernel(gemm_wgmma_kernel<T, BITS, N, A8>, grid, dim3(kThreads), S::kSmemBytes, stream, p.pdl, p,
                 static_cast<int>(row_blocks));
 }
 
 template <class T>
 void launch_dtype(const GemmProblem& p, int tokens, std::int64_t cap, cudaStream_t s) {
-  if (tokens == 64) return p.g.bits == 4 ? launch_one<T, 4, 64>(p, cap, s) : launch_one<T, 8, 64>(p, cap, s);
-  return p.g.bits == 4 ? launch_one<T, 4, 128>(p, cap, s) : launch_one<T, 8, 128>(p, cap, s);
+  if (p.act_meta) {
+    detail::require(act8_fits(p.g), "wgmma GEMM: int8 tokens need row-wise weights or blocks of at least ",
+                    kAct8Block, " columns, got ", p.g.block_size);
+    return p.g.bits == 4 ? launch_one<T, 4, 64, true>(p, cap, s) : launch_one<T, 8, 64, true>(p, cap, s);
+  }
+  if (tokens == 64) return p.g.bits == 4 ? launch_one<T, 4, 64, false>(p, cap, s) : launch_one<T, 8, 64, false>(p, cap, s);
+  return p.g.bits == 4 ? launch_one<T, 4, 128, false>(p, cap, s) : launch_one<T, 8, 128, false>(p, cap, s);
 }
 
 }  // namespace
@@ -453,13 +612,28 @@ bool wgmma_available(int cc) {
   // for any other target (an sm_80-only build JIT-compiled for this device,
   // or plain compute_90) declares none.
   cudaFuncAttributes a{};
-  if (cudaFuncGetAttributes(&a, gemm_wgmma_kernel<__nv_bfloat16, 4, 128>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&a, gemm_wgmma_kernel<__nv_bfloat16, 4, 128, false>) != cudaSuccess) {
     cudaGetLastError();  // clear
     return false;
   }
   // The register split assumes the kernel was allocated kLaunchRegs per
   // thread; with fewer the consumers' setmaxnreg.inc could never be granted.
   return a.sharedSizeBytes >= sizeof(long long) * 128 && a.numRegs == kLaunchRegs;
+}
+
+bool wgmma_act8_available(int cc) {
+  if (!wgmma_available(cc)) return false;
+  // Every A8 instantiation splits its registers too.
+  for (auto kernel : {gemm_wgmma_kernel<__nv_bfloat16, 4, 64, true>, gemm_wgmma_kernel<__nv_bfloat16, 8, 64, true>,
+                      gemm_wgmma_kernel<__half, 4, 64, true>, gemm_wgmma_kernel<__half, 8, 64, true>}) {
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    if (a.numRegs != kLaunchRegs) return false;
+  }
+  return true;
 }
 
 void launch_gemm_wgmma(const GemmProblem& p, DType dtype, int tokens, std::int64_t tile_capacity, cudaStream_t stream) {

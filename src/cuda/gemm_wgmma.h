@@ -17,6 +17,10 @@ namespace qmoe::cuda {
 /// current device (call it with that device current).
 bool wgmma_available(int cc);
 
+/// wgmma_available, and the int8-token kernels (GemmProblem::act_meta) are in the build
+/// with the register split they need.
+bool wgmma_act8_available(int cc);
+
 /// Same contract as the launch functions of gemm.h, for m-tiles of `tokens`
 /// (64 or 128: wgmma_geometry) tokens.
 void launch_gemm_wgmma(const GemmProblem& p, DType dtype, int tokens, std::int64_t tile_capacity, cudaStream_t stream);

@@ -11,10 +11,12 @@
 #include <string>
 #include <vector>
 
+#include "cuda/act8.h"
 #include "cuda/arena.h"
 #include "cuda/common.cuh"
 #include "cuda/cuda_moe.h"
 #include "cuda/gemm_table.h"
+#include "cuda/gemm_wgmma.h"
 #include "cuda/host_pass.h"
 #include "cuda/prepack.h"
 #include "cuda/route.h"
@@ -56,6 +58,10 @@ struct CudaMoe::State {
   double wgmma_from = kNoWgmma;
   bool pdl = false;        // programmatic dependent launches (pick_pdl)
   bool fused = true;       // one-token calls routed and combined in the GEMMs (LayerOptions::cuda_fused_decode)
+  // accuracy_level 4 with the int8-token wgmma kernel available and weights it takes
+  // (act8_fits): passes that run wgmma quantize their GEMM inputs to int8 (act8.h).
+  bool int8_tokens = false;
+  std::int64_t q1 = 0, q2 = 0;  // int8 row lengths: H and I rounded up to kAct8Block
   std::int64_t chunk = 0;  // tokens per pass
   PackedLayer w;
   std::int64_t a_stride = 0;  // FC1 output row stride = g2.padded_cols
@@ -87,6 +93,12 @@ struct CudaMoe::State {
   Workspace carve(Carver& c, std::int64_t tokens) const {
     const std::int64_t y2_tokens = std::min(16 * tokens, chunk);  // fc2_k_split: splits <= 16 and <= chunk / tokens
     Workspace ws = carve_workspace(c, tokens, y2_tokens, attrs.k, shape.num_experts, shape.hidden, a_stride);
+    if (int8_tokens) {
+      ws.xq = c.take<std::int8_t>(tokens * q1);
+      ws.xmeta = c.take<Act8Meta>(tokens * (q1 / kAct8Block));
+      ws.aq = c.take<std::int8_t>(tokens * attrs.k * q2);
+      ws.ameta = c.take<Act8Meta>(tokens * attrs.k * (q2 / kAct8Block));
+    }
     if (host) {
       ws.rb.slot_of = slot_of.get<int>();
       ws.rb.gpu_slots = host->gpu_slots;
@@ -143,6 +155,9 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   }
   st.w = prepack_layer(w, a, s, release, st.host ? &gpu_experts : nullptr);
   st.a_stride = st.w.g2.padded_cols;
+  st.int8_tokens = o.accuracy_level == 4 && st.wgmma_from < kNoWgmma &&
+                   wgmma_act8_available(prop.major * 10 + prop.minor) && act8_fits(st.w.g1) && act8_fits(st.w.g2);
+  st.q1 = round_up(s.hidden, kAct8Block), st.q2 = round_up(s.inter, kAct8Block);
   if (st.host && st.w.has_bias2) {
     // The host results include their bias: the combine adds 0 for host slots.
     const std::size_t row = sizeof(float) * static_cast<std::size_t>(st.w.g2.padded_rows);
@@ -210,7 +225,8 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.arena = acquire_arena(o.device, st.ws_bytes, st.host_bytes, st.host_packed.bytes());
 
   st.name = std::string("cuda/") + prop.name + " sm" + std::to_string(prop.major * 10 + prop.minor) + " int" +
-            std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNoWgmma ? " mma.sync+wgmma" : " mma.sync");
+            std::to_string(a.expert_weight_bits) + (st.wgmma_from < kNoWgmma ? " mma.sync+wgmma" : " mma.sync") +
+            (st.int8_tokens ? " (int8 tokens on wgmma)" : "");
   if (st.host)
     st.name += " + " + std::to_string(E - st.host->gpu_slots) + "/" + std::to_string(E) + " experts on " +
                st.host->experts->name() +
@@ -319,7 +335,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     void* y = static_cast<char*>(out.data) + t0 * H * es;
 
     const double avg = static_cast<double>(pairs) / static_cast<double>(E);
-    const GemmVariant& v = pick_gemm(avg, st.wgmma_from);
+    const GemmVariant& v = pick_gemm(avg, st.wgmma_from, st.int8_tokens);
     const int bm = v.geometry.tile_tokens;
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
     // One token with every expert on the GPU: two kernels, which route and combine
@@ -370,6 +386,11 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
                          : host_on_gpu   ? st.all_bias.get<float>()
                          : hp            ? st.combine_bias.get<float>()
                                          : st.w.p2.bias;
+    if (v.int8_tokens) {  // accuracy_level 4: the input rows as int8 codes
+      launch_quantize_act8(x, dt, tc, H, H, st.w.g1.bits, ws.xq, ws.xmeta, st.pdl, stream);
+      p1.x = ws.xq, p1.x_stride = st.q1, p1.x_vec16 = true;
+      p1.act_meta = ws.xmeta, p1.meta_stride = st.q1 / kAct8Block;
+    }
     if (routed) {
       p1.routed = true, p1.pdl = false;  // the call's first kernel
       p1.gather = nullptr;
@@ -391,6 +412,12 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.row_scales = st.w.p2.row_scales, p2.bias = nullptr;
     p2.x = ws.act, p2.x_stride = st.a_stride, p2.gather = nullptr;
     p2.x_vec16 = st.shape.inter % 8 == 0;
+    if (v.int8_tokens) {  // FC1's output rows as int8 codes
+      launch_quantize_act8(ws.act, dt, pairs, st.shape.inter, st.a_stride, st.w.g2.bits, ws.aq, ws.ameta, st.pdl,
+                           stream);
+      p2.x = ws.aq, p2.x_stride = st.q2, p2.x_vec16 = true;
+      p2.act_meta = ws.ameta, p2.meta_stride = st.q2 / kAct8Block;
+    }
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = split.splits, p2.split_cols = split.split_cols, p2.split_stride = pairs * H;
     p2.pdl = st.pdl, p2.warp_k = 1;  // FC2 splits K over blocks instead
