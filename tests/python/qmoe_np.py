@@ -140,9 +140,13 @@ def _f64(a):
 
 def np_moe(x, logits, W1, b1, W2, b2, W3=None, b3=None, router_weights=None, *, k, activation_type,
            normalize_routing_weights=0, swiglu_fusion=0, activation_alpha=1.0, activation_beta=0.0,
-           swiglu_limit=float("inf")):
+           swiglu_limit=float("inf"), act_round=None):
     """float64 MoE forward from dequantized float64 matrices W1 [E,N1,H],
-    W2 [E,H,I], W3 [E,I,H]. Returns the input's shape (float64)."""
+    W2 [E,H,I], W3 [E,I,H]. Returns the input's shape (float64). `act_round`, when
+    given, is called as act_round(rows, "fc1") on each expert's FC1/FC3 input rows and
+    act_round(rows, "fc2") on its FC2 input rows, and returns what a reduced-precision
+    path multiplies instead (e.g. int8 codes times their scales)."""
+    rnd = act_round or (lambda a, gemm: a)
     x = np.asarray(x)
     shape = x.shape
     H = shape[-1]
@@ -167,7 +171,7 @@ def np_moe(x, logits, W1, b1, W2, b2, W3=None, b3=None, router_weights=None, *, 
         tok, slot = np.nonzero(chosen == e)
         if tok.size == 0:
             continue
-        xe = xs[tok]
+        xe = rnd(xs[tok], "fc1")
         h = xe @ W1[e].T + (b1[e] if b1 is not None else 0.0)
         if activation_type == "swiglu":
             if swiglu_fusion == 1:
@@ -183,7 +187,7 @@ def np_moe(x, logits, W1, b1, W2, b2, W3=None, b3=None, router_weights=None, *, 
             a = G / (1.0 + np.exp(-alpha * G)) * (L + beta)
         else:
             a = _activate(h, activation_type)
-        y = a @ W2[e].T + (b2[e] if b2 is not None else 0.0)
+        y = rnd(a, "fc2") @ W2[e].T + (b2[e] if b2 is not None else 0.0)
         np.add.at(out, tok, wts[tok, slot][:, None] * y)
     return out.reshape(shape)
 
@@ -201,9 +205,10 @@ class _Experts:
                              K)[0]
 
 
-def np_reference(x, logits, router_weights=None, **kw):
+def np_reference(x, logits, router_weights=None, act_round=None, **kw):
     """np_moe straight from the raw QMoE inputs, with qmoe.reference's keyword arguments (ONNX Runtime's
-    input and attribute names: fc1_experts_weights, fc1_scales, ..., k, expert_weight_bits, block_size)."""
+    input and attribute names: fc1_experts_weights, fc1_scales, ..., k, expert_weight_bits, block_size);
+    act_round as np_moe's."""
     bits, block = kw.get("expert_weight_bits", 4), kw.get("block_size", 0)
     H = np.asarray(x).shape[-1]
 
@@ -218,7 +223,7 @@ def np_reference(x, logits, router_weights=None, **kw):
     keep = ("k", "activation_type", "normalize_routing_weights", "swiglu_fusion", "activation_alpha",
             "activation_beta", "swiglu_limit")
     return np_moe(x, logits, mat("fc1", H), kw.get("fc1_experts_bias"), mat("fc2"), kw.get("fc2_experts_bias"),
-                  mat("fc3", H), kw.get("fc3_experts_bias"), router_weights,
+                  mat("fc3", H), kw.get("fc3_experts_bias"), router_weights, act_round=act_round,
                   **{a: v for a, v in kw.items() if a in keep})
 
 
@@ -273,9 +278,10 @@ def make_layer(rng, *, E, H, I, bits=4, block=0, zero_points=False, bias=True, a
     return weights, attrs, deq
 
 
-def np_moe_from(deq, x, logits, attrs, router_weights=None):
+def np_moe_from(deq, x, logits, attrs, router_weights=None, act_round=None):
     """np_moe with the matrices of make_layer and qmoe-style attribute kwargs."""
     keep = ("k", "activation_type", "normalize_routing_weights", "swiglu_fusion", "activation_alpha",
             "activation_beta", "swiglu_limit")
     return np_moe(x, logits, deq["fc1"], deq["fc1_bias"], deq["fc2"], deq["fc2_bias"], deq.get("fc3"),
-                  deq.get("fc3_bias"), router_weights, **{a: v for a, v in attrs.items() if a in keep})
+                  deq.get("fc3_bias"), router_weights, act_round=act_round,
+                  **{a: v for a, v in attrs.items() if a in keep})

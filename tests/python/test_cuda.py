@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import qmoe
-from qmoe_np import GPT_OSS_SWIGLU, make_layer, record
+from qmoe_np import GPT_OSS_SWIGLU, make_layer, np_moe_from, record
 
 if not qmoe.cuda_available():
     pytest.skip("qmoe was built without its CUDA backend, or no CUDA device is visible",
@@ -236,6 +236,102 @@ def test_nan_logits_give_nan_rows():
     keep = [0, 2]
     ref = _reference(weights, attrs, x[keep], lg[keep])
     assert _rel_l2(y[keep], ref) <= TOL["bf16"]
+
+
+# --------------------------------------------------------------------------
+# accuracy_level 4: int8 tokens on the int8 tensor cores (sm_90a wgmma)
+# --------------------------------------------------------------------------
+
+def _int8_blocks(dtype):
+    """The oracle's act_round for accuracy_level 4, written from the documented rule (act8.h), not
+    from the kernel: each GEMM input row in the token dtype (FC1's output is stored in it), then per
+    block of 128 columns scale = amax / 127 (float32), code = round-half-even(x / scale) in
+    -127..127 (float32 division), the row becomes code * scale."""
+    def act_round(a, gemm):
+        v = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(dtype).float().numpy()
+        rows, k = v.shape
+        kp = -(-k // 128) * 128
+        b = np.pad(v, ((0, 0), (0, kp - k))).reshape(rows, kp // 128, 128)
+        amax = np.abs(b).max(axis=-1, keepdims=True)
+        scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+        code = np.clip(np.rint(b / scale), -127, 127)
+        return (code.astype(np.float64) * scale).reshape(rows, kp)[:, :k]
+    return act_round
+
+
+INT8_CASES = [  # (bits, block, zero points, activation, fusion, H, I, dtype)
+    (4, 0, False, "swiglu", 1, 192, 96, "bf16"),  # K not a multiple of 128: a half-empty last stage
+    (4, 0, True, "relu", 0, 256, 128, "f16"),
+    (8, 0, False, "gelu", 0, 320, 192, "bf16"),
+    (8, 0, True, "swiglu", 2, 128, 64, "f16"),
+    (4, 128, False, "silu", 0, 256, 128, "bf16"),
+    (4, 128, True, "swiglu", 0, 384, 128, "f16"),
+    (8, 128, True, "swiglu", 1, 256, 256, "bf16"),
+    (8, 256, False, "relu", 0, 512, 256, "f16"),
+]
+
+
+def _int8_layer(monkeypatch, bits, block, zp, act, fusion, H, I, force_wgmma, seed=41):
+    if force_wgmma:
+        monkeypatch.setenv("QMOE_CUDA_GEMM", "wgmma")
+    rng, weights, attrs = _layer_args(seed + bits + block + H, E=4, H=H, I=I, bits=bits, block=block, zp=zp,
+                                      bias=True, act=act, fusion=fusion, k=2, normalize=1)
+    _, _, deq = make_layer(np.random.default_rng(seed + bits + block + H), E=4, H=H, I=I, bits=bits, block=block,
+                           zero_points=zp, bias=True, activation_type=act, swiglu_fusion=fusion,
+                           quantizer=_quantizer, **(GPT_OSS_SWIGLU if act == "swiglu" else {}))
+    layer = qmoe.Layer(**weights, **attrs, device="cuda", accuracy_level=4)
+    return rng, weights, attrs, deq, layer
+
+
+@pytest.mark.parametrize("force_wgmma", [False, True], ids=["auto", "wgmma"])
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_int8_tokens_follow_the_int8_model(case, force_wgmma, monkeypatch):
+    """accuracy_level 4 on a device with the int8 wgmma kernel: the result is the float64 oracle
+    with each GEMM input rounded to int8 per 128 columns (to within the output dtype's rounding),
+    and visibly not the unrounded oracle. Forced onto wgmma,
+    every token count runs it; by default the passes with >= 32 tokens per expert do."""
+    bits, block, zp, act, fusion, H, I, dt = case
+    rng, weights, attrs, deq, layer = _int8_layer(monkeypatch, bits, block, zp, act, fusion, H, I, force_wgmma)
+    if "int8 tokens" not in layer.kernel_name:
+        pytest.skip(f"no int8-token wgmma kernel on this device ({layer.kernel_name})")
+    dtype = DTYPES[dt]
+    tol = {"f16": 1e-3, "bf16": 5e-3}[dt]  # the output's own rounding, far below the int8 error
+    for T in ((1, 3, 40, 130) if force_wgmma else (64, 300)):
+        x, lg, _ = _inputs(rng, (T, H), 4, dtype)
+        y = layer(*_cuda(x, lg))
+        exact = np_moe_from(deq, _f32(x), _f32(lg), attrs)
+        model = np_moe_from(deq, _f32(x), _f32(lg), attrs, act_round=_int8_blocks(dtype))
+        err_model, err_exact = _rel_l2(y, model), _rel_l2(y, exact)
+        record(f"cuda int8 tokens {dt} vs the int8 model (rel L2)", err_model)
+        record(f"cuda int8 tokens {dt} vs float64 (rel L2)", err_exact)
+        assert err_model <= tol, f"T={T}: {err_model:.3e} from the int8 model (vs float64 {err_exact:.3e})"
+        # These layers are small (one or two 128-column blocks per row: scales nearly per token,
+        # 2-3e-2 on the reference shapes' model); bench/README.md has the full-size figures.
+        assert err_exact <= 5e-2, f"T={T}: {err_exact:.3e} from float64"
+        # The int8 rounding is visible: the model, not the exact oracle, is what ran.
+        assert err_model < 0.5 * _rel_l2(model, exact)
+
+
+def test_int8_tokens_nan_rows_and_fallbacks(monkeypatch):
+    """A NaN or infinity in a token gives that token a NaN row at accuracy_level 4 (never a silent
+    number), the other rows unaffected; weights the int8 kernel cannot take (blocks of 32) keep
+    the bfloat16 path's accuracy at level 4."""
+    rng, weights, attrs, deq, layer = _int8_layer(monkeypatch, 4, 0, False, "swiglu", 1, 192, 96, True)
+    if "int8 tokens" not in layer.kernel_name:
+        pytest.skip(f"no int8-token wgmma kernel on this device ({layer.kernel_name})")
+    x, lg, _ = _inputs(rng, (6, 192), 4, torch.bfloat16)
+    x[1, 7] = float("nan")
+    x[4, 150] = float("inf")
+    y = layer(*_cuda(x, lg)).float().cpu()
+    assert torch.isnan(y[1]).all() and torch.isnan(y[4]).all()
+    keep = [0, 2, 3, 5]
+    model = np_moe_from(deq, _f32(x[keep]), _f32(lg[keep]), attrs, act_round=_int8_blocks(torch.bfloat16))
+    assert _rel_l2(y[keep], model) <= 5e-3
+    rng, weights, attrs = _layer_args(43, E=4, H=128, I=64, bits=4, block=32, act="relu", k=2)
+    level4 = qmoe.Layer(**weights, **attrs, device="cuda", accuracy_level=4)
+    assert "int8 tokens" not in level4.kernel_name
+    x, lg, _ = _inputs(rng, (130, 128), 4, torch.bfloat16)
+    assert _rel_l2(level4(*_cuda(x, lg)), _reference(weights, attrs, x, lg)) <= TOL["bf16"]
 
 
 # --------------------------------------------------------------------------
