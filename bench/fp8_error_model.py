@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""What FP8 (E4M3) activations would cost in accuracy, before a kernel exists: a numpy model.
+"""What 8-bit activations (FP8 E4M3 or int8) would cost in accuracy: a numpy model.
 
     python bench/fp8_error_model.py [--models qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b] [--tokens 16]
-                                    [--scales token,128] [--json out.json]
+                                    [--formats e4m3,int8] [--scales token,128] [--json out.json]
 
 For each reference shape (tools/shapes.json; 4-bit codes and scales as bench/gpu_vs_torch.py makes them,
 exact in bfloat16) it runs the float64 oracle (tests/python/qmoe_np.py) twice: as is, and with the
 activation operand of the expert GEMMs rounded the way an FP8 tensor-core path would see it: the token
-dtype (bfloat16) first, then E4M3 with a float32 scale amax/448 per token row or per block of columns.
-Weights stay exact (int4 codes are exact in E4M3; scales are applied in float32), so the difference is
+dtype (bfloat16) first, then E4M3 with a float32 scale amax/448 (or int8, amax/127, round half to even)
+per token row or per block of columns. Weights stay exact (int4 codes are exact in E4M3 and int8; scales
+are applied in float32), so the difference is
 the activations' rounding alone. It reports the relative L2 error against the unrounded oracle with the
 rounding on FC1's input, on FC2's input, and on both (the oracle's act_round hook says which GEMM a
 row set feeds).
@@ -99,9 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--tokens: expected at least 1, got {a.tokens}")
     rows: List[Dict[str, Any]] = []
     print(f"relative L2 vs the float64 oracle, T = {a.tokens}, activations rounded bf16 -> 8 bits with a float32 scale")
+    gemms = ("fc1", "fc2", "both")
     for model in models:
-        cfg = MODELS[model]
-        gemms = ("fc1", "fc2", "both")
         for fmt in formats:
             for group in groups:
                 sc = "token" if group == 0 else str(group)

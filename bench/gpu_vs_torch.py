@@ -19,6 +19,7 @@ Layer's device memory.
     python bench/gpu_vs_torch.py --models mixtral-8x7b --tokens 1,4096 --block-size 64
     python bench/gpu_vs_torch.py --baseline both                  # + the per-expert loop, speed-up vs the faster
     python bench/gpu_vs_torch.py --bits 8 --zero-points           # 8-bit codes, a zero point per row or block
+    python bench/gpu_vs_torch.py --accuracy-level 4 --models gpt-oss-20b,qwen3-30b-a3b --tokens 128,4096
     python bench/gpu_vs_torch.py --baseline-only                  # the PyTorch side alone (no qmoe needed)
     python bench/gpu_vs_torch.py --fake-qmoe --ref-max-tokens 1   # harness self-test: qmoe replaced by the baseline
     python bench/gpu_vs_torch.py --dry-run                        # CPU: tiny shapes, baseline math vs numpy float64
@@ -86,6 +87,9 @@ def parse_args(argv):
     p.add_argument("--zero-points", action="store_true",
                    help="codes over the full range with a random zero point per row or (row, block) (codes weights)")
     p.add_argument("--graph", action="store_true", help="also time each side captured in CUDA graphs")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
+                   help="qmoe's accuracy_level: 4 = int8 tokens on the int8 tensor cores where wgmma runs "
+                        "(row-wise weights or blocks of >= 128; the kernel line says when)")
     p.add_argument("--baseline", default="grouped", choices=("grouped", "loop", "both"),
                    help="grouped: torch._grouped_mm when it works here (default), else the loop; loop: one "
                         "torch.mm per expert hit (host sync for the counts; no CUDA graph); both: grouped, and "

@@ -87,7 +87,8 @@ def run_model(name, a, dev, dtype, gmm, ceil0, l2):
             if not a.baseline_only:
                 f0 = free_now()
                 tl = time.perf_counter()
-                layer = common.qmoe.Layer(**W, **attrs, device="cuda", max_tokens=max(a.tokens))
+                layer = common.qmoe.Layer(**W, **attrs, device="cuda", max_tokens=max(a.tokens),
+                                          accuracy_level=a.accuracy_level)
                 torch.cuda.synchronize()
                 tl = time.perf_counter() - tl
                 mem_held.append(f0 - torch.cuda.mem_get_info()[0])

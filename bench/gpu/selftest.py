@@ -168,7 +168,7 @@ class FakeQmoe:
         return W, cfg, bits, at["block_size"], at["swiglu_fusion"]
 
     class Layer:
-        def __init__(self, device="cuda", max_tokens=4096, **kw):
+        def __init__(self, device="cuda", max_tokens=4096, accuracy_level=0, **kw):
             W, cfg, bits, block, fusion = FakeQmoe._split(kw)
             if FakeQmoe._gmm is None:
                 FakeQmoe._gmm = pick_grouped_mm(torch.bfloat16, device)[0] or False
