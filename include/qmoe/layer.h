@@ -45,6 +45,11 @@ struct LayerOptions {
   /// scaling (relative L2 error ~1e-2 against float64; gpt-oss-20b measured 9e-3);
   /// 3 = bfloat16 activations and weights (dequantized to bf16 tiles) on CPUs
   /// with AMX (relative L2 error ~0.3%), float32 elsewhere; 2 runs in float32.
+  /// CUDA computes in the token dtype (float32 accumulation) at every level,
+  /// except 4 on sm_90a for row-wise weights or blocks of >= 128 columns: passes
+  /// that run the wgmma kernel quantize each GEMM's input to int8 per 128 columns
+  /// and multiply on the int8 tensor cores (relative L2 ~1.6e-2 on the
+  /// reference shapes, bench/README.md). kernel_name() says when.
   int accuracy_level = 0;
   /// CUDA: the device ordinal the Layer lives on (0 = the first GPU).
   int device = 0;
