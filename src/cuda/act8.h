@@ -52,6 +52,33 @@ QMOE_HD inline int act8_slot(int bits, int kk) {
   return 4 * c + b;
 }
 
+/// __byte_perm (bytes of y:x picked by the selector's nibbles), also on the host for tests.
+QMOE_HD inline unsigned act8_byte_perm(unsigned x, unsigned y, unsigned sel) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, y, sel);
+#else
+  const std::uint64_t v = (std::uint64_t{y} << 32) | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<unsigned>((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
+  return r;
+#endif
+}
+
+/// The int8 mma A fragment (a0, a2: row g; a1, a3: row g + 8; a0, a1: columns 4c..4c+3 of
+/// the k32 step in act8_slot order, a2, a3: the next 16) of one k32 step from a lane's
+/// layout.h code words of it: at 4 bits the two words of its two k16 steps (w[0], w[1]),
+/// at 8 bits the four (w[0..3]). The bytes are the raw unsigned codes.
+template <int BITS>
+QMOE_HD inline void act8_a_fragment(const unsigned (&w)[4], unsigned (&a)[4]) {
+  if constexpr (BITS == 4) {
+    a[0] = w[0] & 0x0f0f0f0fu, a[1] = (w[0] >> 4) & 0x0f0f0f0fu;
+    a[2] = w[1] & 0x0f0f0f0fu, a[3] = (w[1] >> 4) & 0x0f0f0f0fu;
+  } else {
+    a[0] = act8_byte_perm(w[0], w[1], 0x5410), a[1] = act8_byte_perm(w[0], w[1], 0x7632);
+    a[2] = act8_byte_perm(w[2], w[3], 0x5410), a[3] = act8_byte_perm(w[2], w[3], 0x7632);
+  }
+}
+
 /// Quantizes `rows` rows of `cols` activations (the token dtype, row r at x + r * x_stride
 /// elements) into q (rows x q_cols int8, q_cols = round_up(cols, kAct8Block)) and meta
 /// (rows x q_cols / kAct8Block) for weights of `bits`. `pdl`: launched as a dependent

@@ -212,22 +212,20 @@ __device__ __forceinline__ void wgmma_m64n64_u8s8(int (&d)[32], const unsigned (
 #undef QMOE_I8
 __device__ __forceinline__ void touch(int& r) { asm volatile("" : "+r"(r)::"memory"); }
 
-// The A fragment of k32 step t (0..3) of a 128-column stage from the lane's codes
-// of that stage in shared memory (`w`: its kSlabs 16-byte slab reads), as act8.h orders
-// the tokens: 4 bits, slab t / 2 words 2(t % 2) and 2(t % 2) + 1 (one k16 step each)
-// split into rows g (low nibbles) and g + 8 (high); 8 bits, slab t words (x, y) and
-// (z, w) (one k16 step each) byte-permuted into rows g and g + 8.
+// The A fragment of k32 step t (0..3) of a 128-column stage from the lane's codes of
+// that stage in shared memory (`w`: its kSlabs 16-byte slab reads): at 4 bits slab t / 2
+// words 2(t % 2) and 2(t % 2) + 1, at 8 bits slab t (act8.h act8_a_fragment).
 template <int BITS>
 __device__ __forceinline__ void codes_u8(const unsigned char* w, int lane, int t, unsigned (&a)[4]) {
+  unsigned v[4];
   if constexpr (BITS == 4) {
-    const uint2 v = *reinterpret_cast<const uint2*>(w + ((t >> 1) * 32 + lane) * 16 + (t & 1) * 8);
-    a[0] = v.x & 0x0f0f0f0fu, a[1] = (v.x >> 4) & 0x0f0f0f0fu;
-    a[2] = v.y & 0x0f0f0f0fu, a[3] = (v.y >> 4) & 0x0f0f0f0fu;
+    const uint2 u = *reinterpret_cast<const uint2*>(w + ((t >> 1) * 32 + lane) * 16 + (t & 1) * 8);
+    v[0] = u.x, v[1] = u.y, v[2] = v[3] = 0;
   } else {
-    const uint4 v = *reinterpret_cast<const uint4*>(w + (t * 32 + lane) * 16);
-    a[0] = __byte_perm(v.x, v.y, 0x5410), a[1] = __byte_perm(v.x, v.y, 0x7632);
-    a[2] = __byte_perm(v.z, v.w, 0x5410), a[3] = __byte_perm(v.z, v.w, 0x7632);
+    const uint4 u = *reinterpret_cast<const uint4*>(w + (t * 32 + lane) * 16);
+    v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w;
   }
+  act8_a_fragment<BITS>(v, a);
 }
 
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {

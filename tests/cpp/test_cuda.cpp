@@ -56,6 +56,7 @@ struct GpuCase {
   DType dt;
   bool mix;
   CudaGemm gemm = CudaGemm::automatic;  ///< LayerOptions::cuda_gemm
+  int level = 0;                        ///< LayerOptions::accuracy_level
 };
 
 bool have_wgmma() {
@@ -74,7 +75,7 @@ std::string case_name(const testing::TestParamInfo<GpuCase>& info) {
                   std::to_string(g.c.block) + (g.c.sym ? "_sym" : "_zp") + "_" + activation_name(g.c.act) +
                   std::to_string(g.c.fusion) + "_k" + std::to_string(g.c.k) + "_H" + std::to_string(g.c.h) + "_I" +
                   std::to_string(g.c.in) + "_E" + std::to_string(g.c.e) + "_T" + std::to_string(g.c.t) +
-                  (g.mix ? "_mix" : "") + gemm_suffix(g.gemm);
+                  (g.mix ? "_mix" : "") + gemm_suffix(g.gemm) + (g.level ? "_L" + std::to_string(g.level) : "");
   return n;
 }
 
@@ -98,6 +99,7 @@ TEST_P(CudaParity, MatchesReference) {
   LayerOptions o;
   o.backend = Backend::cuda;
   o.cuda_gemm = g.gemm;
+  o.accuracy_level = g.level;
   const Layer layer(s.views(), a, o);
   Dev dx(xh), dl(lh), dm(mh), dy(xh.size() * 2);
   layer.forward_async(TensorView(dx.p, g.dt, {c.t, c.h}), TensorView(dl.p, g.dt, {c.t, c.e}),
@@ -106,7 +108,11 @@ TEST_P(CudaParity, MatchesReference) {
   CK(cudaDeviceSynchronize());
   const std::vector<float> y = from_half(dy.get<std::uint16_t>(), g.dt);
   const double err = rel_l2(y, ref);
-  EXPECT_LE(err, g.dt == DType::f16 ? 2e-3 : 1e-2) << layer.kernel_name();
+  // int8 tokens (accuracy_level 4 where the kernel takes the weights): these small layers have
+  // one or two 128-column blocks per row; test_cuda.py holds the result to the int8 model.
+  const bool int8 = std::string(layer.kernel_name()).find("int8 tokens") != std::string::npos;
+  EXPECT_EQ(int8, g.level == 4 && have_wgmma() && (c.block == 0 || c.block >= 128)) << layer.kernel_name();
+  EXPECT_LE(err, int8 ? 5e-2 : g.dt == DType::f16 ? 2e-3 : 1e-2) << layer.kernel_name();
 
   // Host memory through forward(): the same bits.
   std::vector<std::uint16_t> yh(xh.size());
@@ -158,6 +164,16 @@ std::vector<GpuCase> sweep() {
       v.push_back({{8, 32, false, Activation::silu, 0, 2, 384, 128, 3, 400}, dt, false, gemm});
       v.push_back({{4, 0, false, Activation::swiglu, 0, 1, 640, 320, 2, 513}, dt, true, gemm});
     }
+  // accuracy_level 4: int8 tokens where wgmma runs and the weights allow (row-wise, blocks
+  // >= 128; K not a multiple of 128 too), the token dtype otherwise (blocks of 32).
+  for (CudaGemm gemm : {CudaGemm::automatic, CudaGemm::wgmma})
+    for (DType dt : {DType::f16, DType::bf16}) {
+      v.push_back({{4, 0, true, Activation::swiglu, 1, 2, 192, 96, 4, 130}, dt, false, gemm, 4});
+      v.push_back({{8, 128, false, Activation::silu, 0, 2, 256, 384, 4, 300}, dt, true, gemm, 4});
+      v.push_back({{4, 256, false, Activation::swiglu, 2, 2, 512, 256, 3, 3}, dt, false, gemm, 4});
+      v.push_back({{8, 0, false, Activation::gelu, 0, 2, 320, 192, 4, 70}, dt, false, gemm, 4});
+      v.push_back({{4, 32, true, Activation::relu, 0, 2, 128, 64, 4, 130}, dt, false, gemm, 4});
+    }
   return v;
 }
 
@@ -192,6 +208,13 @@ TEST(CudaKernelTable, ChoosesByTokensPerExpert) {
   EXPECT_EQ(tile(1, 0), 64);
   EXPECT_STREQ(cuda::pick_gemm(0.1, 0).name, "wgmma");
   EXPECT_STREQ(cuda::pick_gemm(2, kNever).name, "decode");
+  // int8 tokens (accuracy_level 4) wherever wgmma runs, never below its threshold.
+  EXPECT_STREQ(cuda::pick_gemm(32, 32, true).name, "wgmma.int8");
+  EXPECT_STREQ(cuda::pick_gemm(500, 32, true).name, "wgmma.int8");
+  EXPECT_STREQ(cuda::pick_gemm(31, 32, true).name, "mma.sync");
+  EXPECT_STREQ(cuda::pick_gemm(2, kNever, true).name, "decode");
+  EXPECT_TRUE(cuda::pick_gemm(32, 32, true).int8_tokens);
+  EXPECT_FALSE(cuda::pick_gemm(32, 32).int8_tokens);
   // Forcing: mma never takes wgmma; automatic off sm_90 neither; wgmma off sm_90 is refused.
   EXPECT_EQ(cuda::wgmma_threshold(CudaGemm::mma, 90), kNever);
   EXPECT_EQ(cuda::wgmma_threshold(CudaGemm::automatic, 80), kNever);
@@ -210,6 +233,74 @@ TEST(CudaKernelTable, ChoosesByTokensPerExpert) {
       EXPECT_GE(s.split_cols * s.splits, g2.padded_cols);
       EXPECT_LT(s.split_cols * (s.splits - 1), g2.padded_cols);
     }
+  // int8 tokens: splits start on 128-column activation blocks, K an odd multiple of 64 too.
+  for (std::int64_t kp : {14336, 2880, 192, 64}) {
+    g2.padded_cols = kp;
+    for (std::int64_t t : {16, 64, 300}) {
+      const cuda::KSplit s = cuda::fc2_k_split(cuda::pick_gemm(40, 32, true), g2, t * 2, 8, 132, 4096, t);
+      EXPECT_EQ(s.split_cols % cuda::kAct8Block, 0) << kp;
+      EXPECT_GE(s.split_cols * s.splits, kp);
+      EXPECT_LT(s.split_cols * (s.splits - 1), kp);
+      EXPECT_LE(s.splits, 16);
+    }
+  }
+}
+
+// accuracy_level 4 (host code: runs without a GPU). The int8 A fragment made from
+// layout.h's code words (act8_a_fragment, the kernel's unpack) must pair each weight with
+// the token column the quantizer stores at that k (act8_slot). The codes here are placed
+// by an encoder written from layout.h's description, apart from the GPU packer.
+TEST(CudaAct8, WeightFragmentsMeetTheirTokenColumns) {
+  for (int bits : {4, 8}) {
+    bool seen[16] = {};
+    for (int kk = 0; kk < 16; ++kk) seen[cuda::act8_slot(bits, kk)] = true;
+    for (bool b : seen) EXPECT_TRUE(b) << "act8_slot is not a permutation at " << bits << " bits";
+    // One 16-row tile x 128 columns (one stage) of distinct-enough codes.
+    const int qmax = (1 << bits) - 1;
+    std::uint8_t w[16][128];
+    for (int r = 0; r < 16; ++r)
+      for (int k = 0; k < 128; ++k) w[r][k] = static_cast<std::uint8_t>((r * 37 + k * 11 + k / 16) % (qmax + 1));
+    // layout.h: lane (g, c), k16 step j, register r: (row, first column) = (g, 2c), (g+8, 2c),
+    // (g, 2c+8), (g+8, 2c+8) of the step; 4 bits: word j, nibbles [4r] and [16+4r]; 8 bits:
+    // words 2j (r0, r1) and 2j+1 (r2, r3), each register's two bytes in column order.
+    auto pair_of = [&](int lane, int step, int r, int which) {
+      const int g = lane / 4, c = lane % 4;
+      const int row = g + (r & 1) * 8, col = 16 * step + 2 * c + (r >> 1) * 8 + which;
+      return static_cast<unsigned>(w[row][col]);
+    };
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, c = lane % 4;
+      for (int t = 0; t < 4; ++t) {  // k32 steps of the stage: k16 steps 2t, 2t + 1
+        unsigned words[4] = {};
+        if (bits == 4) {
+          for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < 4; ++r)
+              words[h] |= pair_of(lane, 2 * t + h, r, 0) << (4 * r) | pair_of(lane, 2 * t + h, r, 1) << (16 + 4 * r);
+        } else {
+          for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < 4; ++r)
+              for (int which = 0; which < 2; ++which)
+                words[2 * h + r / 2] |= pair_of(lane, 2 * t + h, r, which) << (8 * (2 * (r % 2) + which));
+        }
+        unsigned a[4];
+        if (bits == 4)
+          cuda::act8_a_fragment<4>(words, a);
+        else
+          cuda::act8_a_fragment<8>(words, a);
+        // mma.m16n8k32 A: a0/a2 row g, a1/a3 row g + 8; a0/a1 k 4c..4c+3, a2/a3 16 + 4c.. .
+        for (int reg = 0; reg < 4; ++reg)
+          for (int j = 0; j < 4; ++j) {
+            const int row = g + (reg & 1) * 8, kf = (reg >> 1) * 16 + 4 * c + j;
+            int col = -1;  // the column whose token code sits at slot kf
+            for (int kk = 0; kk < 16; ++kk)
+              if (cuda::act8_slot(bits, kk) == kf % 16) col = 32 * t + (kf / 16) * 16 + kk;
+            ASSERT_GE(col, 0);
+            EXPECT_EQ((a[reg] >> (8 * j)) & 0xffu, w[row][col])
+                << bits << " bits, lane " << lane << ", step " << t << ", register " << reg << ", byte " << j;
+          }
+      }
+    }
+  }
 }
 
 // A case's layer and its bfloat16 inputs (host).
