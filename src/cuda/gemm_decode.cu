@@ -153,8 +153,7 @@ __device__ void routed_combine(const GemmProblem& p, const RoutedSmem& rs, int b
     for (int j = 0; j < rc.k; ++j) {
       float y = 0.f;
       if (rc.bias2) y = rc.bias2[rs.sel_e[j] * rc.bias_stride + h];
-      for (int s = 0; s < static_cast<int>(gridDim.z); ++s)
-        y += __ldcg(y2 + s * p.split_stride + rs.pos[j] * rc.hidden + h);
+      for (int s = 0; s < static_cast<int>(gridDim.z); ++s) y += __ldcg(y2 + s * p.split_stride + rs.pos[j] * rc.hidden + h);
       acc = __fmaf_rn(rs.sel_w[j], y, acc);
     }
     static_cast<T*>(rc.out)[h] = from_float<T>(acc);
@@ -195,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   const int kq = warp % KW;  // this warp's place along K
   const std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * (kWarps / KW) + warp / KW;
   const int ns = static_cast<int>((k_end - k_begin) / SC);  // k ranges are whole 64-column groups
-  const int nq = ns > kq ? (ns - kq + KW - 1) / KW : 0;     // this warp's slabs: kq, kq + KW, ...
+  const int nq = ns > kq ? (ns - kq + KW - 1) / KW : 0;       // this warp's slabs: kq, kq + KW, ...
 
   const std::int64_t nb = p.g.blocks();
   const int bshift = p.g.block_size ? __ffsll(p.g.block_size) - 1 : 0;  // block_size is a power of two
@@ -379,10 +378,10 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
 
 template <class T, int BITS, int MT, int SK, bool ZP, int KW>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  const std::size_t smem =
-      XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes + (p.routed ? RoutedSmem::bytes(p.rc.experts, p.rc.k) : 0);
-  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP, KW>>(static_cast<int>(
-      XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes + RoutedSmem::bytes(RoutedCall::kMaxExperts, RoutedCall::kMaxK)));
+  const std::size_t smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes +
+                           (p.routed ? RoutedSmem::bytes(p.rc.experts, p.rc.k) : 0);
+  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP, KW>>(static_cast<int>(XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes +
+                                                                        RoutedSmem::bytes(RoutedCall::kMaxExperts, RoutedCall::kMaxK)));
   constexpr GemmGeometry geo = decode_geometry(MT, KW);
   static_assert(XTile<MT>::BM == geo.tile_tokens && 16 * kWarps / KW == geo.block_rows,
                 "gemm.h's decode_geometry is this kernel's block");

@@ -495,10 +495,10 @@ TEST_F(CudaLayer, FusedOneTokenCallsGiveTheUnfusedBits) {
     for (std::int64_t row = 0; row < c.t - 2; ++row) {
       const auto yf = ys[3 * row].get<std::uint16_t>(), yp = ys[3 * row + 1].get<std::uint16_t>();
       EXPECT_EQ(yf, yp) << name << " row " << row;
-      const std::vector<double> ref =
-          reference_forward(s.views(), a, TensorView(xh.data() + row * c.h, f.dt, {1, c.h}),
-                            TensorView(lh.data() + row * c.e, f.dt, {1, c.e}),
-                            f.mix ? TensorView(mh.data() + row * c.e, f.dt, {1, c.e}) : TensorView{});
+      const std::vector<double> ref = reference_forward(
+          s.views(), a, TensorView(xh.data() + row * c.h, f.dt, {1, c.h}),
+          TensorView(lh.data() + row * c.e, f.dt, {1, c.e}),
+          f.mix ? TensorView(mh.data() + row * c.e, f.dt, {1, c.e}) : TensorView{});
       EXPECT_LE(rel_l2(from_half(yf, f.dt), ref), f.dt == DType::f16 ? 2e-3 : 1e-2) << name << " row " << row;
     }
     // Captured: replays with new inputs copied into the captured buffers.
@@ -508,8 +508,8 @@ TEST_F(CudaLayer, FusedOneTokenCallsGiveTheUnfusedBits) {
     cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     fused.forward_async(TensorView(gx.p, f.dt, {1, c.h}), TensorView(gl.p, f.dt, {1, c.e}),
-                        f.mix ? TensorView(gm.p, f.dt, {1, c.e}) : TensorView{},
-                        MutableTensorView(gy.p, f.dt, {1, c.h}), st);
+                        f.mix ? TensorView(gm.p, f.dt, {1, c.e}) : TensorView{}, MutableTensorView(gy.p, f.dt, {1, c.h}),
+                        st);
     CK(cudaStreamEndCapture(st, &graph));
     CK(cudaGraphInstantiate(&exec, graph, 0));
     for (std::int64_t row = c.t - 1; row >= 0; row -= 2) {
