@@ -88,17 +88,13 @@ struct LayerOptions {
   /// CUDA: launch FC1, FC2 and the combine as programmatic dependent launches
   /// on compute capability 9.0 and newer; off gives the same bits. (QMOE_CUDA_PDL=0|1)
   bool cuda_pdl = true;
-  /// CUDA: a one-token call with every expert on the GPU runs as two kernels, its
-  /// routing and combine inside the GEMMs, instead of four; off gives the same bits.
-  /// (QMOE_CUDA_FUSED=0|1)
-  bool cuda_fused_decode = true;
   /// CPU: print the time of each phase of every forward() to stderr. (QMOE_PROFILE=1)
   bool profile = false;
 };
 
 /// `options` with each override field that holds its default filled from its
 /// environment variable (QMOE_CPU_ISA, QMOE_CUDA_GEMM, QMOE_CUDA_PDL,
-/// QMOE_CUDA_FUSED, QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
+/// QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
 /// this returns. Throws qmoe::Error naming the variable when a value is not one
 /// of those documented.
 LayerOptions with_environment(LayerOptions options);

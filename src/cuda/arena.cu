@@ -47,8 +47,6 @@ Workspace carve_workspace(Carver& c, std::int64_t tokens, std::int64_t y2_tokens
   w.rb.pos_of = c.take<int>(pairs);
   w.act = c.take<std::uint16_t>(pairs * a_stride);
   w.y2 = c.take<float>(y2_tokens * k * H);
-  w.arrival_slots = static_cast<int>(round_up(H, kRowAlign) / kTileRows);
-  w.arrivals = c.take<unsigned>(w.arrival_slots);
   return w;
 }
 

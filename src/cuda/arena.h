@@ -77,8 +77,6 @@ struct Workspace {
   RouteBuffers rb;
   void* act = nullptr;  // FC1 output / FC2 input, [chunk * k][a_stride] tokens' dtype
   float* y2 = nullptr;  // FC2 partials, [chunk * k][H] per split, splits * pairs <= chunk * k
-  unsigned* arrivals = nullptr;  // a routed call's FC2 arrival counters (gemm.h RoutedCall)
-  int arrival_slots = 0;         // one per 16 padded FC2 rows
   // accuracy_level 4 (act8.h), else null: the input rows [tokens][q1] and the FC1 output
   // rows [tokens * k][q2] as int8 codes, with their per-block scales and code sums.
   std::int8_t* xq = nullptr;

@@ -18,27 +18,6 @@ struct MTile {
   int expert, m0;
 };
 
-/// A one-token call routed inside the decode kernel, with no plan (moe.cu takes this
-/// path for T = 1 when every expert is on the GPU): each block picks the token's k
-/// experts itself (route_device.cuh); m-tile y is the y-th smallest expert picked, at
-/// position y, as the plan would place it. FC2 also combines: the last block to finish
-/// a row block (an arrival counter per row block) sums the k experts' partials of its
-/// rows into `out`, with the combine kernel's arithmetic and order (route.cu).
-struct RoutedCall {
-  static constexpr int kMaxExperts = 1024, kMaxK = 32;  ///< the routed path's limits (shared memory)
-  const void* logits = nullptr;
-  const void* mix = nullptr;  ///< router_weights, or null
-  int experts = 0, k = 0;
-  bool normalize = false;
-  // FC2's combine.
-  const float* bias2 = nullptr;  ///< [E][bias_stride] or null
-  std::int64_t bias_stride = 0;
-  void* out = nullptr;  ///< [hidden] in the token dtype
-  std::int64_t hidden = 0;
-  unsigned* arrivals = nullptr;  ///< [arrival_slots]: FC1 zeroes them, FC2's blocks count in
-  int arrival_slots = 0;
-};
-
 struct GemmProblem {
   // Packed weights (layout.h), all experts.
   GpuGeometry g;
@@ -75,13 +54,7 @@ struct GemmProblem {
   Activation act = Activation::identity;
   float alpha = 1.f, beta = 0.f, limit = 0.f;
   std::int64_t inter = 0;  ///< I: columns of the FC1 output
-  /// A one-token call routed in the kernel (decode only; offsets, tiles and gather unused).
-  bool routed = false;
-  RoutedCall rc;
   // Launch.
-  /// Decode mt = 1: warps of a block along K (1, or 4: a block is one 16-row tile whose
-  /// 4 warps take every 4th slab, summed in warp order; decode_warp_k chooses).
-  int warp_k = 1;
   bool pdl = false;  ///< as a programmatic dependent launch (common.cuh launch_kernel)
 };
 
@@ -93,9 +66,8 @@ struct GemmGeometry {
   int tile_tokens;
   int block_rows;
 };
-/// The decode kernel (gemm_decode.cu), mt = 1 or 2: 4 warps of a 16-row tile each,
-/// or (mt = 1, warp_k = 4) 4 warps on one 16-row tile.
-constexpr GemmGeometry decode_geometry(int mt, int warp_k = 1) { return {8 * mt, 64 / warp_k}; }
+/// The decode kernel (gemm_decode.cu), mt = 1 or 2: 4 warps of one 16-row tile.
+constexpr GemmGeometry decode_geometry(int mt) { return {8 * mt, 64}; }
 /// The mma.sync kernel (gemm.cu), mt = 4 or 8: 4 warps of 1 (mt 4) or 2 (mt 8) 16-row tiles.
 constexpr GemmGeometry mma_geometry(int mt) { return {8 * mt, mt >= 8 ? 128 : 64}; }
 /// The sm_90a wgmma kernel (gemm_wgmma.cu): 128 tokens = the N of one

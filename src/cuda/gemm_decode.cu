@@ -31,12 +31,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <type_traits>
-
 #include "cuda/common.cuh"
 #include "cuda/gemm.h"
 #include "cuda/mma_common.cuh"
-#include "cuda/route_device.cuh"
 
 namespace qmoe::cuda {
 
@@ -89,112 +86,30 @@ struct XTile {
   static constexpr int kBytes = 2 * BM * LDS * 2;
 };
 
-// A one-token call routed in the kernel (GemmProblem::routed): the picks, their
-// weights and positions, in the dynamic shared memory after the rings.
-struct RoutedSmem {
-  float* keys;  // [E]
-  int* sel_e;   // [k] experts in pick order
-  float* sel_w;
-  int* pos;  // [k] position of pick j = its rank among the picked experts
-  int* flag;
-  static constexpr std::size_t bytes(int E, int k) { return sizeof(int) * static_cast<std::size_t>(E + 3 * k + 4); }
-  __device__ explicit RoutedSmem(unsigned char* base, int E, int k)
-      : keys(reinterpret_cast<float*>(base)),
-        sel_e(reinterpret_cast<int*>(keys + E)),
-        sel_w(reinterpret_cast<float*>(sel_e + k)),
-        pos(reinterpret_cast<int*>(sel_w + k)),
-        flag(pos + k) {}
-};
-
-// The block's m-tile of a routed call: warp 0 picks the token's experts, then the
-// tile is the blockIdx.y-th smallest of them (the plan's order), one row at position y.
-template <class T>
-__device__ void routed_tile(const GemmProblem& p, const RoutedSmem& rs, TileWork& w) {
-  constexpr DType dt = std::is_same_v<T, __half> ? DType::f16 : DType::bf16;
-  const RoutedCall& rc = p.rc;
-  const int tid = static_cast<int>(threadIdx.x);
-  if (tid < 32) pick_topk(rc.logits, rc.mix, dt, 0, rc.experts, rc.k, rc.normalize, rs.keys, rs.sel_e, rs.sel_w);
-  if (p.fc1 && blockIdx.x == 0 && blockIdx.y == 0)  // FC2 counts in after its pdl_wait: after this grid
-    for (int i = tid; i < rc.arrival_slots; i += kThreads) rc.arrivals[i] = 0u;
-  __syncthreads();
-  if (tid < rc.k) {
-    int r = 0;
-    for (int i = 0; i < rc.k; ++i) r += rs.sel_e[i] < rs.sel_e[tid];
-    rs.pos[tid] = r;
-    if (r == static_cast<int>(blockIdx.y)) *rs.flag = rs.sel_e[tid];
-  }
-  __syncthreads();
-  w.e = *rs.flag;
-  w.pos0 = static_cast<int>(blockIdx.y);
-  w.rows_here = 1;
-  split_k_range(p, w.k_begin, w.k_end);
-}
-
-// FC2 of a routed call, after the block's partials are stored: the last block of row
-// block blockIdx.x mixes the rows' partials of every pick and split into the output,
-// with combine_kernel's arithmetic in its order (route.cu), so the bits are those of
-// the unfused call.
-template <class T>
-__device__ void routed_combine(const GemmProblem& p, const RoutedSmem& rs, int block_rows) {
-  const RoutedCall& rc = p.rc;
-  __threadfence();  // this block's partials, before its arrival
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned total = gridDim.y * gridDim.z;
-    *rs.flag = atomicAdd(&rc.arrivals[blockIdx.x], 1u) == total - 1;
-  }
-  __syncthreads();
-  if (!*rs.flag) return;
-  __threadfence();  // every other block's partials, after their arrivals
-  const float* y2 = static_cast<const float*>(p.out);
-  for (std::int64_t h = static_cast<std::int64_t>(blockIdx.x) * block_rows + threadIdx.x;
-       h < rc.hidden && h < static_cast<std::int64_t>(blockIdx.x + 1) * block_rows; h += kThreads) {
-    float acc = 0.f;
-    for (int j = 0; j < rc.k; ++j) {
-      float y = 0.f;
-      if (rc.bias2) y = rc.bias2[rs.sel_e[j] * rc.bias_stride + h];
-      for (int s = 0; s < static_cast<int>(gridDim.z); ++s) y += __ldcg(y2 + s * p.split_stride + rs.pos[j] * rc.hidden + h);
-      acc = __fmaf_rn(rs.sel_w[j], y, acc);
-    }
-    static_cast<T*>(rc.out)[h] = from_float<T>(acc);
-  }
-}
-
 // ZP: the weights carry zero points (a template parameter: the symmetric case,
-// the common one, then spends no instruction on them). KW: warps along K (1, or 4
-// for mt = 1: one 16-row tile per block, warp q taking slabs q, q + 4, ..., their
-// sums added in warp order at the end; more, shorter blocks where a call's row
-// tiles are too few to fill the GPU).
-template <class T, int BITS, int MT, int SK, bool ZP, int KW>
+// the common one, then spends no instruction on them).
+template <class T, int BITS, int MT, int SK, bool ZP>
 __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p) {
   using RG = Ring<BITS, SK>;
   using XT = XTile<MT>;
   constexpr int SC = RG::SC, STEPS = RG::STEPS, R = RG::R, W = RG::W;
   constexpr int SPC = XT::KC / SC;  // slabs per chunk
-  static_assert(SPC % KW == 0 && kWarps % KW == 0, "a chunk's slabs deal evenly over the warps along K");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
-  const RoutedSmem rsm(smem_raw + XT::kBytes + RG::kSmemBytes, p.rc.experts, p.rc.k);
 
   // FC1 reads the plan and the tokens the kernels before it write: it waits
   // for them first. FC2's plan and weights were ready before FC1 started, so
   // FC2 fills its weight ring while FC1 finishes and waits only before it
-  // reads FC1's outputs (pdl_wait below). A routed call's FC1 is its first
-  // kernel, launched plainly; its FC2 routes during FC1.
+  // reads FC1's outputs (pdl_wait below).
   if (p.fc1) pdl_wait(), pdl_launch_dependents();
   TileWork tw;
-  if (p.routed)
-    routed_tile<T>(p, rsm, tw);
-  else if (!tile_work(p, XT::BM, tw))
-    return;
+  if (!tile_work(p, XT::BM, tw)) return;
   const int e = tw.e, pos0 = tw.pos0, rows_here = tw.rows_here;
   const std::int64_t k_begin = tw.k_begin, k_end = tw.k_end;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int g = lane / 4, c = lane % 4;
-  const int kq = warp % KW;  // this warp's place along K
-  const std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * (kWarps / KW) + warp / KW;
+  const std::int64_t tile = static_cast<std::int64_t>(blockIdx.x) * kWarps + warp;
   const int ns = static_cast<int>((k_end - k_begin) / SC);  // k ranges are whole 64-column groups
-  const int nq = ns > kq ? (ns - kq + KW - 1) / KW : 0;       // this warp's slabs: kq, kq + KW, ...
 
   const std::int64_t nb = p.g.blocks();
   const int bshift = p.g.block_size ? __ffsll(p.g.block_size) - 1 : 0;  // block_size is a power of two
@@ -213,23 +128,21 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   const int kb = static_cast<int>(k_begin);  // K < 2^30 (CudaMoe refuses larger shapes)
   unsigned char* ring = smem_raw + XT::kBytes + warp * R * RG::kStageBytes;
 
-  // The warp's slab i (the block's slab kq + KW i) into stage i % R (an empty group
-  // past the end keeps the count of committed groups uniform for cp.async.wait_group).
+  // Slab i of this block's K range into stage i % R (an empty group past the
+  // end keeps the count of committed groups uniform for cp.async.wait_group).
   // Addresses are 32-bit offsets from per-lane bases: the loop must stay a few
-  // instructions around its tensor-core work. With KW > 1 a warp's slab may start
-  // inside a scale block: its words are read for every slab.
+  // instructions around its tensor-core work.
   constexpr bool has_rel = SK != 0, has_zp = ZP;  // block-wise weights always carry relative scales
   const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring)) + lane * 16;
   auto issue = [&](int i) {
-    if (i < nq) {
-      const int gs = kq + i * KW;
+    if (i < ns) {
       const unsigned st = ring_s + (i & (R - 1)) * RG::kStageBytes;
-      ring_copy16(st, wsrc + gs * 32);
+      ring_copy16(st, wsrc + i * 32);
       if constexpr (W > 0) {
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          const int k = kb + gs * SC + 16 * j;
-          if ((k & bmask) != 0 && i != 0 && (KW == 1 || j != 0)) continue;  // read only where a block starts (step)
+          const int k = kb + i * SC + 16 * j;
+          if ((k & bmask) != 0 && i != 0) continue;  // read only where a block starts (step below)
           const int at = (k >> bshift) * 8;
           // (st - lane * 12: this lane's word slot, lane * 4 past the stage's scale area)
           if (has_rel) ring_copy4(st - lane * 12 + RG::kCodeBytes + j * 128, relsrc + at);
@@ -241,10 +154,8 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   };
 
   // Token chunks: vector v of the chunk is (row v / VPR, columns 8 (v % VPR)..+8).
-  // A routed FC1 reads the call's one token.
   const T* x = static_cast<const T*>(p.x);
   const std::int64_t cols = p.g.cols;
-  const int xrow0 = p.routed && p.fc1 ? 0 : pos0;
   uint4 xv[XT::NV];
   auto load_x = [&](std::int64_t k0) {
 #pragma unroll
@@ -253,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
       xv[u] = make_uint4(0, 0, 0, 0);
       if (m >= rows_here) continue;  // rows past the tile's tokens reach only columns never stored
       const std::int64_t kk = k0 + col;
-      const T* row = x + static_cast<std::int64_t>(p.gather ? p.gather[pos0 + m] : xrow0 + m) * p.x_stride;
+      const T* row = x + static_cast<std::int64_t>(p.gather ? p.gather[pos0 + m] : pos0 + m) * p.x_stride;
       if (p.x_vec16 && kk + 8 <= cols) {
         xv[u] = __ldg(reinterpret_cast<const uint4*>(row + kk));
       } else {  // the ragged end of K, or rows not 16-byte aligned: element by element, zeros past K
@@ -294,18 +205,18 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   };
   bool first = true;  // the K range may start inside a scale block
 
-  // The warp's slab i (the chunk's local slab sl, in buffer xb).
+  // Slab i (local slab sl of the chunk in buffer xb).
   auto step = [&](int i, const T* xb, int sl) {
     issue(i + R - 1);
     ring_wait<R - 1>();  // groups 0..i have landed (this lane's copies)
     const unsigned char* st = ring + (i & (R - 1)) * RG::kStageBytes;
     const uint4 v = *reinterpret_cast<const uint4*>(st + lane * 16);
-    const int kabs = kb + (kq + i * KW) * SC;
+    const int kabs = kb + i * SC;
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
       if constexpr (SK != 0) {
         if (j == 0 || SK == 2) {
-          if (((kabs + 16 * j) & bmask) == 0 || first || (KW > 1 && j == 0)) {
+          if (((kabs + 16 * j) & bmask) == 0 || first) {
             if (!first) flush();
             const int w = SK == 2 ? j : 0;
             const unsigned rw =
@@ -347,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
     if (ch + 1 < nchunks) load_x(k_begin + static_cast<std::int64_t>(ch + 1) * XT::KC);
     const T* xb = xs + (ch & 1) * XT::BM * XT::LDS;
     const int i0 = ch * SPC, n = min(SPC, ns - i0);
-    for (int sl = kq; sl < n; sl += KW) step((i0 + sl - kq) / KW, xb, sl);
+    for (int sl = 0; sl < n; ++sl) step(i0 + sl, xb, sl);
     if (ch + 1 < nchunks) {
       store_x((ch + 1) & 1);  // that buffer's chunk (ch - 1) was done before this chunk's barrier
       __syncthreads();
@@ -355,39 +266,18 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   }
   ring_wait<0>();  // no copy may outlive the block
   flush();
-  if constexpr (KW > 1) {
-    // The warps' sums of one tile, added in warp order through their own (now idle) rings.
-    float* red = reinterpret_cast<float*>(ring);
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) red[(m * 4 + i) * 32 + lane] = acc[m][i];
-    __syncthreads();
-    if (kq == 0)
-      for (int q = 1; q < KW; ++q) {
-        const float* o = reinterpret_cast<const float*>(ring + q * R * RG::kStageBytes);
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[m][i] += o[(m * 4 + i) * 32 + lane];
-      }
-  }
-  if (kq == 0) store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
-  if (p.routed && !p.fc1) routed_combine<T>(p, rsm, 16 * kWarps / KW);
+  store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
 }
 
-template <class T, int BITS, int MT, int SK, bool ZP, int KW>
+template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  const std::size_t smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes +
-                           (p.routed ? RoutedSmem::bytes(p.rc.experts, p.rc.k) : 0);
-  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP, KW>>(static_cast<int>(XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes +
-                                                                        RoutedSmem::bytes(RoutedCall::kMaxExperts, RoutedCall::kMaxK)));
-  constexpr GemmGeometry geo = decode_geometry(MT, KW);
-  static_assert(XTile<MT>::BM == geo.tile_tokens && 16 * kWarps / KW == geo.block_rows,
+  const int smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes;
+  opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem);
+  static_assert(XTile<MT>::BM == decode_geometry(MT).tile_tokens && 16 * kWarps == decode_geometry(MT).block_rows,
                 "gemm.h's decode_geometry is this kernel's block");
-  const dim3 grid(static_cast<unsigned>(p.g.padded_rows / geo.block_rows), static_cast<unsigned>(tile_capacity),
-                  static_cast<unsigned>(p.fc1 ? 1 : p.splits));
-  launch_kernel(decode_kernel<T, BITS, MT, SK, ZP, KW>, grid, dim3(kThreads), smem, stream, p.pdl, p);
+  const dim3 grid(static_cast<unsigned>(p.g.padded_rows / decode_geometry(MT).block_rows),
+                  static_cast<unsigned>(tile_capacity), static_cast<unsigned>(p.fc1 ? 1 : p.splits));
+  launch_kernel(decode_kernel<T, BITS, MT, SK, ZP>, grid, dim3(kThreads), smem, stream, p.pdl, p);
 }
 
 }  // namespace
@@ -398,14 +288,11 @@ void launch_gemm_decode(const GemmProblem& p, DType dtype, int mt, std::int64_t 
   dispatch_mma(p, dtype, [&](auto t, auto bits, auto sk) {
     using T = typename decltype(t)::type;
     constexpr int B = decltype(bits)::value, SK = decltype(sk)::value;
-    if (mt == 1 && p.warp_k == 4)
-      return zp ? launch_one<T, B, 1, SK, true, 4>(p, tile_capacity, stream)
-                : launch_one<T, B, 1, SK, false, 4>(p, tile_capacity, stream);
     if (mt == 1)
-      return zp ? launch_one<T, B, 1, SK, true, 1>(p, tile_capacity, stream)
-                : launch_one<T, B, 1, SK, false, 1>(p, tile_capacity, stream);
-    return zp ? launch_one<T, B, 2, SK, true, 1>(p, tile_capacity, stream)
-              : launch_one<T, B, 2, SK, false, 1>(p, tile_capacity, stream);
+      return zp ? launch_one<T, B, 1, SK, true>(p, tile_capacity, stream)
+                : launch_one<T, B, 1, SK, false>(p, tile_capacity, stream);
+    return zp ? launch_one<T, B, 2, SK, true>(p, tile_capacity, stream)
+              : launch_one<T, B, 2, SK, false>(p, tile_capacity, stream);
   });
 }
 

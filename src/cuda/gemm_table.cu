@@ -77,16 +77,6 @@ const GemmVariant& pick_gemm(double avg, double wgmma_from, bool int8_tokens) {
   return kMma8;
 }
 
-int decode_warp_k(const GemmVariant& v, std::int64_t rows, std::int64_t tiles, int sms) {
-  // Below this many 64-row blocks per SM (at most 5 fit), an SM streams one or two
-  // blocks' weights while its neighbours idle at the end: qwen3 T = 1 FC1 is 192
-  // blocks on 132 SMs.
-  constexpr std::int64_t kWarpKBelow = 4;
-  if (v.launch != launch_gemm_decode || v.mt != 1) return 1;
-  const std::int64_t blocks = ceil_div(rows, v.geometry.block_rows) * tiles;
-  return blocks < kWarpKBelow * sms ? 4 : 1;
-}
-
 KSplit fc2_k_split(const GemmVariant& v, const GpuGeometry& g2, std::int64_t pairs, std::int64_t experts, int sms,
                    std::int64_t chunk, std::int64_t tokens) {
   const std::int64_t kp2 = g2.padded_cols, bm = v.geometry.tile_tokens;

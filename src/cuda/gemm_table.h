@@ -49,11 +49,6 @@ double wgmma_threshold(CudaGemm gemm, int cc);
 /// kernel wherever wgmma runs.
 const GemmVariant& pick_gemm(double avg, double wgmma_from, bool int8_tokens = false);
 
-/// Decode mt = 1: the warps along K (GemmProblem::warp_k) for a GEMM of `rows` padded
-/// output rows over `tiles` m-tiles: 4 (blocks of one 16-row tile, 4x the blocks)
-/// when 64-row blocks would give fewer than kWarpKBelow blocks per SM, else 1.
-int decode_warp_k(const GemmVariant& v, std::int64_t rows, std::int64_t tiles, int sms);
-
 /// FC2's K splits for a pass: when the row blocks and the experts hit cannot
 /// fill the GPU with `v.blocks_per_sm` blocks per SM, K is split (into at most
 /// 16 pieces of whole kKAlign columns (kAct8Block for int8 tokens: a split starts on an

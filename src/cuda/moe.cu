@@ -57,7 +57,6 @@ struct CudaMoe::State {
   // runs instead of mma.sync; infinity when it is unavailable or turned off.
   double wgmma_from = kNoWgmma;
   bool pdl = false;        // programmatic dependent launches (pick_pdl)
-  bool fused = true;       // one-token calls routed and combined in the GEMMs (LayerOptions::cuda_fused_decode)
   // accuracy_level 4 with the int8-token wgmma kernel available and weights it takes
   // (act8_fits): passes that run wgmma quantize their GEMM inputs to int8 (act8.h).
   bool int8_tokens = false;
@@ -126,7 +125,6 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.sms = prop.multiProcessorCount;
   st.wgmma_from = wgmma_threshold(o.cuda_gemm, prop.major * 10 + prop.minor);
   st.pdl = pick_pdl(o.cuda_pdl, prop.major * 10 + prop.minor);
-  st.fused = o.cuda_fused_decode;
 
   const std::int64_t E = s.num_experts;
   // Host experts: the CPU side is built first (its packer reads the host experts'
@@ -338,15 +336,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     const GemmVariant& v = pick_gemm(avg, st.wgmma_from, st.int8_tokens);
     const int bm = v.geometry.tile_tokens;
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
-    // One token with every expert on the GPU: two kernels, which route and combine
-    // themselves (gemm.h RoutedCall), instead of route+plan, FC1, FC2 and combine.
-    const bool routed = st.fused && !hp && tc == 1 && v.launch == launch_gemm_decode && v.mt == 1 &&
-                        a.k <= RoutedCall::kMaxK && E <= RoutedCall::kMaxExperts;
     RouteBuffers plan_rb = ws.rb;
     if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
-    if (!routed)
-      launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
-                        stream);
+    launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
+                      stream);
     if (host_on_cpu) {
       // Host rows out to mapped memory, then the CPU kernels on the side stream
       // while the GPU experts run here.
@@ -380,26 +373,11 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p1.act = a.activation, p1.alpha = a.activation_alpha, p1.beta = a.activation_beta, p1.limit = a.swiglu_limit;
     p1.inter = st.shape.inter;
     p1.pdl = st.pdl;
-    p1.warp_k = decode_warp_k(v, st.w.g1.padded_rows, capacity, st.sms);
     if (host_on_gpu) p1.slot_end = hp->gpu_slots;
-    const float* bias2 = !st.w.has_bias2 ? nullptr
-                         : host_on_gpu   ? st.all_bias.get<float>()
-                         : hp            ? st.combine_bias.get<float>()
-                                         : st.w.p2.bias;
     if (v.int8_tokens) {  // accuracy_level 4: the input rows as int8 codes
       launch_quantize_act8(x, dt, tc, H, H, st.w.g1.bits, ws.xq, ws.xmeta, st.pdl, stream);
       p1.x = ws.xq, p1.x_stride = st.q1, p1.x_vec16 = true;
       p1.act_meta = ws.xmeta, p1.meta_stride = st.q1 / kAct8Block;
-    }
-    if (routed) {
-      p1.routed = true, p1.pdl = false;  // the call's first kernel
-      p1.gather = nullptr;
-      RoutedCall& rc = p1.rc;
-      rc.logits = logits, rc.mix = mix, rc.experts = static_cast<int>(E), rc.k = a.k;
-      rc.normalize = a.normalize_routing_weights != 0;
-      rc.bias2 = bias2, rc.bias_stride = st.w.g2.padded_rows;
-      rc.out = y, rc.hidden = H;
-      rc.arrivals = ws.arrivals, rc.arrival_slots = ws.arrival_slots;
     }
     if (gpu_experts) gemm(p1, capacity);
     host_gemm(p1, staged1, capacity);
@@ -420,11 +398,13 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     }
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = split.splits, p2.split_cols = split.split_cols, p2.split_stride = pairs * H;
-    p2.pdl = st.pdl, p2.warp_k = 1;  // FC2 splits K over blocks instead
     if (gpu_experts) gemm(p2, capacity);
     host_gemm(p2, staged2, capacity);
 
-    if (routed) continue;  // FC2 combined
+    const float* bias2 = !st.w.has_bias2 ? nullptr
+                         : host_on_gpu   ? st.all_bias.get<float>()
+                         : hp            ? st.combine_bias.get<float>()
+                                         : st.w.p2.bias;
     if (host_on_cpu) {
       hp->join(stream);
       launch_scatter_host_rows(hr.y, H, pairs, ws.rb, ws.y2, split.splits, pairs * H, stream);

@@ -11,7 +11,6 @@
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/route.h"
-#include "cuda/route_device.cuh"
 
 namespace qmoe::cuda {
 
@@ -24,17 +23,95 @@ constexpr int kFusedRouteTokens = 128;
 constexpr int kFusedRouteExperts = 256;
 constexpr int kFusedRouteK = 32;
 
-// `keys` holds E floats and `sel` 2 k words of the warp's shared memory: the picks
-// (route_device.cuh), then k lanes store them and take their slots at once.
+__device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i) {
+  switch (t) {
+    case DType::f16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::bf16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// One warp per token; its keys live in shared memory. Semantics follow
+// core/routing.cpp: experts are ranked by logit (NaN ranks as -inf), ties go
+// to the lower index; the softmax runs over all E logits; a +inf maximum
+// splits the mass evenly over the +inf logits; any NaN logit makes the
+// weights NaN (never a silent answer).
+// A float as an unsigned integer of the same order (-0 as +0, so that they tie), and back.
+__device__ __forceinline__ unsigned order_key(float v) {
+  const unsigned u = __float_as_uint(v == 0.f ? 0.f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(unsigned k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// `keys` holds E floats and `sel` 2 k words of the warp's shared memory. The k picks
+// are made one after the other (each an arg-max over the warp), their weights and the
+// stores then by k lanes at once: no global memory access inside the serial part.
 __device__ void route_token(const void* logits, const void* mix, DType dt, std::int64_t t, int E, int k, bool normalize,
                             float* keys, int* sel, int* counts, const RouteBuffers& b) {
   int* sel_e = sel;
   float* sel_w = reinterpret_cast<float*>(sel + k);
-  pick_topk(logits, mix, dt, t, E, k, normalize, keys, sel_e, sel_w);
-  for (int j = static_cast<int>(threadIdx.x) % 32; j < k; j += 32) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  float mx = -INFINITY;
+  bool has_nan = false;
+  for (int e = lane; e < E; e += 32) {
+    const float v = load_act(logits, dt, t * E + e);
+    has_nan |= v != v;
+    keys[e] = v != v ? -INFINITY : v;
+    mx = v > mx ? v : mx;
+  }
+  for (int o = 16; o; o >>= 1) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    has_nan |= __shfl_xor_sync(0xffffffffu, has_nan ? 1 : 0, o) != 0;
+  }
+  const bool inf_max = isinf(mx) && mx > 0;
+  float z = 0.f;
+  if (!mix) {
+    for (int e = lane; e < E; e += 32) z += inf_max ? (keys[e] == mx ? 1.f : 0.f) : __expf(keys[e] - mx);
+    for (int o = 16; o; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+  }
+  // The keys as unsigned integers in the same order (a lane rewrites only its own
+  // experts e = lane + 32 i, and only it reads them from here on); taken = 0, below
+  // every key, -inf included.
+  unsigned* ukeys = reinterpret_cast<unsigned*>(keys);
+  for (int e = lane; e < E; e += 32) ukeys[e] = order_key(keys[e]);
+  for (int j = 0; j < k; ++j) {
+    // Arg-max over the experts not yet taken: each lane's best (its lowest expert
+    // among equal keys), then the warp's largest key and, among the lanes holding it,
+    // the lowest expert: two warp reductions.
+    unsigned best = 0, bi = 0xffffffffu;
+    for (int e = lane; e < E; e += 32) {
+      const unsigned u = ukeys[e];
+      if (u > best) best = u, bi = static_cast<unsigned>(e);
+    }
+    const unsigned m = __reduce_max_sync(0xffffffffu, best);
+    const unsigned pick = __reduce_min_sync(0xffffffffu, best == m ? bi : 0xffffffffu);
+    if (static_cast<unsigned>(lane) == pick % 32) ukeys[pick] = 0u;
+    if (lane == 0) {
+      sel_e[j] = static_cast<int>(pick);
+      if (!mix) {
+        const float v = key_value(m);
+        const float num = inf_max ? (v == mx ? 1.f : 0.f) : __expf(v - mx);
+        sel_w[j] = has_nan ? NAN : num / z;
+      }
+    }
+  }
+  __syncwarp();
+  if (mix) {
+    for (int j = lane; j < k; j += 32) sel_w[j] = load_act(mix, dt, t * E + sel_e[j]);
+    __syncwarp();
+  }
+  float wsum = 0.f;
+  if (normalize)
+    for (int j = 0; j < k; ++j) wsum += sel_w[j];  // in j order, as the CPU
+  for (int j = lane; j < k; j += 32) {
     const int e = sel_e[j], s = b.slot_of ? b.slot_of[e] : e;
     b.topk_expert[t * k + j] = s;
-    b.topk_weight[t * k + j] = sel_w[j];
+    b.topk_weight[t * k + j] = normalize ? sel_w[j] / wsum : sel_w[j];
     b.slot[t * k + j] = atomicAdd(&counts[s], 1);
   }
   __syncwarp();

@@ -35,11 +35,6 @@ LayerOptions with_environment(LayerOptions o) {
     detail::require(p.empty() || p == "0" || p == "1", "QMOE_CUDA_PDL: expected 0 or 1, got \"", p, "\"");
     o.cuda_pdl = p != "0";
   }
-  if (o.cuda_fused_decode) {
-    const std::string f = env("QMOE_CUDA_FUSED");
-    detail::require(f.empty() || f == "0" || f == "1", "QMOE_CUDA_FUSED: expected 0 or 1, got \"", f, "\"");
-    o.cuda_fused_decode = f != "0";
-  }
   if (!o.profile) o.profile = env("QMOE_PROFILE") == "1";
   return o;
 }

@@ -144,7 +144,7 @@ std::vector<GpuCase> sweep() {
     v.push_back({{4, 0, false, Activation::gelu, 0, 4, 36, 24, 4, 9}, dt, false});
     v.push_back({{8, 16, true, Activation::relu, 0, 4, 48, 16, 4, 3}, dt, true});
     v.push_back({{4, 0, true, Activation::relu, 0, 2, 42, 24, 4, 5}, dt, false});  // H % 4 != 0: scalar combine
-    // decode with 64-row blocks (enough row tiles to fill the GPU: gemm_table decode_warp_k)
+    // decode over many 64-row blocks
     v.push_back({{4, 128, true, Activation::swiglu, 1, 4, 1024, 512, 64, 64}, dt, false});
     v.push_back({{4, 32, true, Activation::swiglu, 2, 2, 192, 96, 8, 300}, dt, false});
     v.push_back({{4, 64, false, Activation::swiglu, 0, 8, 128, 64, 16, 130}, dt, true});
@@ -193,14 +193,6 @@ TEST(CudaKernelTable, ChoosesByTokensPerExpert) {
   EXPECT_EQ(tile(16, kNever), 32);
   EXPECT_EQ(tile(17, kNever), 64);
   EXPECT_EQ(tile(1e6, kNever), 64);
-  // Decode at 8 tokens: 4 warps along K when 64-row blocks give fewer than 4 per SM
-  // (qwen3 T = 1 FC1: 24 row blocks x 8 experts on 132 SMs), else 1; other kernels 1.
-  const cuda::GemmVariant& d1 = cuda::pick_gemm(0.1, kNever);
-  EXPECT_EQ(cuda::decode_warp_k(d1, 1536, 8, 132), 4);
-  EXPECT_EQ(cuda::decode_warp_k(d1, 28672, 2, 132), 1);  // mixtral: 896 blocks
-  EXPECT_EQ(cuda::decode_warp_k(d1, 1536, 128, 132), 1);
-  EXPECT_EQ(cuda::decode_warp_k(cuda::pick_gemm(6, kNever), 1536, 8, 132), 1);  // decode at 16 tokens
-  EXPECT_EQ(cuda::decode_warp_k(cuda::pick_gemm(12, kNever), 1536, 8, 132), 1);
   EXPECT_STREQ(cuda::pick_gemm(31.9, 32).name, "mma.sync");
   EXPECT_STREQ(cuda::pick_gemm(32, 32).name, "wgmma");
   EXPECT_EQ(tile(32, 32), 64);  // wgmma's tiles hold twice the average too
@@ -438,95 +430,6 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
   const auto plain = run(false), dependent = run(true);
   ASSERT_EQ(plain.size(), dependent.size());
   for (std::size_t i = 0; i < plain.size(); ++i) EXPECT_EQ(plain[i], dependent[i]) << "call " << i;
-  CK(cudaStreamDestroy(st));
-}
-
-// A one-token call runs as two kernels that route and combine themselves
-// (LayerOptions::cuda_fused_decode, on by default): the bits of the four-kernel
-// call for every weight format, activation, k, router_weights and dtype, against
-// float64 too; a captured one replays to the eager bits for new inputs, on the
-// same stream as unfused calls of other sizes (the arrival counters it shares).
-TEST_F(CudaLayer, FusedOneTokenCallsGiveTheUnfusedBits) {
-  struct F {
-    Case c;
-    bool mix, normalize, bias;
-    DType dt;
-  };
-  const F cases[] = {
-      {{4, 32, true, Activation::swiglu, 1, 4, 256, 128, 8, 6}, false, true, true, DType::bf16},
-      {{4, 0, false, Activation::gelu, 0, 3, 200, 72, 5, 6}, true, false, true, DType::f16},
-      {{8, 16, true, Activation::relu, 0, 8, 192, 64, 32, 6}, false, true, false, DType::bf16},
-      {{8, 128, false, Activation::swiglu, 2, 1, 128, 256, 4, 6}, false, false, true, DType::f16},
-      {{4, 128, true, Activation::swiglu, 0, 2, 640, 320, 130, 6}, true, true, true, DType::bf16},
-      {{4, 64, false, Activation::silu, 0, 32, 64, 64, 40, 6}, false, true, true, DType::bf16},
-  };
-  cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  for (const F& f : cases) {
-    const Case& c = f.c;
-    MoeAttributes a = c.attrs();
-    a.normalize_routing_weights = f.normalize ? 1 : 0;
-    tools::SynthOptions so;
-    so.symmetric = c.sym, so.bias = f.bias;
-    const tools::SynthLayer s = tools::synth_layer(c.e, c.h, c.in, a, so);
-    const Inputs in = random_inputs(c.t, c.h, c.e, 29);
-    const auto xh = to_half(in.x, f.dt), lh = to_half(in.logits, f.dt), mh = to_half(in.mix, f.dt);
-    Dev dx(xh), dl(lh), dm(mh);
-    LayerOptions o;
-    o.backend = Backend::cuda;
-    const Layer fused(s.views(), a, o);
-    o.cuda_fused_decode = false;
-    const Layer plain(s.views(), a, o);
-    const std::string name = "E" + std::to_string(c.e) + " k" + std::to_string(c.k) + " H" + std::to_string(c.h);
-    auto call = [&](const Layer& l, std::int64_t row, std::int64_t t, void* y) {
-      auto at = [&](const Dev& d, std::int64_t n) { return static_cast<std::uint16_t*>(d.p) + row * n; };
-      l.forward_async(TensorView(at(dx, c.h), f.dt, {t, c.h}), TensorView(at(dl, c.e), f.dt, {t, c.e}),
-                      f.mix ? TensorView(at(dm, c.e), f.dt, {t, c.e}) : TensorView{},
-                      MutableTensorView(y, f.dt, {t, c.h}), st);
-    };
-    // Back to back on one stream: fused, unfused of 1 and 3 tokens, fused again.
-    std::deque<Dev> ys;
-    for (std::int64_t row = 0; row < c.t - 2; ++row) {
-      ys.emplace_back(static_cast<std::size_t>(c.h * 2)), call(fused, row, 1, ys.back().p);
-      ys.emplace_back(static_cast<std::size_t>(c.h * 2)), call(plain, row, 1, ys.back().p);
-      ys.emplace_back(static_cast<std::size_t>(3 * c.h * 2)), call(plain, row, 3, ys.back().p);
-    }
-    CK(cudaStreamSynchronize(st));
-    for (std::int64_t row = 0; row < c.t - 2; ++row) {
-      const auto yf = ys[3 * row].get<std::uint16_t>(), yp = ys[3 * row + 1].get<std::uint16_t>();
-      EXPECT_EQ(yf, yp) << name << " row " << row;
-      const std::vector<double> ref = reference_forward(
-          s.views(), a, TensorView(xh.data() + row * c.h, f.dt, {1, c.h}),
-          TensorView(lh.data() + row * c.e, f.dt, {1, c.e}),
-          f.mix ? TensorView(mh.data() + row * c.e, f.dt, {1, c.e}) : TensorView{});
-      EXPECT_LE(rel_l2(from_half(yf, f.dt), ref), f.dt == DType::f16 ? 2e-3 : 1e-2) << name << " row " << row;
-    }
-    // Captured: replays with new inputs copied into the captured buffers.
-    Dev gx(static_cast<std::size_t>(c.h * 2)), gl(static_cast<std::size_t>(c.e * 2)),
-        gm(static_cast<std::size_t>(c.e * 2)), gy(static_cast<std::size_t>(c.h * 2));
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    fused.forward_async(TensorView(gx.p, f.dt, {1, c.h}), TensorView(gl.p, f.dt, {1, c.e}),
-                        f.mix ? TensorView(gm.p, f.dt, {1, c.e}) : TensorView{}, MutableTensorView(gy.p, f.dt, {1, c.h}),
-                        st);
-    CK(cudaStreamEndCapture(st, &graph));
-    CK(cudaGraphInstantiate(&exec, graph, 0));
-    for (std::int64_t row = c.t - 1; row >= 0; row -= 2) {
-      auto from = [&](const Dev& d, std::int64_t n) { return static_cast<std::uint16_t*>(d.p) + row * n; };
-      CK(cudaMemcpyAsync(gx.p, from(dx, c.h), gx.n, cudaMemcpyDeviceToDevice, st));
-      CK(cudaMemcpyAsync(gl.p, from(dl, c.e), gl.n, cudaMemcpyDeviceToDevice, st));
-      CK(cudaMemcpyAsync(gm.p, from(dm, c.e), gm.n, cudaMemcpyDeviceToDevice, st));
-      CK(cudaGraphLaunch(exec, st));
-      Dev ye(static_cast<std::size_t>(c.h * 2)), y3(static_cast<std::size_t>(3 * c.h * 2));
-      call(plain, std::min<std::int64_t>(row, c.t - 3), 3, y3.p);  // between replays, on the stream
-      call(plain, row, 1, ye.p);
-      CK(cudaStreamSynchronize(st));
-      EXPECT_EQ(gy.get<std::uint16_t>(), ye.get<std::uint16_t>()) << name << " replay, row " << row;
-    }
-    CK(cudaGraphExecDestroy(exec));
-    CK(cudaGraphDestroy(graph));
-  }
   CK(cudaStreamDestroy(st));
 }
 
