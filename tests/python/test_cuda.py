@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import qmoe
-from qmoe_np import GPT_OSS_SWIGLU, make_layer, np_moe_from, record
+from qmoe_np import GPT_OSS_SWIGLU, make_layer, np_dequantize, np_moe_from, record
 
 if not qmoe.cuda_available():
     pytest.skip("qmoe was built without its CUDA backend, or no CUDA device is visible",
@@ -271,24 +271,40 @@ INT8_CASES = [  # (bits, block, zero points, activation, fusion, H, I, dtype)
 ]
 
 
+def _gpu_weights(weights, attrs, H, I):
+    """make_layer's float64 matrices for the weights as the GPU layout holds them (layout.h): block
+    scales as the row's largest scale times s / max in float16; row-wise scales exact."""
+    bits, block = attrs["expert_weight_bits"], attrs["block_size"]
+    deq = {}
+    for name, K in (("fc1", H), ("fc2", I), ("fc3", H)):
+        if f"{name}_experts_weights" not in weights:
+            continue
+        s = np.asarray(weights[f"{name}_scales"], np.float32)
+        if block:
+            top = np.abs(s).max(axis=-1, keepdims=True)
+            rel = np.divide(s, top, out=np.zeros_like(s), where=top > 0).astype(np.float16).astype(np.float64)
+            s = top.astype(np.float64) * rel
+        deq[name] = np_dequantize(weights[f"{name}_experts_weights"], s, weights.get(f"{name}_zero_points"), bits,
+                                  block, K)
+        deq[name + "_bias"] = weights.get(f"{name}_experts_bias")
+    return deq
+
+
 def _int8_layer(monkeypatch, bits, block, zp, act, fusion, H, I, force_wgmma, seed=41):
     if force_wgmma:
         monkeypatch.setenv("QMOE_CUDA_GEMM", "wgmma")
     rng, weights, attrs = _layer_args(seed + bits + block + H, E=4, H=H, I=I, bits=bits, block=block, zp=zp,
                                       bias=True, act=act, fusion=fusion, k=2, normalize=1)
-    _, _, deq = make_layer(np.random.default_rng(seed + bits + block + H), E=4, H=H, I=I, bits=bits, block=block,
-                           zero_points=zp, bias=True, activation_type=act, swiglu_fusion=fusion,
-                           quantizer=_quantizer, **(GPT_OSS_SWIGLU if act == "swiglu" else {}))
     layer = qmoe.Layer(**weights, **attrs, device="cuda", accuracy_level=4)
-    return rng, weights, attrs, deq, layer
+    return rng, weights, attrs, _gpu_weights(weights, attrs, H, I), layer
 
 
 @pytest.mark.parametrize("force_wgmma", [False, True], ids=["auto", "wgmma"])
 @pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_int8_tokens_follow_the_int8_model(case, force_wgmma, monkeypatch):
     """accuracy_level 4 on a device with the int8 wgmma kernel: the result is the float64 oracle
-    with each GEMM input rounded to int8 per 128 columns (to within the output dtype's rounding),
-    and visibly not the unrounded oracle. Forced onto wgmma,
+    (on the weights as the GPU holds them) with each GEMM input rounded to int8 per 128 columns,
+    to within the output dtype's rounding, and visibly not the unrounded oracle. Forced onto wgmma,
     every token count runs it; by default the passes with >= 32 tokens per expert do."""
     bits, block, zp, act, fusion, H, I, dt = case
     rng, weights, attrs, deq, layer = _int8_layer(monkeypatch, bits, block, zp, act, fusion, H, I, force_wgmma)
@@ -299,7 +315,7 @@ def test_int8_tokens_follow_the_int8_model(case, force_wgmma, monkeypatch):
     for T in ((1, 3, 40, 130) if force_wgmma else (64, 300)):
         x, lg, _ = _inputs(rng, (T, H), 4, dtype)
         y = layer(*_cuda(x, lg))
-        exact = np_moe_from(deq, _f32(x), _f32(lg), attrs)
+        exact = _reference(weights, attrs, x, lg)
         model = np_moe_from(deq, _f32(x), _f32(lg), attrs, act_round=_int8_blocks(dtype))
         err_model, err_exact = _rel_l2(y, model), _rel_l2(y, exact)
         record(f"cuda int8 tokens {dt} vs the int8 model (rel L2)", err_model)
