@@ -17,10 +17,9 @@ namespace {
 constexpr int kWarps = 4;  // warps (blocks of columns) per thread block
 
 template <class T>
-__global__ void __launch_bounds__(32 * kWarps) quantize_act8_kernel(const T* __restrict__ x, std::int64_t rows,
-                                                                    std::int64_t cols, std::int64_t x_stride, int bits,
-                                                                    std::int8_t* __restrict__ q,
-                                                                    Act8Meta* __restrict__ meta, std::int64_t nblk) {
+__global__ void __launch_bounds__(32 * kWarps)
+    quantize_act8_kernel(const T* __restrict__ x, std::int64_t rows, std::int64_t cols, std::int64_t x_stride, int bits,
+                         std::int8_t* __restrict__ q, Act8Meta* __restrict__ meta, std::int64_t nblk) {
   pdl_wait(), pdl_launch_dependents();  // the rows come from the kernel before
   const std::int64_t item = static_cast<std::int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (item >= rows * nblk) return;

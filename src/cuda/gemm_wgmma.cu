@@ -85,7 +85,7 @@ static_assert(kRows == 256 && wgmma_geometry(64).block_rows == kRows, "the kerne
 // N: token columns per block (the wgmma N), 64 or 128. A8: int8 tokens (act8.h).
 template <int BITS, int N, bool A8>
 struct WShape {
-  static constexpr int kKC = A8 ? kAct8Block : 64;           // K columns per stage: 128 bytes per token
+  static constexpr int kKC = A8 ? kAct8Block : 64;            // K columns per stage: 128 bytes per token
   static constexpr int kSlabs = kKC / (BITS == 4 ? 64 : 32);  // layout.h slabs per stage
   static constexpr int kStages = BITS == 4 ? 6 : 5;
   static constexpr int kXBytes = N * 128;                          // tokens, 128B-swizzled
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmProbl
   constexpr bool kSplitRegs = N == 128 || A8;
   using S = WShape<BITS, N, A8>;
   using XT = std::conditional_t<A8, std::int8_t, T>;  // the token rows' element
-  constexpr int SC = BITS == 4 ? 64 : 32;  // columns per slab
+  constexpr int SC = BITS == 4 ? 64 : 32;             // columns per slab
   constexpr int kKC = S::kKC;
   constexpr int kKCShift = A8 ? 7 : 6;
   static_assert(1 << kKCShift == kKC);
@@ -594,11 +594,12 @@ void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t s
 template <class T>
 void launch_dtype(const GemmProblem& p, int tokens, std::int64_t cap, cudaStream_t s) {
   if (p.act_meta) {
-    detail::require(act8_fits(p.g), "wgmma GEMM: int8 tokens need row-wise weights or blocks of at least ",
-                    kAct8Block, " columns, got ", p.g.block_size);
+    detail::require(act8_fits(p.g), "wgmma GEMM: int8 tokens need row-wise weights or blocks of at least ", kAct8Block,
+                    " columns, got ", p.g.block_size);
     return p.g.bits == 4 ? launch_one<T, 4, 64, true>(p, cap, s) : launch_one<T, 8, 64, true>(p, cap, s);
   }
-  if (tokens == 64) return p.g.bits == 4 ? launch_one<T, 4, 64, false>(p, cap, s) : launch_one<T, 8, 64, false>(p, cap, s);
+  if (tokens == 64)
+    return p.g.bits == 4 ? launch_one<T, 4, 64, false>(p, cap, s) : launch_one<T, 8, 64, false>(p, cap, s);
   return p.g.bits == 4 ? launch_one<T, 4, 128, false>(p, cap, s) : launch_one<T, 8, 128, false>(p, cap, s);
 }
 

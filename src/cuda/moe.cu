@@ -56,12 +56,12 @@ struct CudaMoe::State {
   // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
   // runs instead of mma.sync; infinity when it is unavailable or turned off.
   double wgmma_from = kNoWgmma;
-  bool pdl = false;        // programmatic dependent launches (pick_pdl)
+  bool pdl = false;  // programmatic dependent launches (pick_pdl)
   // accuracy_level 4 with the int8-token wgmma kernel available and weights it takes
   // (act8_fits): passes that run wgmma quantize their GEMM inputs to int8 (act8.h).
   bool int8_tokens = false;
   std::int64_t q1 = 0, q2 = 0;  // int8 row lengths: H and I rounded up to kAct8Block
-  std::int64_t chunk = 0;  // tokens per pass
+  std::int64_t chunk = 0;       // tokens per pass
   PackedLayer w;
   std::int64_t a_stride = 0;  // FC1 output row stride = g2.padded_cols
   std::size_t ws_bytes = 0;
