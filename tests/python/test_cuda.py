@@ -311,7 +311,9 @@ def test_int8_tokens_follow_the_int8_model(case, force_wgmma, monkeypatch):
     if "int8 tokens" not in layer.kernel_name:
         pytest.skip(f"no int8-token wgmma kernel on this device ({layer.kernel_name})")
     dtype = DTYPES[dt]
-    tol = {"f16": 1e-3, "bf16": 5e-3}[dt]  # the output's own rounding, far below the int8 error
+    # The output's own rounding and the FC1 output's (whose int8 codes then follow it): measured on
+    # an H100 up to 2.1e-3 (f16) and 4.8e-3 (bf16), the int8 rounding itself 9e-3 to 1.7e-2.
+    tol = {"f16": 3e-3, "bf16": 6e-3}[dt]
     for T in ((1, 3, 40, 130) if force_wgmma else (64, 300)):
         x, lg, _ = _inputs(rng, (T, H), 4, dtype)
         y = layer(*_cuda(x, lg))
