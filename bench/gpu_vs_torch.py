@@ -19,6 +19,8 @@ Layer's device memory.
     python bench/gpu_vs_torch.py --models mixtral-8x7b --tokens 1,4096 --block-size 64
     python bench/gpu_vs_torch.py --baseline both                  # + the per-expert loop, speed-up vs the faster
     python bench/gpu_vs_torch.py --bits 8 --zero-points           # 8-bit codes, a zero point per row or block
+    python bench/gpu_vs_torch.py --graph --variants f16,int8,zp --variant-tokens 1,16,128,4096
+                                                                  # + float16 tokens, 8-bit weights, zero points
     python bench/gpu_vs_torch.py --accuracy-level 4 --models gpt-oss-20b,qwen3-30b-a3b --tokens 128,4096
     python bench/gpu_vs_torch.py --baseline-only                  # the PyTorch side alone (no qmoe needed)
     python bench/gpu_vs_torch.py --fake-qmoe --ref-max-tokens 1   # harness self-test: qmoe replaced by the baseline
@@ -53,6 +55,7 @@ selftest: see its __init__.py); this file is the command line.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -63,7 +66,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: bench_setup and the gpu package
 from gpu import common  # noqa: E402 - the modules: bench/gpu/__init__.py
 from gpu.baseline import pick_grouped_mm  # noqa: E402
-from gpu.common import DEFAULT_L2, MODELS, dtname, log, mib, torch, versions  # noqa: E402
+from gpu.common import DEFAULT_L2, MODELS, VARIANTS, dtname, log, mib, torch, versions  # noqa: E402
 from gpu.report import acceptance, plot, print_report, write_outputs  # noqa: E402
 from gpu.runner import qmoe_cuda_problem, run_model  # noqa: E402
 from gpu.selftest import FakeQmoe, dry_run  # noqa: E402
@@ -90,6 +93,10 @@ def parse_args(argv):
     p.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4),
                    help="qmoe's accuracy_level: 4 = int8 tokens on the int8 tensor cores where wgmma runs "
                         "(row-wise weights or blocks of >= 128; the kernel line says when)")
+    p.add_argument("--variants", default="",
+                   help="comma list of formats timed in the same run beside the main rows, each against its own "
+                        "baseline: " + ", ".join(f"{k} ({v[0]})" for k, v in VARIANTS.items()))
+    p.add_argument("--variant-tokens", default=None, help="comma list of T for the variants (default: --tokens)")
     p.add_argument("--baseline", default="grouped", choices=("grouped", "loop", "both"),
                    help="grouped: torch._grouped_mm when it works here (default), else the loop; loop: one "
                         "torch.mm per expert hit (host sync for the counts; no CUDA graph); both: grouped, and "
@@ -127,9 +134,30 @@ def parse_args(argv):
     a.tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
     if not a.tokens or min(a.tokens) < 1:
         p.error("--tokens: positive integers")
+    a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    for v in a.variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
+        if all(getattr(a, f) == x for f, x in VARIANTS[v][1].items()):
+            p.error(f"--variants: {v!r} ({VARIANTS[v][0]}) is the main run's own format")
+    a.variant_tokens = a.tokens if a.variant_tokens is None else [
+        int(t) for t in a.variant_tokens.split(",") if t.strip()]
+    if a.variants and (not a.variant_tokens or min(a.variant_tokens) < 1):
+        p.error("--variant-tokens: positive integers")
+    if a.variants and a.baseline_only:
+        p.error("--variants times qmoe: not with --baseline-only")
     if a.weights == "quantize" and common.qmoe is None:
         p.error("--weights quantize needs the qmoe package")
     return a
+
+
+def variant_args(a, v):
+    """The arguments of variant v's run: the main run's, with the variant's format and --variant-tokens."""
+    va = copy.copy(a)
+    for field, value in VARIANTS[v][1].items():
+        setattr(va, field, value)
+    va.tokens = a.variant_tokens
+    return va
 
 
 def main(argv):
@@ -170,7 +198,10 @@ def run(a):
         gmm, why = pick_grouped_mm(dtype, dev)
     baseline = why if gmm else f"per-expert torch.mm loop ({why})"
     log(f"{props.name}: L2 {mib(l2)}; baseline: {baseline}")
-    mdt = [torch.bfloat16] + ([dtype] if dtype != torch.bfloat16 else [])
+    variants = [(v, variant_args(a, v)) for v in a.variants]
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}
+    mdt = [torch.bfloat16] + [torch_dtype[d] for d in sorted({a.dtype} | {va.dtype for _, va in variants})
+                              if torch_dtype[d] != torch.bfloat16]
     measured = [measure_ceilings(dev, mdt, a.copy_bytes)]
     ceil = merge_ceilings(measured)
     log(f"ceilings: copy {ceil['copy_rw_Bps'] / 1e9:.0f} GB/s (read+written), "
@@ -188,11 +219,28 @@ def run(a):
             log(f"{name}: {m['error']}")
             free_now()
         data["models"].append(m)
+    if variants:
+        data["variants"] = []
+    for v, va in variants:  # the same models again, one format changed, each against its own baseline
+        vdtype = torch_dtype[va.dtype]
+        vgmm = gmm if vdtype == dtype or a.baseline == "loop" else pick_grouped_mm(vdtype, dev)[0]
+        log(f"variant {v}: {VARIANTS[v][0]}")
+        for name in a.models:
+            try:
+                m = run_model(name, va, dev, vdtype, vgmm, ceil, l2)
+            except Exception as e:  # noqa: BLE001 - as above
+                if not is_oom(e) and not isinstance(e, (MemoryError, ValueError)):
+                    traceback.print_exc()
+                m = dict(model=name, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                log(f"{name} ({v}): {m['error']}")
+                free_now()
+            m.update(variant=v, variant_label=VARIANTS[v][0])
+            data["variants"].append(m)
     measured.append(measure_ceilings(dev, mdt, a.copy_bytes))
     data["ceilings_measured"] = measured
     data["ceilings"] = ceil = merge_ceilings(measured)
-    mm_key = f"matmul_{data['dtype']}_flops"
-    for m in data["models"]:  # fractions against the final (highest) ceilings
+    for m in data["models"] + data.get("variants", []):  # fractions against the final (highest) ceilings
+        mm_key = f"matmul_{m.get('dtype', data['dtype'])}_flops"
         for r in m.get("results", []):
             for side in ("qmoe", "baseline", "baseline_loop"):
                 for s in r.get(side, {}).values():

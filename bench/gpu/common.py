@@ -43,7 +43,16 @@ ACCEPTANCE = [
     ("gpt-oss-20b", 4096, "speedup", "eager", 1.8, "qmoe >= 1.8x the bf16 baseline"),
     ("qwen3-30b-a3b", 4096, "speedup", "eager", 2.0, "qmoe >= 2.0x the bf16 baseline"),
 ]
-ACCEPTANCE_BLOCK = {"mixtral-8x7b": 128}  # the block size a model's targets are defined at
+ACCEPTANCE_BLOCK = {"mixtral-8x7b": 128}
+# --variants: the weight and activation formats timed beside the main rows in the same run (the issue asks that
+# float16 tokens, 8-bit weights and zero points "not fall off a cliff"): name -> (label, overrides of the
+# main run's --dtype, --bits and --zero-points).
+VARIANTS = {
+    "f16": ("float16 tokens", dict(dtype="f16")),
+    "int8": ("8-bit weights", dict(bits=8)),
+    "zp": ("zero points", dict(zero_points=True)),
+    "int8zp": ("8-bit weights, zero points", dict(bits=8, zero_points=True)),
+}  # the block size a model's targets are defined at
 DEFAULT_L2 = 60 << 20
 
 

@@ -115,6 +115,8 @@ def print_report(data):
           " / time,"
           "\n BW%: of the copy bandwidth (bytes read+written / time); TF/s: 2*T*k*H*3I flops / time, mm%: of the"
           "\n measured matmul rate; q~base, q~f64, base~f64: relative L2 errors on weight set 0 (f64: qmoe.reference))")
+    if data.get("variants"):
+        print_variants(data)
     if data.get("acceptance"):
         print("\nacceptance targets (status on the mode named; both modes shown):")
         for e in data["acceptance"]:
@@ -126,6 +128,45 @@ def print_report(data):
                   f"  graph {val('graph'):>7}" + (f"  vs the faster baseline {val('eager_vs_best')}"
                                                    if "eager_vs_best" in e else "")
                   + (f"  ({e['note']})" if "note" in e else ""))
+
+
+def variant_efficiency(row, main_row):
+    """A variant's rate over the main row's at the same T, eager: active-weight GB/s up to T = 16 (the
+    weight-bound calls; 8-bit weights carry twice the bytes, so equal GB/s is no cliff), TFLOP/s above."""
+    key = "gbps" if row["tokens"] <= 16 else "tflops"
+    v = row.get("qmoe", {}).get("eager", {}).get(key)
+    w = (main_row or {}).get("qmoe", {}).get("eager", {}).get(key)
+    return None if not v or not w else v / w
+
+
+def print_variants(data):
+    """The --variants rows: each format beside the main rows, against its own baseline."""
+    main = {m["model"]: m for m in data["models"] if m.get("results")}
+    print("\nformats beside the main rows (each against its own baseline; eager, graphs where timed):")
+    hdr = (f"{'model':<14} {'format':<27} {'T':>5} {'qmoe ms':>9} {'base ms':>9} {'speedup':>7} {'BW%':>4} "
+           f"{'mm%':>4} {'graph q':>9} | {'main ms':>9} {'speedup':>7} {'rate vs main':>12} | {'q~f64':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for m in data["variants"]:
+        label = m.get("variant_label", m.get("variant", "?"))
+        if "results" not in m:
+            print(f"{m['model']:<14} {label:<27} not run: {m.get('error', '?')}")
+            continue
+        m0 = main.get(m["model"])
+        for r in m["results"]:
+            if "error" in r and "baseline" not in r:
+                print(f"{m['model']:<14} {label:<27} {r['tokens']:>5} error: {r['error']}")
+                continue
+            r0 = next((x for x in m0["results"] if x["tokens"] == r["tokens"]), None) if m0 else None
+            qe, be = r.get("qmoe", {}).get("eager", {}), r["baseline"]["eager"]
+            q0 = (r0 or {}).get("qmoe", {}).get("eager", {})
+            print(f"{m['model']:<14} {label:<27} {r['tokens']:>5} {fmt(qe.get('ms'), '.4f'):>9} {be['ms']:9.4f} "
+                  f"{times(r.get('speedup', {}).get('eager')):>7} {pct(qe.get('bw_fraction')):>4} "
+                  f"{pct(qe.get('mm_fraction')):>4} {fmt(r.get('qmoe', {}).get('graph', {}).get('ms'), '.4f'):>9} | "
+                  f"{fmt(q0.get('ms'), '.4f'):>9} {times((r0 or {}).get('speedup', {}).get('eager')):>7} "
+                  f"{times(variant_efficiency(r, r0)):>12} | {fmt(r.get('rel_l2_qmoe_vs_f64'), '.1e'):>7}")
+    print("(rate vs main: the format's active-weight GB/s over the main row's up to T = 16, its TFLOP/s above;"
+          "\n 1.00x = no cliff; main: the first table's row of the same model and T)")
 
 
 STYLE = {("qmoe", "eager"): ("qmoe (eager)", "#1f77b4", "s", "-"),

@@ -9,7 +9,7 @@ from bench_setup import np_dequantize, np_reference
 
 from . import common
 from .baseline import TorchMoE, pick_grouped_mm
-from .common import DEFAULT_L2, MODELS, dtname, log, torch, versions
+from .common import DEFAULT_L2, MODELS, VARIANTS, dtname, log, torch, versions
 from .report import acceptance, print_report, write_outputs
 from .timing import capture_graph, summarize
 from .weights import dims, gen_set, layer_attrs, make_inputs, mat_names
@@ -97,13 +97,13 @@ def dry_run(a):
     # The report, JSON and plot on made-up timings (fixed, plausible H200 numbers).
     ceil = dict(copy_bytes=2 << 30, copy_rw_Bps=4.3e12, copy_read_half_Bps=2.15e12, read_sum_Bps=4.0e12,
                 matmul_bfloat16_flops=7.8e14)
-    models = []
-    for name in ("gpt-oss-20b", "mixtral-8x7b"):
+    def made_up(name, bits=4, slow=1.0):
+        """A model's results on made-up timings; bits 8 doubles qmoe's bytes, slow scales its times."""
         cfg = MODELS[name]
         E, k = cfg["E"], cfg["k"]
-        pe_q, pe_b = 3 * cfg["I"] * cfg["H"] / 2, 3 * cfg["I"] * cfg["H"] * 2
-        m = dict(model=name, shape=dict(hidden=cfg["H"], inter=cfg["I"], experts=E, k=k), bits=4,
-                 block_size=cfg["block"], attributes=layer_attrs(cfg, 4, cfg["block"], 1), dtype="bfloat16",
+        pe_q, pe_b = 3 * cfg["I"] * cfg["H"] * bits / 8, 3 * cfg["I"] * cfg["H"] * 2
+        m = dict(model=name, shape=dict(hidden=cfg["H"], inter=cfg["I"], experts=E, k=k), bits=bits,
+                 block_size=cfg["block"], attributes=layer_attrs(cfg, bits, cfg["block"], 1), dtype="bfloat16",
                  weight_sets=3, sets_needed_for_4x_l2=3, baseline_weight_bytes_per_set=pe_b * E,
                  qmoe=dict(kernel="(dry run)", packed_bytes=pe_q * E, device_bytes=pe_q * E * 1.01,
                            workspace_bytes=64 << 20, device_to_packed=1.01,
@@ -111,7 +111,7 @@ def dry_run(a):
         for T in (1, 16, 4096):
             ex = min(E, k * T)
             row = dict(tokens=T, flops=2.0 * k * cfg["H"] * 3 * cfg["I"] * T, sets=3, experts_mean=float(ex))
-            for side, pe, scale in (("qmoe", pe_q, 1.0), ("baseline", pe_b, 3.0)):
+            for side, pe, scale in (("qmoe", pe_q, slow), ("baseline", pe_b, 3.0)):
                 base = 0.02 + ex * pe / 3.0e12 * 1e3 + row["flops"] / 6e14 * 1e3
                 calls = [(i % 3, base * scale * (1 + 0.01 * i)) for i in range(9)]
                 row[side] = dict(eager=summarize(calls, [ex * pe] * 3, row["flops"], ceil, "matmul_bfloat16_flops"),
@@ -127,11 +127,16 @@ def dry_run(a):
             row.update(rel_l2_qmoe_vs_baseline=3e-3, rel_l2_qmoe_vs_f64=2e-3 if T <= 16 else None,
                        rel_l2_baseline_vs_f64=3e-3 if T <= 16 else None)
             m["results"].append(row)
-        models.append(m)
+        return m
+
+    models = [made_up(name) for name in ("gpt-oss-20b", "mixtral-8x7b")]
+    # --variants rows: 8-bit weights (twice the bytes, the same rate), zero points at 1.1x the time.
+    variants = [dict(made_up("gpt-oss-20b", bits, slow), variant=v, variant_label=VARIANTS[v][0])
+                for v, bits, slow in (("int8", 8, 1.0), ("zp", 4, 1.1))]
     data = dict(tool="bench/gpu_vs_torch.py --dry-run", date=datetime.datetime.now().isoformat(timespec="seconds"),
                 dtype="bfloat16", machine=dict(gpu="(dry run: made-up timings)", l2_bytes=DEFAULT_L2),
                 versions=versions(), baseline="torch._grouped_mm (dry run)", baseline_kind="torch._grouped_mm",
-                ceilings=ceil, models=models,
+                ceilings=ceil, models=models, variants=variants,
                 checks=checks)
     data["acceptance"] = acceptance(models, ceil)
     print_report(data)

@@ -26,6 +26,7 @@ def test_dry_run_checks_pass(tmp_path):
     names = " ".join(c["check"] for c in checks)
     assert "qmoe.Layer (CPU, float32) vs oracle" in names and "torch baseline cpu bfloat16" in names
     assert "zero points" in r.stderr  # the zero-point weight sets ran
+    assert "formats beside the main rows" in r.stdout and [v["variant"] for v in data["variants"]] == ["int8", "zp"]
     # Made-up timings: each target judged on its own mode and direction.
     by = {(e["model"], e["tokens"], e["mode"], e["metric"]): e for e in data["acceptance"]}
     graph_us = by[("gpt-oss-20b", 1, "graph", "ms")]
@@ -33,3 +34,20 @@ def test_dry_run_checks_pass(tmp_path):
     speed = by[("gpt-oss-20b", 4096, "eager", "speedup")]
     assert speed["status"] == ("PASS" if speed["eager"] >= speed["target"] else "FAIL")
     assert by[("qwen3-30b-a3b", 128, "eager", "ms")]["status"] == "not run"
+
+
+def test_variant_rows_are_rated_against_the_main_rows():
+    """--variants: each format's row is rated against the main row of the same model and T (GB/s up to
+    T = 16, TFLOP/s above), and a variant equal to the main run's format is refused."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from gpu.report import variant_efficiency
+
+    def row(T, ms, gbps, tflops):
+        return dict(tokens=T, qmoe=dict(eager=dict(ms=ms, gbps=gbps, tflops=tflops)))
+
+    assert variant_efficiency(row(16, 2.0, 900.0, 1.0), row(16, 1.0, 1000.0, 2.0)) == pytest.approx(0.9)
+    assert variant_efficiency(row(128, 2.0, 900.0, 30.0), row(128, 1.0, 1000.0, 40.0)) == pytest.approx(0.75)
+    assert variant_efficiency(row(1, 2.0, 900.0, 1.0), None) is None
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_vs_torch.py"), "--dry-run",
+                        "--variants", "int8", "--bits", "8"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "the main run's own format" in r.stderr, r.stderr[-2000:]
