@@ -57,9 +57,16 @@ __device__ __forceinline__ void ring_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// The ring's depth for 8-token tiles (MT = 1), where a one-token call has few
+// warps per SM and each must keep more of its weights in flight; a build-time
+// knob for measuring it (16-token tiles keep 8).
+#ifndef QMOE_DECODE_RING_MT1
+#define QMOE_DECODE_RING_MT1 8
+#endif
+
 // SK: how scales change along K (mma_common.cuh); the ring holds one scale word
 // per slab for SK = 1 and one per k16 step for SK = 2.
-template <int BITS, int SK>
+template <int BITS, int SK, int MT>
 struct Ring {
   static constexpr int SC = BITS == 4 ? 64 : 32;               // columns per slab
   static constexpr int STEPS = SC / 16;                        // k16 steps per slab
@@ -67,7 +74,8 @@ struct Ring {
   // Stages (slabs) per warp, a power of two: 8 keeps ~3.5 KiB per warp and, at
   // 4-5 blocks of 4 warps per SM, 60-70 KiB per SM in flight (measured: the
   // kernel then no longer waits on memory).
-  static constexpr int R = 8;
+  static constexpr int R = MT == 1 ? QMOE_DECODE_RING_MT1 : 8;
+  static_assert(R >= 2 && (R & (R - 1)) == 0, "the ring's depth is a power of two");
   // A stage: the lanes' 16-byte code words, then W relative-scale words and W
   // zero-point words per lane.
   static constexpr int kCodeBytes = 32 * 16;
@@ -90,7 +98,7 @@ struct XTile {
 // the common one, then spends no instruction on them).
 template <class T, int BITS, int MT, int SK, bool ZP>
 __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p) {
-  using RG = Ring<BITS, SK>;
+  using RG = Ring<BITS, SK, MT>;
   using XT = XTile<MT>;
   constexpr int SC = RG::SC, STEPS = RG::STEPS, R = RG::R, W = RG::W;
   constexpr int SPC = XT::KC / SC;  // slabs per chunk
@@ -271,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
 
 template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
-  const int smem = XTile<MT>::kBytes + Ring<BITS, SK>::kSmemBytes;
+  const int smem = XTile<MT>::kBytes + Ring<BITS, SK, MT>::kSmemBytes;
   opt_in_smem<decode_kernel<T, BITS, MT, SK, ZP>>(smem);
   static_assert(XTile<MT>::BM == decode_geometry(MT).tile_tokens && 16 * kWarps == decode_geometry(MT).block_rows,
                 "gemm.h's decode_geometry is this kernel's block");
