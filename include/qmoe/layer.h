@@ -36,7 +36,9 @@ enum class CudaGemm {
 /// How a Layer is built.
 struct LayerOptions {
   Backend backend = Backend::cpu;
-  /// Threads used by forward(): 1..1024, or 0 = all hardware threads.
+  /// Threads used by forward(): 1..1024, or 0 = all hardware threads (for the
+  /// host experts of a CUDA Layer: all but one, left to the thread that drives
+  /// the GPU).
   int threads = 0;
   /// The minimum accuracy of the expert GEMMs, with ONNX Runtime's meaning:
   /// 0 or 1 = float32 activations and accumulation (weights dequantized in

@@ -248,7 +248,9 @@ class Layer:
     experts (``expert_frequency``, one value per expert; default: all equal,
     lower ids first) on the GPU while they fit and the rest in host memory. A
     call routes on the GPU, copies only the rows routed to host experts to the
-    host, runs them with the CPU kernels (``threads``, ``accuracy_level``)
+    host, runs them with the CPU kernels (``threads``, ``accuracy_level``;
+    ``threads=None`` there: all hardware threads but one, left to the thread
+    that drives the GPU)
     while the GPU experts run, copies the results back and combines on the GPU
     in a fixed order: the same result run to run. :attr:`host_experts` lists
     them. ``host_experts_gpu_from=N``: calls with at least N tokens per pass

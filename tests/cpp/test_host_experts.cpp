@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <numeric>
+#include <thread>
 
 #include "cpu/moe.h"
 #include "helpers.h"
@@ -113,6 +114,23 @@ TEST(HostExperts, StaleWorkspacesDoNotLeak) {
     for (std::size_t i = 0; i < first.size(); ++i)
       ASSERT_EQ(first[i], again[i]) << "level " << level << " element " << i;
   }
+}
+
+TEST(HostExperts, DefaultThreadsLeaveACoreToTheGpuThread) {
+  // threads = 0: every hardware thread but one (the thread that drives the GPU
+  // keeps a core); an explicit count is kept as given.
+  MoeAttributes a;
+  a.k = 1;
+  a.activation = Activation::relu;
+  a.expert_weight_bits = 4;
+  a.block_size = 0;
+  const tools::SynthLayer s = tools::synth_layer(4, 64, 32, a);
+  const unsigned hw = std::thread::hardware_concurrency();
+  LayerOptions o;
+  EXPECT_EQ(detail::make_cpu_host_experts(s.views(), a, s.shape, o, {1, 3}, nullptr)->threads(),
+            hw > 1 ? static_cast<int>(hw) - 1 : 1);
+  o.threads = 3;
+  EXPECT_EQ(detail::make_cpu_host_experts(s.views(), a, s.shape, o, {1, 3}, nullptr)->threads(), 3);
 }
 
 // Building a Layer with `o` throws an Error whose message holds `what`.
