@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--host", default="0,0.5,0.9,1", help="shares of the experts in host memory")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all)")
     ap.add_argument("--host-threads", type=int, default=None,
-                    help="CPU threads of the layers with host experts (default: --threads)")
+                    help="CPU threads of the layers with host experts (default: the layer's own, all but one)")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gpu-from", type=int, default=0,
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
-    host_threads = (args.threads if args.host_threads is None else args.host_threads) or None
+    host_threads = args.host_threads or None
     shares = [float(f) for f in args.host.split(",")]
     bw = pcie_bandwidth()
     log(f"pinned copies: host->device {bw['h2d']:.1f} GB/s, device->host {bw['d2h']:.1f} GB/s")
