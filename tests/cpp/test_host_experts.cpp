@@ -23,16 +23,22 @@ struct HostCase {
   std::int64_t pass_rows = 0;        // > 0: CpuMoe's chunk budget set to this many rows (k = 1)
 };
 
+// k = 1: every row goes to one expert, with routing weight 1.
+MoeAttributes one_expert_attrs(Activation act, int bits, int block) {
+  MoeAttributes a;
+  a.k = 1;
+  a.activation = act;
+  a.swiglu_fusion = act == Activation::swiglu ? 1 : 0;
+  a.expert_weight_bits = bits;
+  a.block_size = block;
+  a.normalize_routing_weights = 1;
+  return a;
+}
+
 void check(const HostCase& hc) {
   const std::int64_t e_all = 6, h = 64, in = 96;
   const std::vector<int> experts = {1, 2, 5};
-  MoeAttributes a;
-  a.k = 1;
-  a.activation = hc.act;
-  a.swiglu_fusion = hc.act == Activation::swiglu ? 1 : 0;
-  a.expert_weight_bits = hc.bits;
-  a.block_size = hc.block;
-  a.normalize_routing_weights = 1;
+  const MoeAttributes a = one_expert_attrs(hc.act, hc.bits, hc.block);
   tools::SynthOptions so;
   so.symmetric = false;  // zero points
   const tools::SynthLayer s = tools::synth_layer(e_all, h, in, a, so);
@@ -85,13 +91,7 @@ TEST(HostExperts, PassesSplitLargeExpertsTheSameWay) {
 TEST(HostExperts, StaleWorkspacesDoNotLeak) {
   // A CUDA call runs passes of different sizes on the same workspaces: the
   // results of a pass must not depend on what an earlier pass left there.
-  MoeAttributes a;
-  a.k = 1;
-  a.activation = Activation::swiglu;
-  a.swiglu_fusion = 1;
-  a.expert_weight_bits = 4;
-  a.block_size = 32;
-  a.normalize_routing_weights = 1;
+  const MoeAttributes a = one_expert_attrs(Activation::swiglu, 4, 32);
   const std::int64_t h = 128, in = 64;
   const tools::SynthLayer s = tools::synth_layer(8, h, in, a);
   const std::vector<int> experts = {0, 2, 4, 6};
@@ -119,11 +119,7 @@ TEST(HostExperts, StaleWorkspacesDoNotLeak) {
 TEST(HostExperts, DefaultThreadsLeaveACoreToTheGpuThread) {
   // threads = 0: every hardware thread but one (the thread that drives the GPU
   // keeps a core); an explicit count is kept as given.
-  MoeAttributes a;
-  a.k = 1;
-  a.activation = Activation::relu;
-  a.expert_weight_bits = 4;
-  a.block_size = 0;
+  const MoeAttributes a = one_expert_attrs(Activation::relu, 4, 0);
   const tools::SynthLayer s = tools::synth_layer(4, 64, 32, a);
   const unsigned hw = std::thread::hardware_concurrency();
   LayerOptions o;
