@@ -119,9 +119,7 @@ void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t 
 // The rule that keeps this correct: a kernel calls pdl_wait() before it reads
 // what its predecessor writes (or writes what it reads), and calls
 // pdl_launch_dependents() only after its own pdl_wait(), so that when a kernel
-// starts, the kernel two back on the stream has finished. (The plan's last kernel,
-// launched plainly, calls pdl_launch_dependents() first thing: everything before it
-// has finished, so FC1 may be scheduled while the plan runs.) Both are no-ops on
+// starts, the kernel two back on the stream has finished. Both are no-ops on
 // older targets and in kernels launched without `pdl`.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -179,20 +179,7 @@ __device__ __forceinline__ void scatter_pair(std::int64_t i, int k, const RouteB
   b.pos_of[i] = pos;
 }
 
-// The plan's last kernel lets the GEMM after it (a programmatic dependent launch)
-// be scheduled at once: that kernel's pdl_wait() still waits for this whole grid
-// and its writes, so only the launch latency is hidden. (This kernel itself is
-// launched plainly: everything before it on the stream has finished.) A build-time
-// knob for measuring it.
-#ifndef QMOE_ROUTE_EARLY_TRIGGER
-#define QMOE_ROUTE_EARLY_TRIGGER 1
-#endif
-__device__ __forceinline__ void plan_done_soon() {
-  if constexpr (QMOE_ROUTE_EARLY_TRIGGER != 0) pdl_launch_dependents();
-}
-
 __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
-  plan_done_soon();
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < pairs) scatter_pair(i, k, b);
 }
@@ -202,7 +189,6 @@ __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
 // counts live in shared memory, so no memset either.
 __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt, int tokens, int E, int k,
                                   bool normalize, int bm, RouteBuffers b) {
-  plan_done_soon();
   extern __shared__ float smem_f[];
   int* counts = reinterpret_cast<int*>(smem_f);
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
