@@ -59,7 +59,7 @@ __device__ __forceinline__ void ring_wait() {
 
 // The ring's depth for 8-token tiles (MT = 1), where a one-token call has few
 // warps per SM and each must keep more of its weights in flight; a build-time
-// knob for measuring it (16-token tiles keep 8).
+// knob for measuring it (scripts/device_ab.sh; 16-token tiles keep 8).
 #ifndef QMOE_DECODE_RING_MT1
 #define QMOE_DECODE_RING_MT1 8
 #endif

@@ -33,8 +33,15 @@ void launch_wgmma(const GemmProblem& p, DType dtype, int mt, std::int64_t tile_c
 // -> T = 1 88.5 us, T = 16 276 us; 6 -> 89.4, 273; 3 -> 89.9, 292. wgmma with
 // the same rule: 64-token tiles up to 32 tokens per expert (half the tensor work
 // of a 128-token tile, the weights dequantized once per m-tile either way), 128 above.
-constexpr GemmVariant kDecode1{"decode", 1, decode_geometry(1), 4, 0, 80, 0, 8, launch_gemm_decode};
-constexpr GemmVariant kDecode2{"decode", 2, decode_geometry(2), 8, 0, 80, 0, 8, launch_gemm_decode};
+// The decode FC2 K-split target in blocks per SM, a build-time knob for measuring
+// it on short-K shapes (qwen3's FC2: K = 768; scripts/device_ab.sh).
+#ifndef QMOE_DECODE_FC2_BLOCKS_PER_SM
+#define QMOE_DECODE_FC2_BLOCKS_PER_SM 8
+#endif
+constexpr int kDecodeSplitTarget = QMOE_DECODE_FC2_BLOCKS_PER_SM;
+static_assert(kDecodeSplitTarget >= 1, "QMOE_DECODE_FC2_BLOCKS_PER_SM: at least 1");
+constexpr GemmVariant kDecode1{"decode", 1, decode_geometry(1), 4, 0, 80, 0, kDecodeSplitTarget, launch_gemm_decode};
+constexpr GemmVariant kDecode2{"decode", 2, decode_geometry(2), 8, 0, 80, 0, kDecodeSplitTarget, launch_gemm_decode};
 constexpr GemmVariant kMma4{"mma.sync", 4, mma_geometry(4), 16, 0, 80, 0, 2, launch_gemm_mma};
 constexpr GemmVariant kMma8{"mma.sync", 8, mma_geometry(8), kAny, 0, 80, 0, 2, launch_gemm_mma};
 constexpr GemmVariant kWgmma64{"wgmma", 8, wgmma_geometry(64), 32, 32, 90, 90, 1, launch_wgmma};

@@ -179,7 +179,21 @@ __device__ __forceinline__ void scatter_pair(std::int64_t i, int k, const RouteB
   b.pos_of[i] = pos;
 }
 
+// With QMOE_ROUTE_EARLY_TRIGGER=1 (a build-time knob, off until measured on a
+// GPU: scripts/device_ab.sh) the plan's last kernel lets the GEMM after it, a
+// programmatic dependent launch, be scheduled first thing. That kernel's
+// pdl_wait() still waits for this whole grid and its writes (griddepcontrol.wait),
+// so only its launch latency would be hidden; this kernel is launched plainly, so
+// everything before it on the stream has finished (common.cuh's rule holds).
+#ifndef QMOE_ROUTE_EARLY_TRIGGER
+#define QMOE_ROUTE_EARLY_TRIGGER 0
+#endif
+__device__ __forceinline__ void plan_done_soon() {
+  if constexpr (QMOE_ROUTE_EARLY_TRIGGER != 0) pdl_launch_dependents();
+}
+
 __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
+  plan_done_soon();
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < pairs) scatter_pair(i, k, b);
 }
@@ -189,6 +203,7 @@ __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
 // counts live in shared memory, so no memset either.
 __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt, int tokens, int E, int k,
                                   bool normalize, int bm, RouteBuffers b) {
+  plan_done_soon();
   extern __shared__ float smem_f[];
   int* counts = reinterpret_cast<int*>(smem_f);
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
