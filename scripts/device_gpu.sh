@@ -9,7 +9,7 @@
 #   scripts/device_gpu.sh --sanitize --no-pytest --no-bench
 #                                              # + compute-sanitizer memcheck, racecheck, synccheck
 #                                              #   over the whole C++ CUDA suite (and memcheck over
-#                                              #   the host-experts Python tests)
+#                                              #   the Python CUDA and host-experts tests)
 # Afterwards build-gpu/python is the package to put on PYTHONPATH.
 set -uo pipefail
 # The nlohmann headers carried in .deps (the GPU host has no network), when there.
@@ -65,10 +65,12 @@ if [ "$sanitize" = 1 ]; then
       >"$OUT/sanitize_$tool.txt" 2>&1
     echo "rc=$? $(grep -E 'ERROR SUMMARY|PASSED|FAILED' "$OUT/sanitize_$tool.txt" | tail -3 | tr '\n' ' ')"
   done
-  echo "== compute-sanitizer --tool memcheck (Python host-experts tests)"
-  timeout "${QMOE_SANITIZE_LIMIT:-900}" "$cs" --tool memcheck --error-exitcode 3 \
-    python3 -m pytest -q -p no:cacheprovider tests/python/test_host_experts.py >"$OUT/sanitize_py.txt" 2>&1
-  echo "rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_py.txt" | tail -2 | tr '\n' ' ')"
+  for t in test_host_experts test_cuda; do
+    echo "== compute-sanitizer --tool memcheck (Python $t.py)"
+    timeout "${QMOE_SANITIZE_LIMIT:-900}" "$cs" --tool memcheck --error-exitcode 3 \
+      python3 -m pytest -q -p no:cacheprovider "tests/python/$t.py" >"$OUT/sanitize_py_$t.txt" 2>&1
+    echo "rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_py_$t.txt" | tail -2 | tr '\n' ' ')"
+  done
 fi
 [ "$bench" = 1 ] || exit 0
 echo "== benchmark"
