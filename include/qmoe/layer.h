@@ -140,7 +140,7 @@ class Layer {
   const MoeShape& shape() const;
   /// Bytes held by the prepacked weights (all experts, scales and biases included).
   std::size_t packed_bytes() const;
-  /// Threads forward() uses (CPU backend; 0 on CUDA).
+  /// Threads forward() uses: the CPU backend's, a CUDA Layer's host experts', else 0.
   int threads() const;
   /// The backend the Layer runs on.
   Backend backend() const;
