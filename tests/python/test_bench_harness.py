@@ -51,3 +51,44 @@ def test_variant_rows_are_rated_against_the_main_rows():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_vs_torch.py"), "--dry-run",
                         "--variants", "int8", "--bits", "8"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "the main run's own format" in r.stderr, r.stderr[-2000:]
+
+
+def test_variants_rerun_each_model_with_one_format_changed(monkeypatch):
+    """The --variants loop (no GPU needed: the device, the ceilings and run_model are stand-ins): each
+    variant reruns every model at --variant-tokens with only its own format changed, and its rows land
+    under "variants" with their own dtype, rated against the main rows."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_vs_torch as g
+
+    class Props:
+        name, multi_processor_count, L2_cache_size = "stand-in", 132, 50 << 20
+        total_memory, major, minor = 1 << 36, 9, 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props)
+    monkeypatch.setattr(g, "qmoe_cuda_problem", lambda: None)
+    monkeypatch.setattr(g, "pick_grouped_mm", lambda dt, dev: (None, "stand-in"))
+    monkeypatch.setattr(g, "measure_ceilings", lambda dev, dts, n: dict(
+        copy_bytes=n, copy_rw_Bps=4e12, copy_read_half_Bps=2e12, read_sum_Bps=4e12,
+        **{f"matmul_{g.dtname(d)}_flops": 7e14 for d in dts}))
+    calls, written = [], {}
+
+    def run_model(name, a, dev, dtype, gmm, ceil, l2):
+        calls.append((name, a.bits, a.zero_points, g.dtname(dtype), tuple(a.tokens)))
+        rows = [dict(tokens=T, experts_mean=2.0, baseline=dict(eager=dict(ms=3.0, gbps=1.0, tflops=1.0)),
+                     qmoe=dict(eager=dict(ms=a.bits / 4, gbps=100.0, tflops=10.0 * 4 / a.bits))) for T in a.tokens]
+        return dict(model=name, shape=dict(hidden=8, inter=8, experts=4, k=2), bits=a.bits, block_size=0,
+                    zero_points=a.zero_points, attributes=dict(swiglu_fusion=1), dtype=g.dtname(dtype),
+                    weight_sets=2, sets_needed_for_4x_l2=2, baseline_weight_bytes_per_set=1, results=rows)
+
+    monkeypatch.setattr(g, "run_model", run_model)
+    monkeypatch.setattr(g, "write_outputs", lambda data, a: written.update(data))
+    a = g.parse_args(["--models", "gpt-oss-20b", "--tokens", "1,128", "--variants", "f16,int8zp",
+                      "--variant-tokens", "128"])
+    assert g.run(a) == 0
+    assert calls == [("gpt-oss-20b", 4, False, "bfloat16", (1, 128)), ("gpt-oss-20b", 4, False, "float16", (128,)),
+                     ("gpt-oss-20b", 8, True, "bfloat16", (128,))]
+    assert [(m["variant"], m["dtype"]) for m in written["variants"]] == [("f16", "float16"), ("int8zp", "bfloat16")]
+    q = written["variants"][1]["results"][0]["qmoe"]["eager"]
+    assert q["mm_fraction"] == pytest.approx(5.0e12 / 7e14)  # against the ceiling of its own dtype
