@@ -58,10 +58,14 @@ __device__ __forceinline__ void ring_wait() {
 }
 
 // The ring's depth for 8-token tiles (MT = 1), where a one-token call has few
-// warps per SM and each must keep more of its weights in flight; a build-time
-// knob for measuring it (scripts/device_ab.sh; 16-token tiles keep 8).
+// warps per SM and each must keep more of its weights in flight, and for
+// 16-token tiles (MT = 2, the mid-batch calls); build-time knobs for measuring
+// them (scripts/device_ab.sh).
 #ifndef QMOE_DECODE_RING_MT1
 #define QMOE_DECODE_RING_MT1 8
+#endif
+#ifndef QMOE_DECODE_RING_MT2
+#define QMOE_DECODE_RING_MT2 8
 #endif
 
 // SK: how scales change along K (mma_common.cuh); the ring holds one scale word
@@ -74,7 +78,7 @@ struct Ring {
   // Stages (slabs) per warp, a power of two: 8 keeps ~3.5 KiB per warp and, at
   // 4-5 blocks of 4 warps per SM, 60-70 KiB per SM in flight (measured: the
   // kernel then no longer waits on memory).
-  static constexpr int R = MT == 1 ? QMOE_DECODE_RING_MT1 : 8;
+  static constexpr int R = MT == 1 ? QMOE_DECODE_RING_MT1 : QMOE_DECODE_RING_MT2;
   static_assert(R >= 2 && (R & (R - 1)) == 0, "the ring's depth is a power of two");
   // A stage: the lanes' 16-byte code words, then W relative-scale words and W
   // zero-point words per lane.
