@@ -323,11 +323,7 @@ namespace {
 // waits for its preempted worker. Measured on the 2-core VM with one spinning
 // process beside the CPU layer (gpt-oss-shaped, T = 1): 2 threads 3.45 ms,
 // 1 thread 2.80 ms (2.36 ms with 2 threads and nothing beside).
-int host_threads(int threads) {
-  if (threads > 0) return threads;
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw > 1 ? static_cast<int>(hw) - 1 : 1;
-}
+int host_threads(int threads) { return threads > 0 ? threads : std::max(1, cpu::resolve_threads(0) - 1); }
 
 class CpuHostExperts final : public HostExperts {
  public:
