@@ -73,6 +73,17 @@ from gpu.selftest import FakeQmoe, dry_run  # noqa: E402
 from gpu.timing import free_now, is_oom, measure_ceilings, merge_ceilings  # noqa: E402
 
 
+def token_list(p, flag, text):
+    """A comma list of positive token counts, or the parser's error naming the flag."""
+    try:
+        tokens = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 1:
+        p.error(f"{flag}: a comma list of positive integers, got {text!r}")
+    return tokens
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,19 +142,14 @@ def parse_args(argv):
     for m in a.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; known: {', '.join(MODELS)}")
-    a.tokens = [int(t) for t in a.tokens.split(",") if t.strip()]
-    if not a.tokens or min(a.tokens) < 1:
-        p.error("--tokens: positive integers")
+    a.tokens = token_list(p, "--tokens", a.tokens)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     for v in a.variants:
         if v not in VARIANTS:
             p.error(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
         if all(getattr(a, f) == x for f, x in VARIANTS[v][1].items()):
             p.error(f"--variants: {v!r} ({VARIANTS[v][0]}) is the main run's own format")
-    a.variant_tokens = a.tokens if a.variant_tokens is None else [
-        int(t) for t in a.variant_tokens.split(",") if t.strip()]
-    if a.variants and (not a.variant_tokens or min(a.variant_tokens) < 1):
-        p.error("--variant-tokens: positive integers")
+    a.variant_tokens = a.tokens if a.variant_tokens is None else token_list(p, "--variant-tokens", a.variant_tokens)
     if a.variants and a.baseline_only:
         p.error("--variants times qmoe: not with --baseline-only")
     if a.weights == "quantize" and common.qmoe is None:
@@ -158,6 +164,28 @@ def variant_args(a, v):
         setattr(va, field, value)
     va.tokens = a.variant_tokens
     return va
+
+
+def torch_dtypes():
+    """--dtype's names -> torch dtypes."""
+    return {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def run_models(a, dev, dtype, gmm, ceil, l2, tag=""):
+    """run_model for each of a.models; a model that fails (out of memory, say) is reported in its place
+    and the others still run."""
+    out = []
+    for name in a.models:
+        try:
+            m = run_model(name, a, dev, dtype, gmm, ceil, l2)
+        except Exception as e:  # noqa: BLE001 - one model's failure does not stop the others
+            if not is_oom(e) and not isinstance(e, (MemoryError, ValueError)):
+                traceback.print_exc()
+            m = dict(model=name, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            log(f"{name}{tag}: {m['error']}")
+            free_now()
+        out.append(m)
+    return out
 
 
 def main(argv):
@@ -187,7 +215,7 @@ def run(a):
             log(f"qmoe's CUDA backend is not available: {why}\n(--baseline-only times the PyTorch side alone)")
             return 2
     dev = torch.device("cuda")
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    dtype = torch_dtypes()[a.dtype]
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 0) or DEFAULT_L2
     machine = dict(gpu=props.name, sms=props.multi_processor_count, l2_bytes=l2, gpu_memory_bytes=props.total_memory,
@@ -199,9 +227,8 @@ def run(a):
     baseline = why if gmm else f"per-expert torch.mm loop ({why})"
     log(f"{props.name}: L2 {mib(l2)}; baseline: {baseline}")
     variants = [(v, variant_args(a, v)) for v in a.variants]
-    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}
-    mdt = [torch.bfloat16] + [torch_dtype[d] for d in sorted({a.dtype} | {va.dtype for _, va in variants})
-                              if torch_dtype[d] != torch.bfloat16]
+    mdt = [torch.bfloat16] + [torch_dtypes()[d] for d in sorted({a.dtype} | {va.dtype for _, va in variants})
+                              if d != "bf16"]
     measured = [measure_ceilings(dev, mdt, a.copy_bytes)]
     ceil = merge_ceilings(measured)
     log(f"ceilings: copy {ceil['copy_rw_Bps'] / 1e9:.0f} GB/s (read+written), "
@@ -209,31 +236,14 @@ def run(a):
     data = dict(tool="bench/gpu_vs_torch.py", date=datetime.datetime.now().isoformat(timespec="seconds"),
                 args=vars(a), machine=machine, versions=versions(), dtype=dtname(dtype),
                 baseline=baseline, baseline_kind="torch._grouped_mm" if gmm else "per-expert loop", models=[])
-    for name in a.models:
-        try:
-            m = run_model(name, a, dev, dtype, gmm, ceil, l2)
-        except Exception as e:  # noqa: BLE001 - one model's failure (OOM, say) does not stop the others
-            if not is_oom(e) and not isinstance(e, (MemoryError, ValueError)):
-                traceback.print_exc()
-            m = dict(model=name, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            log(f"{name}: {m['error']}")
-            free_now()
-        data["models"].append(m)
+    data["models"] = run_models(a, dev, dtype, gmm, ceil, l2)
     if variants:
         data["variants"] = []
     for v, va in variants:  # the same models again, one format changed, each against its own baseline
-        vdtype = torch_dtype[va.dtype]
+        vdtype = torch_dtypes()[va.dtype]
         vgmm = gmm if vdtype == dtype or a.baseline == "loop" else pick_grouped_mm(vdtype, dev)[0]
         log(f"variant {v}: {VARIANTS[v][0]}")
-        for name in a.models:
-            try:
-                m = run_model(name, va, dev, vdtype, vgmm, ceil, l2)
-            except Exception as e:  # noqa: BLE001 - as above
-                if not is_oom(e) and not isinstance(e, (MemoryError, ValueError)):
-                    traceback.print_exc()
-                m = dict(model=name, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                log(f"{name} ({v}): {m['error']}")
-                free_now()
+        for m in run_models(va, dev, vdtype, vgmm, ceil, l2, f" ({v})"):
             m.update(variant=v, variant_label=VARIANTS[v][0])
             data["variants"].append(m)
     measured.append(measure_ceilings(dev, mdt, a.copy_bytes))
