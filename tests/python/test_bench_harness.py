@@ -14,6 +14,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _bench_on_path():
+    """bench/ importable (its gpu package and gpu_vs_torch), once."""
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+
+
 def test_dry_run_checks_pass(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "dry.json"
@@ -39,7 +46,7 @@ def test_dry_run_checks_pass(tmp_path):
 def test_variant_rows_are_rated_against_the_main_rows():
     """--variants: each format's row is rated against the main row of the same model and T (GB/s up to
     T = 16, TFLOP/s above), and a variant equal to the main run's format is refused."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    _bench_on_path()
     from gpu.report import variant_efficiency
 
     def row(T, ms, gbps, tflops):
@@ -58,7 +65,7 @@ def test_variants_rerun_each_model_with_one_format_changed(monkeypatch):
     variant reruns every model at --variant-tokens with only its own format changed, and its rows land
     under "variants" with their own dtype, rated against the main rows."""
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    _bench_on_path()
     import gpu_vs_torch as g
 
     class Props:
