@@ -13,6 +13,10 @@
 
 namespace qmoe::cuda {
 
+/// A self-routed FC1 (GemmProblem::route_logits) keeps the order keys of up to
+/// this many experts in its token buffer.
+constexpr int kSelfRouteMaxExperts = 4096;
+
 /// A (expert, first row) pair of the per-call tile list built by the planner.
 struct MTile {
   int expert, m0;
@@ -56,6 +60,14 @@ struct GemmProblem {
   std::int64_t inter = 0;  ///< I: columns of the FC1 output
   // Launch.
   bool pdl = false;  ///< as a programmatic dependent launch (common.cuh launch_kernel)
+  /// Decode FC1 of a one-token call only (moe.cu decides): the router logits of the
+  /// token, route_experts of them in route_dtype. Each block then picks the expert of
+  /// its m-tile itself (tile y: the y-th lowest of the k experts routing picks,
+  /// gemm_decode.cu) and reads the input row directly, instead of waiting for the
+  /// routing kernel's plan: FC1 streams its weights while routing runs beside it.
+  const void* route_logits = nullptr;
+  DType route_dtype = DType::f32;
+  int route_experts = 0, route_k = 0;
 };
 
 /// A GEMM kernel's block geometry: token rows per m-tile (the planner's bm)

@@ -34,6 +34,7 @@
 #include "cuda/common.cuh"
 #include "cuda/gemm.h"
 #include "cuda/mma_common.cuh"
+#include "cuda/topk.cuh"
 
 namespace qmoe::cuda {
 
@@ -98,6 +99,38 @@ struct XTile {
   static constexpr int kBytes = 2 * BM * LDS * 2;
 };
 
+// A self-routed FC1's m-tile (GemmProblem::route_logits; one token, so one row):
+// warp 0 picks the token's k experts as the routing kernel does (topk.cuh; the
+// order keys in `scratch`, E words of the token buffer, unused until then), and
+// tile y is the y-th lowest of them, at position y of the expert-grouped order
+// (the plan's, with one row per expert). The routing weights are not needed here.
+__device__ bool self_routed_tile(const GemmProblem& p, unsigned* scratch, TileWork& w) {
+  __shared__ int picks[32], expert;
+  const int y = static_cast<int>(blockIdx.y), E = p.route_experts, k = p.route_k;
+  if (y >= k) return false;
+  if (threadIdx.x < 32) {
+    const int lane = static_cast<int>(threadIdx.x);
+    for (int e = lane; e < E; e += 32) {
+      const float v = load_act(p.route_logits, p.route_dtype, e);
+      scratch[e] = order_key(v != v ? -INFINITY : v);
+    }
+    pick_top_k(scratch, E, k, [&](int j, int pick, unsigned) { picks[j] = pick; });
+    __syncwarp();
+    if (lane < k) {
+      const int mine = picks[lane];
+      int rank = 0;
+      for (int j = 0; j < k; ++j) rank += picks[j] < mine ? 1 : 0;
+      if (rank == y) expert = mine;
+    }
+  }
+  __syncthreads();  // the keys' words are free again: the token buffer is written after this
+  w.e = expert;
+  w.pos0 = y;
+  w.rows_here = 1;
+  split_k_range(p, w.k_begin, w.k_end);
+  return true;
+}
+
 // ZP: the weights carry zero points (a template parameter: the symmetric case,
 // the common one, then spends no instruction on them).
 template <class T, int BITS, int MT, int SK, bool ZP>
@@ -112,10 +145,18 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   // FC1 reads the plan and the tokens the kernels before it write: it waits
   // for them first. FC2's plan and weights were ready before FC1 started, so
   // FC2 fills its weight ring while FC1 finishes and waits only before it
-  // reads FC1's outputs (pdl_wait below).
-  if (p.fc1) pdl_wait(), pdl_launch_dependents();
+  // reads FC1's outputs (pdl_wait below). A self-routed FC1 (one token,
+  // GemmProblem::route_logits) needs nothing of the routing kernel beside it
+  // and waits for it halfway through K (wait_at below), before it lets FC2,
+  // which reads the plan, start.
+  const bool self_routed = MT == 1 && p.fc1 && p.route_logits != nullptr;
   TileWork tw;
-  if (!tile_work(p, XT::BM, tw)) return;
+  if (self_routed) {
+    if (!self_routed_tile(p, reinterpret_cast<unsigned*>(smem_raw), tw)) return;
+  } else {
+    if (p.fc1) pdl_wait(), pdl_launch_dependents();
+    if (!tile_work(p, XT::BM, tw)) return;
+  }
   const int e = tw.e, pos0 = tw.pos0, rows_here = tw.rows_here;
   const std::int64_t k_begin = tw.k_begin, k_end = tw.k_end;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -266,7 +307,9 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   store_x(0);
   __syncthreads();
   const int nchunks = (ns + SPC - 1) / SPC;
+  const int wait_at = self_routed ? nchunks / 2 : -1;
   for (int ch = 0; ch < nchunks; ++ch) {
+    if (ch == wait_at) pdl_wait(), pdl_launch_dependents();
     if (ch + 1 < nchunks) load_x(k_begin + static_cast<std::int64_t>(ch + 1) * XT::KC);
     const T* xb = xs + (ch & 1) * XT::BM * XT::LDS;
     const int i0 = ch * SPC, n = min(SPC, ns - i0);
@@ -276,10 +319,13 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
       __syncthreads();
     }
   }
-  ring_wait<0>();  // no copy may outlive the block
+  ring_wait<0>();                                               // no copy may outlive the block
+  if (wait_at >= nchunks) pdl_wait(), pdl_launch_dependents();  // (no chunk: never, K > 0)
   flush();
   store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
 }
+
+static_assert(4 * kSelfRouteMaxExperts <= XTile<1>::kBytes, "a self-routed FC1's keys fit the token buffer");
 
 template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {

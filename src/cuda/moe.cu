@@ -45,6 +45,13 @@ bool on_device(const void* p, int device) {
 // overlap that tail. Off is for diagnosis: the results are the same bits.
 static bool pick_pdl(bool on, int cc) { return on && cc >= 90; }
 
+// One-token calls: FC1 picks its experts itself (GemmProblem::route_logits), a
+// build-time knob until measured on a GPU (scripts/device_ab.sh, stem moe).
+#ifndef QMOE_DECODE_SELF_ROUTE
+#define QMOE_DECODE_SELF_ROUTE 0
+#endif
+static constexpr bool kSelfRoute = QMOE_DECODE_SELF_ROUTE != 0;
+
 // Tokens per pass of a Layer with host experts (the mapped host rows hold one pass).
 constexpr std::int64_t kHostPassTokens = 1024;
 
@@ -338,8 +345,12 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
     RouteBuffers plan_rb = ws.rb;
     if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
+    // One token on the decode kernel, all experts on the GPU: FC1 routes the token
+    // itself and runs beside the routing kernel (GemmProblem::route_logits).
+    const bool self_route = kSelfRoute && tc == 1 && !hp && st.pdl && v.launch == launch_gemm_decode && v.mt == 1 &&
+                            E <= kSelfRouteMaxExperts && k <= 32;
     launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
-                      stream);
+                      self_route, stream);
     if (host_on_cpu) {
       // Host rows out to mapped memory, then the CPU kernels on the side stream
       // while the GPU experts run here.
@@ -374,6 +385,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p1.inter = st.shape.inter;
     p1.pdl = st.pdl;
     if (host_on_gpu) p1.slot_end = hp->gpu_slots;
+    if (self_route) {  // the input row itself for every m-tile
+      p1.route_logits = logits, p1.route_dtype = dt, p1.route_experts = static_cast<int>(E), p1.route_k = a.k;
+      p1.gather = nullptr, p1.x_stride = 0;
+    }
     if (v.int8_tokens) {  // accuracy_level 4: the input rows as int8 codes
       launch_quantize_act8(x, dt, tc, H, H, st.w.g1.bits, ws.xq, ws.xmeta, st.pdl, stream);
       p1.x = ws.xq, p1.x_stride = st.q1, p1.x_vec16 = true;
@@ -389,6 +404,7 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     p2.codes = st.w.p2.codes, p2.rel_scales = st.w.p2.rel_scales, p2.zero_points = st.w.p2.zero_points;
     p2.row_scales = st.w.p2.row_scales, p2.bias = nullptr;
     p2.x = ws.act, p2.x_stride = st.a_stride, p2.gather = nullptr;
+    p2.route_logits = nullptr;  // FC2 reads the plan
     p2.x_vec16 = st.shape.inter % 8 == 0;
     if (v.int8_tokens) {  // FC1's output rows as int8 codes
       launch_quantize_act8(ws.act, dt, pairs, st.shape.inter, st.a_stride, st.w.g2.bits, ws.aq, ws.ameta, st.pdl,

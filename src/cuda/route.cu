@@ -11,6 +11,7 @@
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/route.h"
+#include "cuda/topk.cuh"
 
 namespace qmoe::cuda {
 
@@ -23,31 +24,11 @@ constexpr int kFusedRouteTokens = 128;
 constexpr int kFusedRouteExperts = 256;
 constexpr int kFusedRouteK = 32;
 
-__device__ __forceinline__ float load_act(const void* p, DType t, std::int64_t i) {
-  switch (t) {
-    case DType::f16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::bf16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default:
-      return static_cast<const float*>(p)[i];
-  }
-}
-
 // One warp per token; its keys live in shared memory. Semantics follow
 // core/routing.cpp: experts are ranked by logit (NaN ranks as -inf), ties go
 // to the lower index; the softmax runs over all E logits; a +inf maximum
 // splits the mass evenly over the +inf logits; any NaN logit makes the
 // weights NaN (never a silent answer).
-// A float as an unsigned integer of the same order (-0 as +0, so that they tie), and back.
-__device__ __forceinline__ unsigned order_key(float v) {
-  const unsigned u = __float_as_uint(v == 0.f ? 0.f : v);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ float key_value(unsigned k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
 // `keys` holds E floats and `sel` 2 k words of the warp's shared memory. The k picks
 // are made one after the other (each an arg-max over the warp), their weights and the
 // stores then by k lanes at once: no global memory access inside the serial part.
@@ -79,27 +60,14 @@ __device__ void route_token(const void* logits, const void* mix, DType dt, std::
   // every key, -inf included.
   unsigned* ukeys = reinterpret_cast<unsigned*>(keys);
   for (int e = lane; e < E; e += 32) ukeys[e] = order_key(keys[e]);
-  for (int j = 0; j < k; ++j) {
-    // Arg-max over the experts not yet taken: each lane's best (its lowest expert
-    // among equal keys), then the warp's largest key and, among the lanes holding it,
-    // the lowest expert: two warp reductions.
-    unsigned best = 0, bi = 0xffffffffu;
-    for (int e = lane; e < E; e += 32) {
-      const unsigned u = ukeys[e];
-      if (u > best) best = u, bi = static_cast<unsigned>(e);
+  pick_top_k(ukeys, E, k, [&](int j, int pick, unsigned m) {
+    sel_e[j] = pick;
+    if (!mix) {
+      const float v = key_value(m);
+      const float num = inf_max ? (v == mx ? 1.f : 0.f) : __expf(v - mx);
+      sel_w[j] = has_nan ? NAN : num / z;
     }
-    const unsigned m = __reduce_max_sync(0xffffffffu, best);
-    const unsigned pick = __reduce_min_sync(0xffffffffu, best == m ? bi : 0xffffffffu);
-    if (static_cast<unsigned>(lane) == pick % 32) ukeys[pick] = 0u;
-    if (lane == 0) {
-      sel_e[j] = static_cast<int>(pick);
-      if (!mix) {
-        const float v = key_value(m);
-        const float num = inf_max ? (v == mx ? 1.f : 0.f) : __expf(v - mx);
-        sel_w[j] = has_nan ? NAN : num / z;
-      }
-    }
-  }
+  });
   __syncwarp();
   if (mix) {
     for (int j = lane; j < k; j += 32) sel_w[j] = load_act(mix, dt, t * E + sel_e[j]);
@@ -185,15 +153,17 @@ __device__ __forceinline__ void scatter_pair(std::int64_t i, int k, const RouteB
 // pdl_wait() still waits for this whole grid and its writes (griddepcontrol.wait),
 // so only its launch latency would be hidden; this kernel is launched plainly, so
 // everything before it on the stream has finished (common.cuh's rule holds).
+// A self-routed FC1 (GemmProblem::route_logits) always gets the early start: it
+// runs beside the routing kernel and waits for it only halfway through.
 #ifndef QMOE_ROUTE_EARLY_TRIGGER
 #define QMOE_ROUTE_EARLY_TRIGGER 0
 #endif
-__device__ __forceinline__ void plan_done_soon() {
-  if constexpr (QMOE_ROUTE_EARLY_TRIGGER != 0) pdl_launch_dependents();
+__device__ __forceinline__ void plan_done_soon(bool early) {
+  if (QMOE_ROUTE_EARLY_TRIGGER != 0 || early) pdl_launch_dependents();
 }
 
 __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
-  plan_done_soon();
+  plan_done_soon(false);
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < pairs) scatter_pair(i, k, b);
 }
@@ -202,8 +172,8 @@ __global__ void scatter_kernel(std::int64_t pairs, int k, RouteBuffers b) {
 // four (at T = 1 the separate launches cost more than their work). The
 // counts live in shared memory, so no memset either.
 __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt, int tokens, int E, int k,
-                                  bool normalize, int bm, RouteBuffers b) {
-  plan_done_soon();
+                                  bool normalize, int bm, RouteBuffers b, bool early) {
+  plan_done_soon(early);
   extern __shared__ float smem_f[];
   int* counts = reinterpret_cast<int*>(smem_f);
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
@@ -346,7 +316,7 @@ constexpr std::int64_t kFewCombineTokens = 32;
 }  // namespace
 
 void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
-                       bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream) {
+                       bool normalize, int bm, const RouteBuffers& b, bool early_start, cudaStream_t stream) {
   const std::int64_t pairs = tokens * k;
   if (tokens <= kFusedRouteTokens && experts <= kFusedRouteExperts && k <= kFusedRouteK) {
     // A warp per token up to 32 tokens (few warps for few tokens: the block's barriers
@@ -354,7 +324,7 @@ void launch_route_plan(const void* logits, const void* mix, DType dtype, std::in
     const int warps = static_cast<int>(std::clamp<std::int64_t>(tokens, 4, 32));
     const std::size_t smem = sizeof(float) * static_cast<std::size_t>(experts * (1 + warps) + warps * 2 * k);
     route_plan_kernel<<<1, 32 * warps, smem, stream>>>(logits, mix, dtype, static_cast<int>(tokens), experts, k,
-                                                       normalize, bm, b);
+                                                       normalize, bm, b, early_start);
     QMOE_CUDA_CHECK(cudaGetLastError());
     return;
   }

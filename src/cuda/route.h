@@ -30,9 +30,11 @@ struct RouteBuffers {
 
 /// softmax + top-k (+ renormalize, router_weights) for T tokens, then the plan:
 /// exclusive offsets per expert, the m-tile list with tiles of `bm` tokens, and
-/// the position of every (token, j) pair. One launch for small calls.
+/// the position of every (token, j) pair. One launch for small calls; with
+/// `early_start` that launch lets the programmatic dependent launch after it start
+/// at once (a self-routed FC1, GemmProblem::route_logits).
 void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
-                       bool normalize, int bm, const RouteBuffers& b, cudaStream_t stream);
+                       bool normalize, int bm, const RouteBuffers& b, bool early_start, cudaStream_t stream);
 /// Host experts: copies the plan's offsets, and the token and float32 input of
 /// each host row (positions offsets[gpu_slots].. pairs - 1), to mapped host memory.
 void launch_gather_host_rows(const void* x, DType dtype, std::int64_t hidden, std::int64_t pairs, int experts,
