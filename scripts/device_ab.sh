@@ -2,11 +2,13 @@
 # Build-time knobs measured against each other in one device call. After
 # scripts/device_gpu.sh has configured and built BUILD (default build-gpu),
 # each variant recompiles the library objects it names in place with its -D
-# flags, relinks TARGET (default _core, the Python extension), runs COMMAND,
+# flags, relinks TARGETS (default _core, the Python extension; a quoted,
+# space-separated list for several), runs COMMAND (with QMOE_AB_LABEL set to the
+# variant's label, e.g. to name its output files),
 # and puts the objects back as configured before the next variant (and at the
 # end), so every variant starts from the configured build.
 #
-#   scripts/device_ab.sh [--build DIR] [--target T] -- COMMAND VARIANT...
+#   scripts/device_ab.sh [--build DIR] [--target "T..."] -- COMMAND VARIANT...
 #   VARIANT = label=[stem:NAME=VALUE[,stem:NAME=VALUE...]]
 #             (stem: a file of src/cuda without .cu; an empty list is the build as configured)
 #
@@ -46,7 +48,8 @@ restore() {
   local obj ok=0
   for obj in "${touched[@]}"; do compile "$obj" || ok=1; done
   touched=()
-  [ $ok = 0 ] && ninja -C "$build" "$target" >/dev/null
+  # shellcheck disable=SC2086 # the targets are words
+  [ $ok = 0 ] && ninja -C "$build" $target >/dev/null
 }
 
 status=0
@@ -74,8 +77,9 @@ for variant in "$@"; do
     compile "$obj" ${flags[$stem]} || built=0
   done
   unset flags
-  if [ $built = 1 ] && ninja -C "$build" "$target" >/dev/null; then
-    bash -c "$command" || status=1
+  # shellcheck disable=SC2086 # the targets are words
+  if [ $built = 1 ] && ninja -C "$build" $target >/dev/null; then
+    QMOE_AB_LABEL="$label" bash -c "$command" || status=1
   else
     echo "device_ab.sh: variant $label did not build" >&2
     status=1

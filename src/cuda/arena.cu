@@ -45,6 +45,7 @@ Workspace carve_workspace(Carver& c, std::int64_t tokens, std::int64_t y2_tokens
   w.rb.num_tiles = c.take<int>(1);
   w.rb.token_of = c.take<int>(pairs);
   w.rb.pos_of = c.take<int>(pairs);
+  w.rb.arrivals = c.take<int>(std::min<std::int64_t>(tokens, kFusedCombineTokens) * fused_combine_row_blocks(H));
   w.act = c.take<std::uint16_t>(pairs * a_stride);
   w.y2 = c.take<float>(y2_tokens * k * H);
   return w;

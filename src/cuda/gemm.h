@@ -17,6 +17,34 @@ namespace qmoe::cuda {
 /// this many experts in its token buffer.
 constexpr int kSelfRouteMaxExperts = 4096;
 
+/// Small calls on the decode kernel: FC2's blocks also do the final combine
+/// (GemmProblem::combine) up to this many tokens per pass.
+constexpr int kFusedCombineTokens = 16;
+
+/// FC2's 64-row blocks over the hidden size (its rows padded to layout.h's kRowAlign).
+inline std::int64_t fused_combine_row_blocks(std::int64_t hidden) {
+  return (hidden + kRowAlign - 1) / kRowAlign * (kRowAlign / 64);
+}
+
+/// FC2's combine, done by the last of FC2's blocks to store its partials for a
+/// (token, 64-row block): out[t][h] = sum over j in order of topk_weight[t k + j] x
+/// (bias[topk_expert] + the partials of position pos_of[t k + j], splits in order),
+/// the arithmetic of route.cu's combine kernels (same bits). `arrivals` counts the
+/// blocks per (token, row block), zeroed by the routing kernel of the call.
+struct FusedCombine {
+  void* out = nullptr;  ///< null: no fused combine
+  int* arrivals = nullptr;
+  int row_blocks = 0;  ///< arrivals per token
+  const int* token_of = nullptr;
+  const int* pos_of = nullptr;
+  const int* topk_expert = nullptr;
+  const float* topk_weight = nullptr;
+  const float* bias = nullptr;  ///< FC2 bias rows (bias_stride apart), or null
+  std::int64_t bias_stride = 0;
+  int k = 0;
+  std::int64_t hidden = 0;
+};
+
 /// A (expert, first row) pair of the per-call tile list built by the planner.
 struct MTile {
   int expert, m0;
@@ -68,6 +96,8 @@ struct GemmProblem {
   const void* route_logits = nullptr;
   DType route_dtype = DType::f32;
   int route_experts = 0, route_k = 0;
+  /// Decode FC2 of a small call (moe.cu decides): the combine in its last blocks.
+  FusedCombine combine;
 };
 
 /// A GEMM kernel's block geometry: token rows per m-tile (the planner's bm)

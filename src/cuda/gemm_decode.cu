@@ -131,6 +131,45 @@ __device__ bool self_routed_tile(const GemmProblem& p, unsigned* scratch, TileWo
   return true;
 }
 
+// FC2 with a fused combine (GemmProblem::combine): after storing its partials,
+// the block counts itself in for each token of its m-tile at its 64-row block;
+// the last block of a (token, row block), of k experts x K splits, mixes that
+// token's 64 outputs, with combine_kernel's arithmetic (route.cu: same bits).
+// The counting is the threadfence-reduction pattern: every thread fences its
+// stores before the block's arrival; the last block fences and reads the other
+// blocks' partials past L1 (__ldcg).
+template <class T, int BM>
+__device__ void combine_when_last(const GemmProblem& p, int pos0, int rows_here) {
+  const FusedCombine& f = p.combine;
+  __shared__ int done[BM], ndone;
+  __threadfence();
+  if (threadIdx.x == 0) ndone = 0;
+  __syncthreads();
+  const int rb = static_cast<int>(blockIdx.x);
+  if (static_cast<int>(threadIdx.x) < rows_here) {
+    const int t = f.token_of[pos0 + static_cast<int>(threadIdx.x)];
+    if (atomicAdd(&f.arrivals[t * f.row_blocks + rb], 1) == f.k * p.splits - 1) done[atomicAdd(&ndone, 1)] = t;
+  }
+  __syncthreads();
+  const int n = ndone;
+  if (n == 0) return;
+  __threadfence();
+  const std::int64_t H = f.hidden, h0 = static_cast<std::int64_t>(rb) * 64;
+  const float* y2 = static_cast<const float*>(p.out);
+  for (int i = static_cast<int>(threadIdx.x); i < n * 64; i += static_cast<int>(blockDim.x)) {
+    const std::int64_t h = h0 + i % 64, t = done[i / 64];
+    if (h >= H) continue;
+    float acc = 0.f;
+    for (int j = 0; j < f.k; ++j) {
+      const std::int64_t pj = t * f.k + j, pos = f.pos_of[pj];
+      float y = f.bias ? f.bias[f.topk_expert[pj] * f.bias_stride + h] : 0.f;
+      for (int s = 0; s < p.splits; ++s) y += __ldcg(y2 + s * p.split_stride + pos * H + h);
+      acc = __fmaf_rn(f.topk_weight[pj], y, acc);
+    }
+    static_cast<T*>(f.out)[t * H + h] = from_float<T>(acc);
+  }
+}
+
 // ZP: the weights carry zero points (a template parameter: the symmetric case,
 // the common one, then spends no instruction on them).
 template <class T, int BITS, int MT, int SK, bool ZP>
@@ -323,6 +362,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   if (wait_at >= nchunks) pdl_wait(), pdl_launch_dependents();  // (no chunk: never, K > 0)
   flush();
   store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
+  if (!p.fc1 && p.combine.out) combine_when_last<T, XT::BM>(p, pos0, rows_here);
 }
 
 static_assert(4 * kSelfRouteMaxExperts <= XTile<1>::kBytes, "a self-routed FC1's keys fit the token buffer");

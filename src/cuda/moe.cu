@@ -51,6 +51,12 @@ static bool pick_pdl(bool on, int cc) { return on && cc >= 90; }
 #define QMOE_DECODE_SELF_ROUTE 0
 #endif
 static constexpr bool kSelfRoute = QMOE_DECODE_SELF_ROUTE != 0;
+// Small calls: FC2's last blocks do the combine (GemmProblem::combine), a
+// build-time knob until measured on a GPU (scripts/device_ab.sh, stem moe).
+#ifndef QMOE_DECODE_FUSED_COMBINE
+#define QMOE_DECODE_FUSED_COMBINE 0
+#endif
+static constexpr bool kFusedCombine = QMOE_DECODE_FUSED_COMBINE != 0;
 
 // Tokens per pass of a Layer with host experts (the mapped host rows hold one pass).
 constexpr std::int64_t kHostPassTokens = 1024;
@@ -345,6 +351,11 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
     RouteBuffers plan_rb = ws.rb;
     if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
+    // Few tokens on the decode kernel, all experts on the GPU: FC2 does the combine.
+    const bool fuse_combine = kFusedCombine && tc <= kFusedCombineTokens && !hp && v.launch == launch_gemm_decode &&
+                              route_plan_one_block(tc, static_cast<int>(E), a.k);
+    const std::int64_t row_blocks = fused_combine_row_blocks(H);
+    if (fuse_combine) plan_rb.arrivals_count = static_cast<int>(tc * row_blocks);
     // One token on the decode kernel, all experts on the GPU: FC1 routes the token
     // itself and runs beside the routing kernel (GemmProblem::route_logits).
     const bool self_route = kSelfRoute && tc == 1 && !hp && st.pdl && v.launch == launch_gemm_decode && v.mt == 1 &&
@@ -414,13 +425,25 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     }
     p2.fc1 = false, p2.out = ws.y2, p2.out_stride = H;
     p2.splits = split.splits, p2.split_cols = split.split_cols, p2.split_stride = pairs * H;
-    if (gpu_experts) gemm(p2, capacity);
-    host_gemm(p2, staged2, capacity);
-
     const float* bias2 = !st.w.has_bias2 ? nullptr
                          : host_on_gpu   ? st.all_bias.get<float>()
                          : hp            ? st.combine_bias.get<float>()
                                          : st.w.p2.bias;
+    if (fuse_combine)
+      p2.combine = FusedCombine{y,
+                                ws.rb.arrivals,
+                                static_cast<int>(row_blocks),
+                                ws.rb.token_of,
+                                ws.rb.pos_of,
+                                ws.rb.topk_expert,
+                                ws.rb.topk_weight,
+                                bias2,
+                                st.w.g2.padded_rows,
+                                a.k,
+                                H};
+    if (gpu_experts) gemm(p2, capacity);
+    host_gemm(p2, staged2, capacity);
+    if (fuse_combine) continue;  // FC2's last blocks wrote this pass's output
     if (host_on_cpu) {
       hp->join(stream);
       launch_scatter_host_rows(hr.y, H, pairs, ws.rb, ws.y2, split.splits, pairs * H, stream);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/check.h"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/route.h"
@@ -181,6 +182,7 @@ __global__ void route_plan_kernel(const void* logits, const void* mix, DType dt,
   float* keys = smem_f + E;
   int* sel = reinterpret_cast<int*>(keys + warps * E) + warp * 2 * k;
   for (int e = tid; e < E; e += nthreads) counts[e] = 0;
+  for (int i = tid; i < b.arrivals_count; i += nthreads) b.arrivals[i] = 0;
   __syncthreads();
   for (int t = warp; t < tokens; t += warps)
     route_token(logits, mix, dt, t, E, k, normalize, keys + warp * E, sel, counts, b);
@@ -315,10 +317,16 @@ constexpr std::int64_t kFewCombineTokens = 32;
 
 }  // namespace
 
+bool route_plan_one_block(std::int64_t tokens, int experts, int k) {
+  return tokens <= kFusedRouteTokens && experts <= kFusedRouteExperts && k <= kFusedRouteK;
+}
+
 void launch_route_plan(const void* logits, const void* mix, DType dtype, std::int64_t tokens, int experts, int k,
                        bool normalize, int bm, const RouteBuffers& b, bool early_start, cudaStream_t stream) {
   const std::int64_t pairs = tokens * k;
-  if (tokens <= kFusedRouteTokens && experts <= kFusedRouteExperts && k <= kFusedRouteK) {
+  detail::require(b.arrivals_count == 0 || route_plan_one_block(tokens, experts, k),
+                  "internal: fused-combine counters need the one-block routing path");
+  if (route_plan_one_block(tokens, experts, k)) {
     // A warp per token up to 32 tokens (few warps for few tokens: the block's barriers
     // then wait for fewer), 4 warps at least for the plan's scan.
     const int warps = static_cast<int>(std::clamp<std::int64_t>(tokens, 4, 32));

@@ -26,7 +26,14 @@ struct RouteBuffers {
   // GPU slots get m-tiles. topk_expert holds slots. Null: slot = expert, all on the GPU.
   const int* slot_of = nullptr;
   int gpu_slots = 0;
+  // FC2's fused combine (GemmProblem::combine): arrivals_count counters, zeroed by the
+  // one-block routing kernel (route_plan_one_block) at its start.
+  int* arrivals = nullptr;
+  int arrivals_count = 0;
 };
+
+/// Whether launch_route_plan takes its one-block path for this call.
+bool route_plan_one_block(std::int64_t tokens, int experts, int k);
 
 /// softmax + top-k (+ renormalize, router_weights) for T tokens, then the plan:
 /// exclusive offsets per expert, the m-tile list with tiles of `bm` tokens, and
