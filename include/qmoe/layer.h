@@ -90,13 +90,18 @@ struct LayerOptions {
   /// CUDA: launch FC1, FC2 and the combine as programmatic dependent launches
   /// on compute capability 9.0 and newer; off gives the same bits. (QMOE_CUDA_PDL=0|1)
   bool cuda_pdl = true;
+  /// CUDA: fewer kernels for small calls, with all experts on the GPU: a one-token
+  /// call's FC1 picks its token's experts itself and runs beside the routing kernel
+  /// (with cuda_pdl), and up to 16 tokens per pass the FC2 kernel does the final
+  /// combine. Off gives the same bits. (QMOE_CUDA_FUSE=0|1)
+  bool cuda_fuse = false;
   /// CPU: print the time of each phase of every forward() to stderr. (QMOE_PROFILE=1)
   bool profile = false;
 };
 
 /// `options` with each override field that holds its default filled from its
 /// environment variable (QMOE_CPU_ISA, QMOE_CUDA_GEMM, QMOE_CUDA_PDL,
-/// QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
+/// QMOE_CUDA_FUSE, QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
 /// this returns. Throws qmoe::Error naming the variable when a value is not one
 /// of those documented.
 LayerOptions with_environment(LayerOptions options);

@@ -45,19 +45,6 @@ bool on_device(const void* p, int device) {
 // overlap that tail. Off is for diagnosis: the results are the same bits.
 static bool pick_pdl(bool on, int cc) { return on && cc >= 90; }
 
-// One-token calls: FC1 picks its experts itself (GemmProblem::route_logits), a
-// build-time knob until measured on a GPU (scripts/device_ab.sh, stem moe).
-#ifndef QMOE_DECODE_SELF_ROUTE
-#define QMOE_DECODE_SELF_ROUTE 0
-#endif
-static constexpr bool kSelfRoute = QMOE_DECODE_SELF_ROUTE != 0;
-// Small calls: FC2's last blocks do the combine (GemmProblem::combine), a
-// build-time knob until measured on a GPU (scripts/device_ab.sh, stem moe).
-#ifndef QMOE_DECODE_FUSED_COMBINE
-#define QMOE_DECODE_FUSED_COMBINE 0
-#endif
-static constexpr bool kFusedCombine = QMOE_DECODE_FUSED_COMBINE != 0;
-
 // Tokens per pass of a Layer with host experts (the mapped host rows hold one pass).
 constexpr std::int64_t kHostPassTokens = 1024;
 
@@ -69,7 +56,8 @@ struct CudaMoe::State {
   // Average tokens per expert from which the wgmma (sm_90a) prefill kernel
   // runs instead of mma.sync; infinity when it is unavailable or turned off.
   double wgmma_from = kNoWgmma;
-  bool pdl = false;  // programmatic dependent launches (pick_pdl)
+  bool pdl = false;   // programmatic dependent launches (pick_pdl)
+  bool fuse = false;  // small calls' fusions (LayerOptions::cuda_fuse)
   // accuracy_level 4 with the int8-token wgmma kernel available and weights it takes
   // (act8_fits): passes that run wgmma quantize their GEMM inputs to int8 (act8.h).
   bool int8_tokens = false;
@@ -138,6 +126,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
   st.sms = prop.multiProcessorCount;
   st.wgmma_from = wgmma_threshold(o.cuda_gemm, prop.major * 10 + prop.minor);
   st.pdl = pick_pdl(o.cuda_pdl, prop.major * 10 + prop.minor);
+  st.fuse = o.cuda_fuse;
 
   const std::int64_t E = s.num_experts;
   // Host experts: the CPU side is built first (its packer reads the host experts'
@@ -352,13 +341,13 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     RouteBuffers plan_rb = ws.rb;
     if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
     // Few tokens on the decode kernel, all experts on the GPU: FC2 does the combine.
-    const bool fuse_combine = kFusedCombine && tc <= kFusedCombineTokens && !hp && v.launch == launch_gemm_decode &&
+    const bool fuse_combine = st.fuse && tc <= kFusedCombineTokens && !hp && v.launch == launch_gemm_decode &&
                               route_plan_one_block(tc, static_cast<int>(E), a.k);
     const std::int64_t row_blocks = fused_combine_row_blocks(H);
     if (fuse_combine) plan_rb.arrivals_count = static_cast<int>(tc * row_blocks);
     // One token on the decode kernel, all experts on the GPU: FC1 routes the token
     // itself and runs beside the routing kernel (GemmProblem::route_logits).
-    const bool self_route = kSelfRoute && tc == 1 && !hp && st.pdl && v.launch == launch_gemm_decode && v.mt == 1 &&
+    const bool self_route = st.fuse && tc == 1 && !hp && st.pdl && v.launch == launch_gemm_decode && v.mt == 1 &&
                             E <= kSelfRouteMaxExperts && k <= 32;
     launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
                       self_route, stream);

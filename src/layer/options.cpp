@@ -35,6 +35,11 @@ LayerOptions with_environment(LayerOptions o) {
     detail::require(p.empty() || p == "0" || p == "1", "QMOE_CUDA_PDL: expected 0 or 1, got \"", p, "\"");
     o.cuda_pdl = p != "0";
   }
+  if (o.cuda_fuse == LayerOptions{}.cuda_fuse) {
+    const std::string f = env("QMOE_CUDA_FUSE");
+    detail::require(f.empty() || f == "0" || f == "1", "QMOE_CUDA_FUSE: expected 0 or 1, got \"", f, "\"");
+    if (!f.empty()) o.cuda_fuse = f == "1";
+  }
   if (!o.profile) o.profile = env("QMOE_PROFILE") == "1";
   return o;
 }

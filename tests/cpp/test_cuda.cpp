@@ -433,6 +433,122 @@ TEST_F(CudaLayer, DependentLaunchesGiveTheSameBits) {
   CK(cudaStreamDestroy(st));
 }
 
+// LayerOptions::cuda_fuse: the one-token FC1 that routes its token itself and
+// FC2's fused combine (up to 16 tokens) change which kernels run, not the
+// arithmetic: every call gives the bits of the unfused layer (eager, back to
+// back on one stream, with and without dependent launches, and replayed from a
+// graph), with ties, infinities and NaN among the logits, router_weights, an FC2
+// bias, and a hidden size that ends inside FC2's last 64-row block.
+TEST_F(CudaLayer, SmallCallFusionGivesTheSameBits) {
+  struct Shape {
+    Case c;
+    DType dt;
+    bool mix;
+  };
+  const Shape shapes[] = {{{4, 128, true, Activation::swiglu, 1, 2, 256, 384, 8, 40}, DType::bf16, false},
+                          {{8, 0, false, Activation::swiglu, 1, 4, 320, 192, 32, 40}, DType::f16, true},
+                          {{4, 32, false, Activation::silu, 0, 8, 448, 128, 64, 40}, DType::bf16, false}};
+  const std::int64_t counts[] = {1, 2, 16, 3, 1, 17, 8, 1};  // fused (1-16), not (17), again
+  auto same = [](const std::vector<std::uint16_t>& a, const std::vector<std::uint16_t>& b, DType dt) {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      const float x = dt == DType::f16 ? f16_to_f32(a[i]) : bf16_to_f32(a[i]);
+      const float y = dt == DType::f16 ? f16_to_f32(b[i]) : bf16_to_f32(b[i]);
+      if (a[i] != b[i] && !(x != x && y != y)) return false;  // NaN rows: NaN on both sides
+    }
+    return true;
+  };
+  for (const Shape& sh : shapes) {
+    const Case& c = sh.c;
+    SCOPED_TRACE(testing::Message() << "E " << c.e << " k " << c.k << " H " << c.h);
+    const MoeAttributes a = c.attrs();
+    const tools::SynthLayer s = c.layer();
+    const Inputs in = random_inputs(c.t, c.h, c.e, 23);
+    std::vector<float> logits = in.logits;
+    // Rows 0-4 of the logits: all equal (ties to the lowest experts), +inf twice,
+    // -inf everywhere but one, a NaN, and the largest logits at the last experts.
+    for (std::int64_t e = 0; e < c.e; ++e) {
+      logits[e] = 0.5f;
+      logits[c.e + e] = e == 3 || e == c.e - 1 ? std::numeric_limits<float>::infinity() : 0.f;
+      logits[2 * c.e + e] = e == 1 ? 1.f : -std::numeric_limits<float>::infinity();
+      logits[4 * c.e + e] = static_cast<float>(e);
+    }
+    logits[3 * c.e + 2] = std::numeric_limits<float>::quiet_NaN();
+    const auto xh = to_half(in.x, sh.dt), lh = to_half(logits, sh.dt), mh = to_half(in.mix, sh.dt);
+    Dev dx(xh), dl(lh), dm(mh);
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    auto views = [&](std::int64_t r0, std::int64_t t) {
+      const auto* x = static_cast<const std::uint16_t*>(dx.p) + r0 * c.h;
+      const auto* l = static_cast<const std::uint16_t*>(dl.p) + r0 * c.e;
+      const auto* m = static_cast<const std::uint16_t*>(dm.p) + r0 * c.e;
+      return std::make_tuple(TensorView(x, sh.dt, {t, c.h}), TensorView(l, sh.dt, {t, c.e}),
+                             sh.mix ? TensorView(m, sh.dt, {t, c.e}) : TensorView{});
+    };
+    // Calls starting at rows 0-4 (the special logits) and further down.
+    auto run = [&](bool fuse, bool pdl) {
+      LayerOptions o;
+      o.backend = Backend::cuda;
+      o.cuda_fuse = fuse;
+      o.cuda_pdl = pdl;
+      const Layer layer(s.views(), a, o);
+      std::deque<Dev> ys;
+      std::vector<std::vector<std::uint16_t>> outs;
+      for (int rep = 0; rep < 2; ++rep)
+        for (std::int64_t t : counts) {
+          const std::int64_t r0 = rep == 0 ? (t == 1 ? static_cast<std::int64_t>(outs.size()) % 5 : 0) : 7 + t;
+          ys.emplace_back(static_cast<std::size_t>(t * c.h * 2));
+          const auto [xv, lv, mv] = views(r0, t);
+          layer.forward_async(xv, lv, mv, MutableTensorView(ys.back().p, sh.dt, {t, c.h}), st);
+          outs.emplace_back();
+        }
+      EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+      for (std::size_t i = 0; i < ys.size(); ++i) outs[i] = ys[i].get<std::uint16_t>();
+      // A graph of a one-token call and a 16-token call, replayed twice.
+      Dev g1(static_cast<std::size_t>(c.h * 2)), g16(static_cast<std::size_t>(16 * c.h * 2));
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      EXPECT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+      {
+        const auto [xv, lv, mv] = views(3, 1);
+        layer.forward_async(xv, lv, mv, MutableTensorView(g1.p, sh.dt, {1, c.h}), st);
+      }
+      {
+        const auto [xv, lv, mv] = views(0, 16);
+        layer.forward_async(xv, lv, mv, MutableTensorView(g16.p, sh.dt, {16, c.h}), st);
+      }
+      EXPECT_EQ(cudaStreamEndCapture(st, &graph), cudaSuccess);
+      EXPECT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      for (int r = 0; r < 2; ++r) EXPECT_EQ(cudaGraphLaunch(exec, st), cudaSuccess);
+      EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+      outs.push_back(g1.get<std::uint16_t>());
+      outs.push_back(g16.get<std::uint16_t>());
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      return outs;
+    };
+    const auto plain = run(false, true);
+    for (const bool pdl : {true, false}) {
+      const auto fused = run(true, pdl);
+      ASSERT_EQ(plain.size(), fused.size());
+      for (std::size_t i = 0; i < plain.size(); ++i)
+        EXPECT_TRUE(same(plain[i], fused[i], sh.dt)) << "call " << i << (pdl ? " (pdl)" : "");
+    }
+    // The one-token calls on the special rows against float64 (routing semantics).
+    const std::vector<double> ref =
+        reference_forward(s.views(), a, TensorView(xh.data(), sh.dt, {5, c.h}), TensorView(lh.data(), sh.dt, {5, c.e}),
+                          sh.mix ? TensorView(mh.data(), sh.dt, {5, c.e}) : TensorView{});
+    for (std::size_t j = 0; j < std::size(counts); ++j) {  // rep 0's one-token calls start at row j % 5
+      const std::size_t row = j % 5;
+      if (counts[j] != 1 || row == 3) continue;  // (row 3: NaN)
+      const std::vector<double> want(ref.begin() + static_cast<std::ptrdiff_t>(row * c.h),
+                                     ref.begin() + static_cast<std::ptrdiff_t>((row + 1) * c.h));
+      EXPECT_LE(rel_l2(from_half(plain[j], sh.dt), want), 1e-2) << "row " << row;
+    }
+    CK(cudaStreamDestroy(st));
+  }
+}
+
 // Experts in host memory (LayerOptions::host_experts): against float64, the same bits run
 // to run, on several passes; with host_experts_gpu_from the host experts run on the GPU
 // from that many tokens on, through the same kernels: the all-GPU layer's bits.
