@@ -134,20 +134,24 @@ __device__ bool self_routed_tile(const GemmProblem& p, unsigned* scratch, TileWo
 // FC2 with a fused combine (GemmProblem::combine): after storing its partials,
 // the block counts itself in for each token of its m-tile at its 64-row block;
 // the last block of a (token, row block), of k experts x K splits, mixes that
-// token's 64 outputs, with combine_kernel's arithmetic (route.cu: same bits).
-// The counting is the threadfence-reduction pattern: every thread fences its
-// stores before the block's arrival; the last block fences and reads the other
-// blocks' partials past L1 (__ldcg).
+// token's 64 outputs, with combine_few_kernel's arithmetic (route.cu: same
+// bits): the k experts' columns (bias, then the splits in order) into `ys`
+// (k x 64 floats of the block's shared memory, free by then) by all threads at
+// once, then each column's k terms in order. The counting is the
+// threadfence-reduction pattern: every thread fences its stores before the
+// block's arrival; the last block fences and reads the other blocks' partials
+// past L1 (__ldcg).
 template <class T, int BM>
-__device__ void combine_when_last(const GemmProblem& p, int pos0, int rows_here) {
+__device__ void combine_when_last(const GemmProblem& p, int pos0, int rows_here, float* ys) {
   const FusedCombine& f = p.combine;
-  __shared__ int done[BM], ndone;
+  __shared__ int done[BM], ndone, pos[32], slot[32];  // (k <= 32: the one-block routing path)
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   __threadfence();
-  if (threadIdx.x == 0) ndone = 0;
+  if (tid == 0) ndone = 0;
   __syncthreads();
   const int rb = static_cast<int>(blockIdx.x);
-  if (static_cast<int>(threadIdx.x) < rows_here) {
-    const int t = f.token_of[pos0 + static_cast<int>(threadIdx.x)];
+  if (tid < rows_here) {
+    const int t = f.token_of[pos0 + tid];
     if (atomicAdd(&f.arrivals[t * f.row_blocks + rb], 1) == f.k * p.splits - 1) done[atomicAdd(&ndone, 1)] = t;
   }
   __syncthreads();
@@ -156,17 +160,26 @@ __device__ void combine_when_last(const GemmProblem& p, int pos0, int rows_here)
   __threadfence();
   const std::int64_t H = f.hidden, h0 = static_cast<std::int64_t>(rb) * 64;
   const float* y2 = static_cast<const float*>(p.out);
-  for (int i = static_cast<int>(threadIdx.x); i < n * 64; i += static_cast<int>(blockDim.x)) {
-    const std::int64_t h = h0 + i % 64, t = done[i / 64];
-    if (h >= H) continue;
-    float acc = 0.f;
-    for (int j = 0; j < f.k; ++j) {
-      const std::int64_t pj = t * f.k + j, pos = f.pos_of[pj];
-      float y = f.bias ? f.bias[f.topk_expert[pj] * f.bias_stride + h] : 0.f;
-      for (int s = 0; s < p.splits; ++s) y += __ldcg(y2 + s * p.split_stride + pos * H + h);
-      acc = __fmaf_rn(f.topk_weight[pj], y, acc);
+  for (int d = 0; d < n; ++d) {
+    const std::int64_t t = done[d];
+    if (tid < f.k) pos[tid] = f.pos_of[t * f.k + tid], slot[tid] = f.topk_expert[t * f.k + tid];
+    __syncthreads();
+#pragma unroll 4
+    for (int i = tid; i < f.k * 64; i += nthreads) {
+      const int j = i / 64;
+      const std::int64_t h = h0 + i % 64;
+      if (h >= H) continue;
+      float y = f.bias ? f.bias[slot[j] * f.bias_stride + h] : 0.f;
+      for (int s = 0; s < p.splits; ++s) y += __ldcg(y2 + s * p.split_stride + pos[j] * H + h);
+      ys[i] = y;
     }
-    static_cast<T*>(f.out)[t * H + h] = from_float<T>(acc);
+    __syncthreads();
+    if (tid < 64 && h0 + tid < H) {
+      float acc = 0.f;
+      for (int j = 0; j < f.k; ++j) acc = __fmaf_rn(f.topk_weight[t * f.k + j], ys[j * 64 + tid], acc);
+      static_cast<T*>(f.out)[t * H + h0 + tid] = from_float<T>(acc);
+    }
+    __syncthreads();  // pos, slot and ys are rewritten for the next token
   }
 }
 
@@ -362,10 +375,11 @@ __global__ void __launch_bounds__(kThreads, 5) decode_kernel(const GemmProblem p
   if (wait_at >= nchunks) pdl_wait(), pdl_launch_dependents();  // (no chunk: never, K > 0)
   flush();
   store_tile<T, MT>(p, &acc[0][0], e, tile, pos0, rows_here, g, c);
-  if (!p.fc1 && p.combine.out) combine_when_last<T, XT::BM>(p, pos0, rows_here);
+  if (!p.fc1 && p.combine.out) combine_when_last<T, XT::BM>(p, pos0, rows_here, reinterpret_cast<float*>(smem_raw));
 }
 
 static_assert(4 * kSelfRouteMaxExperts <= XTile<1>::kBytes, "a self-routed FC1's keys fit the token buffer");
+static_assert(4 * 32 * 64 <= XTile<1>::kBytes, "a fused combine's k <= 32 columns of 64 fit the token buffer");
 
 template <class T, int BITS, int MT, int SK, bool ZP>
 void launch_one(const GemmProblem& p, std::int64_t tile_capacity, cudaStream_t stream) {
