@@ -7,6 +7,7 @@
 // checked by diffing this program's output before and after, e.g.
 //   QMOE_CPU_ISA=avx2 build/qmoe_output_hashes cpu > after.txt
 //   build/qmoe_output_hashes cuda > after_cuda.txt
+//   QMOE_CUDA_FUSE=1 build/qmoe_output_hashes cuda > fused_cuda.txt   (the same bits)
 // (the CPU kernel table comes from QMOE_CPU_ISA, read once per process).
 #include <cstdint>
 #include <cstdio>
@@ -210,6 +211,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "qmoe_output_hashes: no CUDA device\n");
       return 2;
     }
+    // QMOE_CUDA_FUSE as the caller set it (the fused and unfused layers give the same
+    // bits: compare two runs), the GEMM choice and PDL set here.
     for (const char* gemm : {"auto", "mma", "wgmma"})
       for (const char* pdl : {"1", "0"}) {
         if (std::strcmp(pdl, "0") == 0 && std::strcmp(gemm, "auto") != 0) continue;
