@@ -95,13 +95,18 @@ struct LayerOptions {
   /// (with cuda_pdl), and up to 16 tokens per pass the FC2 kernel does the final
   /// combine. Off gives the same bits. (QMOE_CUDA_FUSE=0|1)
   bool cuda_fuse = false;
+  /// CUDA with host_experts: eager calls hand the routed rows to the CPU experts and
+  /// their results back by polling (a Layer thread polls an event, a one-thread
+  /// kernel polls a word of mapped memory) instead of CUDA host functions; calls
+  /// captured into graphs keep host functions. The same bits. (QMOE_CUDA_HOST_POLLING=0|1)
+  bool cuda_host_polling = false;
   /// CPU: print the time of each phase of every forward() to stderr. (QMOE_PROFILE=1)
   bool profile = false;
 };
 
 /// `options` with each override field that holds its default filled from its
 /// environment variable (QMOE_CPU_ISA, QMOE_CUDA_GEMM, QMOE_CUDA_PDL,
-/// QMOE_CUDA_FUSE, QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
+/// QMOE_CUDA_FUSE, QMOE_CUDA_HOST_POLLING, QMOE_PROFILE), when set and non-empty. Every Layer is built with the options
 /// this returns. Throws qmoe::Error naming the variable when a value is not one
 /// of those documented.
 LayerOptions with_environment(LayerOptions options);

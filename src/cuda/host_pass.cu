@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -8,6 +9,18 @@
 #include "cuda/host_pass.h"
 
 namespace qmoe::cuda {
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+}  // namespace
 
 void HostErrors::record(const char* what) noexcept {
   std::lock_guard<std::mutex> lk(mu);
@@ -23,6 +36,7 @@ void HostErrors::rethrow(const std::string& experts) {
 }
 
 HostPass::~HostPass() {
+  poller.reset();  // its queued passes use this context
   if (forked) cudaEventDestroy(forked);
   if (joined) cudaEventDestroy(joined);
   if (side) cudaStreamDestroy(side);
@@ -53,7 +67,7 @@ std::unique_ptr<HostPass> HostPass::for_capture(std::size_t row_bytes) const {
   return p;
 }
 
-void HostPass::run_pass() noexcept {
+void HostPass::run_rows(const HostRows& rows) noexcept {
   const int* off = rows.offsets;
   const std::int64_t p0 = off[gpu_slots], n = off[slots] - p0, H = hidden;
   if (n <= 0) return;
@@ -73,11 +87,87 @@ void HostPass::run_pass() noexcept {
     for (std::int64_t r = 0; r < n; ++r) std::copy_n(y.data() + r * H, H, rows.y + order[r] * H);
     return;
   } catch (const std::exception& ex) {
-    errors->record(ex.what());
+    fail_rows(rows, ex.what());
   } catch (...) {
-    errors->record("unknown error");
+    fail_rows(rows, "unknown error");
   }
-  std::fill(rows.y, rows.y + n * hidden, std::numeric_limits<float>::quiet_NaN());
+}
+
+void HostPass::fail_rows(const HostRows& rows, const char* why) noexcept {
+  errors->record(why);
+  const std::int64_t n = rows.offsets[slots] - rows.offsets[gpu_slots];
+  if (n > 0) std::fill(rows.y, rows.y + n * hidden, std::numeric_limits<float>::quiet_NaN());
+}
+
+HostPoller::HostPoller(HostPass& pass, int device) : pass_(pass), device_(device), word_(64) {
+  *word_.get<std::uint32_t>() = 0;
+  thread_ = std::thread([this] { loop(); });
+}
+
+HostPoller::~HostPoller() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
+}
+
+std::uint32_t HostPoller::post(cudaStream_t stream) {
+  cudaEvent_t ev = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!free_.empty()) ev = free_.back(), free_.pop_back();
+  }
+  if (!ev) {
+    QMOE_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    std::lock_guard<std::mutex> lk(mu_);
+    events_.push_back(ev);
+  }
+  if (const cudaError_t r = cudaEventRecord(ev, stream); r != cudaSuccess) {
+    std::lock_guard<std::mutex> lk(mu_);
+    free_.push_back(ev);
+    QMOE_CUDA_CHECK(r);
+  }
+  std::uint32_t seq = 0;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    seq = ++seq_;
+    jobs_.push_back(Job{seq, ev, pass_.rows});
+  }
+  cv_.notify_one();
+  return seq;
+}
+
+void HostPoller::loop() {
+  cudaSetDevice(device_);  // (the events know their device; this thread's CUDA calls stay on it)
+  volatile std::uint32_t* done = word_.get<std::uint32_t>();
+  for (;;) {
+    Job j{};
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stop_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stopping, with every queued pass run
+      j = jobs_.front();
+    }
+    // The rows are in host memory once the gather's event completes: polled, with
+    // the pool's own pause-then-yield rhythm (the CPU threads were woken by the call).
+    cudaError_t r;
+    for (int spins = 0; (r = cudaEventQuery(j.gathered)) == cudaErrorNotReady; ++spins) {
+      if (spins > 4096) std::this_thread::yield();
+      for (int i = 0; i < 8; ++i) cpu_relax();  // (a query takes the runtime's locks: not back to back)
+    }
+    if (r == cudaSuccess)
+      pass_.run_rows(j.rows);
+    else  // the device failed: the stream will not get to the result rows either
+      pass_.fail_rows(j.rows, cudaGetErrorString(r));
+    std::atomic_thread_fence(std::memory_order_release);  // the result rows before the word
+    *done = j.seq;
+    std::lock_guard<std::mutex> lk(mu_);
+    jobs_.pop_front();
+    free_.push_back(j.gathered);
+  }
 }
 
 namespace {

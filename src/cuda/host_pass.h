@@ -5,10 +5,13 @@
 
 #include <cuda_runtime.h>
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda/arena.h"
@@ -23,6 +26,48 @@ struct HostErrors {
   void record(const char* what) noexcept;
   /// Throws the recorded failure (and forgets it), naming `experts`.
   void rethrow(const std::string& experts);
+};
+
+struct HostPass;
+
+/// Eager host passes without CUDA host functions (LayerOptions::cuda_host_polling).
+/// A host function starts when the CUDA runtime's callback thread gets to it, and
+/// the stream waiting on its completion resumes when the runtime notices it; here
+/// the handoffs are polled on both sides instead: a worker thread of the Layer
+/// polls an event recorded after the rows' gather and runs the pass, then stores
+/// the pass's number into a word of mapped host memory that a one-thread kernel on
+/// the call's stream polls before the host rows are scattered back. Calls being
+/// captured keep host functions (a replay has no host call to post its pass).
+class HostPoller {
+ public:
+  HostPoller(HostPass& pass, int device);
+  ~HostPoller();  // runs the passes still queued (their gathers complete), then joins
+  HostPoller(const HostPoller&) = delete;
+  HostPoller& operator=(const HostPoller&) = delete;
+  /// After the gather of the pass's rows (HostPass::rows) is enqueued on `stream`:
+  /// queues the pass and returns the number that done_word() will hold once it is done.
+  std::uint32_t post(cudaStream_t stream);
+  /// The mapped word the passes' numbers are stored into (release), 0 at first.
+  const std::uint32_t* done_word() const { return word_.get<std::uint32_t>(); }
+
+ private:
+  struct Job {
+    std::uint32_t seq;
+    cudaEvent_t gathered;
+    HostRows rows;
+  };
+  void loop();
+  HostPass& pass_;
+  int device_;
+  PinnedBuffer word_;
+  std::uint32_t seq_ = 0;  // the last posted (the posting thread holds the arena's mutex)
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> jobs_;             // queued and running, in order
+  std::vector<cudaEvent_t> events_;  // every event made (destroyed last)
+  std::vector<cudaEvent_t> free_;    // those not in a queued job
+  bool stop_ = false;
+  std::thread thread_;
 };
 
 /// One context of host passes: the rows in mapped host memory (the arena's for eager
@@ -40,6 +85,7 @@ struct HostPass {
   cudaEvent_t forked = nullptr, joined = nullptr;  // main stream -> side stream -> main stream
   std::vector<std::int64_t> order, counts;
   std::vector<float> x, y;
+  std::unique_ptr<HostPoller> poller;  // the eager context's, with LayerOptions::cuda_host_polling
 
   HostPass() = default;
   HostPass(const HostPass&) = delete;
@@ -67,7 +113,10 @@ struct HostPass {
   /// The rows of each host expert in token order (the plan's order within an expert
   /// comes from atomics) through the CPU kernels, the results back to their positions.
   /// Never a silent answer: on failure the rows become NaN and `errors` records why.
-  void run_pass() noexcept;
+  void run_pass() noexcept { run_rows(rows); }
+  void run_rows(const HostRows& r) noexcept;
+  /// The pass's result rows as NaN, `why` recorded in `errors`.
+  void fail_rows(const HostRows& r, const char* why) noexcept;
 };
 
 /// LayerOptions::kMeasureCrossover: the smallest tokens per pass T (at most `chunk`) at

@@ -151,6 +151,7 @@ CudaMoe::CudaMoe(const ExpertWeights& w, const MoeAttributes& a, const MoeShape&
     st.slot_of = DeviceBuffer(sizeof(int) * slot_of.size());
     QMOE_CUDA_CHECK(cudaMemcpy(st.slot_of.get(), slot_of.data(), sizeof(int) * slot_of.size(), cudaMemcpyHostToDevice));
     hp->open_streams();
+    if (o.cuda_host_polling) hp->poller = std::make_unique<HostPoller>(*hp, o.device);
     st.host = std::move(hp);
   }
   st.w = prepack_layer(w, a, s, release, st.host ? &gpu_experts : nullptr);
@@ -321,6 +322,9 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     staged1 = shift_slots(rebase(st.host_p1, st.host_base, stg), st.w.g1, hp->gpu_slots);
     staged2 = shift_slots(rebase(st.host_p2, st.host_base, stg), st.w.g2, hp->gpu_slots);
   }
+  // Eager host passes polled instead of host functions (HostPoller).
+  const bool polling = host_on_cpu && !capturing && hp->poller;
+  std::uint32_t host_seq = 0;
   HostRows hr;
   if (host_on_cpu) {
     Carver hc{capturing ? hp->own_rows.get<char>() : arena.host.get<char>()};
@@ -355,7 +359,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
       // Host rows out to mapped memory, then the CPU kernels on the side stream
       // while the GPU experts run here.
       launch_gather_host_rows(x, dt, H, pairs, static_cast<int>(E), ws.rb, hr.offsets, hr.token, hr.x, stream);
-      hp->on_side(stream, [&](cudaStream_t side) { QMOE_CUDA_CHECK(cudaLaunchHostFunc(side, &HostPass::run, hp)); });
+      if (polling)
+        host_seq = hp->poller->post(stream);
+      else
+        hp->on_side(stream, [&](cudaStream_t side) { QMOE_CUDA_CHECK(cudaLaunchHostFunc(side, &HostPass::run, hp)); });
       if (!capturing) hp->experts->prepare();  // the CPU threads poll from now on, not when the rows arrive
     }
     // Grid bound on the plan's m-tiles: each expert's last tile may be partial
@@ -434,7 +441,10 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     host_gemm(p2, staged2, capacity);
     if (fuse_combine) continue;  // FC2's last blocks wrote this pass's output
     if (host_on_cpu) {
-      hp->join(stream);
+      if (polling)
+        launch_wait_host(hp->poller->done_word(), host_seq, stream);
+      else
+        hp->join(stream);
       launch_scatter_host_rows(hr.y, H, pairs, ws.rb, ws.y2, split.splits, pairs * H, stream);
     }
     launch_combine(ws.y2, split.splits, pairs * H, bias2, st.w.g2.padded_rows, tc, a.k, H, y, dt, ws.rb,

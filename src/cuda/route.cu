@@ -218,6 +218,15 @@ __global__ void scatter_host_rows_kernel(const float* host_y, std::int64_t H, Ro
   }
 }
 
+// The call's stream waits here for the host pass numbered `seq` (HostPoller): one
+// thread polls the mapped word (uncached reads over the bus) until it reaches seq
+// (wrapping compare). The host stores the word after the result rows, so the
+// scatter launched after this kernel reads complete rows.
+__global__ void wait_host_kernel(const unsigned* word, unsigned seq) {
+  const volatile unsigned* w = word;
+  while (static_cast<int>(*w - seq) < 0) __nanosleep(256);
+}
+
 // V consecutive float32 columns (V = 4: one 16-byte load), and V outputs in the
 // token dtype (V = 4: one 8-byte store).
 template <int V>
@@ -355,6 +364,11 @@ void launch_gather_host_rows(const void* x, DType dtype, std::int64_t hidden, st
                              cudaStream_t stream) {
   gather_host_rows_kernel<<<static_cast<unsigned>(pairs), 256, 0, stream>>>(x, dtype, hidden, experts, b, host_offsets,
                                                                             host_token, host_x);
+  QMOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_wait_host(const std::uint32_t* word, std::uint32_t seq, cudaStream_t stream) {
+  wait_host_kernel<<<1, 1, 0, stream>>>(word, seq);
   QMOE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -47,6 +47,9 @@ void launch_route_plan(const void* logits, const void* mix, DType dtype, std::in
 void launch_gather_host_rows(const void* x, DType dtype, std::int64_t hidden, std::int64_t pairs, int experts,
                              const RouteBuffers& b, int* host_offsets, int* host_token, float* host_x,
                              cudaStream_t stream);
+/// Host experts without host functions: the stream waits until the mapped `word`
+/// reaches `seq` (HostPoller::done_word), polled by a one-thread kernel.
+void launch_wait_host(const std::uint32_t* word, std::uint32_t seq, cudaStream_t stream);
 /// Host experts: y2 split 0 of each host row = its host result (mapped host
 /// memory, FC2 + bias), the other splits 0.
 void launch_scatter_host_rows(const float* host_y, std::int64_t hidden, std::int64_t pairs, const RouteBuffers& b,

@@ -16,6 +16,15 @@ std::string env(const char* name) {
   return v ? v : "";
 }
 
+// A boolean override: `field` still at its default `dflt` takes variable `name`
+// when it is set, "0" or "1" (anything else is refused by name).
+void fill_bool(bool& field, bool dflt, const char* name) {
+  if (field != dflt) return;
+  const std::string v = env(name);
+  detail::require(v.empty() || v == "0" || v == "1", name, ": expected 0 or 1, got \"", v, "\"");
+  if (!v.empty()) field = v == "1";
+}
+
 }  // namespace
 
 LayerOptions with_environment(LayerOptions o) {
@@ -30,16 +39,10 @@ LayerOptions with_environment(LayerOptions o) {
       detail::require(g.empty() || g == "auto", "QMOE_CUDA_GEMM: expected one of auto, mma, wgmma, got \"", g, "\"");
     }
   }
-  if (o.cuda_pdl) {
-    const std::string p = env("QMOE_CUDA_PDL");
-    detail::require(p.empty() || p == "0" || p == "1", "QMOE_CUDA_PDL: expected 0 or 1, got \"", p, "\"");
-    o.cuda_pdl = p != "0";
-  }
-  if (o.cuda_fuse == LayerOptions{}.cuda_fuse) {
-    const std::string f = env("QMOE_CUDA_FUSE");
-    detail::require(f.empty() || f == "0" || f == "1", "QMOE_CUDA_FUSE: expected 0 or 1, got \"", f, "\"");
-    if (!f.empty()) o.cuda_fuse = f == "1";
-  }
+  const LayerOptions defaults;
+  fill_bool(o.cuda_pdl, defaults.cuda_pdl, "QMOE_CUDA_PDL");
+  fill_bool(o.cuda_fuse, defaults.cuda_fuse, "QMOE_CUDA_FUSE");
+  fill_bool(o.cuda_host_polling, defaults.cuda_host_polling, "QMOE_CUDA_HOST_POLLING");
   if (!o.profile) o.profile = env("QMOE_PROFILE") == "1";
   return o;
 }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -589,6 +590,75 @@ TEST_F(CudaLayer, HostExperts) {
       }
     }
   }
+}
+
+// LayerOptions::cuda_host_polling: the eager handoffs to and from the CPU experts
+// polled instead of host functions, the same bits: calls of one and several passes
+// back to back on one stream (several passes queued at once), two polling Layers
+// used at once from two threads on two streams, and a graph captured from a polling
+// Layer (host functions there) replayed beside them.
+TEST_F(CudaLayer, HostPollingGivesTheSameBits) {
+  const Bf16Case p({4, 32, false, Activation::swiglu, 1, 4, 256, 128, 8, 1100}, 29);
+  const Case& c = p.c;
+  const DType dt = DType::bf16;
+  Dev dx(p.xh), dl(p.lh);
+  const std::int64_t counts[] = {1, 3, 40, 1100, 1, 16, 1};
+  auto make = [&](const std::vector<int>& host, bool polling) {
+    LayerOptions o;
+    o.backend = Backend::cuda;
+    o.threads = 3;
+    o.host_experts = host;
+    o.host_experts_gpu_from = 0;
+    o.cuda_host_polling = polling;
+    return std::make_unique<Layer>(p.s.views(), p.a, o);
+  };
+  auto run = [&](const Layer& layer, cudaStream_t st) {
+    std::deque<Dev> ys;
+    for (std::int64_t t : counts) {
+      ys.emplace_back(static_cast<std::size_t>(t * c.h * 2));
+      layer.forward_async(TensorView(dx.p, dt, {t, c.h}), TensorView(dl.p, dt, {t, c.e}), {},
+                          MutableTensorView(ys.back().p, dt, {t, c.h}), st);
+    }
+    EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+    std::vector<std::vector<std::uint16_t>> outs;
+    for (const Dev& y : ys) outs.push_back(y.get<std::uint16_t>());
+    return outs;
+  };
+  cudaStream_t s1, s2, s3;
+  CK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
+  CK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+  CK(cudaStreamCreateWithFlags(&s3, cudaStreamNonBlocking));
+  const std::vector<int> half = {1, 3, 6, 7}, all = {0, 1, 2, 3, 4, 5, 6, 7};
+  const auto want_half = run(*make(half, false), s1), want_all = run(*make(all, false), s1);
+  const auto poll_half = make(half, true), poll_all = make(all, true);
+  EXPECT_EQ(run(*poll_half, s1), want_half);
+  EXPECT_EQ(run(*poll_all, s1), want_all);
+  // A graph of a 5-token call of the polling Layer, captured now and replayed below.
+  Dev gy(static_cast<std::size_t>(5 * c.h * 2)), ey(gy.n);
+  poll_half->forward_async(TensorView(dx.p, dt, {5, c.h}), TensorView(dl.p, dt, {5, c.e}), {},
+                           MutableTensorView(ey.p, dt, {5, c.h}), s1);
+  CK(cudaStreamSynchronize(s1));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(s3, cudaStreamCaptureModeThreadLocal));
+  poll_half->forward_async(TensorView(dx.p, dt, {5, c.h}), TensorView(dl.p, dt, {5, c.e}), {},
+                           MutableTensorView(gy.p, dt, {5, c.h}), s3);
+  CK(cudaStreamEndCapture(s3, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  // Both polling Layers at once, each from its own thread and stream, the graph beside them.
+  std::vector<std::vector<std::uint16_t>> got_half, got_all;
+  std::thread a([&] { got_half = run(*poll_half, s1); });
+  std::thread b([&] { got_all = run(*poll_all, s2); });
+  for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, s3));
+  a.join();
+  b.join();
+  CK(cudaStreamSynchronize(s3));
+  EXPECT_EQ(got_half, want_half);
+  EXPECT_EQ(got_all, want_all);
+  EXPECT_EQ(gy.get<std::uint16_t>(), ey.get<std::uint16_t>());
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  for (cudaStream_t st : {s1, s2, s3}) CK(cudaStreamDestroy(st));
 }
 
 // Several Layers (sharing the device's working memory; two with host experts, one of

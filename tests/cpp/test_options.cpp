@@ -46,12 +46,13 @@ std::string error_of(const std::function<void()>& fn) {
 
 TEST(Options, EnvironmentFillsOnlyFieldsAtTheirDefaults) {
   const EnvGuard isa("QMOE_CPU_ISA", "scalar"), gemm("QMOE_CUDA_GEMM", "wgmma"), pdl("QMOE_CUDA_PDL", "0"),
-      fuse("QMOE_CUDA_FUSE", "1"), prof("QMOE_PROFILE", "1");
+      fuse("QMOE_CUDA_FUSE", "1"), poll("QMOE_CUDA_HOST_POLLING", "1"), prof("QMOE_PROFILE", "1");
   const LayerOptions filled = with_environment({});
   EXPECT_EQ(filled.cpu_kernels, "scalar");
   EXPECT_EQ(filled.cuda_gemm, CudaGemm::wgmma);
   EXPECT_FALSE(filled.cuda_pdl);
   EXPECT_TRUE(filled.cuda_fuse);
+  EXPECT_TRUE(filled.cuda_host_polling);
   EXPECT_TRUE(filled.profile);
   LayerOptions mine;
   mine.cpu_kernels = "avx2";
@@ -63,12 +64,13 @@ TEST(Options, EnvironmentFillsOnlyFieldsAtTheirDefaults) {
 
 TEST(Options, UnsetOrEmptyVariablesLeaveTheDefaults) {
   const EnvGuard isa("QMOE_CPU_ISA", ""), gemm("QMOE_CUDA_GEMM", ""), pdl("QMOE_CUDA_PDL", ""),
-      fuse("QMOE_CUDA_FUSE", ""), prof("QMOE_PROFILE", "");
+      fuse("QMOE_CUDA_FUSE", ""), poll("QMOE_CUDA_HOST_POLLING", ""), prof("QMOE_PROFILE", "");
   const LayerOptions o = with_environment({});
   EXPECT_EQ(o.cpu_kernels, "");
   EXPECT_EQ(o.cuda_gemm, CudaGemm::automatic);
   EXPECT_TRUE(o.cuda_pdl);
   EXPECT_EQ(o.cuda_fuse, LayerOptions{}.cuda_fuse);
+  EXPECT_EQ(o.cuda_host_polling, LayerOptions{}.cuda_host_polling);
   EXPECT_FALSE(o.profile);
 }
 
@@ -76,6 +78,11 @@ TEST(Options, BadEnvironmentValuesAreRefusedByName) {
   {
     const EnvGuard g("QMOE_CUDA_GEMM", "fastest");
     EXPECT_NE(error_of([] { with_environment({}); }).find("QMOE_CUDA_GEMM: expected one of auto, mma, wgmma"),
+              std::string::npos);
+  }
+  {
+    const EnvGuard f("QMOE_CUDA_HOST_POLLING", "2");
+    EXPECT_NE(error_of([] { with_environment({}); }).find("QMOE_CUDA_HOST_POLLING: expected 0 or 1, got \"2\""),
               std::string::npos);
   }
   {

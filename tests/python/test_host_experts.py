@@ -193,6 +193,37 @@ def test_graph_streams_and_passes(name):
     _same_bits(torch, static_out, layer(x[40:80].clone(), lg[40:80].clone()))
 
 
+@pytest.mark.parametrize("name", ["one", "half", "all"])
+def test_host_polling_gives_the_same_bits(name, monkeypatch):
+    """QMOE_CUDA_HOST_POLLING=1 (LayerOptions::cuda_host_polling): eager calls hand the rows
+    over by polling instead of CUDA host functions; the bits of the default layer, for
+    calls queued back to back (one and two host passes) and for a captured graph."""
+    torch = _gpu()
+    rng, weights, attrs = _layer_args(4)
+    host = PLACEMENTS[name]
+    T = 1100
+    x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32)).to(torch.bfloat16).cuda()
+    lg = torch.from_numpy(rng.standard_normal((T, E)).astype(np.float32)).to(torch.bfloat16).cuda()
+
+    def layer_with(polling: str):
+        monkeypatch.setenv("QMOE_CUDA_HOST_POLLING", polling)
+        return qmoe.Layer(**weights, **attrs, device="cuda", threads=4, expert_placement=_placement(host),
+                          host_experts_gpu_from=0)
+
+    def calls(layer):
+        return [layer(x[:t], lg[:t]) for t in (1, 5, T, 1, 64)]  # no synchronization between them
+
+    want = calls(layer_with("0"))
+    polled = layer_with("1")
+    got = calls(polled)
+    torch.cuda.synchronize()
+    for a, b in zip(want, got):
+        _same_bits(torch, a, b)
+    xs, lgs = x[:5].clone(), lg[:5].clone()
+    graph, static_out = _captured(torch, polled, xs, lgs)
+    _same_bits(torch, static_out, want[1])
+
+
 def test_int8_host_experts_and_budget():
     torch = _gpu()
     rng, weights, attrs = _layer_args(3, act="silu", bits=8, block=0, k=2)
