@@ -21,6 +21,9 @@ issue's targets, judged on the default layer, are printed beside the figures:
   * 100% on the CPU, T = 1: <= 1.2x the all-CPU layer;
   * 50% on the CPU, T = 1: <= max(all-CPU x 0.5 + copies, all-GPU);
   * T = 512: <= 1.2x (host-expert bytes / measured H2D bandwidth + all-GPU).
+With --polling, the CPU path is timed again with its handoffs polled instead of CUDA
+host functions (LayerOptions::cuda_host_polling), in the same rounds, and checked for
+the same bits.
 With --gpu-from N, layers with host_experts_gpu_from=N (host experts' weights copied
 to the GPU for the call) are timed too at T >= N, and checked for the all-GPU bits.
 """
@@ -126,6 +129,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gpu-from", type=int, default=0,
                     help="also time host_experts_gpu_from=N layers (host experts copied to the GPU) at T >= N")
+    ap.add_argument("--polling", action="store_true",
+                    help="also time the CPU path with LayerOptions::cuda_host_polling (QMOE_CUDA_HOST_POLLING=1), "
+                         "in the same rounds, and check it gives the same bits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -145,7 +151,7 @@ def main() -> None:
         log(f"{model}: E={E} H={H} I={I} k={k}, {expert_bytes / 2**20:.2f} MiB per expert")
         gpu = qmoe.Layer(**W, **attrs, device="cuda")
         cpu = qmoe.Layer(**W, **attrs, threads=args.threads or None)
-        hybrid, profiled, streamed, auto = {}, {}, {}, {}
+        hybrid, profiled, streamed, auto, polled = {}, {}, {}, {}, {}
         for f in shares:
             if 0 < f:
                 place = ["cpu" if e in set(host_share(E, f)) else "cuda" for e in range(E)]
@@ -161,6 +167,10 @@ def main() -> None:
                 del os.environ["QMOE_PROFILE"]
                 if args.gpu_from > 0:
                     streamed[f] = placed_layer(W, attrs, place, host_threads, args.gpu_from)
+                if args.polling:
+                    os.environ["QMOE_CUDA_HOST_POLLING"] = "1"
+                    polled[f] = placed_layer(W, attrs, place, host_threads, 0)
+                    del os.environ["QMOE_CUDA_HOST_POLLING"]
         for T in tokens:
             x, lg, _ = make_inputs(rng, T, H, E, k)
             xd = torch.from_numpy(x).to("cuda", torch.bfloat16)
@@ -173,6 +183,8 @@ def main() -> None:
             on_gpu = {f: l for f, l in streamed.items() if T >= args.gpu_from}
             for f in on_gpu:
                 times[("gpu", f)] = []
+            for f in polled:
+                times[("poll", f)] = []
             def call(layer, a=xd, b=lgd):
                 return lambda: layer(a, b)
             for _ in range(args.rounds):
@@ -183,6 +195,8 @@ def main() -> None:
                     times[("auto", f)].append(time_gpu(call(auto[f]), args.calls))
                 for f, layer in on_gpu.items():
                     times[("gpu", f)].append(time_gpu(call(layer), args.calls))
+                for f, layer in polled.items():
+                    times[("poll", f)].append(time_gpu(call(layer), args.calls))
             t_gpu, t_cpu = min(times["gpu"]), min(times["cpu"])
             ref = gpu(xd, lgd).float()
             for f in shares:
@@ -211,6 +225,10 @@ def main() -> None:
                     row["ms_host_experts_on_gpu"] = min(times[("gpu", f)])
                     row["bits_equal_all_gpu"] = bool(torch.equal(on_gpu[f](xd, lgd).view(torch.int16),
                                                                  gpu(xd, lgd).view(torch.int16)))
+                if f in polled:
+                    row["ms_polling"] = min(times[("poll", f)])
+                    row["bits_equal_polling"] = bool(torch.equal(polled[f](xd, lgd).view(torch.int16),
+                                                                 hybrid[f](xd, lgd).view(torch.int16)))
                 best = t_auto  # what a default layer (measured crossover) gives
                 if f == 1 and T == 1:
                     row["target"] = ("<= 1.2x all-CPU", best <= 1.2 * t_cpu)
@@ -229,7 +247,9 @@ def main() -> None:
                       f"vs all-GPU {row['rel_diff_vs_gpu']:.1e})"
                       + (f"  target {tgt[0]}: {'MET' if tgt[1] else 'NOT MET'}" if tgt else "")
                       + (f"  | on the GPU: {row['ms_host_experts_on_gpu']:.3f} ms, all-GPU bits: "
-                         f"{row['bits_equal_all_gpu']}" if "ms_host_experts_on_gpu" in row else ""), flush=True)
+                         f"{row['bits_equal_all_gpu']}" if "ms_host_experts_on_gpu" in row else "")
+                      + (f"  | polled: {row['ms_polling']:.3f} ms, same bits: {row['bits_equal_polling']}"
+                         if "ms_polling" in row else ""), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
