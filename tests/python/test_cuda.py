@@ -389,6 +389,38 @@ def test_cuda_graph_replay_matches_eager(dtype, with_rw, max_tokens):
     assert _rel_l2(static_out, _reference(weights, attrs, x2, lg2, rw2)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_small_call_fusion_gives_the_same_bits(dtype, monkeypatch):
+    """QMOE_CUDA_FUSE=1 (LayerOptions::cuda_fuse: the self-routed one-token FC1, FC2's fused
+    combine up to 16 tokens) on torch tensors: the default layer's bits, eager, with
+    router_weights, and from a captured graph."""
+    dt = DTYPES[dtype]
+
+    def layer_with(fuse: str):
+        monkeypatch.setenv("QMOE_CUDA_FUSE", fuse)
+        return _gpt_oss_like(5)
+
+    rng, _, _, plain = layer_with("0")
+    fused = layer_with("1")[3]
+    for T in (1, 2, 9, 16, 17, 1):
+        x, lg, rw = _cuda(*_inputs(rng, (T, 128), 8, dt, router_weights=T % 2 == 0))
+        _same_bits(fused(x, lg, rw), plain(x, lg, rw))
+    x, lg, _ = _cuda(*_inputs(rng, (1, 128), 8, dt))
+    want = plain(x, lg)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused(x, lg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fused(x, lg)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    _same_bits(static_out, want)
+
+
 def test_runs_on_the_current_stream():
     """Work queued on a side stream before the call (a long sleep, then the
     copy that fills the input) must be finished before qmoe reads the input:
