@@ -3,11 +3,8 @@
 #include <chrono>
 #include <system_error>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "core/check.h"
+#include "core/relax.h"
 
 namespace qmoe::cpu {
 
@@ -23,13 +20,7 @@ constexpr auto kCallerSpin = std::chrono::microseconds(100);
 // How long workers woken by wake() poll for the job announced.
 constexpr auto kWakeSpin = std::chrono::microseconds(500);
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  _mm_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
+using detail::cpu_relax;
 
 // Polls ready() for at most `window`: a few pauses first (the common case: the
 // job arrives within a microsecond), then pauses with a yield every few, so a

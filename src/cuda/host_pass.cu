@@ -6,21 +6,10 @@
 #include <map>
 #include <numeric>
 
+#include "core/relax.h"
 #include "cuda/host_pass.h"
 
 namespace qmoe::cuda {
-
-namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-}  // namespace
 
 void HostErrors::record(const char* what) noexcept {
   std::lock_guard<std::mutex> lk(mu);
@@ -156,7 +145,7 @@ void HostPoller::loop() {
     cudaError_t r;
     for (int spins = 0; (r = cudaEventQuery(j.gathered)) == cudaErrorNotReady; ++spins) {
       if (spins > 4096) std::this_thread::yield();
-      for (int i = 0; i < 8; ++i) cpu_relax();  // (a query takes the runtime's locks: not back to back)
+      for (int i = 0; i < 8; ++i) detail::cpu_relax();  // (a query takes the runtime's locks: not back to back)
     }
     if (r == cudaSuccess)
       pass_.run_rows(j.rows);
