@@ -344,15 +344,15 @@ void CudaMoe::forward_async(const TensorView& input, const TensorView& router_pr
     auto gemm = [&](const GemmProblem& p, std::int64_t cap) { v.launch(p, dt, v.mt, cap, stream); };
     RouteBuffers plan_rb = ws.rb;
     if (host_on_gpu) plan_rb.gpu_slots = static_cast<int>(E);  // m-tiles for every slot
-    // Few tokens on the decode kernel, all experts on the GPU: FC2 does the combine.
-    const bool fuse_combine = st.fuse && tc <= kFusedCombineTokens && !hp && v.launch == launch_gemm_decode &&
-                              route_plan_one_block(tc, static_cast<int>(E), a.k);
+    // LayerOptions::cuda_fuse applies to the decode kernel with every expert on the GPU:
+    // up to kFusedCombineTokens, FC2 does the combine; at one token, FC1 routes the
+    // token itself and runs beside the routing kernel (GemmProblem::route_logits).
+    const bool fusable = st.fuse && !hp && v.launch == launch_gemm_decode;
+    const bool fuse_combine =
+        fusable && tc <= kFusedCombineTokens && route_plan_one_block(tc, static_cast<int>(E), a.k);
     const std::int64_t row_blocks = fused_combine_row_blocks(H);
     if (fuse_combine) plan_rb.arrivals_count = static_cast<int>(tc * row_blocks);
-    // One token on the decode kernel, all experts on the GPU: FC1 routes the token
-    // itself and runs beside the routing kernel (GemmProblem::route_logits).
-    const bool self_route = st.fuse && tc == 1 && !hp && st.pdl && v.launch == launch_gemm_decode && v.mt == 1 &&
-                            E <= kSelfRouteMaxExperts && k <= 32;
+    const bool self_route = fusable && tc == 1 && st.pdl && v.mt == 1 && E <= kSelfRouteMaxExperts && k <= 32;
     launch_route_plan(logits, mix, dt, tc, static_cast<int>(E), a.k, a.normalize_routing_weights != 0, bm, plan_rb,
                       self_route, stream);
     if (host_on_cpu) {
