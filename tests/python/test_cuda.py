@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import qmoe
+from cuda_graphs import capture
 from qmoe_np import GPT_OSS_SWIGLU, make_layer, np_dequantize, np_moe_from, record
 
 if not qmoe.cuda_available():
@@ -365,15 +366,7 @@ def test_cuda_graph_replay_matches_eager(dtype, with_rw, max_tokens):
     x, lg, rw = _cuda(*_inputs(rng, (33, 128), 8, dt, with_rw))
     eager = layer(x, lg, rw)
     torch.cuda.synchronize()
-    # Warm up on a side stream before capturing, as torch recommends.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(x, lg, rw)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(x, lg, rw)
+    graph, static_out = capture(torch, layer, x, lg, rw)
     graph.replay()
     torch.cuda.synchronize()
     _same_bits(static_out, eager)
@@ -407,14 +400,7 @@ def test_small_call_fusion_gives_the_same_bits(dtype, monkeypatch):
         _same_bits(fused(x, lg, rw), plain(x, lg, rw))
     x, lg, _ = _cuda(*_inputs(rng, (1, 128), 8, dt))
     want = plain(x, lg)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fused(x, lg)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fused(x, lg)
+    graph, static_out = capture(torch, fused, x, lg)
     for _ in range(2):
         graph.replay()
     torch.cuda.synchronize()

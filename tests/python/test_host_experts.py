@@ -19,6 +19,7 @@ import pytest
 
 import qmoe
 from qmoe._placement import host_experts
+from cuda_graphs import capture
 from qmoe_np import GPT_OSS_SWIGLU, make_layer
 
 E, H, I = 8, 128, 64
@@ -92,14 +93,7 @@ def _gpu():
 def _captured(torch, layer, x, lg):
     """(graph, its output) of layer(x, lg) captured in a CUDA graph (warmed up on a side
     stream first, as torch asks), replayed once and synchronized."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(x, lg)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x, lg)
+    graph, out = capture(torch, layer, x, lg)
     graph.replay()
     torch.cuda.synchronize()
     return graph, out

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 import qmoe
+from cuda_graphs import capture
 from qmoe_np import make_layer, np_moe, record, rel_max_err
 
 pytest.importorskip("torch")
@@ -485,14 +486,7 @@ def test_cuda_graph_replay_with_new_inputs(which):
     mod = qt.QmoeMoE(layer) if which == "moe" else qt.QmoeExperts(layer, top_k=2)
     args = (x, lg) if which == "moe" else (x, idx, w)
     static = [a.clone() for a in args]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        mod(*static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = mod(*static)
+    graph, static_out = capture(torch, mod, *static)  # (a warm-up outside the capture first)
     graph.replay()
     torch.cuda.synchronize()
     _same_bits(static_out, mod(*args))
